@@ -1,0 +1,1 @@
+"""clipzero: config-free DeepSpeed ZeRO pretraining of data-efficient CLIP models."""

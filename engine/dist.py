@@ -1,0 +1,86 @@
+"""Rank/world discovery and the one collective the objectives need: all-gather with gradient."""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    """Set by deepspeed/torchrun as LOCAL_RANK, by srun as SLURM_LOCALID."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's [n, D] block; backward sums the gradients all ranks computed
+    for this rank's block (each rank's loss touches every column) and returns that slice.
+
+    all_reduce + slice rather than reduce_scatter because gloo (the CPU backend) has no
+    reduce_scatter.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[n, D] per rank -> [world * n, D], rank r's block at rows r*n ... (r+1)*n - 1.
+
+    Every rank must pass the same n (data-parallel micro-batches are equal by construction).
+    """
+    if world_size() == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
+def fill_launcher_env() -> None:
+    """Make RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_* present however the
+    script was started: the deepspeed launcher and torchrun set them; srun sets SLURM_*; a
+    plain `python launchers/pretrain.py` is one process on this host."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env["SLURM_LOCALID"]
+        nodes = int(env.get("SLURM_NNODES", 1))
+        env.setdefault("LOCAL_WORLD_SIZE", str(int(env["SLURM_NTASKS"]) // nodes))
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("LOCAL_RANK", "0")
+    # The deepspeed launcher names it LOCAL_SIZE; MosaicML streaming reads LOCAL_WORLD_SIZE.
+    env.setdefault("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", env["WORLD_SIZE"]))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        if env["WORLD_SIZE"] != "1":
+            raise RuntimeError("MASTER_PORT is not set: start several ranks with the deepspeed "
+                               "launcher, torchrun or srun, which set it")
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            env["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def broadcast_from_rank0(value):
+    """Rank 0's value on every rank (e.g. a run name containing the time)."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

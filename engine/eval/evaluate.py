@@ -1,0 +1,33 @@
+"""Run every evaluator the held-out set supports. Every rank calls it (ZeRO-3 needs all ranks
+in each forward); every rank gets the same numbers and rank 0 logs them."""
+import torch
+
+from engine.data.eval_set import EvalSet
+from engine.eval.retrieval import retrieval_metrics
+from engine.eval.zeroshot import class_prompts, classifier_from_prompts, topk_accuracy
+
+BATCH = 256
+
+
+@torch.no_grad()
+def _encode(encode, items, device) -> torch.Tensor:
+    parts = [encode(items[i:i + BATCH].to(device)).float() for i in range(0, len(items), BATCH)]
+    return torch.cat(parts).cpu()
+
+
+@torch.no_grad()
+def evaluate(model, eval_set: EvalSet, tokenizer, device: torch.device) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    try:
+        image = _encode(model.encode_image, eval_set.images, device)
+        text = _encode(model.encode_text, tokenizer(eval_set.captions), device)
+        metrics = retrieval_metrics(image, text)
+        if eval_set.labels is not None and eval_set.classnames and eval_set.templates:
+            prompts = class_prompts(eval_set.classnames, eval_set.templates)
+            prompt_embeddings = _encode(model.encode_text, tokenizer(prompts), device)
+            classifier = classifier_from_prompts(prompt_embeddings, len(eval_set.classnames))
+            metrics.update(topk_accuracy(image, classifier, eval_set.labels))
+    finally:
+        model.train(was_training)
+    return metrics

@@ -1,0 +1,174 @@
+"""From dials to a trained, evaluated model: the data flow of the design, in order.
+
+prepare()  everything that can fail on bad input, before any heavy work or any file written
+run()      distributed setup, run directory, DeepSpeed engine, loader, loop, final eval
+"""
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine import dist
+from engine.data.embedded import ensure_digits
+from engine.data.mds import describe_mds
+from engine.data.text import ClipTokenizer
+from engine.ds_config import apply_overrides, render
+from engine.errors import UserError
+from engine.hardware import probe
+from engine.models.presets import ModelPreset, get_preset
+from engine.models.two_tower import count_parameters
+from engine.plan import Dials, RunPlan, probe_optimizer_support, resolve
+from engine.recipes import get_recipe
+
+
+@dataclass(frozen=True)
+class Prepared:
+    plan: RunPlan
+    ds_config: dict
+    preset: ModelPreset
+    data: str
+    eval_data: str | None
+
+
+def prepare(dials: Dials, eval_data: str | None) -> Prepared:
+    """Resolve the plan and the DeepSpeed config. Raises UserError; writes nothing."""
+    recipe = get_recipe(dials.method, dials.model)
+    preset = get_preset(dials.model)
+    if dials.data is None:
+        digits = ensure_digits()
+        data, eval_data = str(digits.train), eval_data or str(digits.heldout)
+    else:
+        data = dials.data
+    info = describe_mds(data)
+    if eval_data is not None:
+        describe_mds(eval_data)
+    tokenizer = ClipTokenizer(preset.context_length)
+    hardware = probe()
+    plan = resolve(dials, hardware, recipe,
+                   n_params=count_parameters(preset, tokenizer.eot_id, tokenizer.sot_id),
+                   dataset_size=info.num_samples,
+                   optimizer_support=probe_optimizer_support(hardware),
+                   image_size=preset.image_size)
+    ds_config = apply_overrides(render(plan), dials.ds, world_size=plan.world_size)
+    return Prepared(plan, ds_config, preset, data, eval_data)
+
+
+# Values a resumed run must share with the run it continues (else the checkpoint is wrong for it).
+RESUME_MUST_MATCH = ("method", "model", "seed", "world_size", "global_batch", "micro_batch",
+                     "total_steps")
+
+
+def check_resumable(run_dir: Path, plan: RunPlan) -> None:
+    saved_path = run_dir / "plan.json"
+    if not (run_dir / "checkpoints" / "latest").exists() or not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    now = plan.to_dict()
+    for key in RESUME_MUST_MATCH:
+        if saved.get(key) != now[key]:
+            raise UserError(
+                f"{run_dir} holds a run with {key}={saved.get(key)!r} but this command gives "
+                f"{key}={now[key]!r}: resume with the same dials, or choose a new --out")
+
+
+def default_run_dir(plan: RunPlan) -> Path:
+    return Path("runs") / f"{plan.method}-{plan.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int | None) -> dict:
+    import deepspeed
+
+    from engine.data.eval_set import load_eval_set
+    from engine.data.loader import TrainLoader
+    from engine.eval.evaluate import evaluate
+    from engine.models.two_tower import TwoTower
+    from engine.observe.metrics import MetricsWriter
+    from engine.observe.progress import Progress
+    from engine.task import Task, build_objective
+    from engine.train import checkpoint
+    from engine.train.loop import Cadence, train
+    from engine.train.optim import build_optimizer, param_groups
+    from engine.train.schedule import warmup_cosine
+
+    plan, preset = prepared.plan, prepared.preset
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(verbose=False)
+    is_main = dist.rank() == 0
+    run_dir = Path(out) if out else dist.broadcast_from_rank0(default_run_dir(plan))
+    check_resumable(run_dir, plan)
+
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
+        write_atomic(run_dir / "ds_config.json", json.dumps(prepared.ds_config, indent=2) + "\n")
+        print(plan.table(), flush=True)
+        print(f"run directory: {run_dir}", flush=True)
+    if dry_run:
+        return {}
+
+    seed_everything(plan.seed)
+    tokenizer = ClipTokenizer(preset.context_length)
+    model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
+    task = Task(model, build_objective(plan.method))
+    optimizer = build_optimizer(param_groups(task, plan.weight_decay), implementation=plan.optimizer,
+                                lr=plan.lr, betas=plan.betas, eps=plan.eps)
+    scheduler = warmup_cosine(optimizer, lr=plan.lr, min_lr=plan.min_lr,
+                              warmup_steps=plan.warmup_steps, total_steps=plan.total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=prepared.ds_config)
+
+    loader = TrainLoader(prepared.data, micro_batch=plan.micro_batch, image_size=plan.image_size,
+                         crop_scale=plan.crop_scale, seed=plan.seed, workers=plan.workers,
+                         decode_device=plan.decode_device, tokenizer=tokenizer,
+                         rank=dist.rank(), world_size=dist.world_size())
+    checkpoint_dir = run_dir / "checkpoints"
+    start_step = 0
+    restored = checkpoint.load(engine, checkpoint_dir)
+    if restored is not None:
+        start_step, loader_state = restored
+        loader.load_state_dict(loader_state)
+        if is_main:
+            print(f"resuming from step {start_step} ({checkpoint_dir / checkpoint.latest_tag(checkpoint_dir)})")
+
+    eval_set = load_eval_set(prepared.eval_data, plan.image_size) if prepared.eval_data else None
+    evaluator = (lambda: evaluate(engine.module.model, eval_set, tokenizer, engine.device)) \
+        if eval_set is not None else (lambda: {})
+    stop_step = min(stop_at_step or plan.total_steps, plan.total_steps)
+    cadence = Cadence(total_steps=plan.total_steps, stop_step=stop_step, grad_accum=plan.grad_accum,
+                      log_every=plan.log_every, eval_every=plan.eval_every,
+                      checkpoint_every=plan.checkpoint_every)
+    writer = MetricsWriter(run_dir, enabled=is_main)
+    progress = Progress(plan.total_steps, start_step, enabled=is_main)
+    started = time.perf_counter()
+    try:
+        metrics = train(engine, loader, cadence=cadence, start_step=start_step,
+                        device=engine.device, checkpoint_dir=checkpoint_dir, evaluate=evaluator,
+                        writer=writer, progress=progress)
+    finally:
+        progress.close()
+        writer.close()
+    if is_main:
+        print(f"trained steps {start_step}..{stop_step} in {time.perf_counter() - started:.1f} s")
+        if "zeroshot_top1" in metrics:
+            chance = 1 / len(eval_set.classnames)
+            print(f"zero-shot top-1 on the held-out split: {metrics['zeroshot_top1']:.3f} "
+                  f"(chance {chance:.3f}); image->text R@1 {metrics['retrieval_i2t_r1']:.3f}")
+    return metrics

@@ -1,0 +1,8 @@
+"""Loss kernels behind small functional interfaces.
+
+Each op has a plain PyTorch reference (the truth). Faster paths (tiled PyTorch, Triton)
+will sit beside it behind the same function, chosen by device.
+"""
+from kernels.contrastive import contrastive_loss, contrastive_loss_local
+
+__all__ = ["contrastive_loss", "contrastive_loss_local"]

@@ -1,0 +1,29 @@
+"""Symmetric InfoNCE in plain PyTorch: the truth every faster path is tested against.
+
+Stores the full [rows, columns] logit matrices; fine up to a few thousand rows per rank.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def contrastive_loss_local(a_local: torch.Tensor, b_local: torch.Tensor,
+                           a_all: torch.Tensor, b_all: torch.Tensor,
+                           offset: int, scale: torch.Tensor) -> torch.Tensor:
+    """This rank's rows against every rank's columns.
+
+    a_local, b_local: [n, D] this rank's L2-normalised embeddings (row i of a matches row i of b).
+    a_all, b_all:     [N, D] the same embeddings gathered from all ranks, this rank's block
+                      starting at row `offset`.
+    Returns (CE(a->b) + CE(b->a)) / 2 averaged over the local rows. Averaging this over ranks
+    gives the single-process loss on the global batch, so data-parallel gradient averaging
+    trains exactly the global-batch objective.
+    """
+    labels = torch.arange(a_local.shape[0], device=a_local.device) + offset
+    logits_a = scale * a_local @ b_all.T
+    logits_b = scale * b_local @ a_all.T
+    return (F.cross_entropy(logits_a, labels) + F.cross_entropy(logits_b, labels)) / 2
+
+
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(CE(a->b) + CE(b->a)) / 2 with logits scale * a @ b.T; row i of a matches row i of b."""
+    return contrastive_loss_local(a, b, a, b, 0, scale)

@@ -1,0 +1,87 @@
+"""Pretrain a CLIP model. Every setting not given here is derived and printed as a plan.
+
+  deepspeed launchers/pretrain.py                                   # small CLIP on built-in digits
+  deepspeed --num_gpus 2 launchers/pretrain.py --zero-stage 2       # two ranks
+  deepspeed launchers/pretrain.py --model vit-b-32 --data /data/mds/pairs --epochs 32
+  python launchers/pretrain.py --model rn50 --dry-run               # print the plan and exit
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.errors import UserError  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dials = p.add_argument_group("dials")
+    dials.add_argument("--method", default="clip", help="objective (default: clip)")
+    dials.add_argument("--model", default="debug",
+                       help="debug | rn50 | vit-b-32 | vit-b-16 | any timm image model name")
+    dials.add_argument("--data", help="MDS directory or remote URL (default: built-in digits)")
+    dials.add_argument("--eval-data", help="held-out MDS directory for zero-shot/retrieval "
+                       "(default with the built-in data: its held-out split)")
+    dials.add_argument("--out", help="run directory (default runs/<method>-<model>-<time>); "
+                       "an existing one is resumed from its latest checkpoint")
+    dials.add_argument("--steps", type=int, help="optimizer steps (default: from epochs)")
+    dials.add_argument("--epochs", type=float, help="passes over the data (default: recipe)")
+    dials.add_argument("--global-batch", type=int, help="pairs per optimizer step, all ranks")
+    dials.add_argument("--seed", type=int, default=0)
+    dials.add_argument("--dry-run", action="store_true", help="write and print the plan, then exit")
+    dials.add_argument("--ds", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="raw DeepSpeed config override (repeatable)")
+    dials.add_argument("--stop-at-step", type=int, help="end this run after this step with a "
+                       "checkpoint, keeping the schedule of the full run (for time-boxed jobs)")
+    over = p.add_argument_group("overrides of single decisions (default: derived, see the plan)")
+    over.add_argument("--micro-batch", type=int)
+    over.add_argument("--precision", choices=["bf16", "fp16", "fp32"])
+    over.add_argument("--zero-stage", type=int)
+    over.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None)
+    over.add_argument("--optimizer", choices=["apex_fused", "deepspeed_fused", "torch_fused",
+                                              "torch", "deepspeed_cpu_adam"])
+    over.add_argument("--lr", type=float)
+    over.add_argument("--warmup-steps", type=int)
+    over.add_argument("--workers", type=int, help="data workers per rank")
+    over.add_argument("--decode-device", choices=["gpu", "cpu"])
+    over.add_argument("--checkpoint-every", type=int)
+    over.add_argument("--eval-every", type=int)
+    over.add_argument("--log-every", type=int)
+    # The deepspeed launcher appends --local_rank; the rank is read from the environment.
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def dials_from_args(args: argparse.Namespace):
+    from engine.plan import Dials
+
+    return Dials(method=args.method, model=args.model, data=args.data, out=args.out,
+                 steps=args.steps, epochs=args.epochs, global_batch=args.global_batch,
+                 seed=args.seed, micro_batch=args.micro_batch, precision=args.precision,
+                 zero_stage=args.zero_stage, offload=args.offload, optimizer=args.optimizer,
+                 lr=args.lr, warmup_steps=args.warmup_steps, workers=args.workers,
+                 decode_device=args.decode_device, checkpoint_every=args.checkpoint_every,
+                 eval_every=args.eval_every, log_every=args.log_every, ds=tuple(args.ds))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from engine import dist
+    from engine.pretrain import prepare, run
+
+    dist.fill_launcher_env()
+    try:
+        prepared = prepare(dials_from_args(args), args.eval_data)
+        if args.stop_at_step is not None and args.stop_at_step < 1:
+            raise UserError(f"--stop-at-step {args.stop_at_step}: give a step of at least 1")
+        run(prepared, out=args.out, dry_run=args.dry_run, stop_at_step=args.stop_at_step)
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

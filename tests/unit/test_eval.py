@@ -1,0 +1,40 @@
+"""Zero-shot and retrieval metrics on embeddings whose answers are known by construction."""
+import torch
+import torch.nn.functional as F
+
+from engine.eval.retrieval import recall_at_k, retrieval_metrics
+from engine.eval.zeroshot import class_prompts, classifier_from_prompts, topk_accuracy
+
+
+def test_prompts_are_grouped_by_class():
+    assert class_prompts(["cat", "dog"], ["a {}", "the {}"]) == ["a cat", "the cat", "a dog", "the dog"]
+
+
+def test_classifier_averages_templates_then_normalises():
+    prompts = F.normalize(torch.tensor([[1.0, 0], [0.6, 0.8], [0, 1.0], [0, 1.0]]), dim=-1)
+    classifier = classifier_from_prompts(prompts, num_classes=2)
+    assert torch.allclose(classifier[0], F.normalize(torch.tensor([1.6, 0.8]), dim=0))
+    assert torch.allclose(classifier[1], torch.tensor([0.0, 1.0]))
+
+
+def test_topk_accuracy_counts_hits():
+    classifier = torch.eye(3)
+    images = torch.tensor([[1.0, 0.2, 0], [0.1, 1.0, 0.5], [0.9, 0, 0.8], [0, 0.3, 1.0]])
+    labels = torch.tensor([0, 1, 2, 1])
+    acc = topk_accuracy(images, classifier, labels, ks=(1, 2))
+    assert acc["zeroshot_top1"] == 0.5   # rows 0 and 1 right
+    assert acc["zeroshot_top2"] == 1.0
+
+
+def test_recall_at_k_on_a_known_ranking():
+    keys = torch.eye(4)
+    # Query 0 ranks its own key first; query 1 second; query 2 third; query 3 last.
+    query = torch.tensor([[1.0, 0, 0, 0], [0.9, 0.5, 0, 0], [0.9, 0.8, 0.5, 0], [0.9, 0.8, 0.7, 0.1]])
+    r = recall_at_k(query, keys, ks=(1, 2, 3, 4))
+    assert r == {1: 0.25, 2: 0.5, 3: 0.75, 4: 1.0}
+
+
+def test_perfect_pairs_give_full_recall_both_ways():
+    x = F.normalize(torch.randn(20, 8), dim=-1)
+    m = retrieval_metrics(x, x)
+    assert m["retrieval_i2t_r1"] == m["retrieval_t2i_r1"] == 1.0

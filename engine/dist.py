@@ -84,3 +84,19 @@ def broadcast_from_rank0(value):
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks.
+
+    DeepSpeed, unlike torch DDP, never synchronises buffers, so each rank's running
+    statistics drift apart on its own data shard, and a checkpoint keeps only rank 0's. Calling
+    this before evaluating and before saving makes every rank evaluate the same model and
+    makes a resumed run identical to an uninterrupted one.
+    """
+    if world_size() == 1:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer.div_(world_size())

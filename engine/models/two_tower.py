@@ -15,14 +15,16 @@ LOGIT_SCALE_MAX = 100.0
 
 class LogitScale(nn.Module):
     """s = exp(t), clamped at 100. A module of its own so that ZeRO-3, which materialises a
-    module's parameters only while its forward runs, gathers `t` whenever it is read."""
+    module's parameters only while its forward runs, gathers `t` whenever it is read.
+    `t` is stored with shape [1], not as a 0-dim tensor: DeepSpeed's initial parameter
+    broadcast reinterprets each parameter's bytes, which a 0-dim tensor does not allow."""
 
     def __init__(self):
         super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self.log_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+        return self.log_scale.exp().clamp(max=LOGIT_SCALE_MAX)[0]
 
 
 class TwoTower(nn.Module):

@@ -6,6 +6,7 @@ from tqdm import tqdm
 
 class Progress:
     def __init__(self, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                          file=sys.stdout, disable=not enabled, mininterval=1.0)
 
@@ -14,7 +15,8 @@ class Progress:
         self._bar.update(1)
 
     def write(self, line: str) -> None:
-        self._bar.write(line)
+        if self.enabled:  # tqdm.write prints even when the bar is disabled
+            self._bar.write(line)
 
     def close(self) -> None:
         self._bar.close()

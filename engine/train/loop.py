@@ -65,11 +65,14 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
             interval.clear()
             interval_steps = 0
 
-        last = done == cadence.stop_step
-        if done % cadence.eval_every == 0 or done == cadence.total_steps:
+        evaluating = done % cadence.eval_every == 0 or done == cadence.total_steps
+        saving = done % cadence.checkpoint_every == 0 or done == cadence.stop_step
+        if evaluating or saving:
+            dist.average_buffers(engine.module)
+        if evaluating:
             metrics = evaluate()
             writer.write(done, metrics)
             progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if done % cadence.checkpoint_every == 0 or last:
+        if saving:
             checkpoint.save(engine, checkpoint_dir, done, loader.state_dict())
     return metrics

@@ -36,7 +36,8 @@ def test_mds_without_caption_column_is_refused(tmp_path, cache_env):
 
 def test_dry_run_writes_the_plan_and_trains_nothing(tmp_path, cache_env):
     out = tmp_path / "run"
-    result = launch(["--model", "vit-b-32", "--dry-run", "--out", str(out)], cache_env, timeout=180)
+    result = launch(["--model", "vit-b-32", "--global-batch", "512", "--dry-run", "--out", str(out)],
+                    cache_env, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == {"plan.json", "ds_config.json"}
     assert "zero" in result.stdout.lower() and "precision" in result.stdout.lower()

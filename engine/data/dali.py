@@ -1,0 +1,270 @@
+"""NVIDIA DALI graphs that turn encoded image bytes into normalised CHW float batches.
+
+Two graphs: training (decode the random-resized-crop window only, resize, normalise) and
+evaluation (CLIP's eval transform: resize the shorter side, centre crop, normalise). Both run
+on the CPU (`device_id=None`) or, for training, decode with nvJPEG (`device="mixed"`) and
+augment on the GPU.
+
+Exact resume needs every crop to be a function of (seed, epoch, sample id) alone, so crop
+windows are drawn here in Python with a generator seeded by those three numbers and fed to
+DALI as per-sample inputs; DALI's own random operators (whose draws depend on how many
+batches a pipeline has run) are never used.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CROP_ASPECT = (3 / 4, 4 / 3)
+# Formats DALI's image decoders read (PIL's names for them); anything else is replaced.
+DALI_FORMATS = frozenset({"JPEG", "PNG", "TIFF", "BMP", "PPM", "JPEG2000", "WEBP"})
+_EXIF_ORIENTATION = 0x0112
+_ROTATED_QUARTER_TURN = frozenset({5, 6, 7, 8})
+
+
+def _placeholder_png() -> bytes:
+    """A small image of the CLIP mean colour: after normalisation it is all (near) zero.
+
+    Why a placeholder rather than dropping or duplicating a sample: the batch must keep its
+    size (ranks all-gather equal shapes for the contrastive loss), and a duplicate of another
+    pair would add a false negative. A flat mean-colour image paired with its own caption is one
+    uninformative pair among thousands. Any crop of a flat image resizes to the same flat
+    image, so the batch is identical whether the image was caught early or after DALI failed.
+    """
+    colour = tuple(round(255 * m) for m in CLIP_MEAN)
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+PLACEHOLDER_PNG = np.frombuffer(_placeholder_png(), dtype=np.uint8)
+
+
+def probe_image(encoded: bytes) -> tuple[int, int] | None:
+    """(width, height) as DALI will decode it, read from the header only; None if unreadable."""
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            if image.format not in DALI_FORMATS:
+                return None
+            width, height = image.size
+            # DALI applies the EXIF orientation, so a quarter-turned photo swaps its sides. (PNG
+            # keeps EXIF after the pixels: PIL would decode the whole image to find it.)
+            if image.format != "PNG" and image.getexif().get(_EXIF_ORIENTATION, 1) in _ROTATED_QUARTER_TURN:
+                width, height = height, width
+    except Exception:  # PIL raises many types for corrupt headers; all mean "cannot decode"
+        return None
+    return (width, height) if width > 0 and height > 0 else None
+
+
+def fully_decodable(encoded: np.ndarray) -> bool:
+    """Decode with PIL: the slow check used only after DALI has rejected a batch."""
+    try:
+        with Image.open(io.BytesIO(encoded.tobytes())) as image:
+            if image.format not in DALI_FORMATS:
+                return False
+            image.convert("RGB").load()
+    except Exception:  # as in probe_image: any failure means the bytes are unusable
+        return False
+    return True
+
+
+def random_resized_crop(width: int, height: int, scale: tuple[float, float],
+                        seed: int, epoch: int, sample_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Crop window as relative (x, y) and relative (w, h), drawn the way torchvision does.
+
+    Area fraction uniform in `scale`, aspect ratio log-uniform in CROP_ASPECT (in pixels,
+    hence the image size), up to ten tries; otherwise a centre crop at the nearest allowed
+    aspect. The window lies on whole pixels, so DALI's rounding of relative coordinates back
+    to pixels is exact and never steps past the image edge (which would fail the pipeline).
+    The generator is seeded with (seed, epoch, sample id) only.
+    """
+    rng = np.random.default_rng((seed, epoch, sample_id))
+    area = width * height
+    log_ratio = (math.log(CROP_ASPECT[0]), math.log(CROP_ASPECT[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        crop_w = round(math.sqrt(target_area * ratio))
+        crop_h = round(math.sqrt(target_area / ratio))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            x = int(rng.integers(0, width - crop_w + 1))
+            y = int(rng.integers(0, height - crop_h + 1))
+            return _relative(x, y, crop_w, crop_h, width, height)
+    image_ratio = width / height
+    if image_ratio < CROP_ASPECT[0]:
+        crop_w, crop_h = width, min(height, round(width / CROP_ASPECT[0]))
+    elif image_ratio > CROP_ASPECT[1]:
+        crop_w, crop_h = min(width, round(height * CROP_ASPECT[1])), height
+    else:
+        crop_w, crop_h = width, height
+    return _relative((width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h, width, height)
+
+
+def _relative(x: int, y: int, crop_w: int, crop_h: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    anchor = np.array([x / width, y / height], dtype=np.float32)
+    shape = np.array([crop_w / width, crop_h / height], dtype=np.float32)
+    return anchor, shape
+
+
+@dataclass
+class HostBatch:
+    """One batch as it enters DALI, plus what travels beside it in order (tokens, ids, ...)."""
+
+    encoded: list[np.ndarray]             # one uint8 array of encoded bytes per image
+    payload: Any                          # returned untouched with the decoded images
+    crop_anchor: np.ndarray | None = None  # [B, 2] float32 relative (x, y); training only
+    crop_shape: np.ndarray | None = None   # [B, 2] float32 relative (w, h); training only
+    replaced: np.ndarray | None = None     # [B] bool: image swapped for the placeholder
+
+    def __post_init__(self):
+        if self.replaced is None:
+            self.replaced = np.zeros(len(self.encoded), dtype=bool)
+
+    def dali_inputs(self) -> tuple:
+        if self.crop_anchor is None:
+            return (self.encoded,)
+        return self.encoded, list(self.crop_anchor), list(self.crop_shape)
+
+    def replace_undecodable(self) -> int:
+        """Swap every image PIL cannot decode for the placeholder; return how many."""
+        bad = [i for i, image in enumerate(self.encoded) if not self.replaced[i] and not fully_decodable(image)]
+        for i in bad:
+            self.encoded[i] = PLACEHOLDER_PNG
+            self.replaced[i] = True
+        return len(bad)
+
+
+def train_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: int, device: str,
+                   device_id: int | None, num_threads: int):
+    """Decode the crop window only, resize it to image_size^2, normalise to CHW float."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id)
+    def graph():
+        encoded, anchor, shape = fn.external_source(
+            source=source, num_outputs=3, batch=True, dtype=[types.UINT8, types.FLOAT, types.FLOAT])
+        images = fn.decoders.image_slice(
+            encoded, anchor, shape, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+            normalized_anchor=True, normalized_shape=True)
+        images = fn.resize(images, size=[image_size, image_size], interp_type=types.INTERP_CUBIC, antialias=True)
+        return _normalise(images, fn, types)
+
+    return graph()
+
+
+def eval_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: int, num_threads: int):
+    """CLIP's eval transform on the CPU: shorter side to image_size*256/224, centre crop."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None)
+    def graph():
+        encoded = fn.external_source(source=source, num_outputs=1, batch=True, dtype=[types.UINT8])[0]
+        images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+        images = fn.resize(images, resize_shorter=round(image_size * 256 / 224),
+                           interp_type=types.INTERP_CUBIC, antialias=True)
+        return _normalise(images, fn, types, crop=(image_size, image_size))
+
+    return graph()
+
+
+def _normalise(images, fn, types, crop=None):
+    return fn.crop_mirror_normalize(
+        images, dtype=types.FLOAT, output_layout="CHW", crop=crop,
+        mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD])
+
+
+class DecodedBatches:
+    """Runs host batches through a DALI pipeline in order; yields (images, host batch).
+
+    The pipeline pulls host batches itself and runs ahead (prefetch), so the batches it holds
+    are kept in order here. An undecodable image makes DALI fail the whole pipeline; then the
+    held batches get the slow PIL check, bad images are swapped for the placeholder, and a new
+    pipeline replays them in the same order, so the result is as if the image had been
+    replaced up front.
+    """
+
+    def __init__(self, host_batches: Iterator[HostBatch], build: Callable[[Callable[[], tuple]], Any],
+                 device: torch.device):
+        self._host_batches = host_batches
+        self._build = build
+        self._device = device
+        self._held: deque[HostBatch] = deque()    # pulled by DALI, output not yet taken
+        self._replay: deque[HostBatch] = deque()  # to feed again after a rebuild
+        self._source_error: BaseException | None = None
+        self._pipe = None
+
+    def _pull(self) -> tuple:
+        if self._replay:
+            host = self._replay.popleft()
+        else:
+            try:
+                host = next(self._host_batches)
+            except StopIteration:  # the end of a finite source (eval) is not an error
+                raise
+            except Exception as error:  # re-raised by __next__: not a decoding failure
+                self._source_error = error
+                raise
+        self._held.append(host)
+        return host.dali_inputs()
+
+    def __iter__(self) -> "DecodedBatches":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, HostBatch]:
+        while True:
+            if self._pipe is None:
+                self._pipe = self._build(self._pull)
+                self._pipe.build()
+            try:
+                outputs = self._pipe.run()
+                break
+            except StopIteration:
+                self.close()
+                raise
+            except Exception as error:
+                if self._source_error is not None:
+                    raise self._source_error from error
+                self._recover(error)
+        return _to_torch(outputs[0], self._device), self._held.popleft()
+
+    def close(self) -> None:
+        """Stop the source and free the pipeline now, not whenever the garbage collector runs.
+
+        The pipeline and this object refer to each other (through the source callback), and
+        a collector finalising the source's worker processes in arbitrary order can stall.
+        """
+        self._pipe = None
+        close_source = getattr(self._host_batches, "close", None)
+        if close_source is not None:
+            close_source()
+
+    def _recover(self, error: Exception) -> None:
+        replaced = sum(host.replace_undecodable() for host in self._held)
+        if not replaced:
+            raise error  # not an image DALI could not read: a real failure
+        logger.warning("DALI failed on %d undecodable image(s); replaced them and rebuilt the pipeline", replaced)
+        self._replay = deque([*self._held, *self._replay])
+        self._held.clear()
+        self._pipe = None
+
+
+def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    dense = tensor_list.as_tensor()
+    out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(dense, out, cuda_stream=stream)
+    return out

@@ -1,0 +1,285 @@
+"""The one training iterator: MDS shards -> DataLoader workers -> DALI -> device batches.
+
+    StreamingDataset (shuffled, partitioned by rank, micro-batch aware)
+      -> torch DataLoader workers: read samples, read image headers, draw crop windows, tokenise
+      -> DALI: decode the crop window (nvJPEG on GPU), resize, normalise
+      -> {"image", "text", "sample_id"}
+
+Determinism. The batches a rank sees are a function of (data, seed, micro_batch, world size,
+rank) only:
+  * streaming's sample order depends on the seed, epoch and world, and its per-worker split
+    hands out whole micro-batches round-robin, which the DataLoader reads back round-robin,
+    so the number of workers does not change the order;
+  * each epoch keeps exactly `batches_per_epoch` full micro-batches on every rank and drops
+    the tail, where streaming pads ranks with repeated samples; every rank therefore steps the
+    same number of times and ranks never share a sample within an epoch;
+  * crop windows come from (seed, epoch, sample id), never from DALI's generators.
+The epoch and the position in it are ours: before each epoch we hand streaming an explicit
+resume point (`load_state_dict`), so a restart needs only (epoch, batch) and the prefetching
+done by the DataLoader and DALI never leaks into the saved state.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from streaming import StreamingDataset
+from streaming.base.util import clean_stale_shared_memory
+from torch.utils.data import DataLoader
+
+from engine.data.dali import (PLACEHOLDER_PNG, DecodedBatches, HostBatch, probe_image, random_resized_crop,
+                              train_pipeline)
+from engine.data.mds import describe_mds, is_remote, local_copy_dir
+from engine.data.text import ClipTokenizer
+from engine.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_ID_KEY = "__sample_id__"
+
+
+class StreamingDatasetWithIds(StreamingDataset):
+    """StreamingDataset whose samples also carry their index (crop seeds and logs need it)."""
+
+    def get_item(self, sample_id: int, retry: int = 7):
+        sample = super().get_item(sample_id, retry)
+        sample[SAMPLE_ID_KEY] = int(sample_id)
+        return sample
+
+
+@dataclass
+class TrainPayload:
+    """What travels beside the images through DALI."""
+
+    text: torch.Tensor       # [B, context] token ids
+    sample_id: torch.Tensor  # [B] index of each sample in the dataset
+    epoch: int
+    batch_in_epoch: int = -1  # set by the main process, which alone knows the position
+
+
+@dataclass(frozen=True)
+class PrepareBatch:
+    """DataLoader collate step, run in the worker processes: everything but decoding."""
+
+    tokenizer: ClipTokenizer
+    crop_scale: tuple[float, float]
+    seed: int
+    epoch: int
+
+    def __call__(self, samples: list[dict]) -> HostBatch:
+        encoded, anchors, shapes, replaced = [], [], [], []
+        for sample in samples:
+            image = np.frombuffer(sample["jpg"], dtype=np.uint8)
+            size = probe_image(sample["jpg"])
+            replaced.append(size is None)
+            if size is None:  # see dali._placeholder_png for why an image is replaced, not dropped
+                image, size = PLACEHOLDER_PNG, (16, 16)
+            anchor, shape = random_resized_crop(*size, self.crop_scale, self.seed, self.epoch, sample[SAMPLE_ID_KEY])
+            encoded.append(image)
+            anchors.append(anchor)
+            shapes.append(shape)
+        payload = TrainPayload(
+            text=self.tokenizer([sample["txt"] for sample in samples]),
+            sample_id=torch.tensor([sample[SAMPLE_ID_KEY] for sample in samples], dtype=torch.long),
+            epoch=self.epoch)
+        return HostBatch(encoded=encoded, payload=payload, crop_anchor=np.stack(anchors),
+                         crop_shape=np.stack(shapes), replaced=np.array(replaced))
+
+
+class TrainLoader:
+    """Endless, exactly resumable iterator of training micro-batches for one rank."""
+
+    def __init__(self, data: str, *, micro_batch: int, image_size: int, crop_scale: tuple[float, float],
+                 seed: int, workers: int, decode_device: str, tokenizer: ClipTokenizer, rank: int,
+                 world_size: int, local_cache: Path | None = None):
+        _check_arguments(micro_batch, image_size, crop_scale, seed, workers, decode_device)
+        local_world_size = _streaming_world(rank, world_size)
+        describe_mds(data, local_cache)  # fails early, with the fix, on a path that is not usable MDS
+        self.micro_batch = micro_batch
+        self.image_size = image_size
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.seed = seed
+        self.workers = workers
+        self.decode_device = decode_device
+        self.tokenizer = tokenizer
+        self.world_size = world_size
+        self.undecodable_images = 0  # replaced by the placeholder, in batches yielded so far
+        self._num_nodes = world_size // local_world_size
+
+        # A crashed run leaves streaming's shared memory behind, and a remote dataset then
+        # refuses its cache directory as "in use". Nothing else in this process may be using
+        # streaming's shared memory yet: the training loader is the only StreamingDataset.
+        clean_stale_shared_memory()
+        self._dataset = StreamingDatasetWithIds(
+            remote=data if is_remote(data) else None,
+            local=str(local_copy_dir(data, local_cache)),
+            batch_size=micro_batch, shuffle=True, shuffle_seed=seed,
+            num_canonical_nodes=self._num_nodes)
+        self.dataset_size = int(self._dataset.epoch_size)
+        self.batches_per_epoch = self.dataset_size // world_size // micro_batch
+        if self.batches_per_epoch == 0:
+            raise UserError(
+                f"dataset {data} has {self.dataset_size} samples, fewer than one micro-batch per rank "
+                f"({micro_batch} x {world_size} ranks); lower the batch size or use more data.")
+        self.samples_per_epoch = self.batches_per_epoch * micro_batch * world_size
+        self._epoch = 0
+        self._batch_in_epoch = 0
+        self._device = _decode_torch_device(decode_device)
+        self._active: weakref.ref | None = None
+
+    # ---- position ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Position after the batches yielded so far, with the values it is only valid for."""
+        return {"epoch": self._epoch, "batch_in_epoch": self._batch_in_epoch, "seed": self.seed,
+                "micro_batch": self.micro_batch, "world_size": self.world_size,
+                "dataset_size": self.dataset_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = {"seed": self.seed, "micro_batch": self.micro_batch, "world_size": self.world_size,
+                    "dataset_size": self.dataset_size}
+        changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if changed:
+            details = ", ".join(f"{k} was {old}, now {new}" for k, (old, new) in changed.items())
+            raise UserError(
+                f"cannot resume the data order: {details}. Resume with the same data, seed, micro-batch "
+                f"and number of ranks as the checkpoint, or start a new run in a fresh output directory.")
+        if not 0 <= state["batch_in_epoch"] < self.batches_per_epoch:
+            raise UserError(f"data position {state['batch_in_epoch']} is outside an epoch of "
+                            f"{self.batches_per_epoch} batches; the checkpoint does not belong to this data.")
+        self._close_active()
+        self._epoch, self._batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+
+    # ---- iteration --------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        # One live iterator at a time: two would drive the same streaming dataset at once. Held
+        # weakly, so that dropping the iterator closes it (and its workers) straight away.
+        self._close_active()
+        batches = self._batches()
+        self._active = weakref.ref(batches)
+        return batches
+
+    def _batches(self) -> Iterator[dict]:
+        decoded = DecodedBatches(self._host_batches(self._epoch, self._batch_in_epoch),
+                                 build=self._build_pipeline, device=self._device)
+        try:
+            for images, host in decoded:
+                payload: TrainPayload = host.payload
+                if host.replaced.any():
+                    ids = payload.sample_id[torch.from_numpy(host.replaced)].tolist()
+                    self.undecodable_images += len(ids)
+                    logger.warning("replaced undecodable image(s) of sample id(s) %s with a flat placeholder", ids)
+                self._epoch, self._batch_in_epoch = payload.epoch, payload.batch_in_epoch + 1
+                if self._batch_in_epoch == self.batches_per_epoch:
+                    self._epoch, self._batch_in_epoch = self._epoch + 1, 0
+                yield {"image": images, "text": payload.text, "sample_id": payload.sample_id}
+        finally:
+            decoded.close()  # stops the DataLoader workers as soon as the caller drops us
+
+    def _host_batches(self, epoch: int, batch: int) -> Iterator[HostBatch]:
+        """Undecoded batches from `batch` of `epoch` on, rolling over epochs forever."""
+        while True:
+            # Streaming counts epochs itself and ignores a resume point older than its count;
+            # setting the count makes the resume point (ours) the only source of truth.
+            self._dataset.next_epoch = epoch
+            self._dataset.load_state_dict({
+                "epoch": epoch, "sample_in_epoch": batch * self.micro_batch * self.world_size,
+                "shuffle_seed": self.seed, "num_canonical_nodes": self._num_nodes,
+                "initial_physical_nodes": self._num_nodes})
+            # Workers restart every epoch (they learn the epoch at start), so fork: it is instant.
+            loader = DataLoader(self._dataset, batch_size=self.micro_batch, num_workers=self.workers,
+                                collate_fn=PrepareBatch(self.tokenizer, self.crop_scale, self.seed, epoch),
+                                multiprocessing_context="fork" if self.workers else None)
+            batches = _start_workers(loader)
+            try:
+                for index in range(batch, self.batches_per_epoch):
+                    host = next(batches, None)
+                    if host is None or len(host.encoded) != self.micro_batch:
+                        raise RuntimeError(f"streaming ended epoch {epoch} at batch {index} "
+                                           f"of {self.batches_per_epoch}")
+                    host.payload.batch_in_epoch = index
+                    yield host
+            finally:
+                del batches  # stops this epoch's workers now, before the next epoch starts its own
+            epoch, batch = epoch + 1, 0
+
+    def _build_pipeline(self, source):
+        return train_pipeline(source, batch_size=self.micro_batch, image_size=self.image_size,
+                              device=self.decode_device, device_id=self._device.index,
+                              num_threads=_dali_threads())
+
+    def _close_active(self) -> None:
+        active = self._active() if self._active is not None else None
+        if active is not None:
+            active.close()
+        self._active = None
+
+
+def _start_workers(loader: DataLoader):
+    """Fork the workers with every existing object frozen out of their garbage collector.
+
+    A forked worker inherits the parent's objects, uncollected garbage included. Were it to
+    collect a dead DALI pipeline, the finalizer would join threads that exist only in the
+    parent and crash the worker. So collect in the parent first, where that is safe, and
+    freeze what is left for the children.
+    """
+    if loader.num_workers == 0:
+        return iter(loader)
+    gc.collect()
+    gc.freeze()
+    try:
+        return iter(loader)  # forks every worker before returning
+    finally:
+        gc.unfreeze()
+
+
+def _check_arguments(micro_batch, image_size, crop_scale, seed, workers, decode_device) -> None:
+    if micro_batch < 1 or image_size < 1 or workers < 0 or seed < 0:
+        raise UserError(f"micro_batch ({micro_batch}) and image_size ({image_size}) must be positive, "
+                        f"workers ({workers}) and seed ({seed}) not negative.")
+    if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise UserError(f"crop scale {crop_scale} must satisfy 0 < low <= high <= 1.")
+    if decode_device not in ("cpu", "gpu"):
+        raise UserError(f"decode device '{decode_device}' is not one of 'cpu', 'gpu'.")
+    if decode_device == "gpu" and not torch.cuda.is_available():
+        raise UserError("decode device 'gpu' needs a CUDA GPU and none is visible; decode on 'cpu'.")
+
+
+def _streaming_world(rank: int, world_size: int) -> int:
+    """Check streaming's view of the world (it reads environment variables) matches ours.
+
+    Returns the number of ranks per node. The deepspeed launcher exports LOCAL_SIZE, not the
+    LOCAL_WORLD_SIZE streaming reads; without it streaming would take every rank for its own
+    node and two ranks on one machine would both claim the same shared memory.
+    """
+    env_rank, env_world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if (env_rank, env_world) != (rank, world_size):
+        raise RuntimeError(f"TrainLoader got rank {rank} of {world_size}, but RANK/WORLD_SIZE in the "
+                           f"environment (read by streaming) say {env_rank} of {env_world}.")
+    if world_size > 1 and "LOCAL_WORLD_SIZE" not in os.environ:
+        if "LOCAL_SIZE" not in os.environ:
+            raise RuntimeError("set LOCAL_WORLD_SIZE (ranks on this node) before building the TrainLoader: "
+                               "streaming needs it to share memory between the ranks of a node.")
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if world_size % local_world_size:
+        raise RuntimeError(f"WORLD_SIZE {world_size} is not a multiple of LOCAL_WORLD_SIZE {local_world_size}.")
+    return local_world_size
+
+
+def _decode_torch_device(decode_device: str) -> torch.device:
+    if decode_device == "cpu":
+        return torch.device("cpu")
+    # One GPU visible per process (SLURM binding) or all of them (deepspeed launcher).
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+
+
+def _dali_threads() -> int:
+    cpus = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(8, cpus))

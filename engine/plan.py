@@ -1,0 +1,403 @@
+"""The one module that decides: dials + hardware + recipe + model/data facts -> RunPlan.
+
+Every derived value is recorded with the fact behind it, so the plan table printed before
+the first step (and plan.json) explains the whole run. Overrides of single decisions win
+and are checked against each other here, before any heavy work.
+"""
+import dataclasses
+import importlib.util
+import math
+from dataclasses import dataclass
+
+from engine.errors import UserError
+from engine.hardware import Hardware
+from engine.recipes import Recipe
+
+GB = 10**9
+# Share of device memory that model states (weights, gradients, Adam states) may take; the
+# rest is for activations, communication buckets and the allocator's slack.
+MODEL_STATE_BUDGET_FRACTION = 0.5
+# Adam keeps an fp32 master copy, m and v for every parameter (DeepSpeed's ZeRO optimizers
+# keep the fp32 copy even when training in fp32).
+ADAM_STATE_BYTES_PER_PARAM = 12
+# The device size that Recipe.micro_batch_80gb was sized for.
+REFERENCE_DEVICE_BYTES = 80 * GB
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+OPTIMIZERS = ("apex_fused", "deepspeed_fused", "torch_fused", "torch", "deepspeed_cpu_adam")
+DECODE_DEVICES = ("gpu", "cpu")
+
+
+@dataclass(frozen=True)
+class Dials:
+    method: str = "clip"; model: str = "debug"
+    data: str | None = None; out: str | None = None
+    steps: int | None = None; epochs: float | None = None; global_batch: int | None = None
+    seed: int = 0
+    # Overrides of single decisions (None = the engine decides).
+    micro_batch: int | None = None
+    precision: str | None = None        # one of PRECISIONS
+    zero_stage: int | None = None; offload: bool | None = None
+    optimizer: str | None = None        # one of OPTIMIZERS
+    lr: float | None = None; warmup_steps: int | None = None
+    workers: int | None = None
+    decode_device: str | None = None    # one of DECODE_DEVICES
+    checkpoint_every: int | None = None; eval_every: int | None = None
+    log_every: int | None = None
+    ds: tuple[str, ...] = ()            # raw DeepSpeed overrides "key.path=value"
+
+
+@dataclass(frozen=True)
+class Decision:
+    name: str; value: object; reason: str
+
+
+@dataclass(frozen=True)
+class OptimizerSupport:
+    """Which fused AdamW implementations can run on this machine."""
+    apex_fused: bool; deepspeed_fused: bool; torch_fused: bool
+
+
+def probe_optimizer_support(hw: Hardware) -> OptimizerSupport:
+    if hw.accelerator != "cuda":
+        return OptimizerSupport(apex_fused=False, deepspeed_fused=False, torch_fused=False)
+    # apex's FusedAdam needs apex's compiled extension (amp_C), not just the Python package.
+    apex_fused = all(importlib.util.find_spec(m) is not None for m in ("apex", "amp_C"))
+    from deepspeed.ops.op_builder import FusedAdamBuilder
+    return OptimizerSupport(apex_fused=apex_fused,
+                            deepspeed_fused=bool(FusedAdamBuilder().is_compatible()),
+                            torch_fused=True)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    method: str; model: str; seed: int
+    world_size: int; nodes: int; accelerator: str; device_name: str
+    global_batch: int; micro_batch: int; grad_accum: int
+    precision: str; zero_stage: int; offload_optimizer: bool; optimizer: str
+    lr: float; min_lr: float; weight_decay: float; betas: tuple[float, float]; eps: float
+    grad_clip: float | None
+    warmup_steps: int; total_steps: int; epochs: float
+    crop_scale: tuple[float, float]; image_size: int
+    workers: int; decode_device: str
+    checkpoint_every: int; eval_every: int; log_every: int
+    dataset_size: int; n_params: int
+    decisions: tuple[Decision, ...]     # one per field above, in field order
+
+    def table(self) -> str:
+        """The plan as aligned `name | value | reason` rows."""
+        rows = [("name", "value", "reason")]
+        rows += [(d.name, _show(d.value), d.reason) for d in self.decisions]
+        name_w = max(len(r[0]) for r in rows)
+        value_w = max(len(r[1]) for r in rows)
+        lines = [f"{n:<{name_w}} | {v:<{value_w}} | {r}" for n, v, r in rows]
+        lines.insert(1, f"{'-' * name_w}-+-{'-' * value_w}-+-{'-' * 6}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _show(value: object) -> str:
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_show(v) for v in value) + ")"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, dataset_size: int,
+            optimizer_support: OptimizerSupport, image_size: int) -> RunPlan:
+    if (dials.method, dials.model) != (recipe.method, recipe.model):
+        raise ValueError(f"recipe is for {recipe.method}/{recipe.model}, "
+                         f"dials ask for {dials.method}/{dials.model}")
+    decisions: dict[str, Decision] = {}
+
+    def decide(name: str, value, reason: str):
+        decisions[name] = Decision(name, value, reason)
+        return value
+
+    for name, value in (("method", recipe.method), ("model", recipe.model), ("seed", dials.seed)):
+        decide(name, value, "dial")
+    decide("world_size", hw.world_size, f"{hw.local_world_size} rank(s) per node, from the launcher")
+    decide("nodes", hw.nodes, "from the launcher")
+    decide("accelerator", hw.accelerator,
+           "CUDA device found" if hw.accelerator == "cuda" else "no CUDA device: CPU run")
+    decide("device_name", hw.device_name,
+           f"{_sm(hw)}, {_gb(hw.device_memory_bytes)} GB" if hw.accelerator == "cuda"
+           else f"{_gb(hw.device_memory_bytes)} GB usable RAM per rank")
+    decide("n_params", n_params, "counted in the built model")
+    decide("image_size", image_size, "the model's input size")
+
+    global_batch = decide("global_batch", *_global_batch(dials, recipe, hw.world_size, dataset_size))
+    decide("dataset_size", dataset_size, "pairs in the training data")
+    precision = decide("precision", *_precision(dials, hw))
+    per_rank = global_batch // hw.world_size
+    micro = decide("micro_batch", *_micro_batch(dials, hw, recipe, precision, per_rank))
+    decide("grad_accum", per_rank // micro,
+           f"{global_batch:,} = {micro} micro x {per_rank // micro} accum x {hw.world_size} ranks")
+
+    stage, stage_reason, offload, offload_reason = _zero(dials, hw, precision, n_params)
+    decide("zero_stage", stage, stage_reason)
+    decide("offload_optimizer", offload, offload_reason)
+    decide("optimizer", *_optimizer(dials, hw, offload, optimizer_support))
+
+    lr = decide("lr", *_lr(dials, recipe, global_batch))
+    decide("min_lr", recipe.min_lr * lr / recipe.lr,
+           recipe.source if lr == recipe.lr or not recipe.min_lr
+           else f"recipe's {recipe.min_lr:g} scaled with lr")
+    for name in ("weight_decay", "betas", "eps", "grad_clip", "crop_scale"):
+        decide(name, getattr(recipe, name), recipe.source)
+
+    total_steps = decide("total_steps", *_total_steps(dials, recipe, global_batch, dataset_size))
+    decide("epochs", total_steps * global_batch / dataset_size,
+           f"{total_steps:,} steps x {global_batch:,} / {dataset_size:,} pairs")
+    decide("warmup_steps", *_warmup(dials, recipe, total_steps))
+    decide("workers", *_workers(dials, hw))
+    decide("decode_device", *_decode_device(dials, hw))
+    decide("checkpoint_every", *_every(dials.checkpoint_every, "--checkpoint-every",
+                                       min(1000, math.ceil(total_steps / 5)),
+                                       "about 5 checkpoints per run, at least every 1,000 steps"))
+    decide("eval_every", *_every(dials.eval_every, "--eval-every", math.ceil(total_steps / 4),
+                                 "about 4 evaluations per run"))
+    log_every = min(10, max(1, total_steps // 10))
+    decide("log_every", *_every(dials.log_every, "--log-every", log_every, "every 10 steps"
+                                if log_every == 10 else f"about 10 lines for a {total_steps}-step run"))
+    # The table lists the decisions in RunPlan's field order, whatever order they were made in.
+    ordered = tuple(decisions[f.name] for f in dataclasses.fields(RunPlan) if f.name != "decisions")
+    return RunPlan(**{d.name: d.value for d in ordered}, decisions=ordered)
+
+
+def _sm(hw: Hardware) -> str:
+    major, minor = hw.compute_capability or (0, 0)
+    return f"sm_{major}{minor}"
+
+
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / GB:.3g}"
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _global_batch(dials: Dials, recipe: Recipe, world_size: int, dataset_size: int):
+    if dials.global_batch is not None:
+        (batch, reason), flag = _given(dials.global_batch, "--global-batch"), "--global-batch"
+    else:
+        batch, reason, flag = recipe.global_batch, recipe.source, "recipe's global batch"
+    if batch % world_size:
+        lower = max(world_size, batch - batch % world_size)
+        raise UserError(f"{flag} {batch} is not divisible by {world_size} ranks: use a multiple "
+                        f"of {world_size} (e.g. --global-batch {lower})")
+    if dataset_size < 1:
+        raise UserError("the training data is empty: point --data at a converted dataset")
+    if batch > dataset_size:
+        raise UserError(f"{flag} {batch} is larger than the {dataset_size:,} training pairs: "
+                        f"use --global-batch {dataset_size - dataset_size % world_size} or less")
+    return batch, reason
+
+
+def _precision(dials: Dials, hw: Hardware):
+    if dials.precision is not None:
+        if dials.precision not in PRECISIONS:
+            raise UserError(f"--precision {dials.precision!r} is unknown: use one of "
+                            f"{', '.join(PRECISIONS)}")
+        if dials.precision == "bf16" and not hw.bf16:
+            where = "the CPU path" if hw.accelerator == "cpu" else f"{hw.device_name} ({_sm(hw)})"
+            fallback = "fp32" if hw.accelerator == "cpu" else "fp16"
+            raise UserError(f"--precision bf16: {where} has no bf16 support: "
+                            f"use --precision {fallback}")
+        if dials.precision == "fp16" and hw.accelerator == "cpu":
+            raise UserError("--precision fp16 needs a GPU: use --precision fp32 on CPU")
+        return dials.precision, "--precision given"
+    if hw.accelerator == "cpu":
+        return "fp32", "fp32: CPU run"
+    if hw.bf16:
+        return "bf16", f"bf16: {_sm(hw)} supports it"
+    return "fp16", f"fp16 with dynamic loss scaling: {_sm(hw)} has no bf16"
+
+
+def _micro_batch(dials: Dials, hw: Hardware, recipe: Recipe, precision: str, per_rank: int):
+    if dials.micro_batch is not None:
+        if dials.micro_batch < 1 or per_rank % dials.micro_batch:
+            raise UserError(
+                f"--micro-batch {dials.micro_batch} does not divide the {per_rank} samples per "
+                f"rank: use one of {', '.join(map(str, _divisors(per_rank)))}")
+        return dials.micro_batch, "--micro-batch given"
+    if hw.accelerator == "cpu":
+        return per_rank, "the whole per-rank batch: no device memory limit on CPU"
+    # Activation memory grows linearly with the micro-batch: scale the 80 GB anchor by this
+    # device's memory, and halve it in fp32, whose activations take twice the bytes.
+    cap = recipe.micro_batch_80gb * hw.device_memory_bytes / REFERENCE_DEVICE_BYTES
+    cap = max(1, int(cap / 2 if precision == "fp32" else cap))
+    micro = max(d for d in _divisors(per_rank) if d <= cap)
+    return micro, (f"largest divisor of {per_rank} per rank within {cap}: {recipe.micro_batch_80gb} "
+                   f"fit 80 GB in bf16, scaled to {_gb(hw.device_memory_bytes)} GB"
+                   + (" and halved for fp32" if precision == "fp32" else ""))
+
+
+def _model_state_bytes(n_params: int, precision: str, stage: int, offload: bool,
+                       world_size: int) -> float:
+    # ZeRO-1 partitions the Adam states across ranks, 2 also gradients, 3 also weights;
+    # offload moves the Adam states to CPU memory.
+    weight_bytes = 4 if precision == "fp32" else 2
+    weights = n_params * weight_bytes / (world_size if stage >= 3 else 1)
+    grads = n_params * weight_bytes / (world_size if stage >= 2 else 1)
+    adam = 0 if offload else n_params * ADAM_STATE_BYTES_PER_PARAM / (world_size if stage >= 1 else 1)
+    return weights + grads + adam
+
+
+# Cheapest first: each step partitions more, at the cost of more communication.
+_ZERO_LADDER = ((1, False), (2, False), (3, False), (3, True))
+
+
+def _zero(dials: Dials, hw: Hardware, precision: str, n_params: int):
+    """(stage, reason, offload, reason): the first ZeRO setting whose model states fit the
+    budget; ZeRO-1 is the floor because its partitioned Adam states cost no extra traffic."""
+    if dials.zero_stage is not None and dials.zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"--zero-stage {dials.zero_stage} is not a ZeRO stage: use 0, 1, 2 or 3")
+    if dials.offload and dials.zero_stage == 0:
+        raise UserError("--offload needs ZeRO (stage 1 or more) to partition the optimizer: "
+                        "drop --zero-stage 0 or --offload")
+    if dials.offload and hw.accelerator == "cpu":
+        raise UserError("--offload moves Adam states from GPU to CPU memory; a CPU run keeps "
+                        "them there already: drop --offload")
+    ladder = ([(dials.zero_stage, False), (dials.zero_stage, True)] if dials.zero_stage is not None
+              else [(1, True), (2, True), (3, True)] if dials.offload else list(_ZERO_LADDER))
+    ladder = [(stage, offload) for stage, offload in ladder
+              if (dials.offload is None or offload == dials.offload)
+              and not (offload and (stage == 0 or hw.accelerator != "cuda"))]
+    budget = hw.device_memory_bytes * MODEL_STATE_BUDGET_FRACTION
+
+    def need(stage: int, offload: bool) -> float:
+        return _model_state_bytes(n_params, precision, stage, offload, hw.world_size)
+
+    fitting = [(stage, offload) for stage, offload in ladder if need(stage, offload) <= budget]
+    if not fitting and dials.zero_stage is None and dials.offload is None:
+        stage, offload = ladder[-1]
+        raise UserError(
+            f"{n_params / 1e6:,.0f}M parameters need {_gb(need(stage, offload))} GB of model states "
+            f"per device even with ZeRO-{stage}{' and CPU offload' if offload else ''}, over the "
+            f"{_gb(budget)} GB budget ({MODEL_STATE_BUDGET_FRACTION:.0%} of each device): "
+            "use more devices or a smaller --model")
+    # Overrides win even when nothing fits: then take the setting that needs least memory.
+    stage, offload = fitting[0] if fitting else min(ladder, key=lambda s: need(*s))
+    usage = f"{_gb(need(stage, offload))} of {_gb(budget)} GB model-state budget per device"
+    position = ladder.index((stage, offload))
+    if dials.zero_stage is not None:
+        stage_reason = f"--zero-stage given ({usage})"
+    elif position == 0:
+        stage_reason = f"{stage}: model states fit with optimizer partitioning ({usage})"
+    else:
+        below = ladder[position - 1]
+        stage_reason = (f"{stage}: ZeRO-{below[0]}{' + offload' if below[1] else ''} needs "
+                        f"{_gb(need(*below))} GB per device, over the budget; {usage}")
+    if dials.offload is not None:
+        offload_reason = f"--offload given ({usage})"
+    elif hw.accelerator == "cpu":
+        offload_reason = "no: a CPU run keeps Adam states in RAM already"
+    elif offload:
+        offload_reason = (f"yes: on-device Adam states need {_gb(need(stage, False))} GB per "
+                          f"device, over the {_gb(budget)} GB budget")
+    elif need(stage, offload) <= budget:
+        offload_reason = "no: Adam states fit on the device"
+    else:
+        offload_reason = "no: ZeRO-0 cannot offload (model states exceed the budget)"
+    return stage, stage_reason, offload, offload_reason
+
+
+def _optimizer(dials: Dials, hw: Hardware, offload: bool, support: OptimizerSupport):
+    runnable = {"apex_fused": support.apex_fused, "deepspeed_fused": support.deepspeed_fused,
+                "torch_fused": support.torch_fused, "torch": True, "deepspeed_cpu_adam": offload}
+    if dials.optimizer is not None:
+        name = dials.optimizer
+        if name not in OPTIMIZERS:
+            raise UserError(f"--optimizer {name!r} is unknown: use one of {', '.join(OPTIMIZERS)}")
+        if offload and name != "deepspeed_cpu_adam":
+            raise UserError(f"--optimizer {name} cannot step Adam states offloaded to the CPU: "
+                            "use --optimizer deepspeed_cpu_adam, or --offload false")
+        if not runnable[name]:
+            why = ("it steps offloaded Adam states and needs --offload" if name == "deepspeed_cpu_adam"
+                   else f"it is not available on {hw.device_name}")
+            usable = ", ".join(n for n in OPTIMIZERS if runnable[n])
+            raise UserError(f"--optimizer {name} cannot run here ({why}): use one of {usable}")
+        return name, "--optimizer given"
+    if offload:
+        return "deepspeed_cpu_adam", "Adam states live on the CPU: DeepSpeed's CPU Adam steps them"
+    if support.apex_fused:
+        return "apex_fused", "apex is installed: its fused AdamW is the fastest"
+    if support.deepspeed_fused:
+        return "deepspeed_fused", "DeepSpeed's fused AdamW builds here (no apex)"
+    if support.torch_fused:
+        return "torch_fused", "torch's fused AdamW (no apex, DeepSpeed FusedAdam not buildable)"
+    return "torch", f"torch AdamW (foreach): no fused kernel on {hw.device_name}"
+
+
+def _lr(dials: Dials, recipe: Recipe, global_batch: int):
+    if dials.lr is not None:
+        if dials.lr <= 0:
+            raise UserError(f"--lr {dials.lr} must be positive")
+        return dials.lr, "--lr given"
+    if global_batch == recipe.global_batch:
+        return recipe.lr, recipe.source
+    factor = global_batch / recipe.global_batch
+    return recipe.lr * factor, (f"recipe's {recipe.lr:g} at batch {recipe.global_batch:,}, scaled "
+                                f"linearly to batch {global_batch:,} (x{factor:.3g})")
+
+
+def _total_steps(dials: Dials, recipe: Recipe, global_batch: int, dataset_size: int):
+    if dials.steps is not None and dials.epochs is not None:
+        raise UserError("--steps and --epochs both set the run length: give only one")
+    if dials.steps is not None:
+        return _given(dials.steps, "--steps")
+    epochs, origin = ((recipe.epochs, "recipe") if dials.epochs is None
+                      else (dials.epochs, "--epochs given"))
+    if epochs <= 0:
+        raise UserError(f"--epochs {epochs} must be positive")
+    steps = math.ceil(epochs * dataset_size / global_batch)
+    return steps, f"{epochs:g} epochs ({origin}) of {dataset_size:,} pairs at batch {global_batch:,}"
+
+
+def _warmup(dials: Dials, recipe: Recipe, total_steps: int):
+    if dials.warmup_steps is not None:
+        if not 0 <= dials.warmup_steps < total_steps:
+            raise UserError(f"--warmup-steps {dials.warmup_steps} must be between 0 and the "
+                            f"{total_steps:,} total steps (exclusive)")
+        return dials.warmup_steps, "--warmup-steps given"
+    cap = total_steps // 10
+    if recipe.warmup_steps > cap:
+        return cap, f"recipe's {recipe.warmup_steps:,} capped at 10% of this {total_steps:,}-step run"
+    return recipe.warmup_steps, recipe.source
+
+
+def _workers(dials: Dials, hw: Hardware):
+    if dials.workers is not None:
+        return _given(dials.workers, "--workers")
+    per_rank = hw.cpus_per_node // hw.local_world_size
+    workers = min(8, max(1, per_rank - 1))
+    return workers, (f"{hw.cpus_per_node} CPUs / {hw.local_world_size} rank(s) per node, one left "
+                     "for the training process (1 to 8)")
+
+
+def _decode_device(dials: Dials, hw: Hardware):
+    if dials.decode_device is not None:
+        if dials.decode_device not in DECODE_DEVICES:
+            raise UserError(f"--decode-device {dials.decode_device!r} is unknown: use gpu or cpu")
+        if dials.decode_device == "gpu" and hw.accelerator != "cuda":
+            raise UserError("--decode-device gpu needs a CUDA device: use --decode-device cpu")
+        return dials.decode_device, "--decode-device given"
+    if hw.accelerator == "cuda":
+        return "gpu", "DALI mixed decode: JPEGs decoded on the GPU, CPUs stay free"
+    return "cpu", "DALI CPU pipeline: no GPU"
+
+
+def _every(given: int | None, flag: str, default: int, reason: str):
+    return _given(given, flag) if given is not None else (max(1, default), reason)
+
+
+def _given(value: int, flag: str):
+    if value < 1:
+        raise UserError(f"{flag} {value} must be at least 1")
+    return value, f"{flag} given"

@@ -1,13 +1,6 @@
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-LAUNCHER = ROOT / "launchers" / "pretrain.py"
 
 
 @pytest.fixture(scope="session")
@@ -15,28 +8,3 @@ def cache_env(tmp_path_factory):
     """One dataset cache for the whole session, outside the user's home."""
     env = dict(os.environ, CLIPZERO_CACHE=str(tmp_path_factory.mktemp("cache")))
     return env
-
-
-def launch(args, env, ranks=None, timeout=600) -> subprocess.CompletedProcess:
-    """`deepspeed [--num_gpus N] launchers/pretrain.py ARGS` or, without ranks, plain python."""
-    if ranks is None:
-        cmd = [sys.executable, str(LAUNCHER), *args]
-    else:
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()),
-               str(LAUNCHER), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def check(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"

@@ -1,7 +1,7 @@
 """Bad input fails before any work, names the fix, and leaves no run directory behind."""
 import pytest
 
-from conftest import launch
+from launching import launch
 
 
 @pytest.mark.parametrize("args, fix", [

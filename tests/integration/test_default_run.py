@@ -1,5 +1,5 @@
 """The README's promise: the default command trains a small CLIP that reaches >= 0.8 zero-shot."""
-from conftest import check, launch, read_metrics
+from launching import check, launch, read_metrics
 
 
 def test_default_command_reaches_08_zero_shot(tmp_path, cache_env):

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import check, launch, read_metrics
+from launching import check, launch, read_metrics
 
 SHORT = ["--steps", "6", "--global-batch", "32", "--log-every", "1", "--eval-every", "6"]
 

@@ -1,0 +1,34 @@
+"""Running the launcher as a user does, and reading what a run leaves behind."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCHER = ROOT / "launchers" / "pretrain.py"
+
+
+def launch(args, env, ranks=None, timeout=600) -> subprocess.CompletedProcess:
+    """`deepspeed [--num_gpus N] launchers/pretrain.py ARGS` or, without ranks, plain python."""
+    if ranks is None:
+        cmd = [sys.executable, str(LAUNCHER), *args]
+    else:
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+               str(LAUNCHER), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def check(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"

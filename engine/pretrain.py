@@ -11,20 +11,31 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import deepspeed
 import numpy as np
 import torch
 
 from engine import dist
 from engine.data.embedded import ensure_digits
+from engine.data.eval_set import load_eval_set
+from engine.data.loader import TrainLoader
 from engine.data.mds import describe_mds
 from engine.data.text import ClipTokenizer
 from engine.ds_config import apply_overrides, render
 from engine.errors import UserError
+from engine.eval.evaluate import evaluate
 from engine.hardware import probe
 from engine.models.presets import ModelPreset, get_preset
-from engine.models.two_tower import count_parameters
+from engine.models.two_tower import TwoTower, count_parameters
+from engine.observe.metrics import MetricsWriter
+from engine.observe.progress import Progress
 from engine.plan import Dials, RunPlan, probe_optimizer_support, resolve
 from engine.recipes import get_recipe
+from engine.task import Task, build_objective
+from engine.train import checkpoint
+from engine.train.loop import Cadence, train
+from engine.train.optim import build_optimizer, param_groups
+from engine.train.schedule import warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -94,20 +105,6 @@ def seed_everything(seed: int) -> None:
 
 
 def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int | None) -> dict:
-    import deepspeed
-
-    from engine.data.eval_set import load_eval_set
-    from engine.data.loader import TrainLoader
-    from engine.eval.evaluate import evaluate
-    from engine.models.two_tower import TwoTower
-    from engine.observe.metrics import MetricsWriter
-    from engine.observe.progress import Progress
-    from engine.task import Task, build_objective
-    from engine.train import checkpoint
-    from engine.train.loop import Cadence, train
-    from engine.train.optim import build_optimizer, param_groups
-    from engine.train.schedule import warmup_cosine
-
     plan, preset = prepared.plan, prepared.preset
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(verbose=False)
@@ -152,6 +149,11 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
     evaluator = (lambda: evaluate(engine.module.model, eval_set, tokenizer, engine.device)) \
         if eval_set is not None else (lambda: {})
     stop_step = min(stop_at_step or plan.total_steps, plan.total_steps)
+    if start_step >= stop_step:
+        if is_main:
+            print(f"{run_dir} is already at step {start_step} of {plan.total_steps}: nothing to do "
+                  "(its numbers are in metrics.jsonl; choose a new --out to train again)")
+        return {}
     cadence = Cadence(total_steps=plan.total_steps, stop_step=stop_step, grad_accum=plan.grad_accum,
                       log_every=plan.log_every, eval_every=plan.eval_every,
                       checkpoint_every=plan.checkpoint_every)

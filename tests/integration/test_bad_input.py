@@ -36,8 +36,9 @@ def test_mds_without_caption_column_is_refused(tmp_path, cache_env):
 
 def test_dry_run_writes_the_plan_and_trains_nothing(tmp_path, cache_env):
     out = tmp_path / "run"
+    # The first DeepSpeed process group on a fresh machine JIT-builds a small op (~90 s).
     result = launch(["--model", "vit-b-32", "--global-batch", "512", "--dry-run", "--out", str(out)],
-                    cache_env, timeout=180)
+                    cache_env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == {"plan.json", "ds_config.json"}
     assert "zero" in result.stdout.lower() and "precision" in result.stdout.lower()

@@ -1,0 +1,33 @@
+"""Resuming a run directory with dials that would misread its checkpoint is refused up front."""
+import json
+
+import pytest
+
+from engine.errors import UserError
+from engine.pretrain import check_resumable
+from tests.unit.test_plan import CPU_ONLY, plan_for
+
+
+def _run_dir_with_checkpoint(tmp_path, plan):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step00000020")
+    (tmp_path / "plan.json").write_text(json.dumps(plan.to_dict()))
+    return tmp_path
+
+
+def test_same_dials_resume(tmp_path):
+    plan = plan_for(CPU_ONLY, global_batch=64)
+    check_resumable(_run_dir_with_checkpoint(tmp_path, plan), plan_for(CPU_ONLY, global_batch=64))
+
+
+@pytest.mark.parametrize("changed", [dict(global_batch=32), dict(seed=1), dict(steps=50)])
+def test_changed_dials_name_the_value_and_the_way_out(tmp_path, changed):
+    run_dir = _run_dir_with_checkpoint(tmp_path, plan_for(CPU_ONLY, global_batch=64, steps=40))
+    dials = dict(global_batch=64, steps=40) | changed
+    with pytest.raises(UserError, match="new --out"):
+        check_resumable(run_dir, plan_for(CPU_ONLY, **dials))
+
+
+def test_a_directory_without_checkpoint_starts_afresh(tmp_path):
+    (tmp_path / "plan.json").write_text(json.dumps(plan_for(CPU_ONLY, global_batch=64).to_dict()))
+    check_resumable(tmp_path, plan_for(CPU_ONLY, global_batch=32))

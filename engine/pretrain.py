@@ -146,8 +146,12 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
             print(f"resuming from step {start_step} ({checkpoint_dir / checkpoint.latest_tag(checkpoint_dir)})")
 
     eval_set = load_eval_set(prepared.eval_data, plan.image_size) if prepared.eval_data else None
-    evaluator = (lambda: evaluate(engine.module.model, eval_set, tokenizer, engine.device)) \
-        if eval_set is not None else (lambda: {})
+
+    def evaluator() -> dict[str, float]:
+        if eval_set is None:
+            return {}
+        return evaluate(engine.module.model, eval_set, tokenizer, engine.device)
+
     stop_step = min(stop_at_step or plan.total_steps, plan.total_steps)
     if start_step >= stop_step:
         if is_main:

@@ -32,3 +32,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def check(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+
+
+def tensorboard_scalars(run_dir: Path) -> dict[str, list[float]]:
+    """Every scalar series TensorBoard would show for the run, read from its event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from launching import check, launch, read_metrics
+from launching import check, launch, read_metrics, tensorboard_scalars
 
 SHORT = ["--steps", "6", "--global-batch", "32", "--log-every", "1", "--eval-every", "6"]
 
@@ -24,7 +24,9 @@ def test_two_ranks_train_at_each_zero_stage(stage, tmp_path, cache_env):
     assert {"lr", "samples_per_s", "loss/clip", "logit_scale"} <= set(rows[0])
     assert any("zeroshot_top1" in r and "retrieval_i2t_r1" in r for r in rows)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000006"
-    assert list((out / "tensorboard").iterdir()), "no TensorBoard event file"
+    scalars = tensorboard_scalars(out)
+    assert scalars["loss"] == pytest.approx(losses)
+    assert {"loss/clip", "lr", "logit_scale", "samples_per_s", "zeroshot_top1"} <= set(scalars)
 
 
 def _losses_by_step(run_dir):

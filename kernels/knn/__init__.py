@@ -1,0 +1,3 @@
+from kernels.knn.reference import nearest_neighbors
+
+__all__ = ["nearest_neighbors"]

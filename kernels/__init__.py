@@ -4,5 +4,7 @@ Each op has a plain PyTorch reference (the truth). Faster paths (tiled PyTorch, 
 will sit beside it behind the same function, chosen by device.
 """
 from kernels.contrastive import contrastive_loss, contrastive_loss_local
+from kernels.jsd import jsd_loss
+from kernels.knn import nearest_neighbors
 
-__all__ = ["contrastive_loss", "contrastive_loss_local"]
+__all__ = ["contrastive_loss", "contrastive_loss_local", "jsd_loss", "nearest_neighbors"]

@@ -89,7 +89,7 @@ def test_every_lemma_is_found_and_unknown_words_have_none(wordnet):
 def test_inflected_forms_are_looked_up_by_their_base(wordnet):
     assert wordnet.synonyms("cars") == wordnet.synonyms("car")
     assert wordnet.synonyms("mice") == ["computer mouse"]  # from noun.exc
-    assert wordnet.synonyms("running") == ["scat", "scamper"]  # verb rule ing -> ""
+    assert wordnet.synonyms("runs") == ["scat", "scamper"]  # verb rule s -> ""
     assert wordnet.synonyms("parks") == ["parkland"]
 
 
@@ -100,9 +100,9 @@ def test_reader_pickles_as_its_directory(wordnet):
 
 
 def test_missing_or_corrupt_database_is_a_user_error(tmp_path):
+    directory = write_wordnet(tmp_path / "partial")
+    (directory / "data.adv").unlink()
     with pytest.raises(UserError, match="data.adv"):
-        directory = write_wordnet(tmp_path / "partial")
-        (directory / "data.adv").unlink()
         WordNet(directory)
     directory = write_wordnet(tmp_path / "corrupt")
     (directory / "data.noun").write_text(HEADER + "nonsense\n")

@@ -10,8 +10,11 @@ class Progress:
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                          file=sys.stdout, disable=not enabled, mininterval=1.0)
 
-    def update(self, loss: float) -> None:
+    def show(self, loss: float) -> None:
+        """The latest logged loss (mean since the previous log), shown beside the bar."""
         self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def update(self) -> None:
         self._bar.update(1)
 
     def write(self, line: str) -> None:

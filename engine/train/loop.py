@@ -25,12 +25,14 @@ class Cadence:
     checkpoint_every: int
 
 
-def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
-    if dist.world_size() == 1:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
-    torch_dist.all_reduce(t)
-    return dict(zip(values, (t / dist.world_size()).tolist()))
+def _mean_across_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One all-reduce for all terms, on the tensors' own device (NCCL takes only GPU tensors),
+    and one host sync for the lot."""
+    stacked = torch.stack([v.float() for v in values.values()])
+    if dist.world_size() > 1:
+        torch_dist.all_reduce(stacked)
+        stacked /= dist.world_size()
+    return dict(zip(values, stacked.tolist()))
 
 
 def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.device,
@@ -39,12 +41,13 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
     """Run optimizer steps start_step .. cadence.stop_step - 1; return the last eval metrics."""
     batches = iter(loader)
     timer = StepTimer()
-    interval: dict[str, float] = {}  # loss terms summed over the steps since the last log
+    # Loss terms stay on the device between logs: reading a value (.item()) would make the
+    # host wait for the GPU every micro-batch.
+    interval: dict[str, torch.Tensor] = {}
     interval_steps = 0
     metrics: dict[str, float] = {}
     for step in range(start_step, cadence.stop_step):
         done = step + 1
-        step_loss = 0.0
         for _ in range(cadence.grad_accum):
             with timer.waiting_for_data():
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
@@ -52,18 +55,19 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
             engine.backward(losses["loss"])  # DeepSpeed divides by grad_accum itself
             engine.step()                    # steps the optimizer at the accumulation boundary
             for name, value in losses.items():
-                interval[name] = interval.get(name, 0.0) + value.item() / cadence.grad_accum
-            step_loss += losses["loss"].item() / cadence.grad_accum
+                share = value.detach() / cadence.grad_accum
+                interval[name] = interval[name] + share if name in interval else share
         interval_steps += 1
         timer.step_done(samples=batch["text"].shape[0] * cadence.grad_accum * dist.world_size())
-        progress.update(step_loss)
 
         if done % cadence.log_every == 0 or done == cadence.stop_step:
             logged = _mean_across_ranks({k: v / interval_steps for k, v in interval.items()})
             logged.update(lr=engine.get_lr()[0], **timer.read_and_reset(), **memory_gb())
             writer.write(done, logged)
+            progress.show(loss=logged["loss"])
             interval.clear()
             interval_steps = 0
+        progress.update()
 
         evaluating = done % cadence.eval_every == 0 or done == cadence.total_steps
         saving = done % cadence.checkpoint_every == 0 or done == cadence.stop_step

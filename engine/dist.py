@@ -1,5 +1,6 @@
 """Rank/world discovery and the one collective the objectives need: all-gather with gradient."""
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -71,10 +72,14 @@ def fill_launcher_env() -> None:
         if env["WORLD_SIZE"] != "1":
             raise RuntimeError("MASTER_PORT is not set: start several ranks with the deepspeed "
                                "launcher, torchrun or srun, which set it")
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            env["MASTER_PORT"] = str(s.getsockname()[1])
+        env["MASTER_PORT"] = str(free_port())
+
+
+def free_port() -> int:
+    """A TCP port on this host that nothing listens on now (for a single-host rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def broadcast_from_rank0(value):

@@ -148,6 +148,13 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
         if is_main:
             print(f"resuming from step {start_step} ({checkpoint_dir / checkpoint.latest_tag(checkpoint_dir)})")
 
+    stop_step = min(stop_at_step or plan.total_steps, plan.total_steps)
+    if start_step >= stop_step:
+        if is_main:
+            print(f"{run_dir} is already at step {start_step} of {plan.total_steps}: nothing to do "
+                  "(its numbers are in metrics.jsonl; choose a new --out to train again)")
+        return {}
+
     eval_set = load_eval_set(prepared.eval_data, plan.image_size) if prepared.eval_data else None
 
     def evaluator() -> dict[str, float]:
@@ -155,12 +162,6 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
             return {}
         return evaluate(engine.module.model, eval_set, tokenizer, engine.device)
 
-    stop_step = min(stop_at_step or plan.total_steps, plan.total_steps)
-    if start_step >= stop_step:
-        if is_main:
-            print(f"{run_dir} is already at step {start_step} of {plan.total_steps}: nothing to do "
-                  "(its numbers are in metrics.jsonl; choose a new --out to train again)")
-        return {}
     cadence = Cadence(total_steps=plan.total_steps, stop_step=stop_step, grad_accum=plan.grad_accum,
                       log_every=plan.log_every, eval_every=plan.eval_every,
                       checkpoint_every=plan.checkpoint_every)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from engine.dist import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "launchers" / "pretrain.py"
 
@@ -14,16 +16,10 @@ def launch(args, env, ranks=None, timeout=600) -> subprocess.CompletedProcess:
     if ranks is None:
         cmd = [sys.executable, str(LAUNCHER), *args]
     else:
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()),
                str(LAUNCHER), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

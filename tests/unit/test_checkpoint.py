@@ -1,15 +1,11 @@
 """A crash in the middle of a save leaves `latest` on the previous complete checkpoint."""
 import os
-import socket
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from engine.dist import free_port
 
 
 def _train_step(engine):
@@ -32,7 +28,6 @@ def _worker(_, port, ckpt_dir, out):
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1),
         config={"train_batch_size": 4, "zero_optimization": {"stage": 1}, "steps_per_print": 10**9})
-    from pathlib import Path
     ckpt_dir = Path(ckpt_dir)
 
     _train_step(engine)
@@ -69,7 +64,7 @@ def _worker(_, port, ckpt_dir, out):
 
 def test_crash_mid_save_keeps_the_previous_checkpoint_and_old_ones_are_pruned(tmp_path):
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path / "ckpt"), out), nprocs=1)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path / "ckpt"), out), nprocs=1)
     assert out["crashed"]
     assert out["latest_after_crash"] == "step00000001"
     assert out["restored"] == (1, {"position": 1}, True)

@@ -1,7 +1,6 @@
 """The contrastive loss reference, and gather-with-grad: 2 gloo ranks == one process."""
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from engine import dist
+from engine.dist import free_port
 from kernels import contrastive_loss, contrastive_loss_local
 
 
@@ -48,11 +48,6 @@ def test_perfect_alignment_goes_to_zero():
     assert contrastive_loss(a, a, torch.tensor(100.0, dtype=torch.float64)).item() < 1e-6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _rank_worker(rank, world, port, a_full, b_full, scale_value, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -80,7 +75,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_global_batch():
     scale_value = 9.0
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_rank_worker, args=(world, _free_port(), a_full, b_full, scale_value, out), nprocs=world)
+    mp.spawn(_rank_worker, args=(world, free_port(), a_full, b_full, scale_value, out), nprocs=world)
 
     a, b = a_full.clone().requires_grad_(), b_full.clone().requires_grad_()
     scale = torch.tensor(scale_value, dtype=a.dtype, requires_grad=True)

@@ -1,13 +1,18 @@
 """Named model presets: the architecture numbers of each tower pair, as code.
 
 A preset says which timm image tower to build (from config, never downloaded), how its
-features reach the shared embedding, and the shape of the CLIP text transformer.
+features reach the shared embedding, and the shape of the text transformer.
 Any other timm model name works too: it gets CLIP's base text tower and a linear projection.
+
+`for_method` adapts a preset to an objective: DeCLIP adds the MLM mask token to the
+vocabulary; CLIP-Lite swaps in its own towers (torchvision-style ResNet-50 features, a BERT
+text tower) and its critic's projection blocks.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import timm
 
+from engine.data.mlm import VOCAB_WITH_MASK
 from engine.errors import UserError
 
 
@@ -22,10 +27,15 @@ class ModelPreset:
     text_heads: int
     image_kwargs: dict = field(default_factory=dict)  # passed to timm.create_model
     # "attention_pool": the tower's own head projects to embed_dim (CLIP's ModifiedResNet);
-    # "linear": pooled features -> bias-free Linear(features, embed_dim) (CLIP's ViT `proj`).
+    # "linear": pooled features -> bias-free Linear(features, embed_dim) (CLIP's ViT `proj`);
+    # "critic": CLIP-Lite's projection block (engine/models/heads.py), embed_dim wide.
     image_projection: str = "linear"
+    # "clip": causal transformer pooled at the end-of-text token, with CLIP's linear projection;
+    # "bert": bidirectional transformer pooled at the first ([CLS]) position, critic projection.
+    text_tower: str = "clip"
     context_length: int = 77
     vocab_size: int = 49408          # CLIP BPE
+    logit_scale_max: float | None = 100.0  # CLIP clamps exp(t) at 100; CLIP-Lite does not clamp
 
 
 # CLIP's published shapes (Radford et al. 2021, table 19 / open_clip model configs).
@@ -52,6 +62,33 @@ PRESETS = {
         **_CLIP_TEXT_BASE,
     ),
 }
+
+
+# CLIP-Lite (Shrivastava et al. 2023): critic projection blocks 2048 wide; BERT-base text tower
+# (768 wide, 12 heads, 12 layers by default; the paper ablates 2/4/6/12); captions cut to 30
+# tokens (+ start and end). For `rn50` the image features are a plain ResNet-50's pooled 2048-d
+# output (torchvision layout, no fc), not CLIP's attention-pooled ModifiedResNet.
+_CLIP_LITE_TEXT = dict(text_tower="bert", text_width=768, text_heads=12, text_layers=12,
+                       context_length=32, embed_dim=2048, logit_scale_max=None)
+# The debug critic keeps every component, only narrower.
+_CLIP_LITE_DEBUG_TEXT = dict(text_tower="bert", text_width=64, text_heads=2, text_layers=2,
+                             context_length=32, embed_dim=128, logit_scale_max=None)
+CLIP_LITE_IMAGE_TOWER = {"rn50": "resnet50"}
+
+
+def for_method(preset: ModelPreset, method: str, text_layers: int | None = None) -> ModelPreset:
+    """The preset as `method` builds it; `text_layers` overrides the text tower's depth."""
+    if method == "declip":
+        preset = replace(preset, vocab_size=VOCAB_WITH_MASK)
+    elif method == "clip-lite":
+        text = _CLIP_LITE_DEBUG_TEXT if preset.name == "debug" else _CLIP_LITE_TEXT
+        preset = replace(preset, image_tower=CLIP_LITE_IMAGE_TOWER.get(preset.name, preset.image_tower),
+                         image_projection="critic", **text)
+    if text_layers is not None:
+        if text_layers < 1:
+            raise UserError(f"--text-layers {text_layers}: give a positive number of layers")
+        preset = replace(preset, text_layers=text_layers)
+    return preset
 
 
 def get_preset(name: str) -> ModelPreset:

@@ -1,10 +1,24 @@
-"""Image and text towers, each ending in the shared embedding width. Built from config only."""
+"""Image and text towers, each ending in the shared embedding width. Built from config only.
+
+Each tower returns a `TowerOutput`: the embedding (not yet normalised), the tower's own
+pooled features before the projection (CLIP-Lite's prior discriminators read them), and for
+text the per-token states (DeCLIP's MLM head reads them).
+"""
+from typing import NamedTuple
+
 import timm
 import torch
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection
 
+from engine.models.heads import CriticProjection
 from engine.models.presets import ModelPreset
+
+
+class TowerOutput(NamedTuple):
+    embedding: torch.Tensor                  # [B, embed_dim], unnormalised
+    features: torch.Tensor                   # [B, tower width], pooled, before the projection
+    token_states: torch.Tensor | None = None  # [B, L, text width] (text towers only)
 
 
 class ImageTower(nn.Module):
@@ -20,12 +34,16 @@ class ImageTower(nn.Module):
         else:
             self.trunk = timm.create_model(preset.image_tower, pretrained=False, num_classes=0,
                                            **preset.image_kwargs)
-            # Bias-free, as CLIP's ViT `proj`.
-            self.proj = nn.Linear(self.trunk.num_features, preset.embed_dim, bias=False)
+            if preset.image_projection == "critic":
+                self.proj = CriticProjection(self.trunk.num_features, preset.embed_dim)
+            else:
+                # Bias-free, as CLIP's ViT `proj`.
+                self.proj = nn.Linear(self.trunk.num_features, preset.embed_dim, bias=False)
         self.feature_dim = self.trunk.num_features
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.trunk(images))
+    def forward(self, images: torch.Tensor) -> TowerOutput:
+        features = self.trunk(images)
+        return TowerOutput(self.proj(features), features)
 
 
 def clip_text_config(preset: ModelPreset, eot_id: int, sot_id: int) -> CLIPTextConfig:
@@ -40,14 +58,48 @@ def clip_text_config(preset: ModelPreset, eot_id: int, sot_id: int) -> CLIPTextC
     )
 
 
+def bert_text_config(preset: ModelPreset) -> BertConfig:
+    """BERT's architecture at the preset's size, over CLIP's BPE vocabulary (no download)."""
+    return BertConfig(
+        vocab_size=preset.vocab_size, hidden_size=preset.text_width,
+        num_hidden_layers=preset.text_layers, num_attention_heads=preset.text_heads,
+        intermediate_size=4 * preset.text_width, max_position_embeddings=preset.context_length,
+        type_vocab_size=1, pad_token_id=0)
+
+
 class TextTower(nn.Module):
-    """Token ids [B, L] -> embeddings [B, embed_dim] (and per-token states for token-level heads)."""
+    """Token ids [B, L] -> TowerOutput. Rows are framed by ClipTokenizer: start token, caption,
+    end token, zero padding."""
 
     def __init__(self, preset: ModelPreset, eot_id: int, sot_id: int):
         super().__init__()
-        self.transformer = CLIPTextModelWithProjection(clip_text_config(preset, eot_id, sot_id))
+        self.kind = preset.text_tower
+        self.eot_id = eot_id
+        if self.kind == "clip":
+            self.transformer = CLIPTextModelWithProjection(clip_text_config(preset, eot_id, sot_id))
+        elif self.kind == "bert":
+            self.transformer = BertModel(bert_text_config(preset), add_pooling_layer=True)
+            self.proj = CriticProjection(preset.text_width, preset.embed_dim)
+        else:
+            raise ValueError(f"unknown text tower {self.kind!r}")
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        # No padding mask: attention is causal and pooling reads the end-of-text position,
-        # so the zero padding after it cannot reach the pooled output (as in CLIP).
-        return self.transformer(input_ids=tokens).text_embeds
+    def forward(self, tokens: torch.Tensor) -> TowerOutput:
+        if self.kind == "clip":
+            # No padding mask: attention is causal and pooling reads the end-of-text position,
+            # so the zero padding after it cannot reach the pooled output (as in CLIP).
+            out = self.transformer(input_ids=tokens, output_hidden_states=False)
+            hidden = out.last_hidden_state
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device),
+                            self._eot_position(tokens)]
+            return TowerOutput(out.text_embeds, pooled, hidden)
+        # Bidirectional: padding must be masked out. Id 0 is a real BPE token ("!"), so the
+        # padding is found by position (after the end-of-text token), not by id.
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        attention_mask = (positions[None, :] <= self._eot_position(tokens)[:, None]).long()
+        out = self.transformer(input_ids=tokens, attention_mask=attention_mask)
+        # BERT's pooler reads the first position: the start token plays [CLS].
+        return TowerOutput(self.proj(out.pooler_output), out.pooler_output, out.last_hidden_state)
+
+    def _eot_position(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Index of the first end-of-text token of each row (the tokenizer always writes one)."""
+        return (tokens == self.eot_id).int().argmax(dim=-1)

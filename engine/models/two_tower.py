@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.presets import ModelPreset
-from engine.models.towers import ImageTower, TextTower
+from engine.models.towers import ImageTower, TextTower, TowerOutput
 
 # CLIP: logit scale s = exp(t), t initialised to ln(1/0.07), s clamped at 100.
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -14,17 +14,19 @@ LOGIT_SCALE_MAX = 100.0
 
 
 class LogitScale(nn.Module):
-    """s = exp(t), clamped at 100. A module of its own so that ZeRO-3, which materialises a
+    """s = exp(t), clamped at `max_scale` (CLIP: 100; None: unclamped, as CLIP-Lite). A module of its own so that ZeRO-3, which materialises a
     module's parameters only while its forward runs, gathers `t` whenever it is read.
     `t` is stored with shape [1], not as a 0-dim tensor: DeepSpeed's initial parameter
     broadcast reinterprets each parameter's bytes, which a 0-dim tensor does not allow."""
 
-    def __init__(self):
+    def __init__(self, max_scale: float | None = LOGIT_SCALE_MAX):
         super().__init__()
         self.log_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
+        self.max_scale = max_scale
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=LOGIT_SCALE_MAX)[0]
+        scale = self.log_scale.exp()
+        return (scale if self.max_scale is None else scale.clamp(max=self.max_scale))[0]
 
 
 class TwoTower(nn.Module):
@@ -32,15 +34,25 @@ class TwoTower(nn.Module):
         super().__init__()
         self.image = ImageTower(preset)
         self.text = TextTower(preset, eot_id, sot_id)
-        self.logit_scale = LogitScale()
+        self.logit_scale = LogitScale(preset.logit_scale_max)
+        self.text_width = preset.text_width
+        self.embed_dim = preset.embed_dim
+
+    def image_outputs(self, images: torch.Tensor) -> TowerOutput:
+        """Unnormalised embedding and pre-projection features, for objectives that need both."""
+        # Images arrive as fp32 from the loader; the towers may run in bf16/fp16 under DeepSpeed.
+        return self.image(images.to(self.logit_scale.log_scale.dtype))
+
+    def text_outputs(self, tokens: torch.Tensor) -> TowerOutput:
+        """Unnormalised embedding, pooled features and per-token states."""
+        return self.text(tokens)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        # Images arrive as fp32 from the loader; the towers may run in bf16/fp16 under DeepSpeed.
-        x = self.image(images.to(self.logit_scale.log_scale.dtype))
+        x = self.image_outputs(images).embedding
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        x = self.text(tokens)
+        x = self.text_outputs(tokens).embedding
         return F.normalize(x, dim=-1) if normalize else x
 
     def scale(self) -> torch.Tensor:

@@ -87,3 +87,60 @@ def test_schedule_warms_up_linearly_then_cosine_to_min():
     assert lr_at(110, **kw) == pytest.approx(0.1)
     values = [lr_at(s, **kw) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def _framed(rows, context):
+    out = torch.zeros(len(rows), context, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        out[i, :len(ids)] = torch.tensor(ids)
+    return out
+
+
+def test_declip_preset_adds_the_mask_token_to_the_vocabulary():
+    from engine.data.mlm import MASK_ID, VOCAB_WITH_MASK
+    from engine.models.presets import for_method
+
+    preset = for_method(get_preset("debug"), "declip")
+    assert preset.vocab_size == VOCAB_WITH_MASK
+    model = TwoTower(preset, EOT, SOT).eval()
+    out = model.text_outputs(_framed([[SOT, MASK_ID, 320, EOT]], 77))
+    assert out.token_states.shape == (1, 77, preset.text_width)
+    # The pooled features are the token state at the end-of-text position.
+    assert torch.equal(out.features[0], out.token_states[0, 3])
+
+
+def test_clip_lite_towers_bert_cls_pooling_critic_projections_unclamped_scale():
+    from engine.models.presets import for_method
+
+    preset = for_method(get_preset("debug"), "clip-lite", text_layers=3)
+    assert (preset.text_tower, preset.image_projection, preset.text_layers) == ("bert", "critic", 3)
+    assert for_method(get_preset("rn50"), "clip-lite").image_tower == "resnet50"
+    torch.manual_seed(0)
+    model = TwoTower(preset, EOT, SOT).eval()
+    assert len(model.text.transformer.encoder.layer) == 3
+    base = _framed([[SOT, 320, 1125, EOT], [SOT, 539, EOT]], preset.context_length)
+    padded = base.clone()
+    padded[0, 4:], padded[1, 3:] = 777, 888  # after the end token: masked out of attention
+    changed = base.clone()
+    changed[0, 2] = 999                       # bidirectional: any real token changes [CLS]
+    with torch.no_grad():
+        a, b, c = (model.text_outputs(t) for t in (base, padded, changed))
+        image = model.image_outputs(torch.randn(2, 3, 32, 32))
+    assert torch.allclose(a.embedding, b.embedding, atol=1e-5)
+    assert not torch.allclose(a.embedding[0], c.embedding[0], atol=1e-4)
+    assert a.embedding.shape == image.embedding.shape == (2, preset.embed_dim)
+    assert image.features.shape == (2, model.image.feature_dim)
+    with torch.no_grad():
+        model.logit_scale.log_scale.fill_(10.0)
+    assert model.scale().item() == pytest.approx(math.exp(10.0), rel=1e-5)
+
+
+def test_critic_projection_starts_as_a_noisy_identity():
+    from engine.models.heads import CriticProjection
+
+    block = CriticProjection(16, 32)
+    w = block.shortcut.weight
+    assert torch.equal(w[range(16), range(16)], torch.ones(16))
+    off_diagonal = w.clone()
+    off_diagonal[range(16), range(16)] = 0
+    assert off_diagonal.abs().max() <= 0.01 and off_diagonal.abs().max() > 0

@@ -1,0 +1,199 @@
+"""DeCLIP's objective (Li et al., ICLR 2022, "Supervision Exists Everywhere").
+
+Each sample comes as two image views (MoCo-v2 augmentations) and two text views (the
+MLM-masked caption and an EDA copy). Four named terms, weighted as the reference's YFCC15M
+configs (clip 0.4, simsiam 0.2, mlm 0.2, nn 0.2):
+
+  clip     symmetric InfoNCE over the four (image view, text view) pairs, averaged; each
+           rank's rows against the columns gathered with gradient from every rank.
+  simsiam  SimSiam between the two image views, on the unnormalised image embedding
+           (after the tower's projection).
+  mlm      cross-entropy of a linear head over the masked positions' text-tower states.
+  nn       each image view against the nearest neighbours of each text view in a FIFO queue
+           of past text embeddings; image-anchored, neighbours gathered from every rank.
+
+All four are computed in fp32 whatever precision the towers and heads run in.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import dist
+from engine.data.mlm import IGNORE_INDEX, MASK_ID
+from engine.errors import UserError
+from engine.models.two_tower import TwoTower
+from kernels import contrastive_loss_local, nearest_neighbors
+
+# The reference's SimSiam widths, fixed whatever the embedding width.
+PROJECTOR_WIDTH = 1024
+PREDICTOR_HIDDEN = 512
+
+
+def simsiam_projector(in_dim: int) -> nn.Sequential:
+    """Linear-BN-ReLU-Linear-BN-ReLU-Linear-BN, as SimSiam's projector (output BN, no ReLU)."""
+    w = PROJECTOR_WIDTH
+    return nn.Sequential(
+        nn.Linear(in_dim, w), nn.BatchNorm1d(w), nn.ReLU(),
+        nn.Linear(w, w), nn.BatchNorm1d(w), nn.ReLU(),
+        nn.Linear(w, w), nn.BatchNorm1d(w),
+    )
+
+
+def simsiam_predictor() -> nn.Sequential:
+    """Linear-BN-ReLU-Linear: a bottleneck without BN on its output (SimSiam found that unstable)."""
+    return nn.Sequential(
+        nn.Linear(PROJECTOR_WIDTH, PREDICTOR_HIDDEN), nn.BatchNorm1d(PREDICTOR_HIDDEN), nn.ReLU(),
+        nn.Linear(PREDICTOR_HIDDEN, PROJECTOR_WIDTH),
+    )
+
+
+def _negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """-mean cos(p, stopgrad(z)): the stop-gradient is what keeps SimSiam from collapsing."""
+    return -F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()
+
+
+class DeclipObjective(nn.Module):
+    """Owns DeCLIP's heads (SimSiam projector and predictor, MLM head) and the NN queue.
+
+    The queue is deliberately neither a parameter nor a registered buffer: DeepSpeed would cast
+    it to bf16 with the module, and the loop averages floating buffers over ranks before
+    evaluation and checkpoints, which would mix per-rank queues. It is a plain fp32 tensor,
+    created on the embeddings' device at the first forward and saved through `rank_state`.
+    """
+
+    # What the loader must yield.
+    image_views = 2
+    augment = "moco_v2"
+    text_aug = True
+    mlm = True
+    strip_punctuation = False  # captions as they are: the CLIP tokenizer cleans text itself
+    weights = {"clip": 0.4, "simsiam": 0.2, "mlm": 0.2, "nn": 0.2}
+
+    def __init__(self, model: TwoTower, *, queue_size: int, enqueue: str = "global", seed: int = 0):
+        super().__init__()
+        if enqueue not in ("global", "rank"):
+            raise ValueError(f"enqueue must be 'global' or 'rank', got {enqueue!r}")
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be positive, got {queue_size}")
+        # The embedding table's row count; reading the module attribute (not its weight) is
+        # safe under ZeRO-3, where the weight may be partitioned away.
+        vocab_size = model.text.transformer.get_input_embeddings().num_embeddings
+        if vocab_size <= MASK_ID:
+            raise UserError(f"DeCLIP's text tower needs the mask token (id {MASK_ID}) in its "
+                            f"vocabulary, but it has {vocab_size} ids: build the model from "
+                            "engine.models.presets.for_method(preset, 'declip')")
+        self.projector = simsiam_projector(model.embed_dim)
+        self.predictor = simsiam_predictor()
+        # Reads the final layer-normed token states, as the reference's text_label_predictor.
+        self.mlm_head = nn.Linear(model.text_width, vocab_size)
+        self.queue_size = queue_size
+        self.enqueue = enqueue
+        self.seed = seed
+        self.embed_dim = model.embed_dim
+        self.queue: torch.Tensor | None = None  # [queue_size, embed_dim], fp32, unit rows
+        self.pointer = 0                        # the slot the next enqueued row goes to
+
+    def forward(self, model: TwoTower, batch: dict) -> dict[str, torch.Tensor]:
+        # Each view through its tower on its own, as the reference: BatchNorm in an image tower
+        # then normalises each view's batch separately.
+        view1 = model.image_outputs(batch["image"]).embedding
+        view2 = model.image_outputs(batch["image2"]).embedding
+        caption = model.text_outputs(batch["text"])
+        text_aug = model.text_outputs(batch["text_aug"]).embedding
+        scale = model.scale().float()
+
+        simsiam = self._simsiam(view1, view2)
+        mlm = self._mlm(caption.token_states, batch["mlm_labels"])
+
+        images = [F.normalize(v.float(), dim=-1) for v in (view1, view2)]
+        texts = [F.normalize(t.float(), dim=-1) for t in (caption.embedding, text_aug)]
+        images_all = [dist.all_gather_with_grad(x) for x in images]
+        texts_all = [dist.all_gather_with_grad(x) for x in texts]
+        offset = dist.rank() * images[0].shape[0]
+        clip = sum(contrastive_loss_local(image, text, image_all, text_all, offset, scale)
+                   for image, image_all in zip(images, images_all)
+                   for text, text_all in zip(texts, texts_all)) / 4
+        nn_loss = self._nearest_neighbour(images, texts, texts_all, offset, scale)
+        return {"clip": clip, "simsiam": simsiam, "mlm": mlm, "nn": nn_loss}
+
+    def _simsiam(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+        # One view per call (as the reference), so the heads' BatchNorm statistics are each
+        # view's, and only this rank's: the reference uses plain, unsynchronised BatchNorm.
+        z1, z2 = self.projector(view1), self.projector(view2)
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        return (_negative_cosine(p1, z2) + _negative_cosine(p2, z1)) / 2
+
+    def _mlm(self, token_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        chosen = labels != IGNORE_INDEX
+        # The vocabulary-wide head sees only the chosen positions (about 15% of the tokens).
+        # It runs even when none is chosen: under ZeRO-3 its forward gathers its weight, a
+        # collective every rank must join.
+        logits = self.mlm_head(token_states[chosen]).float()
+        # Sum / max(count, 1) rather than a mean: a batch with no chosen position gives 0 with
+        # a graph (the mean of nothing is NaN). Averaged over this rank's positions only, as
+        # the reference.
+        return F.cross_entropy(logits, labels[chosen], reduction="sum") / chosen.sum().clamp(min=1)
+
+    def _nearest_neighbour(self, images: list[torch.Tensor], texts: list[torch.Tensor],
+                           texts_all: list[torch.Tensor], offset: int,
+                           scale: torch.Tensor) -> torch.Tensor:
+        queue = self._queue_on(texts[0].device)
+        labels = torch.arange(images[0].shape[0], device=images[0].device) + offset
+        loss = 0.0
+        for text in texts:
+            # Both lookups see the queue as it was before this step's enqueue. Indexing copies
+            # the rows, so the enqueue below cannot change these targets.
+            _, index = nearest_neighbors(text.detach(), queue, k=1)
+            neighbours = queue[index[:, 0]]
+            # Targets are detached: the gather only collects every rank's columns, its backward
+            # never runs. Local image rows against all ranks' neighbours, as the reference.
+            neighbours_all = dist.all_gather_with_grad(neighbours)
+            for image in images:
+                loss = loss + F.cross_entropy(scale * image @ neighbours_all.T, labels)
+        if self.training:
+            self._enqueue(texts, texts_all)
+        return loss / 4
+
+    @torch.no_grad()
+    def _enqueue(self, texts: list[torch.Tensor], texts_all: list[torch.Tensor]) -> None:
+        # The reference's order: the EDA view first, then the caption. "global": every rank
+        # pushes the whole gathered batch in rank order, so all queues stay identical and equal
+        # a single process's on the global batch; "rank": own rows only, as the reference.
+        caption, text_aug = texts_all if self.enqueue == "global" else texts
+        self._push(torch.cat([text_aug, caption]).detach())
+
+    def _push(self, rows: torch.Tensor) -> None:
+        """FIFO with wrap-around: rows go to consecutive slots from the pointer, modulo the size."""
+        count = rows.shape[0]
+        # A push longer than the queue leaves only its newest rows, as row-by-row pushes would.
+        rows = rows[-self.queue_size:]
+        start = self.pointer + count - rows.shape[0]
+        slots = (start + torch.arange(rows.shape[0], device=self.queue.device)) % self.queue_size
+        self.queue[slots] = rows.to(self.queue.dtype)
+        self.pointer = (self.pointer + count) % self.queue_size
+
+    def _queue_on(self, device: torch.device) -> torch.Tensor:
+        if self.queue is None:
+            # Random unit vectors, as the reference, but drawn from `seed` on the CPU so every
+            # rank (and every device type) starts from the same queue.
+            generator = torch.Generator().manual_seed(self.seed)
+            self.queue = F.normalize(torch.randn(self.queue_size, self.embed_dim,
+                                                 generator=generator), dim=-1)
+        if self.queue.device != device:
+            self.queue = self.queue.to(device)
+        return self.queue
+
+    def rank_state(self) -> dict:
+        """This rank's queue (a CPU copy) and pointer, for the per-rank checkpoint file."""
+        queue = self._queue_on(self.queue.device if self.queue is not None else torch.device("cpu"))
+        return {"queue": queue.detach().to("cpu", copy=True), "pointer": self.pointer}
+
+    def load_rank_state(self, state: dict) -> None:
+        queue = state["queue"]
+        if tuple(queue.shape) != (self.queue_size, self.embed_dim):
+            raise UserError(f"the checkpoint's DeCLIP queue is {tuple(queue.shape)} but this run's is "
+                            f"({self.queue_size}, {self.embed_dim}): resume with the same model "
+                            "and the same data (the queue size is capped by the dataset size)")
+        # Kept where it was loaded; the next forward moves it to the embeddings' device.
+        self.queue = queue.detach().float().clone()
+        self.pointer = int(state["pointer"])

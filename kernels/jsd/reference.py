@@ -6,13 +6,10 @@ import torch
 import torch.nn.functional as F
 
 
-def jsd_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, shift: int = 1) -> torch.Tensor:
-    """mean_i softplus(-scale <a_i, b_i>) + mean_i softplus(scale <a_i, b_{(i+shift) mod N}>).
+def check_inputs(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, shift: int) -> torch.dtype:
+    """Raise ValueError where the loss is undefined; return the dtype every path computes in.
 
-    a, b:  [N, D] L2-normalised embeddings (row i of a matches row i of b), any float dtype.
-    scale: 0-dim critic scale (exp of the learnable temperature).
-    Computed in float32, or float64 when an input is float64, so half-precision features
-    do not lose the small softplus tails; gradients flow to a, b and scale.
+    Shared by all backends so they reject the same inputs and promote the same way.
     """
     if a.dim() != 2 or a.shape != b.shape:
         raise ValueError(f"a and b must be [N, D] of the same shape; "
@@ -25,7 +22,18 @@ def jsd_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, shift: int =
     if scale.dim() != 0:
         raise ValueError(f"scale must be a 0-dim tensor; got shape {tuple(scale.shape)}")
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), scale.dtype)
-    dtype = torch.promote_types(dtype, torch.float32)
+    return torch.promote_types(dtype, torch.float32)
+
+
+def jsd_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, shift: int = 1) -> torch.Tensor:
+    """mean_i softplus(-scale <a_i, b_i>) + mean_i softplus(scale <a_i, b_{(i+shift) mod N}>).
+
+    a, b:  [N, D] L2-normalised embeddings (row i of a matches row i of b), any float dtype.
+    scale: 0-dim critic scale (exp of the learnable temperature).
+    Computed in float32, or float64 when an input is float64, so half-precision features
+    do not lose the small softplus tails; gradients flow to a, b and scale.
+    """
+    dtype = check_inputs(a, b, scale, shift)
     a, b, scale = a.to(dtype), b.to(dtype), scale.to(dtype)
     positive = scale * (a * b).sum(dim=-1)
     # roll by -shift puts b_{(i+shift) mod N} in row i.

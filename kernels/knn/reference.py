@@ -1,8 +1,21 @@
 """Top-k cosine neighbours in plain PyTorch: the truth for DeCLIP's nearest-neighbour supervision.
 
-Stores the full [N, Q] similarity matrix; the fast paths will stream the bank instead.
+Stores the full [N, Q] similarity matrix; the fast paths (chunked.py, triton.py) stream the bank.
 """
 import torch
+
+
+def check_inputs(q: torch.Tensor, bank: torch.Tensor, k: int) -> torch.dtype:
+    """Raise ValueError for shapes or k the search is undefined on; return the dtype to compute in.
+
+    Shared by all backends so they reject the same inputs and promote the same way.
+    """
+    if q.dim() != 2 or bank.dim() != 2 or q.shape[1] != bank.shape[1]:
+        raise ValueError(f"q must be [N, D] and bank [Q, D] with the same D; "
+                         f"got {tuple(q.shape)}, {tuple(bank.shape)}")
+    if not isinstance(k, int) or not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"k must be in [1, Q={bank.shape[0]}]; got k={k}")
+    return torch.promote_types(torch.promote_types(q.dtype, bank.dtype), torch.float32)
 
 
 @torch.no_grad()
@@ -17,12 +30,7 @@ def nearest_neighbors(q: torch.Tensor, bank: torch.Tensor,
     Similarities are computed in float32 (float64 for float64 inputs) so a half-precision
     bank ranks exactly as its float32 copy would.
     """
-    if q.dim() != 2 or bank.dim() != 2 or q.shape[1] != bank.shape[1]:
-        raise ValueError(f"q must be [N, D] and bank [Q, D] with the same D; "
-                         f"got {tuple(q.shape)}, {tuple(bank.shape)}")
-    if not isinstance(k, int) or not 1 <= k <= bank.shape[0]:
-        raise ValueError(f"k must be in [1, Q={bank.shape[0]}]; got k={k}")
-    dtype = torch.promote_types(torch.promote_types(q.dtype, bank.dtype), torch.float32)
+    dtype = check_inputs(q, bank, k)
     sims = q.to(dtype) @ bank.to(dtype).T
     # torch.topk does not specify the order of equal values; a stable descending sort keeps
     # equal similarities in their original (ascending index) order, so ties go to the lower index.

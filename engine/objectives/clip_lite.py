@@ -1,0 +1,126 @@
+"""CLIP-Lite's objective (Shrivastava et al., AISTATS 2023): a Jensen-Shannon lower bound on
+image-text mutual information, with one negative per positive, plus prior matching.
+
+    T(x, y) = scale * <normalize(g_I(x)), normalize(g_T(y))>       (g: the critic projections)
+    jsd     = mean_i softplus(-T(x_i, y_i)) + mean_i softplus(T(x_i, y_{(i+1) mod B}))
+    prior   = sum over modalities of -(mean log D(u) + mean log(1 - D(h))),  u ~ U[0, 1)^dim(h)
+    loss    = 0.9 * jsd + 0.1 * prior
+
+The critic's projections and temperature belong to the model (zero-shot evaluation compares
+in the critic's space); the prior discriminators D, used only by this loss, live here.
+Deviations from the reference (4m4n5/CLIP-Lite) are listed in docs/METHODS.md.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import dist
+from engine.models.two_tower import TwoTower
+from engine.objectives.base import Objective
+from kernels import jsd_loss
+
+# The reference's weighting: (1 - prior_weight) * jsd + prior_weight * prior (config.py).
+PRIOR_WEIGHT = 0.1
+NEGATIVES = ("local", "global")
+PRIORS = ("cooperative", "adversarial", "off")
+
+
+class PriorDiscriminator(nn.Module):
+    """D = Linear(in, 1000)-ReLU-Linear(1000, 200)-ReLU-Linear(200, 1), as in the reference's
+    `PriorDiscriminator`, returning the logit: the sigmoid is folded into the loss, where
+    log-sigmoid stays finite once D is confident."""
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(in_features, 1000), nn.ReLU(),
+                                    nn.Linear(1000, 200), nn.ReLU(), nn.Linear(200, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x).squeeze(-1)
+
+
+def prior_loss(prior_logits: torch.Tensor, feature_logits: torch.Tensor) -> torch.Tensor:
+    """-(mean log D(u) + mean log(1 - D(h))) from D's logits, in float32.
+
+    log(1 - sigmoid(z)) = logsigmoid(-z): exact, and finite where 1 - sigmoid(z) rounds to 0.
+    """
+    log_d_prior = F.logsigmoid(prior_logits.float())
+    log_one_minus_d_features = F.logsigmoid(-feature_logits.float())
+    return -(log_d_prior.mean() + log_one_minus_d_features.mean())
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward, negated gradient backward: what lies after it (D) minimises the loss,
+    what lies before it (the encoder) maximises it, within one backward pass and one optimiser."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
+
+
+class ClipLiteObjective(Objective):
+    """negatives: "local" rolls each rank's micro-batch (the reference); "global" rolls the
+    batch gathered from all ranks, so the loss does not depend on how many ranks there are.
+    prior: "cooperative" (the reference: one optimiser minimises the prior loss for encoder
+    and discriminator alike), "adversarial" (the encoder maximises it through a gradient
+    reversal, Deep InfoMax's intent) or "off".
+    text_prior: also match the text features to the prior (the reference's config default).
+    No per-rank state: the prior's uniform samples come from torch's RNG, which the engine
+    checkpoints per rank."""
+
+    augment = "clip_lite"
+    strip_punctuation = True  # the reference lower-cases captions and strips punctuation
+
+    def __init__(self, model: TwoTower, *, negatives: str = "local", prior: str = "cooperative",
+                 text_prior: bool = True):
+        super().__init__()
+        if negatives not in NEGATIVES:
+            raise ValueError(f"negatives={negatives!r}: use one of {', '.join(NEGATIVES)}")
+        if prior not in PRIORS:
+            raise ValueError(f"prior={prior!r}: use one of {', '.join(PRIORS)}")
+        self.negatives = negatives
+        self.prior_mode = prior
+        self.image_prior = PriorDiscriminator(model.image.feature_dim) if prior != "off" else None
+        self.text_prior = (PriorDiscriminator(model.text_width)
+                           if prior != "off" and text_prior else None)
+        self.weights = ({"jsd": 1.0} if prior == "off"
+                        else {"jsd": 1.0 - PRIOR_WEIGHT, "prior": PRIOR_WEIGHT})
+
+    def forward(self, model: TwoTower, batch: dict) -> dict[str, torch.Tensor]:
+        image = model.image_outputs(batch["image"])
+        text = model.text_outputs(batch["text"])
+        # fp32 whatever the towers run in: the critic's scale is unclamped.
+        a = F.normalize(image.embedding.float(), dim=-1)
+        b = F.normalize(text.embedding.float(), dim=-1)
+        if self.negatives == "global":
+            # Every rank computes the whole global batch's loss; the gather's backward sums the
+            # ranks' (identical) gradients for this rank's rows, and DeepSpeed's average over
+            # ranks divides that sum back: exactly the single-process gradient.
+            a, b = dist.all_gather_with_grad(a), dist.all_gather_with_grad(b)
+        terms = {"jsd": jsd_loss(a, b, model.scale().float(), shift=1)}
+        if self.prior_mode != "off":
+            terms["prior"] = self.prior(image.features, text.features)
+        return terms
+
+    def prior(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Sum of the enabled modalities' prior-matching losses on the towers' raw features."""
+        total = self._prior_term(self.image_prior, image_features)
+        if self.text_prior is not None:
+            total = total + self._prior_term(self.text_prior, text_features)
+        return total
+
+    def _prior_term(self, discriminator: PriorDiscriminator, features: torch.Tensor) -> torch.Tensor:
+        # Drawn in fp32 so the samples do not depend on the towers' precision, then cast to it
+        # (D runs in the same dtype as the towers under DeepSpeed).
+        uniform = torch.rand(features.shape, device=features.device, dtype=torch.float32)
+        if self.prior_mode == "adversarial":
+            features = _ReverseGradient.apply(features)
+        # One call on [u; h] rather than two: D has no batch-dependent layer, so the logits are
+        # the same, and ZeRO-3 gathers D's weights once.
+        logits = discriminator(torch.cat([uniform.to(features.dtype), features]))
+        n = uniform.shape[0]
+        return prior_loss(logits[:n], logits[n:])

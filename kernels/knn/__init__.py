@@ -18,8 +18,8 @@ from kernels import backend as _backend
 from kernels.knn import chunked, reference
 
 REFERENCE_MAX_SIMILARITIES = 1 << 20
-# Its running top-k lives in registers and is drained once per gain: beyond a few dozen
-# entries that costs more than the chunked path's topk.
+# The Triton kernel keeps each query's running top-k in registers (next power of two of k
+# slots) and drains a tile one entry per loop turn: sized for DeCLIP's k = 1 and small k.
 TRITON_MAX_K = 16
 _TRITON_MODULE = "kernels.knn.triton"
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

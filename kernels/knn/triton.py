@@ -15,9 +15,11 @@ segments' results ([S, N, k], a few KB) are merged with torch, which also sorts 
 Ties go to the lower bank index, as in the reference: within a tile the lowest index among
 equal values is taken first, a candidate must be strictly better than the worst entry
 (which always has a lower index when the values are equal), and the merge orders equal
-values by index. Similarities accumulate in float32; float32 inputs use IEEE products
-(not TF32, which would rank differently from the reference), half inputs multiply exactly
-in their tensor-core form. float64 is left to the other backends.
+values by index. Similarities accumulate in float32. Half inputs multiply exactly in their
+tensor-core form. float32 inputs (and mixed ones, which meet in float32 as the reference
+promotes them) use Triton's 3xTF32: tensor-core speed with products within a few float32
+ulps, where IEEE products ran at half cuBLAS's speed on an H100 and plain TF32 (10-bit
+mantissas) would rank differently from the reference. float64 is left to the other backends.
 """
 import contextlib
 
@@ -34,7 +36,7 @@ _DOT_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 @triton.jit
 def _similarity_tile(q_ptr, bank_ptr, rows, cols, N, Q, D,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT: tl.constexpr):
+                     DOT: tl.constexpr, PRECISION: tl.constexpr):
     """[BLOCK_M, BLOCK_N] float32 dot products; columns past Q are -inf so they never win."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     q_rows = rows.to(tl.int64) * D
@@ -46,7 +48,7 @@ def _similarity_tile(q_ptr, bank_ptr, rows, cols, N, Q, D,
         # Loaded transposed ([BLOCK_D, BLOCK_N]) so tl.dot reads it as the right-hand operand.
         y = tl.load(bank_ptr + bank_rows[None, :] + dims[:, None],
                     mask=(cols < Q)[None, :] & (dims < D)[:, None], other=0.0).to(DOT)
-        acc = tl.dot(x, y, acc, input_precision="ieee")
+        acc = tl.dot(x, y, acc, input_precision=PRECISION)
     return tl.where((cols < Q)[None, :], acc, float("-inf"))
 
 
@@ -61,7 +63,7 @@ def _best_in_tile(sims, cols):
 @triton.jit
 def _top1_kernel(q_ptr, bank_ptr, values_ptr, indices_ptr, N, Q, D, tiles_per_segment,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 DOT: tl.constexpr):
+                 DOT: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     segment = tl.program_id(1)
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -70,7 +72,7 @@ def _top1_kernel(q_ptr, bank_ptr, values_ptr, indices_ptr, N, Q, D, tiles_per_se
     for tile in range(first, tl.minimum(first + tiles_per_segment, tl.cdiv(Q, BLOCK_N))):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         sims = _similarity_tile(q_ptr, bank_ptr, rows, cols, N, Q, D,
-                                BLOCK_M, BLOCK_N, BLOCK_D, DOT)
+                                BLOCK_M, BLOCK_N, BLOCK_D, DOT, PRECISION)
         value, index = _best_in_tile(sims, cols)
         # Strictly better only: an equal value from this later tile has a higher index.
         better = value > best
@@ -94,7 +96,7 @@ def _worst_entry(kept, kept_index):
 def _topk_kernel(q_ptr, bank_ptr, values_ptr, indices_ptr, N, Q, D, tiles_per_segment,
                  K: tl.constexpr, KP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 DOT: tl.constexpr):
+                 DOT: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     segment = tl.program_id(1)
     slots = tl.arange(0, KP)
@@ -106,7 +108,7 @@ def _topk_kernel(q_ptr, bank_ptr, values_ptr, indices_ptr, N, Q, D, tiles_per_se
     for tile in range(first, tl.minimum(first + tiles_per_segment, tl.cdiv(Q, BLOCK_N))):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         sims = _similarity_tile(q_ptr, bank_ptr, rows, cols, N, Q, D,
-                                BLOCK_M, BLOCK_N, BLOCK_D, DOT)
+                                BLOCK_M, BLOCK_N, BLOCK_D, DOT, PRECISION)
         worst, replace = _worst_entry(kept, kept_index)
         value, index = _best_in_tile(sims, cols)
         gains = value > worst
@@ -159,6 +161,10 @@ def nearest_neighbors(q: torch.Tensor, bank: torch.Tensor, k: int = 1,
                          f"got {q.dtype} and {bank.dtype}: use backend='chunked'")
     if q.device != bank.device:
         raise ValueError(f"q and bank must be on the same device; got {q.device} and {bank.device}")
+    if bank.shape[0] > 2**31 - 1 - MAX_K:
+        # Indices are int32 in the kernels, and the top values mark empty top-k slots.
+        raise ValueError(f"the Triton kernel indexes banks of fewer than 2**31 - {MAX_K} rows; "
+                         f"got {bank.shape[0]}: use backend='chunked'")
     q, bank = q.contiguous(), bank.contiguous()
     n, d = q.shape
     size = bank.shape[0]
@@ -167,6 +173,7 @@ def nearest_neighbors(q: torch.Tensor, bank: torch.Tensor, k: int = 1,
     # (bfloat16 products are exact in float32: the same similarities).
     same = q.dtype == bank.dtype and not (INTERPRETED and q.dtype == torch.bfloat16)
     dot = _DOT_DTYPE[q.dtype] if same else tl.float32
+    options = dict(DOT=dot, PRECISION="tf32x3" if dot == tl.float32 else "ieee")
     block_m, block_n = (64, 128) if k == 1 else (64, 64)
     block_d = max(16, min(64, triton.next_power_of_2(d)))
     row_blocks, tiles = triton.cdiv(n, block_m), triton.cdiv(size, block_n)
@@ -180,11 +187,11 @@ def nearest_neighbors(q: torch.Tensor, bank: torch.Tensor, k: int = 1,
     with context:
         if k == 1:
             _top1_kernel[grid](q, bank, values, indices, n, size, d, tiles_per_segment,
-                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT=dot)
+                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **options)
         else:
             _topk_kernel[grid](q, bank, values, indices, n, size, d, tiles_per_segment,
                                K=k, KP=triton.next_power_of_2(k),
-                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT=dot)
+                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **options)
     return _merge(values, indices, k)
 
 

@@ -1,7 +1,7 @@
 """Shared by the JSD and nearest-neighbour path tests: inputs, case grids, and "same as the reference".
 
 Kept out of pytest's test_*.py pattern: the chunked tests import it in-process, and
-triton_paths.py (run in a subprocess under TRITON_INTERPRET=1, or on CUDA) imports it too.
+jsd_knn_triton_paths.py (run in a subprocess under TRITON_INTERPRET=1, or on CUDA) imports it too.
 """
 import os
 import subprocess
@@ -16,8 +16,7 @@ from kernels.jsd import reference as jsd_reference
 from kernels.knn import reference as knn_reference
 
 ROOT = Path(__file__).resolve().parents[2]
-TRITON_PATHS = Path(__file__).with_name("triton_paths.py")
-
+TRITON_PATHS = Path(__file__).with_name("jsd_knn_triton_paths.py")
 
 
 def gpu(test):
@@ -25,8 +24,8 @@ def gpu(test):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
 
 
-# (N, D, shift, scale): N = 2 and odd N that are not multiples of any block (Triton's 32 or
-# 128 rows, chunked's default or 16 rows); D = 300 and D below one Triton slice; shifts
+# (N, D, shift, scale): N = 2 and odd N that are not multiples of any block (Triton's 32, 64
+# or 128 rows, chunked's default or 16 rows); D = 300 and D below one Triton slice; shifts
 # negative and beyond N.
 JSD_CASES = [
     (2, 8, 1, 1 / 0.07),
@@ -144,7 +143,7 @@ def check_knn_path(nearest_neighbors, n, q, d, k, dtype, seed, ties=False, devic
 
 
 def run_triton_paths(selection, interpret):
-    """Run triton_paths.py tests matching `selection` in a fresh interpreter, where
+    """Run jsd_knn_triton_paths.py tests matching `selection` in a fresh interpreter, where
     TRITON_INTERPRET is set (or cleared) before Triton is first imported."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     if interpret:

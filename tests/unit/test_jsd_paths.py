@@ -87,7 +87,7 @@ def test_auto_on_cpu_picks_by_size(monkeypatch, n, d, expected):
 
 def test_triton_interpreted_matches_reference():
     pytest.importorskip("triton")
-    run_triton_paths("jsd", interpret=True)
+    run_triton_paths("test_jsd_", interpret=True)
 
 
 @gpu
@@ -106,4 +106,4 @@ def test_triton_matches_reference_on_cuda_at_scale(monkeypatch, n, d, dtype):
 
 @gpu
 def test_triton_grid_on_cuda():
-    run_triton_paths("jsd", interpret=False)
+    run_triton_paths("test_jsd_", interpret=False)

@@ -90,7 +90,7 @@ def test_auto_on_cpu_picks_by_size(monkeypatch, n, q, expected):
 
 def test_triton_interpreted_matches_reference():
     pytest.importorskip("triton")
-    run_triton_paths("knn", interpret=True)
+    run_triton_paths("test_knn_", interpret=True)
 
 
 @gpu
@@ -129,4 +129,4 @@ def test_auto_above_triton_max_k_uses_chunked_on_cuda():
 
 @gpu
 def test_triton_grid_on_cuda():
-    run_triton_paths("knn", interpret=False)
+    run_triton_paths("test_knn_", interpret=False)

@@ -3,8 +3,8 @@
 Not collected by a plain `pytest` run (no test_ prefix): whether Triton compiles or interprets
 is fixed when it is first imported, so test_jsd_paths.py / test_knn_paths.py run this file
 in a subprocess, with TRITON_INTERPRET=1 on the CPU and without it on CUDA. Run by hand:
-    TRITON_INTERPRET=1 python -m pytest tests/unit/triton_paths.py    (CPU, slow: small shapes)
-    python -m pytest tests/unit/triton_paths.py                       (on a CUDA machine)
+    TRITON_INTERPRET=1 python -m pytest tests/unit/jsd_knn_triton_paths.py    (CPU, slow: small shapes)
+    python -m pytest tests/unit/jsd_knn_triton_paths.py                       (on a CUDA machine)
 """
 import pytest
 import torch

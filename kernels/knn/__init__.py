@@ -17,7 +17,9 @@ import torch
 from kernels import backend as _backend
 from kernels.knn import chunked, reference
 
-REFERENCE_MAX_SIMILARITIES = 1 << 20
+# Already at 256 x 4096 the chunked path took a quarter of the reference's time on 2 CPU
+# cores (its full sort is the cost; benchmarks/results/knn_cpu.json).
+REFERENCE_MAX_SIMILARITIES = 1 << 16
 # The Triton kernel keeps each query's running top-k in registers (next power of two of k
 # slots) and drains a tile one entry per loop turn: sized for DeCLIP's k = 1 and small k.
 TRITON_MAX_K = 16

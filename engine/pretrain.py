@@ -20,6 +20,7 @@ from engine.data.embedded import ensure_digits
 from engine.data.eval_set import load_eval_set
 from engine.data.loader import TrainLoader
 from engine.data.mds import describe_mds
+from engine.data.spec import DataSpec
 from engine.data.text import ClipTokenizer
 from engine.ds_config import apply_overrides, render
 from engine.errors import UserError
@@ -136,7 +137,7 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
                                            config=prepared.ds_config)
 
     loader = TrainLoader(prepared.data, micro_batch=plan.micro_batch, image_size=plan.image_size,
-                         crop_scale=plan.crop_scale, seed=plan.seed, workers=plan.workers,
+                         spec=DataSpec(crop_scale=plan.crop_scale), seed=plan.seed, workers=plan.workers,
                          decode_device=plan.decode_device, tokenizer=tokenizer,
                          rank=dist.rank(), world_size=dist.world_size())
     checkpoint_dir = run_dir / "checkpoints"

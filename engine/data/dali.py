@@ -1,20 +1,19 @@
 """NVIDIA DALI graphs that turn encoded image bytes into normalised CHW float batches.
 
-Two graphs: training (decode the random-resized-crop window only, resize, normalise) and
-evaluation (CLIP's eval transform: resize the shorter side, centre crop, normalise). Both run
-on the CPU (`device_id=None`) or, for training, decode with nvJPEG (`device="mixed"`) and
+Two graphs: training (decode the crop window of each image view, resize, augment, normalise)
+and evaluation (CLIP's eval transform: resize the shorter side, centre crop, normalise). Both
+run on the CPU (`device_id=None`) or, for training, decode with nvJPEG (`device="mixed"`) and
 augment on the GPU.
 
-Exact resume needs every crop to be a function of (seed, epoch, sample id) alone, so crop
-windows are drawn here in Python with a generator seeded by those three numbers and fed to
-DALI as per-sample inputs; DALI's own random operators (whose draws depend on how many
-batches a pipeline has run) are never used.
+Exact resume needs every crop and augmentation to be a function of (seed, epoch, sample id,
+view) alone, so they are drawn in Python (augment.py) and fed to DALI as per-sample inputs;
+DALI's own random operators (whose draws depend on how many batches a pipeline has run) are
+never used.
 """
 from __future__ import annotations
 
 import io
 import logging
-import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -23,11 +22,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine.data.augment import PHOTOMETRIC_FIELDS, ViewBatch, augment_view, view_input_types
+
 logger = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CROP_ASPECT = (3 / 4, 4 / 3)
 # Formats DALI's image decoders read (PIL's names for them); anything else is replaced.
 DALI_FORMATS = frozenset({"JPEG", "PNG", "TIFF", "BMP", "PPM", "JPEG2000", "WEBP"})
 _EXIF_ORIENTATION = 0x0112
@@ -80,62 +80,21 @@ def fully_decodable(encoded: np.ndarray) -> bool:
     return True
 
 
-def random_resized_crop(width: int, height: int, scale: tuple[float, float],
-                        seed: int, epoch: int, sample_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Crop window as relative (x, y) and relative (w, h), drawn the way torchvision does.
-
-    Area fraction uniform in `scale`, aspect ratio log-uniform in CROP_ASPECT (in pixels,
-    hence the image size), up to ten tries; otherwise a centre crop at the nearest allowed
-    aspect. The window lies on whole pixels, so DALI's rounding of relative coordinates back
-    to pixels is exact and never steps past the image edge (which would fail the pipeline).
-    The generator is seeded with (seed, epoch, sample id) only.
-    """
-    rng = np.random.default_rng((seed, epoch, sample_id))
-    area = width * height
-    log_ratio = (math.log(CROP_ASPECT[0]), math.log(CROP_ASPECT[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        ratio = math.exp(rng.uniform(*log_ratio))
-        crop_w = round(math.sqrt(target_area * ratio))
-        crop_h = round(math.sqrt(target_area / ratio))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            x = int(rng.integers(0, width - crop_w + 1))
-            y = int(rng.integers(0, height - crop_h + 1))
-            return _relative(x, y, crop_w, crop_h, width, height)
-    image_ratio = width / height
-    if image_ratio < CROP_ASPECT[0]:
-        crop_w, crop_h = width, min(height, round(width / CROP_ASPECT[0]))
-    elif image_ratio > CROP_ASPECT[1]:
-        crop_w, crop_h = min(width, round(height * CROP_ASPECT[1])), height
-    else:
-        crop_w, crop_h = width, height
-    return _relative((width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h, width, height)
-
-
-def _relative(x: int, y: int, crop_w: int, crop_h: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    anchor = np.array([x / width, y / height], dtype=np.float32)
-    shape = np.array([crop_w / width, crop_h / height], dtype=np.float32)
-    return anchor, shape
-
-
 @dataclass
 class HostBatch:
     """One batch as it enters DALI, plus what travels beside it in order (tokens, ids, ...)."""
 
     encoded: list[np.ndarray]             # one uint8 array of encoded bytes per image
     payload: Any                          # returned untouched with the decoded images
-    crop_anchor: np.ndarray | None = None  # [B, 2] float32 relative (x, y); training only
-    crop_shape: np.ndarray | None = None   # [B, 2] float32 relative (w, h); training only
-    replaced: np.ndarray | None = None     # [B] bool: image swapped for the placeholder
+    views: tuple[ViewBatch, ...] = ()     # training: each image view's crop windows and draws
+    replaced: np.ndarray | None = None    # [B] bool: image swapped for the placeholder
 
     def __post_init__(self):
         if self.replaced is None:
             self.replaced = np.zeros(len(self.encoded), dtype=bool)
 
     def dali_inputs(self) -> tuple:
-        if self.crop_anchor is None:
-            return (self.encoded,)
-        return self.encoded, list(self.crop_anchor), list(self.crop_shape)
+        return (self.encoded, *(inputs for view in self.views for inputs in view.dali_inputs()))
 
     def replace_undecodable(self) -> int:
         """Swap every image PIL cannot decode for the placeholder; return how many."""
@@ -147,19 +106,35 @@ class HostBatch:
 
 
 def train_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: int, device: str,
-                   device_id: int | None, num_threads: int):
-    """Decode the crop window only, resize it to image_size^2, normalise to CHW float."""
+                   device_id: int | None, num_threads: int, augment: str = "crop", views: int = 1):
+    """Each view: its crop window resized to image_size^2, augmented, normalised to CHW float.
+
+    One view decodes its crop window only. Two views decode the whole image once and slice
+    both windows from it: decoding is the costly step.
+    """
     from nvidia.dali import fn, pipeline_def, types
+
+    per_view = view_input_types(augment)
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id)
     def graph():
-        encoded, anchor, shape = fn.external_source(
-            source=source, num_outputs=3, batch=True, dtype=[types.UINT8, types.FLOAT, types.FLOAT])
-        images = fn.decoders.image_slice(
-            encoded, anchor, shape, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
-            normalized_anchor=True, normalized_shape=True)
-        images = fn.resize(images, size=[image_size, image_size], interp_type=types.INTERP_CUBIC, antialias=True)
-        return _normalise(images, fn, types)
+        encoded, *inputs = fn.external_source(source=source, num_outputs=1 + views * len(per_view), batch=True,
+                                              dtype=[types.UINT8, *per_view * views])
+        decoder = "mixed" if device == "gpu" else "cpu"
+        view_inputs = [inputs[i * len(per_view):(i + 1) * len(per_view)] for i in range(views)]
+        window = dict(normalized_anchor=True, normalized_shape=True)
+        if views == 1:
+            anchor, shape = view_inputs[0][:2]
+            crops = [fn.decoders.image_slice(encoded, anchor, shape, device=decoder, output_type=types.RGB, **window)]
+        else:
+            whole = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+            crops = [fn.slice(whole, anchor, shape, **window) for anchor, shape, *_ in view_inputs]
+        outputs = []
+        for crop, (_, _, *photometric) in zip(crops, view_inputs):
+            names = PHOTOMETRIC_FIELDS[augment]
+            images, mirror = augment_view(crop, dict(zip(names, photometric)), augment, image_size)
+            outputs.append(_normalise(images, fn, types, mirror=mirror))
+        return tuple(outputs)
 
     return graph()
 
@@ -179,14 +154,16 @@ def eval_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: i
     return graph()
 
 
-def _normalise(images, fn, types, crop=None):
+def _normalise(images, fn, types, crop=None, mirror=None):
+    # CLIP's mean and std for every recipe: the evaluation pipeline normalises with them too.
+    options = {} if mirror is None else {"mirror": mirror}
     return fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW", crop=crop,
-        mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD])
+        mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD], **options)
 
 
 class DecodedBatches:
-    """Runs host batches through a DALI pipeline in order; yields (images, host batch).
+    """Runs host batches through a DALI pipeline in order; yields (pipeline outputs, host batch).
 
     The pipeline pulls host batches itself and runs ahead (prefetch), so the batches it holds
     are kept in order here. An undecodable image makes DALI fail the whole pipeline; then the
@@ -222,7 +199,7 @@ class DecodedBatches:
     def __iter__(self) -> "DecodedBatches":
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, HostBatch]:
+    def __next__(self) -> tuple[tuple[torch.Tensor, ...], HostBatch]:
         while True:
             if self._pipe is None:
                 self._pipe = self._build(self._pull)
@@ -237,7 +214,7 @@ class DecodedBatches:
                 if self._source_error is not None:
                     raise self._source_error from error
                 self._recover(error)
-        return _to_torch(outputs[0], self._device), self._held.popleft()
+        return tuple(_to_torch(output, self._device) for output in outputs), self._held.popleft()
 
     def close(self) -> None:
         """Stop the source and free the pipeline now, not whenever the garbage collector runs.

@@ -65,7 +65,7 @@ def load_eval_set(path: str | Path, image_size: int) -> EvalSet:
         build=lambda source: eval_pipeline(source, batch_size=DECODE_BATCH, image_size=image_size,
                                            num_threads=max(1, min(8, len(os.sched_getaffinity(0))))))
     chunks, replaced = [], []
-    for images, host in decoded:
+    for (images,), host in decoded:
         chunks.append(images)
         replaced.extend(host.payload[host.replaced].tolist())
     if replaced:

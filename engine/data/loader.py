@@ -1,9 +1,10 @@
 """The one training iterator: MDS shards -> DataLoader workers -> DALI -> device batches.
 
     StreamingDataset (shuffled, partitioned by rank, micro-batch aware)
-      -> torch DataLoader workers: read samples, read image headers, draw crop windows, tokenise
-      -> DALI: decode the crop window (nvJPEG on GPU), resize, normalise
-      -> {"image", "text", "sample_id"}
+      -> torch DataLoader workers: read samples, read image headers, draw each view's crop
+         window and augmentation, tokenise (EDA copy, MLM masking: whatever the DataSpec asks)
+      -> DALI: decode (nvJPEG on GPU), crop each view, resize, augment, normalise
+      -> {"image", ["image2"], "text", ["mlm_labels"], ["text_aug"], "sample_id"} (see spec.py)
 
 Determinism. The batches a rank sees are a function of (data, seed, micro_batch, world size,
 rank) only:
@@ -13,7 +14,8 @@ rank) only:
   * each epoch keeps exactly `batches_per_epoch` full micro-batches on every rank and drops
     the tail, where streaming pads ranks with repeated samples; every rank therefore steps the
     same number of times and ranks never share a sample within an epoch;
-  * crop windows come from (seed, epoch, sample id), never from DALI's generators.
+  * crop windows, augmentations, EDA edits and MLM masks come from (seed, epoch, sample id),
+    never from DALI's generators or a worker's state.
 The epoch and the position in it are ours: before each epoch we hand streaming an explicit
 resume point (`load_state_dict`), so a restart needs only (epoch, batch) and the prefetching
 done by the DataLoader and DALI never leaks into the saved state.
@@ -34,15 +36,23 @@ from streaming import StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 from torch.utils.data import DataLoader
 
-from engine.data.dali import (PLACEHOLDER_PNG, DecodedBatches, HostBatch, probe_image, random_resized_crop,
-                              train_pipeline)
+from engine.data.augment import ViewBatch, draw_view
+from engine.data.dali import PLACEHOLDER_PNG, DecodedBatches, HostBatch, probe_image, train_pipeline
+from engine.data.eda import Eda
 from engine.data.mds import describe_mds, is_remote, local_copy_dir
-from engine.data.text import ClipTokenizer
+from engine.data.mlm import MASK_ID, mask_rows
+from engine.data.spec import DataSpec
+from engine.data.text import ClipTokenizer, strip_punctuation
+from engine.data.wordnet import WordNet
 from engine.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_ID_KEY = "__sample_id__"
+# The random streams of one sample are keyed (seed, epoch, sample id, stream); image views use
+# their index (0, 1) as the stream. Separate streams keep, say, an EDA edit from correlating
+# with a crop.
+TEXT_AUG_STREAM, MLM_STREAM = 16, 17
 
 
 class StreamingDatasetWithIds(StreamingDataset):
@@ -58,10 +68,12 @@ class StreamingDatasetWithIds(StreamingDataset):
 class TrainPayload:
     """What travels beside the images through DALI."""
 
-    text: torch.Tensor       # [B, context] token ids
+    text: torch.Tensor       # [B, context] token ids (MLM-masked when the spec asks)
     sample_id: torch.Tensor  # [B] index of each sample in the dataset
     epoch: int
     batch_in_epoch: int = -1  # set by the main process, which alone knows the position
+    mlm_labels: torch.Tensor | None = None  # [B, context]
+    text_aug: torch.Tensor | None = None    # [B, context]
 
 
 @dataclass(frozen=True)
@@ -69,46 +81,67 @@ class PrepareBatch:
     """DataLoader collate step, run in the worker processes: everything but decoding."""
 
     tokenizer: ClipTokenizer
-    crop_scale: tuple[float, float]
+    spec: DataSpec
     seed: int
     epoch: int
+    eda: Eda | None = None  # given when spec.text_aug
 
     def __call__(self, samples: list[dict]) -> HostBatch:
-        encoded, anchors, shapes, replaced = [], [], [], []
-        for sample in samples:
+        ids = [int(sample[SAMPLE_ID_KEY]) for sample in samples]
+        encoded, replaced = [], []
+        draws = [[] for _ in range(self.spec.image_views)]
+        for sample, sample_id in zip(samples, ids):
             image = np.frombuffer(sample["jpg"], dtype=np.uint8)
             size = probe_image(sample["jpg"])
             replaced.append(size is None)
             if size is None:  # see dali._placeholder_png for why an image is replaced, not dropped
                 image, size = PLACEHOLDER_PNG, (16, 16)
-            anchor, shape = random_resized_crop(*size, self.crop_scale, self.seed, self.epoch, sample[SAMPLE_ID_KEY])
             encoded.append(image)
-            anchors.append(anchor)
-            shapes.append(shape)
-        payload = TrainPayload(
-            text=self.tokenizer([sample["txt"] for sample in samples]),
-            sample_id=torch.tensor([sample[SAMPLE_ID_KEY] for sample in samples], dtype=torch.long),
-            epoch=self.epoch)
-        return HostBatch(encoded=encoded, payload=payload, crop_anchor=np.stack(anchors),
-                         crop_shape=np.stack(shapes), replaced=np.array(replaced))
+            for view, view_draws in enumerate(draws):
+                view_draws.append(draw_view(*size, self.spec.augment, self.spec.crop_scale,
+                                            self.seed, self.epoch, sample_id, view))
+        captions = [sample["txt"] for sample in samples]
+        if self.spec.strip_punctuation:
+            captions = [strip_punctuation(caption) for caption in captions]
+        payload = TrainPayload(text=self.tokenizer(captions), sample_id=torch.tensor(ids, dtype=torch.long),
+                               epoch=self.epoch)
+        if self.spec.text_aug:
+            payload.text_aug = self.tokenizer([self.eda(caption, (self.epoch, sample_id, TEXT_AUG_STREAM))
+                                               for caption, sample_id in zip(captions, ids)])
+        if self.spec.mlm:
+            payload.text, payload.mlm_labels = mask_rows(
+                payload.text, seeds=[_stream_seed(self.seed, self.epoch, i, MLM_STREAM) for i in ids],
+                vocab_size=self.tokenizer.vocab_size, mask_id=MASK_ID,
+                special_ids=(self.tokenizer.sot_id, self.tokenizer.eot_id), pad_id=self.tokenizer.pad_id)
+        return HostBatch(encoded=encoded, payload=payload, replaced=np.array(replaced),
+                         views=tuple(ViewBatch.stack(view_draws, self.spec.augment) for view_draws in draws))
+
+
+def _stream_seed(seed: int, epoch: int, sample_id: int, stream: int) -> int:
+    """A 64-bit torch seed for one of a sample's random streams."""
+    return int(np.random.SeedSequence((seed, epoch, sample_id, stream)).generate_state(1, np.uint64)[0])
 
 
 class TrainLoader:
     """Endless, exactly resumable iterator of training micro-batches for one rank."""
 
-    def __init__(self, data: str, *, micro_batch: int, image_size: int, crop_scale: tuple[float, float],
-                 seed: int, workers: int, decode_device: str, tokenizer: ClipTokenizer, rank: int,
-                 world_size: int, local_cache: Path | None = None):
-        _check_arguments(micro_batch, image_size, crop_scale, seed, workers, decode_device)
+    def __init__(self, data: str, *, micro_batch: int, image_size: int, spec: DataSpec, seed: int, workers: int,
+                 decode_device: str, tokenizer: ClipTokenizer, rank: int, world_size: int,
+                 wordnet: str | Path | None = None, local_cache: Path | None = None):
+        """`spec` says what each batch holds; `wordnet` is a WordNet 3.0 directory for EDA's synonym
+        replacement (engine.data.wordnet.find_wordnet()), or None to edit by swaps and deletions only."""
+        _check_arguments(micro_batch, image_size, seed, workers, decode_device)
         local_world_size = _streaming_world(rank, world_size)
         describe_mds(data, local_cache)  # fails early, with the fix, on a path that is not usable MDS
         self.micro_batch = micro_batch
         self.image_size = image_size
-        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.spec = spec
         self.seed = seed
         self.workers = workers
         self.decode_device = decode_device
         self.tokenizer = tokenizer
+        self.eda = Eda(WordNet(wordnet) if wordnet else None, seed) if spec.text_aug else None
+        self.uses_synonyms = self.eda is not None and self.eda.uses_synonyms  # for the run plan to state
         self.world_size = world_size
         self.undecodable_images = 0  # replaced by the placeholder, in batches yielded so far
         self._num_nodes = world_size // local_world_size
@@ -178,7 +211,7 @@ class TrainLoader:
                 self._epoch, self._batch_in_epoch = payload.epoch, payload.batch_in_epoch + 1
                 if self._batch_in_epoch == self.batches_per_epoch:
                     self._epoch, self._batch_in_epoch = self._epoch + 1, 0
-                yield {"image": images, "text": payload.text, "sample_id": payload.sample_id}
+                yield _batch(images, payload)
         finally:
             decoded.close()  # stops the DataLoader workers as soon as the caller drops us
 
@@ -194,7 +227,7 @@ class TrainLoader:
                 "initial_physical_nodes": self._num_nodes})
             # Workers restart every epoch (they learn the epoch at start), so fork: it is instant.
             loader = DataLoader(self._dataset, batch_size=self.micro_batch, num_workers=self.workers,
-                                collate_fn=PrepareBatch(self.tokenizer, self.crop_scale, self.seed, epoch),
+                                collate_fn=PrepareBatch(self.tokenizer, self.spec, self.seed, epoch, self.eda),
                                 multiprocessing_context="fork" if self.workers else None)
             batches = _start_workers(loader)
             try:
@@ -212,13 +245,27 @@ class TrainLoader:
     def _build_pipeline(self, source):
         return train_pipeline(source, batch_size=self.micro_batch, image_size=self.image_size,
                               device=self.decode_device, device_id=self._device.index,
-                              num_threads=_dali_threads())
+                              num_threads=_dali_threads(), augment=self.spec.augment, views=self.spec.image_views)
 
     def _close_active(self) -> None:
         active = self._active() if self._active is not None else None
         if active is not None:
             active.close()
         self._active = None
+
+
+def _batch(images: tuple[torch.Tensor, ...], payload: TrainPayload) -> dict:
+    """The batch dict, with the keys DataSpec.batch_keys names, in that order."""
+    batch = {"image": images[0]}
+    if len(images) == 2:
+        batch["image2"] = images[1]
+    batch["text"] = payload.text
+    if payload.mlm_labels is not None:
+        batch["mlm_labels"] = payload.mlm_labels
+    if payload.text_aug is not None:
+        batch["text_aug"] = payload.text_aug
+    batch["sample_id"] = payload.sample_id
+    return batch
 
 
 def _start_workers(loader: DataLoader):
@@ -239,12 +286,10 @@ def _start_workers(loader: DataLoader):
         gc.unfreeze()
 
 
-def _check_arguments(micro_batch, image_size, crop_scale, seed, workers, decode_device) -> None:
+def _check_arguments(micro_batch, image_size, seed, workers, decode_device) -> None:
     if micro_batch < 1 or image_size < 1 or workers < 0 or seed < 0:
         raise UserError(f"micro_batch ({micro_batch}) and image_size ({image_size}) must be positive, "
                         f"workers ({workers}) and seed ({seed}) not negative.")
-    if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-        raise UserError(f"crop scale {crop_scale} must satisfy 0 < low <= high <= 1.")
     if decode_device not in ("cpu", "gpu"):
         raise UserError(f"decode device '{decode_device}' is not one of 'cpu', 'gpu'.")
     if decode_device == "gpu" and not torch.cuda.is_available():

@@ -6,10 +6,25 @@ We reuse its BPE merge step and build the fixed-length id rows ourselves, so the
 """
 from __future__ import annotations
 
+import re
+import unicodedata
 from typing import Sequence
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
+
+
+# CLIP-Lite's caption clean-up (its reference inherits it from VirTex): these characters are
+# deleted ("dog's" -> "dogs"), hyphens and slashes become spaces ("black-and-white").
+_DELETED = re.compile(r"[,.'!?\"()*#:;~]")
+_SPACED = re.compile(r"[-/]")
+
+
+def strip_punctuation(caption: str) -> str:
+    """CLIP-Lite's caption normalisation: lower-case, punctuation out, accents stripped, spaces collapsed."""
+    caption = _SPACED.sub(" ", _DELETED.sub("", caption.lower()))
+    caption = "".join(char for char in unicodedata.normalize("NFKD", caption) if not unicodedata.combining(char))
+    return " ".join(caption.split())
 
 
 class ClipTokenizer:

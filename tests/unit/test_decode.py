@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.data.dali import (CLIP_MEAN, CLIP_STD, CROP_ASPECT, PLACEHOLDER_PNG, DecodedBatches, HostBatch,
-                              eval_pipeline, probe_image, random_resized_crop, train_pipeline)
+from engine.data.augment import CROP_ASPECT, ViewBatch, random_resized_crop, view_generator
+from engine.data.dali import (CLIP_MEAN, CLIP_STD, PLACEHOLDER_PNG, DecodedBatches, HostBatch, eval_pipeline,
+                              probe_image, train_pipeline)
 
 CPU = torch.device("cpu")
 
@@ -38,15 +39,24 @@ def _picture(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.clip(smooth + noise, 0, 255).astype(np.uint8)
 
 
+def _crop_batch(encoded, anchors, shapes, payload=None) -> HostBatch:
+    """A one-view "crop" batch with the given windows."""
+    return HostBatch(list(encoded), payload, (ViewBatch(np.asarray(anchors), np.asarray(shapes), {}),))
+
+
+def _window(width, height, scale, seed, epoch, sample):
+    return random_resized_crop(width, height, scale, view_generator(seed, epoch, sample, 0))
+
+
 def _run_train(batches, image_size, batch_size, num_threads=2):
     build = lambda source: train_pipeline(source, batch_size=batch_size, image_size=image_size, device="cpu",
                                           device_id=None, num_threads=num_threads)
-    return list(DecodedBatches(iter(batches), build=build, device=CPU))
+    return [(images, host) for (images,), host in DecodedBatches(iter(batches), build=build, device=CPU)]
 
 
 def _run_eval(batches, image_size, batch_size):
     build = lambda source: eval_pipeline(source, batch_size=batch_size, image_size=image_size, num_threads=2)
-    return list(DecodedBatches(iter(batches), build=build, device=CPU))
+    return [(images, host) for (images,), host in DecodedBatches(iter(batches), build=build, device=CPU)]
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
@@ -64,7 +74,7 @@ def test_train_crop_window_equals_pil_crop():
     # 30x30 windows at (x, y) = (10, 6) and (20, 10), output 30: no resize, so pixels must match.
     anchors = np.array([[10 / 50, 6 / 40], [20 / 50, 10 / 40]], dtype=np.float32)
     shapes = np.full((2, 2), [30 / 50, 30 / 40], dtype=np.float32)
-    batch = HostBatch(encoded=[encoded, encoded], payload=None, crop_anchor=anchors, crop_shape=shapes)
+    batch = _crop_batch([encoded, encoded], anchors, shapes)
     [(windows, _)] = _run_train([batch], image_size=30, batch_size=2)
     assert windows.shape == (2, 3, 30, 30)
     np.testing.assert_allclose(_pixels(windows[0]), picture[6:36, 10:40], atol=1e-3)
@@ -75,8 +85,8 @@ def test_train_crop_window_equals_pil_crop():
 def test_train_pixels_do_not_depend_on_dali_thread_count():
     sizes = [(40, 60), (90, 30), (64, 64), (200, 120)]
     encoded = [_encode(_picture(h, w, seed=i), "JPEG") for i, (h, w) in enumerate(sizes)]
-    windows = [random_resized_crop(w, h, (0.2, 1.0), 0, 0, i) for i, (h, w) in enumerate(sizes)]
-    make = lambda: [HostBatch(list(encoded), None, np.stack([a for a, _ in windows]), np.stack([s for _, s in windows]))]
+    windows = [_window(w, h, (0.2, 1.0), 0, 0, i) for i, (h, w) in enumerate(sizes)]
+    make = lambda: [_crop_batch(encoded, np.stack([a for a, _ in windows]), np.stack([s for _, s in windows]))]
     [(one_thread, _)] = _run_train(make(), image_size=48, batch_size=4, num_threads=1)
     [(three_threads, _)] = _run_train(make(), image_size=48, batch_size=4, num_threads=3)
     assert torch.equal(one_thread, three_threads)
@@ -92,7 +102,7 @@ def test_eval_output_shape_for_mixed_sizes_and_short_last_batch():
 
 
 def test_crop_window_is_a_function_of_seed_epoch_and_sample():
-    window = lambda seed, epoch, sample: np.concatenate(random_resized_crop(320, 240, (0.3, 1.0), seed, epoch, sample))
+    window = lambda seed, epoch, sample: np.concatenate(_window(320, 240, (0.3, 1.0), seed, epoch, sample))
     assert np.array_equal(window(1, 0, 7), window(1, 0, 7))
     assert not np.array_equal(window(1, 0, 7), window(1, 0, 8))
     assert not np.array_equal(window(1, 0, 7), window(1, 1, 7))
@@ -102,14 +112,14 @@ def test_crop_window_is_a_function_of_seed_epoch_and_sample():
 def test_crop_windows_follow_scale_and_aspect():
     width, height, scale = 320, 240, (0.3, 0.9)
     for sample in range(300):
-        (x, y), (w, h) = random_resized_crop(width, height, scale, 5, 0, sample)
+        (x, y), (w, h) = _window(width, height, scale, 5, 0, sample)
         assert 0 <= x and 0 <= y and x + w <= 1 + 1e-6 and y + h <= 1 + 1e-6
         px_w, px_h = w * width, h * height
         assert abs(px_w - round(px_w)) < 1e-3 and abs(x * width - round(x * width)) < 1e-3  # whole pixels
         assert scale[0] - 0.02 <= w * h <= scale[1] + 0.02
         assert CROP_ASPECT[0] - 0.02 <= px_w / px_h <= CROP_ASPECT[1] + 0.02
     # A strip too thin for any allowed aspect falls back to a centred crop at the nearest aspect.
-    (x, y), (w, h) = random_resized_crop(400, 20, (0.9, 1.0), 5, 0, 0)
+    (x, y), (w, h) = _window(400, 20, (0.9, 1.0), 5, 0, 0)
     assert h == 1 and math.isclose(w * 400, 20 * CROP_ASPECT[1], abs_tol=1) and abs(x * 400 - (1 - w) * 200) <= 1
 
 
@@ -125,9 +135,9 @@ def test_image_dali_rejects_is_replaced_and_batches_stay_in_order():
     good = [_encode(_picture(32, 32, seed=i), "PNG") for i in range(8)]
     truncated = good[2][: len(good[2]) // 2]  # header intact, so only DALI notices
     assert probe_image(truncated.tobytes()) == (32, 32)
-    full_windows = lambda: (np.zeros((2, 2), np.float32), np.ones((2, 2), np.float32))
-    clean = [HostBatch(good[2 * i:2 * i + 2], i, *full_windows()) for i in range(4)]
-    broken = [HostBatch(good[2 * i:2 * i + 2], i, *full_windows()) for i in range(4)]
+    whole = lambda i: _crop_batch(good[2 * i:2 * i + 2], np.zeros((2, 2), np.float32), np.ones((2, 2), np.float32), i)
+    clean = [whole(i) for i in range(4)]
+    broken = [whole(i) for i in range(4)]
     broken[1].encoded[0] = truncated  # DALI fails while later batches are already prefetched
 
     expected = _run_train(clean, image_size=32, batch_size=2)

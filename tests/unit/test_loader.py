@@ -15,9 +15,14 @@ import torch
 from PIL import Image
 from streaming import LocalDataset, MDSWriter
 
-from engine.data.dali import CLIP_MEAN, CLIP_STD
-from engine.data.loader import TrainLoader
+from engine.data.augment import ViewBatch, random_resized_crop
+from engine.data.eda import Eda
+from engine.data.dali import CLIP_MEAN, CLIP_STD, DecodedBatches, HostBatch, train_pipeline
+from engine.data.loader import PrepareBatch, TrainLoader
+from engine.data.mlm import IGNORE_INDEX, MASK_ID
+from engine.data.spec import DataSpec
 from engine.data.text import ClipTokenizer
+from engine.data.wordnet import find_wordnet
 from engine.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,8 +37,8 @@ def tokenizer():
 
 
 def _loader(data, tokenizer, workers=2, **overrides):
-    options = dict(micro_batch=MICRO_BATCH, image_size=24, crop_scale=(0.4, 1.0), seed=11, workers=workers,
-                   decode_device="cpu", tokenizer=tokenizer, rank=0, world_size=1)
+    options = dict(micro_batch=MICRO_BATCH, image_size=24, spec=DataSpec(crop_scale=(0.4, 1.0)), seed=11,
+                   workers=workers, decode_device="cpu", tokenizer=tokenizer, rank=0, world_size=1)
     options.update(overrides)
     return TrainLoader(str(data), **options)
 
@@ -45,9 +50,9 @@ def _take(loader, count):
 def _assert_same_batches(left, right):
     assert len(left) == len(right)
     for index, (a, b) in enumerate(zip(left, right)):
-        assert torch.equal(a["sample_id"], b["sample_id"]), f"sample ids differ at batch {index}"
-        assert torch.equal(a["text"], b["text"]), f"text differs at batch {index}"
-        assert torch.equal(a["image"], b["image"]), f"pixels differ at batch {index}"
+        assert list(a) == list(b), f"keys differ at batch {index}"
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{key} differs at batch {index}"
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +113,113 @@ def test_resume_refuses_a_state_from_another_setup(reference, digits, tokenizer)
         loader.load_state_dict(reference[1][0])
 
 
+def test_crop_path_is_the_clip_pipeline_of_before(reference, digits, tokenizer):
+    # CLIP's batches must not change with DataSpec: windows drawn from (seed, epoch, sample id) by
+    # torchvision's rule, the crop window decoded, resized in uint8, normalised; captions as given.
+    batch = reference[0][0]
+    stored = LocalDataset(local=str(digits.train))
+    samples = [stored[i] for i in batch["sample_id"].tolist()]
+    windows = [random_resized_crop(32, 32, (0.4, 1.0), np.random.default_rng((11, 0, i)))
+               for i in batch["sample_id"].tolist()]
+    host = HostBatch([np.frombuffer(s["jpg"], np.uint8) for s in samples], None,
+                     (ViewBatch(np.stack([a for a, _ in windows]), np.stack([s for _, s in windows]), {}),))
+    build = lambda source: train_pipeline(source, batch_size=MICRO_BATCH, image_size=24, device="cpu",
+                                          device_id=None, num_threads=1)
+    [((images,), _)] = list(DecodedBatches(iter([host]), build=build, device=torch.device("cpu")))
+    assert torch.equal(batch["image"], images)
+    assert torch.equal(batch["text"], tokenizer([s["txt"] for s in samples]))
+
+
+DECLIP = DataSpec(image_views=2, augment="moco_v2", crop_scale=(0.2, 1.0), text_aug=True, mlm=True)
+DECLIP_TAKE, DECLIP_RESUME_AT = 5, 3
+
+
+@pytest.fixture(scope="module")
+def declip_reference(digits, tokenizer):
+    """DECLIP_TAKE batches of DeCLIP's spec, with the loader's state after each."""
+    loader = _loader(digits.train, tokenizer, spec=DECLIP, wordnet=find_wordnet())
+    assert loader.uses_synonyms == (find_wordnet() is not None)
+    batches, states = [], []
+    for batch in islice(iter(loader), DECLIP_TAKE):
+        batches.append({k: v.clone() for k, v in batch.items()})
+        states.append(loader.state_dict())
+    return batches, states
+
+
+def test_declip_batches_hold_two_views_masked_text_and_an_eda_copy(declip_reference):
+    for batch in declip_reference[0]:
+        assert tuple(batch) == DECLIP.batch_keys
+        assert batch["image2"].shape == batch["image"].shape == (MICRO_BATCH, 3, 24, 24)
+        assert batch["mlm_labels"].shape == batch["text_aug"].shape == batch["text"].shape == (MICRO_BATCH, 77)
+        differs = (batch["image"] - batch["image2"]).abs().flatten(1).mean(1)
+        assert (differs > 0.01).all()  # two views of one image, never the same
+
+
+def test_declip_resume_mid_epoch_repeats_every_key(declip_reference, digits, tokenizer):
+    batches, states = declip_reference
+    resumed = _loader(digits.train, tokenizer, spec=DECLIP, wordnet=find_wordnet(), workers=1)
+    resumed.load_state_dict(states[DECLIP_RESUME_AT - 1])
+    _assert_same_batches(_take(resumed, DECLIP_TAKE - DECLIP_RESUME_AT), batches[DECLIP_RESUME_AT:])
+
+
+def test_declip_batches_do_not_depend_on_the_worker_count(declip_reference, digits, tokenizer):
+    in_process = _loader(digits.train, tokenizer, spec=DECLIP, wordnet=find_wordnet(), workers=0)
+    _assert_same_batches(_take(in_process, 2), declip_reference[0][:2])
+
+
+def test_mlm_labels_hold_the_tokens_the_masking_replaced(declip_reference, digits, tokenizer):
+    stored = LocalDataset(local=str(digits.train))
+    chosen_total = eligible_total = masked_total = 0
+    for batch in declip_reference[0]:
+        original = tokenizer([stored[i]["txt"] for i in batch["sample_id"].tolist()])
+        chosen = batch["mlm_labels"] != IGNORE_INDEX
+        assert torch.equal(batch["mlm_labels"][chosen], original[chosen])
+        assert torch.equal(batch["text"][~chosen], original[~chosen])
+        special = (original == tokenizer.sot_id) | (original == tokenizer.eot_id) | (original == tokenizer.pad_id)
+        assert not (chosen & special).any()
+        replaced = batch["text"][chosen]
+        assert not ((replaced == tokenizer.sot_id) | (replaced == tokenizer.eot_id) | (replaced > MASK_ID)).any()
+        chosen_total += int(chosen.sum())
+        eligible_total += int((~special).sum())
+        masked_total += int((batch["text"][chosen] == MASK_ID).sum())
+    assert 0.10 < chosen_total / eligible_total < 0.20 and 0.7 < masked_total / chosen_total < 0.9
+
+
+def test_eda_copy_differs_for_some_captions_and_is_never_empty(declip_reference, digits, tokenizer):
+    stored = LocalDataset(local=str(digits.train))
+    changed = 0
+    for batch in declip_reference[0]:
+        original = tokenizer([stored[i]["txt"] for i in batch["sample_id"].tolist()])
+        assert ((batch["text_aug"] != tokenizer.pad_id).sum(1) >= 3).all()  # start, a word, end
+        changed += int((batch["text_aug"] != original).any(1).sum())
+    assert changed > len(declip_reference[0]) * MICRO_BATCH // 4
+
+
+def test_prepare_batch_keeps_a_word_of_the_shortest_captions(tokenizer):
+    # The worker step alone (no decoding): one-word captions, over many epochs of EDA draws.
+    captions = ["cat", "a", "Dog!", "...", "x", "two words", "the of a"]
+    samples = [{"jpg": b"not an image", "txt": caption, "__sample_id__": i} for i, caption in enumerate(captions)]
+    spec = DataSpec(text_aug=True, mlm=True)
+    for epoch in range(30):
+        prepare = PrepareBatch(tokenizer, spec, seed=0, epoch=epoch, eda=Eda(None, 0))
+        payload = prepare(samples).payload
+        assert ((payload.text_aug != tokenizer.pad_id).sum(1) >= 3).all(), epoch
+        assert torch.equal(payload.text_aug, prepare(samples).payload.text_aug)
+
+
+def test_clip_lite_text_is_lower_cased_without_punctuation(tokenizer):
+    samples = [{"jpg": b"", "txt": "A Dog's ball, (RED)!", "__sample_id__": 0},
+               {"jpg": b"", "txt": "black-and-white/grey photo.", "__sample_id__": 1}]
+    prepare = PrepareBatch(tokenizer, DataSpec(augment="clip_lite", strip_punctuation=True), seed=0, epoch=0)
+    payload = prepare(samples).payload
+    assert torch.equal(payload.text, tokenizer(["a dogs ball red", "black and white grey photo"]))
+
+
 def test_images_and_text_belong_to_their_sample_id(digits, tokenizer):
     # Crop scale 1 on square images is the whole image, and 32 px is the stored size: the loader's
     # pixels must be the stored PNG's pixels, and its tokens the stored caption's.
-    loader = _loader(digits.train, tokenizer, workers=1, micro_batch=16, image_size=32, crop_scale=(1.0, 1.0))
+    loader = _loader(digits.train, tokenizer, workers=1, micro_batch=16, image_size=32,
+                     spec=DataSpec(crop_scale=(1.0, 1.0)))
     stored = LocalDataset(local=str(digits.train))
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1) * 255
     std = torch.tensor(CLIP_STD).view(3, 1, 1) * 255
@@ -124,34 +232,55 @@ def test_images_and_text_belong_to_their_sample_id(digits, tokenizer):
             assert torch.equal(text, tokenizer([sample["txt"]])[0])
 
 
-def test_undecodable_images_are_replaced_and_counted(tmp_path, tokenizer):
+BROKEN = {5: "header", 17: "pixels"}  # sample ids whose images are caught by the header check / by DALI
+
+
+@pytest.fixture(scope="module")
+def broken_data(tmp_path_factory):
     good = io.BytesIO()
-    Image.new("RGB", (20, 20), (200, 10, 10)).save(good, format="PNG")
+    Image.fromarray(np.linspace(40, 220, 20 * 20 * 3).reshape(20, 20, 3).astype(np.uint8)).save(good, format="PNG")
     good = good.getvalue()
-    broken = {5: b"not an image", 17: good[: len(good) // 2]}  # caught by the header check / by DALI
-    with MDSWriter(out=str(tmp_path / "mds"), columns={"jpg": "bytes", "txt": "str"}) as writer:
+    broken = {5: b"not an image", 17: good[: len(good) // 2]}
+    out = tmp_path_factory.mktemp("broken") / "mds"
+    with MDSWriter(out=str(out), columns={"jpg": "bytes", "txt": "str"}) as writer:
         for index in range(40):
-            writer.write({"jpg": broken.get(index, good), "txt": f"red square {index}"})
-    loader = _loader(tmp_path / "mds", tokenizer, workers=1, micro_batch=8, image_size=16)
+            writer.write({"jpg": broken.get(index, good), "txt": f"a gradient {index}"})
+    return out
+
+
+def test_undecodable_images_are_replaced_and_counted(broken_data, tokenizer):
+    loader = _loader(broken_data, tokenizer, workers=1, micro_batch=8, image_size=16)
     batches = _take(loader, loader.batches_per_epoch)
     assert [len(b["sample_id"]) for b in batches] == [8] * 5
     assert loader.undecodable_images == 2
     for batch in batches:
         for image, sample_id in zip(batch["image"], batch["sample_id"].tolist()):
             is_placeholder = image.abs().max() < 0.02  # the mean colour normalises to about zero
-            assert bool(is_placeholder) == (sample_id in broken)
+            assert bool(is_placeholder) == (sample_id in BROKEN)
+
+
+def test_undecodable_images_stay_flat_placeholders_in_both_augmented_views(broken_data, tokenizer):
+    loader = _loader(broken_data, tokenizer, workers=1, micro_batch=8, image_size=16, spec=DECLIP)
+    batches = _take(loader, loader.batches_per_epoch)
+    assert loader.undecodable_images == 2
+    for batch in batches:
+        for row, sample_id in enumerate(batch["sample_id"].tolist()):
+            for key in ("image", "image2"):
+                flat = batch[key][row].flatten(1).std(1).max() < 1e-3  # jittered, still one colour
+                assert bool(flat) == (sample_id in BROKEN)
 
 
 RANK_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch.distributed as dist
     from engine.data.loader import TrainLoader
+    from engine.data.spec import DataSpec
     from engine.data.text import ClipTokenizer
 
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    loader = TrainLoader(sys.argv[1], micro_batch=64, image_size=16, crop_scale=(0.4, 1.0), seed=3, workers=1,
-                         decode_device="cpu", tokenizer=ClipTokenizer(), rank=rank, world_size=2)
+    loader = TrainLoader(sys.argv[1], micro_batch=64, image_size=16, spec=DataSpec(crop_scale=(0.4, 1.0)), seed=3,
+                         workers=1, decode_device="cpu", tokenizer=ClipTokenizer(), rank=rank, world_size=2)
     ids = [batch["sample_id"].tolist() for _, batch in zip(range(loader.batches_per_epoch + 1), loader)]
     json.dump({"batches_per_epoch": loader.batches_per_epoch, "ids": ids}, open(sys.argv[2], "w"))
     dist.barrier()

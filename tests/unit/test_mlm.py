@@ -6,7 +6,7 @@ error near 0.1% and each share of the chosen near 0.2%: the tolerances are 5+ si
 import pytest
 import torch
 
-from engine.data.mlm import IGNORE_INDEX, MASK_ID, VOCAB_WITH_MASK, mask_tokens
+from engine.data.mlm import IGNORE_INDEX, MASK_ID, VOCAB_WITH_MASK, mask_rows, mask_tokens
 
 SOT, EOT, PAD, CONTEXT = 49406, 49407, 0, 77
 SPECIAL = (SOT, EOT)
@@ -132,3 +132,18 @@ def test_bad_arguments_are_rejected():
         corrupt(tokens, mask_id=EOT)
     with pytest.raises(ValueError, match="mask id"):
         corrupt(tokens, mask_id=PAD)
+
+
+def test_mask_rows_masks_each_row_from_its_own_seed():
+    tokens = caption_rows(16, seed=7)
+    options = {"vocab_size": VOCAB_WITH_MASK, "mask_id": MASK_ID, "special_ids": SPECIAL}
+    seeds = [2**64 - 1 - row * 7919 for row in range(16)]  # the loader's seeds span 64 bits
+    masked, labels = mask_rows(tokens, seeds=seeds, **options)
+    for row, seed in enumerate(seeds):
+        alone = mask_tokens(tokens[row:row + 1], generator=torch.Generator().manual_seed(seed), **options)
+        assert torch.equal(masked[row], alone[0][0]) and torch.equal(labels[row], alone[1][0])
+    # a row's result does not depend on its neighbours
+    reordered = mask_rows(tokens.flip(0), seeds=seeds[::-1], **options)
+    assert torch.equal(reordered[0].flip(0), masked) and torch.equal(reordered[1].flip(0), labels)
+    with pytest.raises(ValueError, match="one seed per row"):
+        mask_rows(tokens, seeds=seeds[:3], **options)

@@ -11,20 +11,16 @@ from dataclasses import dataclass
 
 from engine.errors import UserError
 from engine.hardware import Hardware
+from engine.plan_memory import GB, MODEL_STATE_BUDGET_FRACTION, zero_setting
+from engine.plan_methods import METHOD_OPTIONS, check_micro_batch, objective_options
 from engine.recipes import Recipe
 
-GB = 10**9
-# Share of device memory that model states (weights, gradients, Adam states) may take; the
-# rest is for activations, communication buckets and the allocator's slack.
-MODEL_STATE_BUDGET_FRACTION = 0.5
-# Adam keeps an fp32 master copy, m and v for every parameter (DeepSpeed's ZeRO optimizers
-# keep the fp32 copy even when training in fp32).
-ADAM_STATE_BYTES_PER_PARAM = 12
 # The device size that Recipe.micro_batch_80gb was sized for.
 REFERENCE_DEVICE_BYTES = 80 * GB
 
 PRECISIONS = ("bf16", "fp16", "fp32")
-OPTIMIZERS = ("apex_fused", "deepspeed_fused", "torch_fused", "torch", "deepspeed_cpu_adam")
+OPTIMIZERS = ("apex_fused", "deepspeed_fused", "torch_fused", "torch", "deepspeed_cpu_adam",
+              "sgd_lookahead")
 DECODE_DEVICES = ("gpu", "cpu")
 
 
@@ -45,6 +41,11 @@ class Dials:
     checkpoint_every: int | None = None; eval_every: int | None = None
     log_every: int | None = None
     ds: tuple[str, ...] = ()            # raw DeepSpeed overrides "key.path=value"
+    data_fraction: float = 1.0          # train on a fixed subset of the data
+    text_layers: int | None = None      # text tower depth (CLIP-Lite's ablation: 2/4/6/12)
+    # Objective options (None = the method's default; refused for methods without them).
+    queue_size: int | None = None; enqueue: str | None = None           # DeCLIP
+    negatives: str | None = None; prior: str | None = None              # CLIP-Lite
 
 
 @dataclass(frozen=True)
@@ -75,19 +76,24 @@ class RunPlan:
     world_size: int; nodes: int; accelerator: str; device_name: str
     global_batch: int; micro_batch: int; grad_accum: int
     precision: str; zero_stage: int; offload_optimizer: bool; optimizer: str
-    lr: float; min_lr: float; weight_decay: float; betas: tuple[float, float]; eps: float
-    grad_clip: float | None
-    warmup_steps: int; total_steps: int; epochs: float
-    crop_scale: tuple[float, float]; image_size: int
+    lr: float; group_lrs: tuple[tuple[str, float], ...]; min_lr: float
+    weight_decay: float; betas: tuple[float, float] | None; eps: float | None
+    momentum: float | None; grad_clip: float | None
+    warmup_steps: int; warmup_start_lr: float; total_steps: int; epochs: float
+    crop_scale: tuple[float, float]; image_size: int; text_layers: int
     workers: int; decode_device: str
     checkpoint_every: int; eval_every: int; log_every: int
-    dataset_size: int; n_params: int
+    dataset_size: int; data_fraction: float; n_params: int
+    # Objective options; None where the method has no such option (left out of the table).
+    queue_size: int | None; enqueue: str | None; eda_synonyms: bool | None
+    negatives: str | None; prior: str | None
     decisions: tuple[Decision, ...]     # one per field above, in field order
 
     def table(self) -> str:
         """The plan as aligned `name | value | reason` rows."""
         rows = [("name", "value", "reason")]
-        rows += [(d.name, _show(d.value), d.reason) for d in self.decisions]
+        rows += [(d.name, _show(d.value), d.reason) for d in self.decisions
+                 if not (d.value is None and d.name in _SHOWN_ONLY_WHEN_SET)]
         name_w = max(len(r[0]) for r in rows)
         value_w = max(len(r[1]) for r in rows)
         lines = [f"{n:<{name_w}} | {v:<{value_w}} | {r}" for n, v, r in rows]
@@ -96,6 +102,10 @@ class RunPlan:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Decisions that only some methods or optimizers have: the table leaves them out when unset.
+_SHOWN_ONLY_WHEN_SET = frozenset(METHOD_OPTIONS + ("betas", "eps", "momentum"))
 
 
 def _show(value: object) -> str:
@@ -107,7 +117,10 @@ def _show(value: object) -> str:
 
 
 def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, dataset_size: int,
-            optimizer_support: OptimizerSupport, image_size: int) -> RunPlan:
+            optimizer_support: OptimizerSupport, image_size: int, text_layers: int = 0,
+            full_dataset_size: int | None = None, wordnet: str | None = None) -> RunPlan:
+    """`dataset_size` counts the pairs trained on (after --data-fraction), `full_dataset_size`
+    the whole data set; `wordnet` is the WordNet directory found (DeCLIP's EDA), if any."""
     if (dials.method, dials.model) != (recipe.method, recipe.model):
         raise ValueError(f"recipe is for {recipe.method}/{recipe.model}, "
                          f"dials ask for {dials.method}/{dials.model}")
@@ -128,26 +141,43 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
            else f"{_gb(hw.device_memory_bytes)} GB usable RAM per rank")
     decide("n_params", n_params, "counted in the built model")
     decide("image_size", image_size, "the model's input size")
+    decide("text_layers", text_layers, "--text-layers given" if dials.text_layers is not None
+           else "the model preset's text tower")
 
     global_batch = decide("global_batch", *_global_batch(dials, recipe, hw.world_size, dataset_size))
     decide("dataset_size", dataset_size, "pairs in the training data")
+    decide("data_fraction", *_data_fraction(dials, dataset_size, full_dataset_size))
     precision = decide("precision", *_precision(dials, hw))
     per_rank = global_batch // hw.world_size
     micro = decide("micro_batch", *_micro_batch(dials, hw, recipe, precision, per_rank))
+    check_micro_batch(recipe.method, micro, per_rank)
     decide("grad_accum", per_rank // micro,
            f"{global_batch:,} = {micro} micro x {per_rank // micro} accum x {hw.world_size} ranks")
 
-    stage, stage_reason, offload, offload_reason = _zero(dials, hw, precision, n_params)
+    stage, stage_reason, offload, offload_reason = zero_setting(dials, hw, precision, n_params)
     decide("zero_stage", stage, stage_reason)
     decide("offload_optimizer", offload, offload_reason)
-    decide("optimizer", *_optimizer(dials, hw, offload, optimizer_support))
+    decide("optimizer", *_optimizer(dials, hw, offload, optimizer_support, recipe))
 
     lr = decide("lr", *_lr(dials, recipe, global_batch))
-    decide("min_lr", recipe.min_lr * lr / recipe.lr,
+    factor = lr / recipe.lr  # every LR of the recipe scales with the peak LR
+    decide("group_lrs", tuple((group, group_lr * factor) for group, group_lr in recipe.group_lrs),
+           "one LR for all parameters" if not recipe.group_lrs
+           else recipe.source + ("" if factor == 1 else f", scaled x{factor:.3g} with lr"))
+    decide("min_lr", recipe.min_lr * factor,
            recipe.source if lr == recipe.lr or not recipe.min_lr
            else f"recipe's {recipe.min_lr:g} scaled with lr")
-    for name in ("weight_decay", "betas", "eps", "grad_clip", "crop_scale"):
-        decide(name, getattr(recipe, name), recipe.source)
+    decide("warmup_start_lr", recipe.warmup_start_lr * factor,
+           "warmup ramps up from 0" if not recipe.warmup_start_lr else
+           recipe.source + ("" if factor == 1 else f", scaled x{factor:.3g} with lr"))
+    adam = recipe.optimizer == "adamw"
+    for name in ("weight_decay", "betas", "eps", "momentum", "grad_clip", "crop_scale"):
+        applies = name not in ("betas", "eps", "momentum") or adam == (name != "momentum")
+        decide(name, getattr(recipe, name) if applies else None,
+               recipe.source if applies else f"not used by {'AdamW' if adam else 'SGD'}")
+    for name, value, reason in objective_options(dials, recipe, dataset_size=dataset_size,
+                                                 wordnet=wordnet):
+        decide(name, value, reason)
 
     total_steps = decide("total_steps", *_total_steps(dials, recipe, global_batch, dataset_size))
     decide("epochs", total_steps * global_batch / dataset_size,
@@ -238,79 +268,22 @@ def _micro_batch(dials: Dials, hw: Hardware, recipe: Recipe, precision: str, per
                    + (" and halved for fp32" if precision == "fp32" else ""))
 
 
-def _model_state_bytes(n_params: int, precision: str, stage: int, offload: bool,
-                       world_size: int) -> float:
-    # ZeRO-1 partitions the Adam states across ranks, 2 also gradients, 3 also weights;
-    # offload moves the Adam states to CPU memory.
-    weight_bytes = 4 if precision == "fp32" else 2
-    weights = n_params * weight_bytes / (world_size if stage >= 3 else 1)
-    grads = n_params * weight_bytes / (world_size if stage >= 2 else 1)
-    adam = 0 if offload else n_params * ADAM_STATE_BYTES_PER_PARAM / (world_size if stage >= 1 else 1)
-    return weights + grads + adam
-
-
-# Cheapest first: each step partitions more, at the cost of more communication.
-_ZERO_LADDER = ((1, False), (2, False), (3, False), (3, True))
-
-
-def _zero(dials: Dials, hw: Hardware, precision: str, n_params: int):
-    """(stage, reason, offload, reason): the first ZeRO setting whose model states fit the
-    budget; ZeRO-1 is the floor because its partitioned Adam states cost no extra traffic."""
-    if dials.zero_stage is not None and dials.zero_stage not in (0, 1, 2, 3):
-        raise UserError(f"--zero-stage {dials.zero_stage} is not a ZeRO stage: use 0, 1, 2 or 3")
-    if dials.offload and dials.zero_stage == 0:
-        raise UserError("--offload needs ZeRO (stage 1 or more) to partition the optimizer: "
-                        "drop --zero-stage 0 or --offload")
-    if dials.offload and hw.accelerator == "cpu":
-        raise UserError("--offload moves Adam states from GPU to CPU memory; a CPU run keeps "
-                        "them there already: drop --offload")
-    ladder = ([(dials.zero_stage, False), (dials.zero_stage, True)] if dials.zero_stage is not None
-              else [(1, True), (2, True), (3, True)] if dials.offload else list(_ZERO_LADDER))
-    ladder = [(stage, offload) for stage, offload in ladder
-              if (dials.offload is None or offload == dials.offload)
-              and not (offload and (stage == 0 or hw.accelerator != "cuda"))]
-    budget = hw.device_memory_bytes * MODEL_STATE_BUDGET_FRACTION
-
-    def need(stage: int, offload: bool) -> float:
-        return _model_state_bytes(n_params, precision, stage, offload, hw.world_size)
-
-    fitting = [(stage, offload) for stage, offload in ladder if need(stage, offload) <= budget]
-    if not fitting and dials.zero_stage is None and dials.offload is None:
-        stage, offload = ladder[-1]
-        raise UserError(
-            f"{n_params / 1e6:,.0f}M parameters need {_gb(need(stage, offload))} GB of model states "
-            f"per device even with ZeRO-{stage}{' and CPU offload' if offload else ''}, over the "
-            f"{_gb(budget)} GB budget ({MODEL_STATE_BUDGET_FRACTION:.0%} of each device): "
-            "use more devices or a smaller --model")
-    # Overrides win even when nothing fits: then take the setting that needs least memory.
-    stage, offload = fitting[0] if fitting else min(ladder, key=lambda s: need(*s))
-    usage = f"{_gb(need(stage, offload))} of {_gb(budget)} GB model-state budget per device"
-    position = ladder.index((stage, offload))
-    if dials.zero_stage is not None:
-        stage_reason = f"--zero-stage given ({usage})"
-    elif position == 0:
-        stage_reason = f"{stage}: model states fit with optimizer partitioning ({usage})"
-    else:
-        below = ladder[position - 1]
-        stage_reason = (f"{stage}: ZeRO-{below[0]}{' + offload' if below[1] else ''} needs "
-                        f"{_gb(need(*below))} GB per device, over the budget; {usage}")
-    if dials.offload is not None:
-        offload_reason = f"--offload given ({usage})"
-    elif hw.accelerator == "cpu":
-        offload_reason = "no: a CPU run keeps Adam states in RAM already"
-    elif offload:
-        offload_reason = (f"yes: on-device Adam states need {_gb(need(stage, False))} GB per "
-                          f"device, over the {_gb(budget)} GB budget")
-    elif need(stage, offload) <= budget:
-        offload_reason = "no: Adam states fit on the device"
-    else:
-        offload_reason = "no: ZeRO-0 cannot offload (model states exceed the budget)"
-    return stage, stage_reason, offload, offload_reason
-
-
-def _optimizer(dials: Dials, hw: Hardware, offload: bool, support: OptimizerSupport):
+def _optimizer(dials: Dials, hw: Hardware, offload: bool, support: OptimizerSupport,
+               recipe: Recipe):
+    if recipe.optimizer == "sgd_lookahead":
+        if dials.optimizer not in (None, "sgd_lookahead"):
+            raise UserError(f"--optimizer {dials.optimizer}: the {recipe.method} recipe trains with "
+                            "SGD + Lookahead and per-group LRs; drop --optimizer")
+        if offload:
+            raise UserError("--offload steps Adam states with DeepSpeed's CPU Adam; the "
+                            f"{recipe.method} recipe uses SGD + Lookahead: drop --offload")
+        return "sgd_lookahead", f"{recipe.source}: SGD momentum {recipe.momentum} + Lookahead (k=5, alpha=0.5)"
+    if dials.optimizer == "sgd_lookahead":
+        raise UserError(f"--optimizer sgd_lookahead: the {recipe.method} recipe is tuned for AdamW; "
+                        f"use one of {', '.join(OPTIMIZERS[:-1])}")
     runnable = {"apex_fused": support.apex_fused, "deepspeed_fused": support.deepspeed_fused,
-                "torch_fused": support.torch_fused, "torch": True, "deepspeed_cpu_adam": offload}
+                "torch_fused": support.torch_fused, "torch": True, "deepspeed_cpu_adam": offload,
+                "sgd_lookahead": False}
     if dials.optimizer is not None:
         name = dials.optimizer
         if name not in OPTIMIZERS:
@@ -352,6 +325,8 @@ def _total_steps(dials: Dials, recipe: Recipe, global_batch: int, dataset_size: 
         raise UserError("--steps and --epochs both set the run length: give only one")
     if dials.steps is not None:
         return _given(dials.steps, "--steps")
+    if recipe.steps is not None and dials.epochs is None:
+        return recipe.steps, f"{recipe.source}: {recipe.steps:,} iterations"
     epochs, origin = ((recipe.epochs, "recipe") if dials.epochs is None
                       else (dials.epochs, "--epochs given"))
     if epochs <= 0:
@@ -370,6 +345,15 @@ def _warmup(dials: Dials, recipe: Recipe, total_steps: int):
     if recipe.warmup_steps > cap:
         return cap, f"recipe's {recipe.warmup_steps:,} capped at 10% of this {total_steps:,}-step run"
     return recipe.warmup_steps, recipe.source
+
+
+def _data_fraction(dials: Dials, dataset_size: int, full_dataset_size: int | None):
+    if not 0 < dials.data_fraction <= 1:
+        raise UserError(f"--data-fraction {dials.data_fraction} must lie in (0, 1], e.g. 0.1")
+    if dials.data_fraction == 1.0:
+        return 1.0, "all of the training data"
+    return dials.data_fraction, (f"--data-fraction given: a fixed subset of {dataset_size:,} of "
+                                 f"{full_dataset_size or dataset_size:,} pairs")
 
 
 def _workers(dials: Dials, hw: Hardware):

@@ -19,23 +19,24 @@ from engine import dist
 from engine.data.embedded import ensure_digits
 from engine.data.eval_set import load_eval_set
 from engine.data.loader import TrainLoader
-from engine.data.mds import describe_mds
+from engine.data.mds import cache_root, describe_mds
 from engine.data.spec import DataSpec
 from engine.data.text import ClipTokenizer
 from engine.ds_config import apply_overrides, render
 from engine.errors import UserError
 from engine.eval.evaluate import evaluate
 from engine.hardware import probe
-from engine.models.presets import ModelPreset, get_preset
+from engine.data.wordnet import find_wordnet
+from engine.models.presets import ModelPreset, for_method, get_preset
 from engine.models.two_tower import TwoTower, count_parameters
 from engine.observe.metrics import MetricsWriter
 from engine.observe.progress import Progress
 from engine.plan import Dials, RunPlan, probe_optimizer_support, resolve
 from engine.recipes import get_recipe
-from engine.task import Task, build_objective
+from engine.task import Task, build_objective, objective_class
 from engine.train import checkpoint
 from engine.train.loop import Cadence, train
-from engine.train.optim import build_optimizer, param_groups
+from engine.train.optim import build_optimizer, param_groups, sgd_lookahead_for
 from engine.train.schedule import warmup_cosine
 
 
@@ -51,29 +52,36 @@ class Prepared:
 def prepare(dials: Dials, eval_data: str | None) -> Prepared:
     """Resolve the plan and the DeepSpeed config. Raises UserError; writes nothing."""
     recipe = get_recipe(dials.method, dials.model)
-    preset = get_preset(dials.model)
+    preset = for_method(get_preset(dials.model), dials.method, dials.text_layers)
     if dials.data is None:
         digits = ensure_digits()
         data, eval_data = str(digits.train), eval_data or str(digits.heldout)
     else:
         data = dials.data
-    info = describe_mds(data)
+    full_size = describe_mds(data).num_samples
     if eval_data is not None:
         describe_mds(eval_data)
+    if dials.data_fraction != 1.0:
+        from engine.data.subset import ensure_subset
+        data = ensure_subset(data, dials.data_fraction, cache_root())
+    dataset_size = describe_mds(data).num_samples
     tokenizer = ClipTokenizer(preset.context_length)
     hardware = probe()
+    wordnet = find_wordnet() if objective_class(dials.method).text_aug else None
     plan = resolve(dials, hardware, recipe,
                    n_params=count_parameters(preset, tokenizer.eot_id, tokenizer.sot_id),
-                   dataset_size=info.num_samples,
+                   dataset_size=dataset_size, full_dataset_size=full_size,
                    optimizer_support=probe_optimizer_support(hardware),
-                   image_size=preset.image_size)
+                   image_size=preset.image_size, text_layers=preset.text_layers,
+                   wordnet=None if wordnet is None else str(wordnet))
     ds_config = apply_overrides(render(plan), dials.ds, world_size=plan.world_size)
     return Prepared(plan, ds_config, preset, data, eval_data)
 
 
 # Values a resumed run must share with the run it continues (else the checkpoint is wrong for it).
 RESUME_MUST_MATCH = ("method", "model", "seed", "world_size", "global_batch", "micro_batch",
-                     "total_steps")
+                     "total_steps", "dataset_size", "data_fraction", "text_layers", "queue_size",
+                     "enqueue", "negatives", "prior")
 
 
 def check_resumable(run_dir: Path, plan: RunPlan) -> None:
@@ -97,6 +105,13 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def data_spec(objective, plan: RunPlan) -> DataSpec:
+    """What the loader must yield for this objective, with the recipe's crop scale."""
+    return DataSpec(image_views=objective.image_views, augment=objective.augment,
+                    crop_scale=plan.crop_scale, text_aug=objective.text_aug, mlm=objective.mlm,
+                    strip_punctuation=objective.strip_punctuation)
 
 
 def seed_everything(seed: int) -> None:
@@ -128,24 +143,33 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
     seed_everything(plan.seed)
     tokenizer = ClipTokenizer(preset.context_length)
     model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
-    task = Task(model, build_objective(plan.method))
-    optimizer = build_optimizer(param_groups(task, plan.weight_decay), implementation=plan.optimizer,
-                                lr=plan.lr, betas=plan.betas, eps=plan.eps)
+    objective = build_objective(plan, model)
+    task = Task(model, objective)
+    if plan.optimizer == "sgd_lookahead":
+        optimizer = sgd_lookahead_for(task, dict(plan.group_lrs), momentum=plan.momentum,
+                                      weight_decay=plan.weight_decay)
+    else:
+        optimizer = build_optimizer(param_groups(task, plan.weight_decay),
+                                    implementation=plan.optimizer, lr=plan.lr, betas=plan.betas,
+                                    eps=plan.eps)
     scheduler = warmup_cosine(optimizer, lr=plan.lr, min_lr=plan.min_lr,
-                              warmup_steps=plan.warmup_steps, total_steps=plan.total_steps)
+                              warmup_steps=plan.warmup_steps, total_steps=plan.total_steps,
+                              start_lr=plan.warmup_start_lr)
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=prepared.ds_config)
 
     loader = TrainLoader(prepared.data, micro_batch=plan.micro_batch, image_size=plan.image_size,
-                         spec=DataSpec(crop_scale=plan.crop_scale), seed=plan.seed, workers=plan.workers,
+                         spec=data_spec(objective, plan), seed=plan.seed, workers=plan.workers,
                          decode_device=plan.decode_device, tokenizer=tokenizer,
-                         rank=dist.rank(), world_size=dist.world_size())
+                         rank=dist.rank(), world_size=dist.world_size(),
+                         wordnet=find_wordnet() if objective.text_aug and plan.eda_synonyms else None)
     checkpoint_dir = run_dir / "checkpoints"
     start_step = 0
     restored = checkpoint.load(engine, checkpoint_dir)
     if restored is not None:
-        start_step, loader_state = restored
-        loader.load_state_dict(loader_state)
+        start_step, rank_state = restored
+        loader.load_state_dict(rank_state["loader"])
+        task.load_rank_state(rank_state["task"])
         if is_main:
             print(f"resuming from step {start_step} ({checkpoint_dir / checkpoint.latest_tag(checkpoint_dir)})")
 

@@ -2,14 +2,22 @@
 
 The training loop calls `task(batch)` and gets "loss" (the weighted sum it backpropagates),
 each named term as "loss/<name>", and the temperature; it never knows which objective runs.
+`rank_state()` / `load_rank_state()` carry what an objective keeps per rank outside its
+parameters (DeCLIP's queue) through checkpoints.
 """
+import importlib
+
 import torch
 from torch import nn
 
 from engine.models.two_tower import TwoTower
-from engine.objectives.clip import ClipObjective
 
-OBJECTIVES = {"clip": ClipObjective}
+# method -> "module:class"; imported on demand so each objective stays one self-contained file.
+OBJECTIVES = {
+    "clip": "engine.objectives.clip:ClipObjective",
+    "declip": "engine.objectives.declip:DeclipObjective",
+    "clip-lite": "engine.objectives.clip_lite:ClipLiteObjective",
+}
 
 
 class Task(nn.Module):
@@ -26,6 +34,23 @@ class Task(nn.Module):
         return {"loss": total, **{f"loss/{name}": value for name, value in terms.items()},
                 "logit_scale": self.model.scale().detach()}
 
+    def rank_state(self) -> dict:
+        return self.objective.rank_state()
 
-def build_objective(method: str) -> nn.Module:
-    return OBJECTIVES[method]()
+    def load_rank_state(self, state: dict) -> None:
+        self.objective.load_rank_state(state)
+
+
+def objective_class(method: str) -> type:
+    module, name = OBJECTIVES[method].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_objective(plan, model: TwoTower) -> nn.Module:
+    """The plan's objective with the options the plan resolved for it."""
+    cls = objective_class(plan.method)
+    if plan.method == "declip":
+        return cls(model, queue_size=plan.queue_size, enqueue=plan.enqueue, seed=plan.seed)
+    if plan.method == "clip-lite":
+        return cls(model, negatives=plan.negatives, prior=plan.prior)
+    return cls()

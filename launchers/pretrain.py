@@ -1,6 +1,7 @@
 """Pretrain a CLIP model. Every setting not given here is derived and printed as a plan.
 
   deepspeed launchers/pretrain.py                                   # small CLIP on built-in digits
+  deepspeed launchers/pretrain.py --method declip                   # DeCLIP (or clip-lite)
   deepspeed --num_gpus 2 launchers/pretrain.py --zero-stage 2       # two ranks
   deepspeed launchers/pretrain.py --model vit-b-32 --data /data/mds/pairs --epochs 32
   python launchers/pretrain.py --model rn50 --dry-run               # print the plan and exit
@@ -17,7 +18,7 @@ from engine.errors import UserError  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     dials = p.add_argument_group("dials")
-    dials.add_argument("--method", default="clip", help="objective (default: clip)")
+    dials.add_argument("--method", default="clip", help="clip | declip | clip-lite (default: clip)")
     dials.add_argument("--model", default="debug",
                        help="debug | rn50 | vit-b-32 | vit-b-16 | any timm image model name")
     dials.add_argument("--data", help="MDS directory or remote URL (default: built-in digits)")
@@ -29,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     dials.add_argument("--epochs", type=float, help="passes over the data (default: recipe)")
     dials.add_argument("--global-batch", type=int, help="pairs per optimizer step, all ranks")
     dials.add_argument("--seed", type=int, default=0)
+    dials.add_argument("--data-fraction", type=float, default=1.0,
+                       help="train on a fixed subset of this fraction of the data (e.g. 0.1)")
     dials.add_argument("--dry-run", action="store_true", help="write and print the plan, then exit")
     dials.add_argument("--ds", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="raw DeepSpeed config override (repeatable)")
@@ -40,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     over.add_argument("--zero-stage", type=int)
     over.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None)
     over.add_argument("--optimizer", choices=["apex_fused", "deepspeed_fused", "torch_fused",
-                                              "torch", "deepspeed_cpu_adam"])
+                                              "torch", "deepspeed_cpu_adam", "sgd_lookahead"])
     over.add_argument("--lr", type=float)
     over.add_argument("--warmup-steps", type=int)
     over.add_argument("--workers", type=int, help="data workers per rank")
@@ -48,6 +51,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     over.add_argument("--checkpoint-every", type=int)
     over.add_argument("--eval-every", type=int)
     over.add_argument("--log-every", type=int)
+    over.add_argument("--text-layers", type=int, help="text tower depth (CLIP-Lite: 2/4/6/12)")
+    method = p.add_argument_group("objective options (default: the method's paper)")
+    method.add_argument("--queue-size", type=int, help="DeCLIP: nearest-neighbour queue length")
+    method.add_argument("--enqueue", help="DeCLIP: global (every rank enqueues the global batch) "
+                        "or rank (each rank its own, as the reference)")
+    method.add_argument("--negatives", help="CLIP-Lite: local (roll each rank's batch, the "
+                        "reference) or global (roll the gathered batch)")
+    method.add_argument("--prior", help="CLIP-Lite: cooperative (the reference), adversarial, off")
     # The deepspeed launcher appends --local_rank; the rank is read from the environment.
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -62,7 +73,10 @@ def dials_from_args(args: argparse.Namespace):
                  zero_stage=args.zero_stage, offload=args.offload, optimizer=args.optimizer,
                  lr=args.lr, warmup_steps=args.warmup_steps, workers=args.workers,
                  decode_device=args.decode_device, checkpoint_every=args.checkpoint_every,
-                 eval_every=args.eval_every, log_every=args.log_every, ds=tuple(args.ds))
+                 eval_every=args.eval_every, log_every=args.log_every, ds=tuple(args.ds),
+                 data_fraction=args.data_fraction, text_layers=args.text_layers,
+                 queue_size=args.queue_size, enqueue=args.enqueue, negatives=args.negatives,
+                 prior=args.prior)
 
 
 def main(argv=None) -> int:

@@ -4,14 +4,14 @@ Each rank contrasts its own rows against the columns gathered from every rank, w
 gradients flowing back through the gather ("local loss with gather-with-grad").
 """
 import torch
-from torch import nn
 
 from engine import dist
 from engine.models.two_tower import TwoTower
+from engine.objectives.base import Objective
 from kernels import contrastive_loss_local
 
 
-class ClipObjective(nn.Module):
+class ClipObjective(Objective):
     """No heads, no state: the two towers' embeddings and the shared temperature suffice."""
 
     weights = {"clip": 1.0}

@@ -22,6 +22,7 @@ from engine import dist
 from engine.data.mlm import IGNORE_INDEX, MASK_ID
 from engine.errors import UserError
 from engine.models.two_tower import TwoTower
+from engine.objectives.base import Objective
 from kernels import contrastive_loss_local, nearest_neighbors
 
 # The reference's SimSiam widths, fixed whatever the embedding width.
@@ -52,7 +53,7 @@ def _negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return -F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()
 
 
-class DeclipObjective(nn.Module):
+class DeclipObjective(Objective):
     """Owns DeCLIP's heads (SimSiam projector and predictor, MLM head) and the NN queue.
 
     The queue is deliberately neither a parameter nor a registered buffer: DeepSpeed would cast
@@ -66,7 +67,6 @@ class DeclipObjective(nn.Module):
     augment = "moco_v2"
     text_aug = True
     mlm = True
-    strip_punctuation = False  # captions as they are: the CLIP tokenizer cleans text itself
     weights = {"clip": 0.4, "simsiam": 0.2, "mlm": 0.2, "nn": 0.2}
 
     def __init__(self, model: TwoTower, *, queue_size: int, enqueue: str = "global", seed: int = 0):

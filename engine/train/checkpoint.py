@@ -2,7 +2,8 @@
 
 Layout under <run>/checkpoints/:
   step00000040/            DeepSpeed's files (model, optimizer shards, LR scheduler, client
-                           state with the step) + rank<r>.pt (that rank's RNG and loader state)
+                           state with the step) + rank<r>.pt (that rank's RNG and its own
+                           state: loader position, the objective's per-rank state)
   latest                   the tag of the newest *complete* checkpoint, replaced atomically
 
 `latest` is written by rank 0 only after every rank has finished writing (a barrier), via a
@@ -52,12 +53,13 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, checkpoint_dir: Path, step: int, loader_state: dict) -> None:
-    """Every rank calls this (DeepSpeed shards optimizer states across ranks)."""
+def save(engine, checkpoint_dir: Path, step: int, rank_state: dict) -> None:
+    """Every rank calls this (DeepSpeed shards optimizer states across ranks). `rank_state` is
+    what this rank alone knows (data position, e.g. a per-rank queue), restored by load()."""
     tag = _tag(step)
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"step": step},
                            save_latest=False)
-    own = {"rng": rng_state(), "loader": loader_state}
+    own = {"rng": rng_state(), "state": rank_state}
     _atomic_write(checkpoint_dir / tag / f"rank{dist.rank()}.pt", lambda p: torch.save(own, p))
     _barrier()
     if dist.rank() == 0:
@@ -79,11 +81,11 @@ def latest_tag(checkpoint_dir: Path) -> str | None:
 
 
 def load(engine, checkpoint_dir: Path) -> tuple[int, dict] | None:
-    """Restore the newest complete checkpoint; returns (step, loader_state) or None."""
+    """Restore the newest complete checkpoint; returns (step, rank_state) or None."""
     tag = latest_tag(checkpoint_dir)
     if tag is None:
         return None
     _, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
     own = torch.load(checkpoint_dir / tag / f"rank{dist.rank()}.pt", weights_only=False)
     set_rng_state(own["rng"])
-    return client_state["step"], own["loader"]
+    return client_state["step"], own["state"]

@@ -78,5 +78,6 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
             writer.write(done, metrics)
             progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if saving:
-            checkpoint.save(engine, checkpoint_dir, done, loader.state_dict())
+            checkpoint.save(engine, checkpoint_dir, done,
+                            {"loader": loader.state_dict(), "task": engine.module.rank_state()})
     return metrics

@@ -57,4 +57,4 @@ def test_resume_continues_the_same_data_and_loss(tmp_path, cache_env):
         for rank in (0, 1):
             state_a = torch.load(whole / "checkpoints" / tag / f"rank{rank}.pt", weights_only=False)
             state_b = torch.load(split / "checkpoints" / tag / f"rank{rank}.pt", weights_only=False)
-            assert state_a["loader"] == state_b["loader"]
+            assert state_a["state"]["loader"] == state_b["state"]["loader"]

@@ -6,6 +6,7 @@ from deepspeed.runtime import config as deepspeed_config
 
 from engine.ds_config import apply_overrides, render
 from engine.errors import UserError
+from engine.plan import Dials
 from tests.unit.test_plan import A100_40GB_X4, CPU_ONLY, H100_X8, V100_X1, plan_for
 
 PLANS = {
@@ -15,6 +16,7 @@ PLANS = {
     "v100-offload": lambda: plan_for(V100_X1, n_params=1_500_000_000),
     "a100x4-stage3": lambda: plan_for(A100_40GB_X4, n_params=5_000_000_000),
     "cpu-fp32": lambda: plan_for(CPU_ONLY),
+    "h100x8-clip-lite-sgd": lambda: plan_for(H100_X8, Dials(method="clip-lite", model="rn50")),
 }
 
 
@@ -44,6 +46,9 @@ def test_render_follows_the_plan(plan):
     assert config["steps_per_print"] > plan.total_steps
     assert config["wall_clock_breakdown"] is False
     assert "optimizer" not in config and "scheduler" not in config
+    # DeepSpeed's ZeRO refuses SGD + Lookahead (a client optimizer it has not tested) unless told.
+    sgd_under_zero = plan.optimizer == "sgd_lookahead" and plan.zero_stage >= 1
+    assert config.get("zero_allow_untested_optimizer", False) == sgd_under_zero
 
 
 def test_render_passes_deepspeeds_own_validation(plan, monkeypatch):

@@ -144,3 +144,10 @@ def test_critic_projection_starts_as_a_noisy_identity():
     off_diagonal = w.clone()
     off_diagonal[range(16), range(16)] = 0
     assert off_diagonal.abs().max() <= 0.01 and off_diagonal.abs().max() > 0
+
+
+def test_warmup_can_start_from_a_given_lr_as_declip():
+    kw = dict(lr=1e-3, min_lr=0.0, warmup_steps=2500, total_steps=10_000, start_lr=1e-4)
+    assert lr_at(-1, **kw) == pytest.approx(1e-4)
+    assert lr_at(1249, **kw) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
+    assert lr_at(2499, **kw) == pytest.approx(1e-3)

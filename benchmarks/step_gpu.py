@@ -1,0 +1,147 @@
+"""One GPU: the planner's choices, run for real through DeepSpeed, on synthetic batches.
+
+For each method x model: resolve the plan on this machine (precision, optimizer, ZeRO stage,
+the micro-batch the recipe's 80 GB anchor gives), build Task + DeepSpeed exactly as
+`engine.pretrain` does, and time optimizer steps at a ladder of micro-batches, recording
+peak memory. Shows whether the anchors in engine/recipes.py fit and how much room is left.
+Data loading (DALI, streaming) is left out: the batches are random tensors on the device.
+
+    python benchmarks/step_gpu.py --out benchmarks/results/step_gpu.json
+    python benchmarks/step_gpu.py --methods clip --models debug --micro 8 --steps 3   # smoke
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def synthetic_batch(objective, micro: int, image_size: int, context: int, device) -> dict:
+    from engine.data.mlm import IGNORE_INDEX, MASK_ID
+
+    def tokens():
+        rows = torch.zeros(micro, context, dtype=torch.long)
+        length = torch.randint(3, context - 1, (micro,))
+        for i, n in enumerate(length.tolist()):
+            rows[i, 0], rows[i, 1:n] = 49406, torch.randint(1, 49000, (n - 1,))
+            rows[i, n] = 49407
+        return rows
+
+    batch = {"image": torch.randn(micro, 3, image_size, image_size), "text": tokens()}
+    if objective.image_views == 2:
+        batch["image2"] = torch.randn_like(batch["image"])
+    if objective.text_aug:
+        batch["text_aug"] = tokens()
+    if objective.mlm:
+        chosen = (torch.rand(micro, context) < 0.15) & (batch["text"] > 0) & (batch["text"] < 49406)
+        batch["mlm_labels"] = torch.where(chosen, batch["text"], IGNORE_INDEX)
+        batch["text"] = torch.where(chosen, MASK_ID, batch["text"])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def measure(method: str, model_name: str, micro: int, steps: int) -> dict:
+    import deepspeed
+
+    from engine.data.text import ClipTokenizer
+    from engine.ds_config import render
+    from engine.hardware import probe
+    from engine.models.presets import for_method, get_preset
+    from engine.models.two_tower import TwoTower, count_parameters
+    from engine.plan import Dials, probe_optimizer_support, resolve
+    from engine.recipes import get_recipe
+    from engine.task import Task, build_objective
+    from engine.train.optim import build_optimizer, param_groups, sgd_lookahead_for
+
+    preset = for_method(get_preset(model_name), method)
+    tokenizer = ClipTokenizer(preset.context_length)
+    hw = probe()
+    recipe = get_recipe(method, model_name)
+    n_params = count_parameters(preset, tokenizer.eot_id, tokenizer.sot_id)
+    plan = resolve(Dials(method=method, model=model_name, global_batch=micro, micro_batch=micro,
+                         steps=steps + 10), hw, recipe, n_params=n_params, dataset_size=10**7,
+                   optimizer_support=probe_optimizer_support(hw), image_size=preset.image_size,
+                   text_layers=preset.text_layers, wordnet=None)
+    torch.manual_seed(0)
+    model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
+    objective = build_objective(plan, model)
+    task = Task(model, objective)
+    if plan.optimizer == "sgd_lookahead":
+        optimizer = sgd_lookahead_for(task, dict(plan.group_lrs), momentum=plan.momentum,
+                                      weight_decay=plan.weight_decay)
+    else:
+        optimizer = build_optimizer(param_groups(task, plan.weight_decay), implementation=plan.optimizer,
+                                    lr=plan.lr, betas=plan.betas, eps=plan.eps)
+    engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, config=render(plan))
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for step in range(steps + 2):  # two warm-up steps (allocator, cuDNN autotune) not timed
+        batch = synthetic_batch(objective, micro, preset.image_size, preset.context_length, engine.device)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        out = engine(batch)
+        engine.backward(out["loss"])
+        engine.step()
+        torch.cuda.synchronize()
+        if step >= 2:
+            times.append(time.perf_counter() - started)
+            losses.append(out["loss"].item())
+    median = sorted(times)[len(times) // 2]
+    result = dict(method=method, model=model_name, micro_batch=micro, precision=plan.precision,
+                  optimizer=plan.optimizer, zero_stage=plan.zero_stage, n_params=n_params,
+                  anchor_micro_batch_80gb=recipe.micro_batch_80gb,
+                  step_s_median=median, samples_per_s=micro / median,
+                  peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9,
+                  device_memory_gb=hw.device_memory_bytes / 1e9,
+                  losses=losses, finite=all(map(lambda x: x == x and abs(x) != float("inf"), losses)))
+    engine.destroy()
+    del engine, task, model, optimizer
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["clip", "declip", "clip-lite"])
+    parser.add_argument("--models", nargs="+", default=["rn50", "vit-b-32"])
+    parser.add_argument("--micro", nargs="+", type=int, default=[64, 128, 256])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results/step_gpu.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("step_gpu.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
+    import deepspeed
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(verbose=False)
+    rows = []
+    for method in args.methods:
+        for model_name in args.models:
+            if method == "clip-lite" and model_name != "rn50" and model_name != "debug":
+                continue  # CLIP-Lite's paper recipe exists for ResNet-50 only
+            for micro in args.micro:
+                try:
+                    row = measure(method, model_name, micro, args.steps)
+                except torch.OutOfMemoryError as error:
+                    row = dict(method=method, model=model_name, micro_batch=micro, oom=str(error)[:200])
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "note": "synthetic batches on the device; one rank; plan resolved on this machine",
+        "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

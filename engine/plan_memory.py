@@ -1,0 +1,92 @@
+"""Part of the planner: which ZeRO stage and offload the model states need on this hardware.
+
+Model states are the weights, gradients and optimizer states; their size per device follows
+from the parameter count, the precision and how much ZeRO partitions. The planner takes the
+cheapest setting that fits a fixed share of device memory.
+"""
+from engine.errors import UserError
+
+GB = 10**9
+# Share of device memory that model states (weights, gradients, Adam states) may take; the
+# rest is for activations, communication buckets and the allocator's slack.
+MODEL_STATE_BUDGET_FRACTION = 0.5
+# Adam keeps an fp32 master copy, m and v for every parameter (DeepSpeed's ZeRO optimizers
+# keep the fp32 copy even when training in fp32). SGD with momentum and Lookahead keeps the
+# same three: master copy, momentum and slow weights.
+ADAM_STATE_BYTES_PER_PARAM = 12
+
+
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / GB:.3g}"
+
+
+def _model_state_bytes(n_params: int, precision: str, stage: int, offload: bool,
+                       world_size: int) -> float:
+    # ZeRO-1 partitions the Adam states across ranks, 2 also gradients, 3 also weights;
+    # offload moves the Adam states to CPU memory.
+    weight_bytes = 4 if precision == "fp32" else 2
+    weights = n_params * weight_bytes / (world_size if stage >= 3 else 1)
+    grads = n_params * weight_bytes / (world_size if stage >= 2 else 1)
+    adam = 0 if offload else n_params * ADAM_STATE_BYTES_PER_PARAM / (world_size if stage >= 1 else 1)
+    return weights + grads + adam
+
+
+# Cheapest first: each step partitions more, at the cost of more communication.
+_ZERO_LADDER = ((1, False), (2, False), (3, False), (3, True))
+
+
+def zero_setting(dials, hw, precision: str, n_params: int):
+    """(stage, reason, offload, reason): the first ZeRO setting whose model states fit the
+    budget; ZeRO-1 is the floor because its partitioned Adam states cost no extra traffic."""
+    if dials.zero_stage is not None and dials.zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"--zero-stage {dials.zero_stage} is not a ZeRO stage: use 0, 1, 2 or 3")
+    if dials.offload and dials.zero_stage == 0:
+        raise UserError("--offload needs ZeRO (stage 1 or more) to partition the optimizer: "
+                        "drop --zero-stage 0 or --offload")
+    if dials.offload and hw.accelerator == "cpu":
+        raise UserError("--offload moves Adam states from GPU to CPU memory; a CPU run keeps "
+                        "them there already: drop --offload")
+    ladder = ([(dials.zero_stage, False), (dials.zero_stage, True)] if dials.zero_stage is not None
+              else [(1, True), (2, True), (3, True)] if dials.offload else list(_ZERO_LADDER))
+    ladder = [(stage, offload) for stage, offload in ladder
+              if (dials.offload is None or offload == dials.offload)
+              and not (offload and (stage == 0 or hw.accelerator != "cuda"))]
+    budget = hw.device_memory_bytes * MODEL_STATE_BUDGET_FRACTION
+
+    def need(stage: int, offload: bool) -> float:
+        return _model_state_bytes(n_params, precision, stage, offload, hw.world_size)
+
+    fitting = [(stage, offload) for stage, offload in ladder if need(stage, offload) <= budget]
+    if not fitting and dials.zero_stage is None and dials.offload is None:
+        stage, offload = ladder[-1]
+        raise UserError(
+            f"{n_params / 1e6:,.0f}M parameters need {_gb(need(stage, offload))} GB of model states "
+            f"per device even with ZeRO-{stage}{' and CPU offload' if offload else ''}, over the "
+            f"{_gb(budget)} GB budget ({MODEL_STATE_BUDGET_FRACTION:.0%} of each device): "
+            "use more devices or a smaller --model")
+    # Overrides win even when nothing fits: then take the setting that needs least memory.
+    stage, offload = fitting[0] if fitting else min(ladder, key=lambda s: need(*s))
+    usage = f"{_gb(need(stage, offload))} of {_gb(budget)} GB model-state budget per device"
+    position = ladder.index((stage, offload))
+    if dials.zero_stage is not None:
+        stage_reason = f"--zero-stage given ({usage})"
+    elif position == 0:
+        stage_reason = f"{stage}: model states fit with optimizer partitioning ({usage})"
+    else:
+        below = ladder[position - 1]
+        stage_reason = (f"{stage}: ZeRO-{below[0]}{' + offload' if below[1] else ''} needs "
+                        f"{_gb(need(*below))} GB per device, over the budget; {usage}")
+    if dials.offload is not None:
+        offload_reason = f"--offload given ({usage})"
+    elif hw.accelerator == "cpu":
+        offload_reason = "no: a CPU run keeps Adam states in RAM already"
+    elif offload:
+        offload_reason = (f"yes: on-device Adam states need {_gb(need(stage, False))} GB per "
+                          f"device, over the {_gb(budget)} GB budget")
+    elif need(stage, offload) <= budget:
+        offload_reason = "no: Adam states fit on the device"
+    else:
+        offload_reason = "no: ZeRO-0 cannot offload (model states exceed the budget)"
+    return stage, stage_reason, offload, offload_reason
+
+

@@ -1,7 +1,7 @@
 """Loss kernels behind small functional interfaces.
 
 Each op has a plain PyTorch reference (the truth). Faster paths (tiled PyTorch, Triton)
-will sit beside it behind the same function, chosen by device.
+sit beside it behind the same function, chosen by device (kernels/backend.py).
 """
 from kernels.contrastive import contrastive_loss, contrastive_loss_local
 from kernels.jsd import jsd_loss

@@ -44,7 +44,7 @@ def synthetic_batch(objective, micro: int, image_size: int, context: int, device
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def measure(method: str, model_name: str, micro: int, steps: int) -> dict:
+def measure(method: str, model_name: str, micro: int, steps: int, adam: str | None) -> dict:
     import deepspeed
 
     from engine.data.text import ClipTokenizer
@@ -54,7 +54,7 @@ def measure(method: str, model_name: str, micro: int, steps: int) -> dict:
     from engine.models.two_tower import TwoTower, count_parameters
     from engine.plan import Dials, probe_optimizer_support, resolve
     from engine.recipes import get_recipe
-    from engine.task import Task, build_objective
+    from engine.task import Task, align_buffer_dtypes, build_objective
     from engine.train.optim import build_optimizer, param_groups, sgd_lookahead_for
 
     preset = for_method(get_preset(model_name), method)
@@ -62,8 +62,9 @@ def measure(method: str, model_name: str, micro: int, steps: int) -> dict:
     hw = probe()
     recipe = get_recipe(method, model_name)
     n_params = count_parameters(preset, tokenizer.eot_id, tokenizer.sot_id)
+    adam_choice = adam if recipe.optimizer == "adamw" else None
     plan = resolve(Dials(method=method, model=model_name, global_batch=micro, micro_batch=micro,
-                         steps=steps + 10), hw, recipe, n_params=n_params, dataset_size=10**7,
+                         steps=steps + 10, optimizer=adam_choice), hw, recipe, n_params=n_params, dataset_size=10**7,
                    optimizer_support=probe_optimizer_support(hw), image_size=preset.image_size,
                    text_layers=preset.text_layers, wordnet=None)
     torch.manual_seed(0)
@@ -77,6 +78,7 @@ def measure(method: str, model_name: str, micro: int, steps: int) -> dict:
         optimizer = build_optimizer(param_groups(task, plan.weight_decay), implementation=plan.optimizer,
                                     lr=plan.lr, betas=plan.betas, eps=plan.eps)
     engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, config=render(plan))
+    align_buffer_dtypes(engine.module)
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for step in range(steps + 2):  # two warm-up steps (allocator, cuDNN autotune) not timed
@@ -110,6 +112,9 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["rn50", "vit-b-32"])
     parser.add_argument("--micro", nargs="+", type=int, default=[64, 128, 256])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--adam", default="torch_fused",
+                        help="AdamW implementation for AdamW recipes (default torch_fused: no JIT build; "
+                             "'auto' lets the planner choose)")
     parser.add_argument("--out", default="benchmarks/results/step_gpu.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -129,18 +134,23 @@ def main() -> int:
                 continue  # CLIP-Lite's paper recipe exists for ResNet-50 only
             for micro in args.micro:
                 try:
-                    row = measure(method, model_name, micro, args.steps)
+                    row = measure(method, model_name, micro, args.steps,
+                                  None if args.adam == "auto" else args.adam)
                 except torch.OutOfMemoryError as error:
                     row = dict(method=method, model=model_name, micro_batch=micro, oom=str(error)[:200])
                     torch.cuda.empty_cache()
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
+                write(args.out, rows)  # after every row: a run cut short keeps what it measured
+    return 0
+
+
+def write(path: str, rows: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "note": "synthetic batches on the device; one rank; plan resolved on this machine",
         "rows": rows}, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

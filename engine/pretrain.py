@@ -33,7 +33,7 @@ from engine.observe.metrics import MetricsWriter
 from engine.observe.progress import Progress
 from engine.plan import Dials, RunPlan, probe_optimizer_support, resolve
 from engine.recipes import get_recipe
-from engine.task import Task, build_objective, objective_class
+from engine.task import Task, align_buffer_dtypes, build_objective, objective_class
 from engine.train import checkpoint
 from engine.train.loop import Cadence, train
 from engine.train.optim import build_optimizer, param_groups, sgd_lookahead_for
@@ -157,6 +157,7 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
                               start_lr=plan.warmup_start_lr)
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=prepared.ds_config)
+    align_buffer_dtypes(engine.module)
 
     loader = TrainLoader(prepared.data, micro_batch=plan.micro_batch, image_size=plan.image_size,
                          spec=data_spec(objective, plan), seed=plan.seed, workers=plan.workers,

@@ -41,6 +41,22 @@ class Task(nn.Module):
         self.objective.load_rank_state(state)
 
 
+def align_buffer_dtypes(module: nn.Module) -> None:
+    """Give each module's floating buffers its parameters' dtype.
+
+    DeepSpeed's bf16/fp16 modes cast parameters but leave BatchNorm's running statistics in
+    float32, and cuDNN's batch-norm backward refuses that mix on the GPU ("Expected
+    running_mean to have type BFloat16"). Call after deepspeed.initialize.
+    """
+    for sub in module.modules():
+        params = [p for p in sub.parameters(recurse=False) if p.is_floating_point()]
+        if not params:
+            continue
+        for name, buffer in sub.named_buffers(recurse=False):
+            if buffer.is_floating_point() and buffer.dtype != params[0].dtype:
+                setattr(sub, name, buffer.to(params[0].dtype))
+
+
 def objective_class(method: str) -> type:
     module, name = OBJECTIVES[method].split(":")
     return getattr(importlib.import_module(module), name)

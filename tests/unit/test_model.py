@@ -151,3 +151,17 @@ def test_warmup_can_start_from_a_given_lr_as_declip():
     assert lr_at(-1, **kw) == pytest.approx(1e-4)
     assert lr_at(1249, **kw) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
     assert lr_at(2499, **kw) == pytest.approx(1e-3)
+
+
+def test_norm_buffers_follow_their_parameters_dtype():
+    # DeepSpeed's bf16 mode casts parameters only; cuDNN's BatchNorm backward then fails on the
+    # float32 running statistics (seen on an H100 with rn50). align_buffer_dtypes fixes them up.
+    from engine.task import align_buffer_dtypes
+
+    model = TwoTower(get_preset("debug"), EOT, SOT)
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    align_buffer_dtypes(model)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(m.running_mean.dtype == m.running_var.dtype == torch.bfloat16 for m in norms)
+    assert all(m.num_batches_tracked.dtype == torch.long for m in norms)

@@ -31,15 +31,21 @@ def _forward_pass(q, k, scale, offset, with_columns):
     (i, offset + i), and (with_columns, square case) each column's log-sum-exp."""
     n, N = q.shape[0], k.shape[0]
     block = _block_rows(n, N)
+    # Two tile buffers serve every block: a fresh tile per block pays its page faults again
+    # (measured at B = 16384: a third of the time spent outside the matmuls).
+    logits_buffer, exp_buffer = q.new_empty(block, N), q.new_empty(block, N)
     row_lse, positive = q.new_empty(n), q.new_empty(n)
     if with_columns:
         col_max = q.new_full((N,), float("-inf"))
         col_sum = q.new_zeros(N)
     for r0 in range(0, n, block):
         r1 = min(r0 + block, n)
-        logits = torch.mm(q[r0:r1], k.T).mul_(scale)
-        row_lse[r0:r1] = torch.logsumexp(logits, 1)
+        # As the reference: the scale multiplies the rows, then the product.
+        logits = torch.mm(q[r0:r1] * scale, k.T, out=logits_buffer[:r1 - r0])
         positive[r0:r1] = logits.diagonal(offset + r0)
+        row_max = logits.amax(1, keepdim=True)
+        row_sum = torch.sub(logits, row_max, out=exp_buffer[:r1 - r0]).exp_().sum(1)
+        row_lse[r0:r1] = row_max.squeeze(1) + row_sum.log_()
         if with_columns:
             # Online log-sum-exp down the columns: rescale the running sum to the new maximum.
             new_max = torch.maximum(col_max, logits.amax(0))
@@ -58,14 +64,15 @@ def _backward_pass(q, k, scale, offset, row_lse, col_lse):
     """
     n, N = q.shape[0], k.shape[0]
     block = _block_rows(n, N)
+    logits_buffer, grad_buffer = q.new_empty(block, N), q.new_empty(block, N)
     dq, dk = torch.empty_like(q), torch.zeros_like(k)
     labels_per_entry = 1 if col_lse is None else 2
     for r0 in range(0, n, block):
         r1 = min(r0 + block, n)
-        logits = torch.mm(q[r0:r1], k.T).mul_(scale)
+        logits = torch.mm(q[r0:r1] * scale, k.T, out=logits_buffer[:r1 - r0])
         # d/dlogits of the row log-sum-exps is the row softmax; of the columns', the column
         # softmax; of the positive logits, minus one on the label diagonal.
-        grad = (logits - row_lse[r0:r1, None]).exp_()
+        grad = torch.sub(logits, row_lse[r0:r1, None], out=grad_buffer[:r1 - r0]).exp_()
         if col_lse is not None:
             grad.add_(logits.sub_(col_lse).exp_())
         grad.diagonal(offset + r0).sub_(labels_per_entry)

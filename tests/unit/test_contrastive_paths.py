@@ -174,6 +174,23 @@ def test_two_gloo_ranks_on_the_chunked_path_equal_one_process(monkeypatch):
         assert torch.allclose(grad_scale, scale.grad, rtol=1e-10)
 
 
+def test_gpu_benchmark_logic_runs_on_the_cpu():
+    """benchmarks/loss_gpu.py's case runner, memory skip and comparisons, on the host clock."""
+    from benchmarks import loss_gpu as bench
+
+    clock = bench._Clock("cpu")
+    runs = []
+    for method, backend in (("ours", "chunked"), ("reference", "reference")):
+        def fn(a, b, s, backend=backend):
+            return contrastive_loss(a, b, s, backend=backend)
+        runs.append(bench.run_case(method, fn, 64, 16, torch.float32, "cpu", clock, 0.01, None))
+    assert all(row["status"] == "ok" and row["ms"] > 0 for row in runs)
+    skipped = bench.run_case("reference", None, 65536, 512, torch.float32, "cpu", clock, 0.01, 2**30)
+    assert skipped["status"] == "skipped" and "64 GiB" in skipped["why"]
+    (comparison,) = bench._comparisons(runs)
+    assert comparison["speedup_vs_reference"] > 0 and comparison["loss_rel_diff_vs_reference"] < 1e-6
+
+
 def test_triton_interpreted_on_the_cpu_matches_reference():
     pytest.importorskip("triton")
     run_triton_cases(TRITON_CASES, interpret=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from engine.errors import UserError
 from engine.hardware import Hardware
 from engine.plan_memory import GB, MODEL_STATE_BUDGET_FRACTION, zero_setting
-from engine.plan_methods import METHOD_OPTIONS, check_micro_batch, objective_options
+from engine.plan_methods import METHOD_OPTIONS, accumulation, check_micro_batch, objective_options
 from engine.recipes import Recipe
 
 # The device size that Recipe.micro_batch_80gb was sized for.
@@ -32,6 +32,7 @@ class Dials:
     seed: int = 0
     # Overrides of single decisions (None = the engine decides).
     micro_batch: int | None = None
+    accumulation: str | None = None     # "feature_cache" or "plain" (plan_methods.accumulation)
     precision: str | None = None        # one of PRECISIONS
     zero_stage: int | None = None; offload: bool | None = None
     optimizer: str | None = None        # one of OPTIMIZERS
@@ -74,7 +75,7 @@ def probe_optimizer_support(hw: Hardware) -> OptimizerSupport:
 class RunPlan:
     method: str; model: str; seed: int
     world_size: int; nodes: int; accelerator: str; device_name: str
-    global_batch: int; micro_batch: int; grad_accum: int
+    global_batch: int; micro_batch: int; grad_accum: int; accumulation: str
     precision: str; zero_stage: int; offload_optimizer: bool; optimizer: str
     lr: float; group_lrs: tuple[tuple[str, float], ...]; min_lr: float
     weight_decay: float; betas: tuple[float, float] | None; eps: float | None
@@ -153,6 +154,7 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
     check_micro_batch(recipe.method, micro, per_rank)
     decide("grad_accum", per_rank // micro,
            f"{global_batch:,} = {micro} micro x {per_rank // micro} accum x {hw.world_size} ranks")
+    decide("accumulation", *accumulation(dials.accumulation, recipe.method, per_rank // micro))
 
     stage, stage_reason, offload, offload_reason = zero_setting(dials, hw, precision, n_params)
     decide("zero_stage", stage, stage_reason)

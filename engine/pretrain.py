@@ -190,7 +190,8 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
 
     cadence = Cadence(total_steps=plan.total_steps, stop_step=stop_step, grad_accum=plan.grad_accum,
                       log_every=plan.log_every, eval_every=plan.eval_every,
-                      checkpoint_every=plan.checkpoint_every)
+                      checkpoint_every=plan.checkpoint_every,
+                      feature_cache=plan.accumulation == "feature_cache")
     writer = MetricsWriter(run_dir, enabled=is_main)
     progress = Progress(plan.total_steps, start_step, enabled=is_main)
     started = time.perf_counter()

@@ -2,6 +2,8 @@
 
 The training loop calls `task(batch)` and gets "loss" (the weighted sum it backpropagates),
 each named term as "loss/<name>", and the temperature; it never knows which objective runs.
+`task(batch, embed_only=True)` and `loss_from_embeddings` split that forward in two for
+objectives whose loss needs only embeddings (engine/train/gradcache.py).
 `rank_state()` / `load_rank_state()` carry what an objective keeps per rank outside its
 parameters (DeCLIP's queue) through checkpoints.
 """
@@ -26,13 +28,26 @@ class Task(nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, embed_only: bool = False):
+        """Named losses; with `embed_only` (objectives with `feature_cache`), the objective's
+        embeddings and the temperature instead, for engine/train/gradcache.py. Both go through
+        the DeepSpeed engine's forward, so that ZeRO-3 materialises the parameters."""
+        if embed_only:
+            return self.objective.embed(self.model, batch), self.model.scale().float()
         terms = self.objective(self.model, batch)
-        total = sum(self.objective.weights[name] * value for name, value in terms.items())
         # The temperature is read here, inside the forward, because under ZeRO-3 parameters
         # are only materialised during it.
+        return self._named(terms, self.model.scale())
+
+    def loss_from_embeddings(self, local: dict, gathered: dict, offset: int,
+                             scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The same named losses as forward, from embeddings computed beforehand."""
+        return self._named(self.objective.loss_from_embeddings(local, gathered, offset, scale), scale)
+
+    def _named(self, terms: dict[str, torch.Tensor], scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        total = sum(self.objective.weights[name] * value for name, value in terms.items())
         return {"loss": total, **{f"loss/{name}": value for name, value in terms.items()},
-                "logit_scale": self.model.scale().detach()}
+                "logit_scale": scale.detach()}
 
     def rank_state(self) -> dict:
         return self.objective.rank_state()

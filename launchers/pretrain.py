@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "checkpoint, keeping the schedule of the full run (for time-boxed jobs)")
     over = p.add_argument_group("overrides of single decisions (default: derived, see the plan)")
     over.add_argument("--micro-batch", type=int)
+    over.add_argument("--accumulation", choices=["feature_cache", "plain"],
+                      help="feature_cache: the loss spans the global batch however it is split "
+                      "into micro-batches (CLIP); plain: each micro-batch contrasts within itself")
     over.add_argument("--precision", choices=["bf16", "fp16", "fp32"])
     over.add_argument("--zero-stage", type=int)
     over.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None)
@@ -69,7 +72,8 @@ def dials_from_args(args: argparse.Namespace):
 
     return Dials(method=args.method, model=args.model, data=args.data, out=args.out,
                  steps=args.steps, epochs=args.epochs, global_batch=args.global_batch,
-                 seed=args.seed, micro_batch=args.micro_batch, precision=args.precision,
+                 seed=args.seed, micro_batch=args.micro_batch, accumulation=args.accumulation,
+                 precision=args.precision,
                  zero_stage=args.zero_stage, offload=args.offload, optimizer=args.optimizer,
                  lr=args.lr, warmup_steps=args.warmup_steps, workers=args.workers,
                  decode_device=args.decode_device, checkpoint_every=args.checkpoint_every,

@@ -13,6 +13,10 @@ class Objective(nn.Module):
     text_aug = False             # an EDA copy of the caption under "text_aug"
     mlm = False                  # "text" MLM-masked, targets under "mlm_labels"
     strip_punctuation = False    # captions lower-cased and stripped of punctuation
+    # True where the loss is a function of per-sample embeddings alone, gathered over ranks:
+    # then `embed` and `loss_from_embeddings` exist and gradient accumulation can keep the
+    # global-batch loss (engine/train/gradcache.py).
+    feature_cache = False
     weights: dict[str, float]    # term name -> weight in the total loss
 
     def rank_state(self) -> dict:

@@ -10,7 +10,7 @@ from engine import dist
 from engine.observe.metrics import MetricsWriter
 from engine.observe.progress import Progress
 from engine.observe.throughput import StepTimer, memory_gb
-from engine.train import checkpoint
+from engine.train import checkpoint, gradcache
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Cadence:
     log_every: int
     eval_every: int
     checkpoint_every: int
+    feature_cache: bool = False  # accumulate with cached embeddings (engine/train/gradcache.py)
 
 
 def _mean_across_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -33,6 +34,26 @@ def _mean_across_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
         torch_dist.all_reduce(stacked)
         stacked /= dist.world_size()
     return dict(zip(values, stacked.tolist()))
+
+
+def _to(device: torch.device, batch: dict) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _accumulate(engine, batches, grad_accum: int, timer: StepTimer,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """Plain accumulation: each micro-batch's loss on its own; returns their mean."""
+    step_losses: dict[str, torch.Tensor] = {}
+    for _ in range(grad_accum):
+        with timer.waiting_for_data():
+            batch = _to(device, next(batches))
+        losses = engine(batch)
+        engine.backward(losses["loss"])  # DeepSpeed divides by grad_accum itself
+        engine.step()                    # steps the optimizer at the accumulation boundary
+        for name, value in losses.items():
+            share = value.detach() / grad_accum
+            step_losses[name] = step_losses[name] + share if name in step_losses else share
+    return step_losses
 
 
 def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.device,
@@ -48,17 +69,16 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
     metrics: dict[str, float] = {}
     for step in range(start_step, cadence.stop_step):
         done = step + 1
-        for _ in range(cadence.grad_accum):
+        if cadence.feature_cache:
             with timer.waiting_for_data():
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-            losses = engine(batch)
-            engine.backward(losses["loss"])  # DeepSpeed divides by grad_accum itself
-            engine.step()                    # steps the optimizer at the accumulation boundary
-            for name, value in losses.items():
-                share = value.detach() / cadence.grad_accum
-                interval[name] = interval[name] + share if name in interval else share
+                micro_batches = [_to(device, next(batches)) for _ in range(cadence.grad_accum)]
+            step_losses = gradcache.accumulate_step(engine, micro_batches)
+        else:
+            step_losses = _accumulate(engine, batches, cadence.grad_accum, timer, device)
+        for name, value in step_losses.items():
+            interval[name] = interval[name] + value if name in interval else value
         interval_steps += 1
-        timer.step_done(samples=batch["text"].shape[0] * cadence.grad_accum * dist.world_size())
+        timer.step_done(samples=engine.train_batch_size())  # the global batch
 
         if done % cadence.log_every == 0 or done == cadence.stop_step:
             logged = _mean_across_ranks({k: v / interval_steps for k, v in interval.items()})

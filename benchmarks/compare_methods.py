@@ -1,0 +1,78 @@
+"""CLIP vs DeCLIP vs CLIP-Lite on the built-in digits, on 10% and 100% of the training split.
+
+Every run uses the same number of optimizer steps, global batch, seed and held-out split;
+only --method and --data-fraction change. Each run is the plain launcher command a user
+would type (printed), so any row can be reproduced on its own.
+
+    python benchmarks/compare_methods.py                      # 6 runs, one rank each
+    python benchmarks/compare_methods.py --steps 20 --fractions 0.1   # a quick look
+"""
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("clip", "declip", "clip-lite")
+
+
+def command(method: str, fraction: float, steps: int, seed: int, out: Path) -> list[str]:
+    return ["deepspeed", "--num_gpus", "1", "launchers/pretrain.py", "--method", method,
+            "--data-fraction", str(fraction), "--steps", str(steps), "--seed", str(seed),
+            "--out", str(out)]
+
+
+def final_metrics(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if "zeroshot_top1" in row]
+    losses = [row for row in rows if "loss" in row]
+    return {**evals[-1], "final_loss": losses[-1]["loss"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=117,
+                        help="optimizer steps per run (default: 10 epochs of the full split at batch 128)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", default="runs/compare", help="where the run directories go")
+    parser.add_argument("--out", default="benchmarks/results/compare_methods_cpu.json")
+    args = parser.parse_args()
+
+    results = []
+    for fraction in args.fractions:
+        for method in args.methods:
+            run_dir = Path(args.runs) / f"{method}-frac{fraction:g}-steps{args.steps}-seed{args.seed}"
+            cmd = command(method, fraction, args.steps, args.seed, run_dir)
+            print("$ " + " ".join(cmd), flush=True)
+            started = time.perf_counter()
+            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
+                return done.returncode
+            metrics = final_metrics(ROOT / run_dir)
+            results.append(dict(method=method, data_fraction=fraction, steps=args.steps, seed=args.seed,
+                                command=" ".join(cmd), wall_s=round(time.perf_counter() - started, 1),
+                                zeroshot_top1=metrics["zeroshot_top1"],
+                                retrieval_i2t_r1=metrics["retrieval_i2t_r1"],
+                                retrieval_t2i_r1=metrics["retrieval_t2i_r1"],
+                                final_loss=metrics["final_loss"]))
+            print(json.dumps(results[-1]), flush=True)
+
+    print("\n| method | data | zero-shot top-1 | i2t R@1 | t2i R@1 | wall |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['method']} | {r['data_fraction']:.0%} | {r['zeroshot_top1']:.3f} | "
+              f"{r['retrieval_i2t_r1']:.3f} | {r['retrieval_t2i_r1']:.3f} | {r['wall_s']:.0f} s |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"machine": platform.processor() or platform.machine(),
+                                          "runs": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,24 @@
-"""Bad input fails before any work, names the fix, and leaves no run directory behind."""
+"""Bad input fails before any work, names the fix, and leaves no run directory behind.
+
+Input errors are raised before any process group or engine exists, so these run the
+launcher's own `main()` in this process (one import instead of one interpreter per case);
+the dry run, which starts DeepSpeed, runs as a user runs it.
+"""
+import os
+
 import pytest
 
 from launching import launch
+
+
+def run_main(args, cache_env, monkeypatch, capsys):
+    """`python launchers/pretrain.py ARGS` in this process: (exit code, stderr)."""
+    from launchers.pretrain import main
+
+    # main() fills RANK/WORLD_SIZE/... into the environment: keep that out of other tests.
+    monkeypatch.setattr(os, "environ", dict(os.environ, CLIPZERO_CACHE=cache_env["CLIPZERO_CACHE"]))
+    code = main(args)
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, fix", [
@@ -14,23 +31,23 @@ from launching import launch
     (["--steps", "10", "--epochs", "2"], "--steps"),
     (["--zero-stage", "0", "--offload"], "--offload"),
 ])
-def test_fails_fast_with_the_fix_and_no_run_dir(args, fix, tmp_path, cache_env):
+def test_fails_fast_with_the_fix_and_no_run_dir(args, fix, tmp_path, cache_env, monkeypatch, capsys):
     out = tmp_path / "run"
-    result = launch([*args, "--out", str(out)], cache_env, timeout=120)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.startswith("error: ") and fix in result.stderr, result.stderr[-3000:]
+    code, stderr = run_main([*args, "--out", str(out)], cache_env, monkeypatch, capsys)
+    assert code == 2, stderr[-3000:]
+    assert stderr.startswith("error: ") and fix in stderr, stderr[-3000:]
     assert not out.exists()
 
 
-def test_mds_without_caption_column_is_refused(tmp_path, cache_env):
+def test_mds_without_caption_column_is_refused(tmp_path, cache_env, monkeypatch, capsys):
     from streaming import MDSWriter
 
     data = tmp_path / "images_only"
     with MDSWriter(out=str(data), columns={"jpg": "bytes"}) as writer:
         writer.write({"jpg": b"\x89PNG"})
     out = tmp_path / "run"
-    result = launch(["--data", str(data), "--out", str(out)], cache_env, timeout=120)
-    assert result.returncode == 2 and "txt" in result.stderr, result.stderr[-3000:]
+    code, stderr = run_main(["--data", str(data), "--out", str(out)], cache_env, monkeypatch, capsys)
+    assert code == 2 and "txt" in stderr, stderr[-3000:]
     assert not out.exists()
 
 

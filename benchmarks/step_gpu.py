@@ -55,7 +55,7 @@ def measure(method: str, model_name: str, micro: int, steps: int, adam: str | No
     from engine.plan import Dials, probe_optimizer_support, resolve
     from engine.recipes import get_recipe
     from engine.task import Task, align_buffer_dtypes, build_objective
-    from engine.train.optim import build_optimizer, param_groups, sgd_lookahead_for
+    from engine.train.optim import optimizer_for_plan
 
     preset = for_method(get_preset(model_name), method)
     tokenizer = ClipTokenizer(preset.context_length)
@@ -71,12 +71,7 @@ def measure(method: str, model_name: str, micro: int, steps: int, adam: str | No
     model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
     objective = build_objective(plan, model)
     task = Task(model, objective)
-    if plan.optimizer == "sgd_lookahead":
-        optimizer = sgd_lookahead_for(task, dict(plan.group_lrs), momentum=plan.momentum,
-                                      weight_decay=plan.weight_decay)
-    else:
-        optimizer = build_optimizer(param_groups(task, plan.weight_decay), implementation=plan.optimizer,
-                                    lr=plan.lr, betas=plan.betas, eps=plan.eps)
+    optimizer = optimizer_for_plan(task, plan)
     engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, config=render(plan))
     align_buffer_dtypes(engine.module)
     torch.cuda.reset_peak_memory_stats()

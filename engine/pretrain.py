@@ -36,7 +36,7 @@ from engine.recipes import get_recipe
 from engine.task import Task, align_buffer_dtypes, build_objective, objective_class
 from engine.train import checkpoint
 from engine.train.loop import Cadence, train
-from engine.train.optim import build_optimizer, param_groups, sgd_lookahead_for
+from engine.train.optim import optimizer_for_plan
 from engine.train.schedule import warmup_cosine
 
 
@@ -145,13 +145,7 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
     model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
     objective = build_objective(plan, model)
     task = Task(model, objective)
-    if plan.optimizer == "sgd_lookahead":
-        optimizer = sgd_lookahead_for(task, dict(plan.group_lrs), momentum=plan.momentum,
-                                      weight_decay=plan.weight_decay)
-    else:
-        optimizer = build_optimizer(param_groups(task, plan.weight_decay),
-                                    implementation=plan.optimizer, lr=plan.lr, betas=plan.betas,
-                                    eps=plan.eps)
+    optimizer = optimizer_for_plan(task, plan)
     scheduler = warmup_cosine(optimizer, lr=plan.lr, min_lr=plan.min_lr,
                               warmup_steps=plan.warmup_steps, total_steps=plan.total_steps,
                               start_lr=plan.warmup_start_lr)

@@ -74,3 +74,13 @@ def sgd_lookahead_for(module: nn.Module, group_lrs: dict[str, float], *, momentu
     # Every group carries its own LR; SGD's default is never used.
     sgd = torch.optim.SGD(clip_lite_param_groups(module, group_lrs, weight_decay), momentum=momentum)
     return Lookahead(sgd, k=k, alpha=alpha)
+
+
+def optimizer_for_plan(module: nn.Module, plan) -> torch.optim.Optimizer:
+    """The optimizer the plan resolved: SGD + Lookahead with per-group LRs, or AdamW in the
+    chosen implementation with the no-decay groups."""
+    if plan.optimizer == "sgd_lookahead":
+        return sgd_lookahead_for(module, dict(plan.group_lrs), momentum=plan.momentum,
+                                 weight_decay=plan.weight_decay)
+    return build_optimizer(param_groups(module, plan.weight_decay), implementation=plan.optimizer,
+                           lr=plan.lr, betas=plan.betas, eps=plan.eps)

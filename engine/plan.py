@@ -154,7 +154,7 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
     check_micro_batch(recipe.method, micro, per_rank)
     decide("grad_accum", per_rank // micro,
            f"{global_batch:,} = {micro} micro x {per_rank // micro} accum x {hw.world_size} ranks")
-    decide("accumulation", *accumulation(dials.accumulation, recipe.method, per_rank // micro))
+    decide("accumulation", *accumulation(dials.accumulation, per_rank // micro))
 
     stage, stage_reason, offload, offload_reason = zero_setting(dials, hw, precision, n_params)
     decide("zero_stage", stage, stage_reason)

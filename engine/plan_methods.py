@@ -13,8 +13,6 @@ ENQUEUE = ("global", "rank")
 NEGATIVES = ("local", "global")
 PRIORS = ("cooperative", "adversarial", "off")
 ACCUMULATIONS = ("feature_cache", "plain")
-# Methods whose objective has `feature_cache` (tests/unit/test_gradcache.py checks they agree).
-FEATURE_CACHE_METHODS = ("clip",)
 _OWNER = {"queue_size": "declip", "enqueue": "declip", "negatives": "clip-lite", "prior": "clip-lite"}
 
 
@@ -81,19 +79,15 @@ def check_micro_batch(method: str, micro: int, per_rank: int) -> None:
                         f"batch statistics): use {hint}")
 
 
-def accumulation(given: str | None, method: str, grad_accum: int) -> tuple[str, str]:
+def accumulation(given: str | None, grad_accum: int) -> tuple[str, str]:
     """How micro-batches of one step accumulate: "feature_cache" keeps the global-batch loss
     (engine/train/gradcache.py), "plain" contrasts each micro-batch within itself."""
     if given is not None and given not in ACCUMULATIONS:
         raise UserError(f"--accumulation {given!r} is unknown: use one of {', '.join(ACCUMULATIONS)}")
-    if given == "feature_cache" and method not in FEATURE_CACHE_METHODS:
-        raise UserError(f"--accumulation feature_cache: {method} has no cached-feature form yet: "
-                        "drop --accumulation, or use --accumulation plain")
     if given is not None:
         return given, "--accumulation given"
     if grad_accum == 1:
         return "plain", "one micro-batch per step: nothing to accumulate"
-    if method not in FEATURE_CACHE_METHODS:
-        return "plain", f"{method} has no cached-feature form yet: each micro-batch contrasts within itself"
     return "feature_cache", ("embeddings of every micro-batch cached, then recomputed with "
-                             "gradients: the loss spans the whole global batch (GradCache)")
+                             "gradients: the terms that compare samples span the whole global "
+                             "batch (GradCache)")

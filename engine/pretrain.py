@@ -80,8 +80,8 @@ def prepare(dials: Dials, eval_data: str | None) -> Prepared:
 
 # Values a resumed run must share with the run it continues (else the checkpoint is wrong for it).
 RESUME_MUST_MATCH = ("method", "model", "seed", "world_size", "global_batch", "micro_batch",
-                     "total_steps", "dataset_size", "data_fraction", "text_layers", "queue_size",
-                     "enqueue", "negatives", "prior")
+                     "accumulation", "total_steps", "dataset_size", "data_fraction", "text_layers",
+                     "queue_size", "enqueue", "negatives", "prior")
 
 
 def check_resumable(run_dir: Path, plan: RunPlan) -> None:

@@ -2,8 +2,8 @@
 
 The training loop calls `task(batch)` and gets "loss" (the weighted sum it backpropagates),
 each named term as "loss/<name>", and the temperature; it never knows which objective runs.
-`task(batch, embed_only=True)` and `loss_from_embeddings` split that forward in two for
-objectives whose loss needs only embeddings (engine/train/gradcache.py).
+`task(batch, embed_only=True)` stops that forward after the objective's `embed`, for the
+cached-feature accumulation of engine/train/gradcache.py.
 `rank_state()` / `load_rank_state()` carry what an objective keeps per rank outside its
 parameters (DeCLIP's queue) through checkpoints.
 """
@@ -29,24 +29,26 @@ class Task(nn.Module):
         self.objective = objective
 
     def forward(self, batch: dict, embed_only: bool = False):
-        """Named losses; with `embed_only` (objectives with `feature_cache`), the objective's
-        embeddings and the temperature instead, for engine/train/gradcache.py. Both go through
-        the DeepSpeed engine's forward, so that ZeRO-3 materialises the parameters."""
+        """Named losses; with `embed_only`, the objective's first half instead (embeddings,
+        batch terms, temperature), for engine/train/gradcache.py. Both go through the DeepSpeed
+        engine's forward, so that ZeRO-3 materialises the parameters."""
         if embed_only:
-            return self.objective.embed(self.model, batch), self.model.scale().float()
+            embeddings, batch_terms = self.objective.embed(self.model, batch)
+            return embeddings, batch_terms, self.model.scale().float()
         terms = self.objective(self.model, batch)
         # The temperature is read here, inside the forward, because under ZeRO-3 parameters
         # are only materialised during it.
-        return self._named(terms, self.model.scale())
+        return self.named(terms, self.model.scale())
 
-    def loss_from_embeddings(self, local: dict, gathered: dict, offset: int,
-                             scale: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The same named losses as forward, from embeddings computed beforehand."""
-        return self._named(self.objective.loss_from_embeddings(local, gathered, offset, scale), scale)
+    def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The objective's weighted sum of `terms` (any subset of its terms; 0 for none)."""
+        return sum(self.objective.weights[name] * value for name, value in terms.items())
 
-    def _named(self, terms: dict[str, torch.Tensor], scale: torch.Tensor) -> dict[str, torch.Tensor]:
-        total = sum(self.objective.weights[name] * value for name, value in terms.items())
-        return {"loss": total, **{f"loss/{name}": value for name, value in terms.items()},
+    def named(self, terms: dict[str, torch.Tensor], scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the loop logs and backpropagates: "loss" (the weighted sum), "loss/<term>" in
+        the weights' order, and the temperature."""
+        ordered = {name: terms[name] for name in self.objective.weights}
+        return {"loss": self.weighted(ordered), **{f"loss/{name}": v for name, v in ordered.items()},
                 "logit_scale": scale.detach()}
 
     def rank_state(self) -> dict:

@@ -90,21 +90,25 @@ class ClipLiteObjective(Objective):
         self.weights = ({"jsd": 1.0} if prior == "off"
                         else {"jsd": 1.0 - PRIOR_WEIGHT, "prior": PRIOR_WEIGHT})
 
-    def forward(self, model: TwoTower, batch: dict) -> dict[str, torch.Tensor]:
+    def embed(self, model: TwoTower, batch: dict):
+        """The critic's normalised embeddings (fp32 whatever the towers run in: the scale is
+        unclamped), and the prior term, which needs only this batch's features."""
         image = model.image_outputs(batch["image"])
         text = model.text_outputs(batch["text"])
-        # fp32 whatever the towers run in: the critic's scale is unclamped.
-        a = F.normalize(image.embedding.float(), dim=-1)
-        b = F.normalize(text.embedding.float(), dim=-1)
+        embeddings = {"image": F.normalize(image.embedding.float(), dim=-1),
+                      "text": F.normalize(text.embedding.float(), dim=-1)}
+        terms = {} if self.prior_mode == "off" else {"prior": self.prior(image.features, text.features)}
+        return embeddings, terms
+
+    def loss_from_embeddings(self, embeddings: dict[str, torch.Tensor],
+                             scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        a, b = embeddings["image"], embeddings["text"]
         if self.negatives == "global":
             # Every rank computes the whole global batch's loss; the gather's backward sums the
             # ranks' (identical) gradients for this rank's rows, and DeepSpeed's average over
             # ranks divides that sum back: exactly the single-process gradient.
             a, b = dist.all_gather_with_grad(a), dist.all_gather_with_grad(b)
-        terms = {"jsd": jsd_loss(a, b, model.scale().float(), shift=1)}
-        if self.prior_mode != "off":
-            terms["prior"] = self.prior(image.features, text.features)
-        return terms
+        return {"jsd": jsd_loss(a, b, scale, shift=1)}
 
     def prior(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """Sum of the enabled modalities' prior-matching losses on the towers' raw features."""

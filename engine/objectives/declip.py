@@ -93,28 +93,33 @@ class DeclipObjective(Objective):
         self.queue: torch.Tensor | None = None  # [queue_size, embed_dim], fp32, unit rows
         self.pointer = 0                        # the slot the next enqueued row goes to
 
-    def forward(self, model: TwoTower, batch: dict) -> dict[str, torch.Tensor]:
+    def embed(self, model: TwoTower, batch: dict):
+        """The four normalised views the cross terms compare, and SimSiam and MLM, which need
+        only this batch."""
         # Each view through its tower on its own, as the reference: BatchNorm in an image tower
         # then normalises each view's batch separately.
         view1 = model.image_outputs(batch["image"]).embedding
         view2 = model.image_outputs(batch["image2"]).embedding
         caption = model.text_outputs(batch["text"])
         text_aug = model.text_outputs(batch["text_aug"]).embedding
-        scale = model.scale().float()
+        embeddings = {name: F.normalize(x.float(), dim=-1) for name, x in (
+            ("image", view1), ("image2", view2), ("text", caption.embedding), ("text_aug", text_aug))}
+        return embeddings, {"simsiam": self._simsiam(view1, view2),
+                            "mlm": self._mlm(caption.token_states, batch["mlm_labels"])}
 
-        simsiam = self._simsiam(view1, view2)
-        mlm = self._mlm(caption.token_states, batch["mlm_labels"])
-
-        images = [F.normalize(v.float(), dim=-1) for v in (view1, view2)]
-        texts = [F.normalize(t.float(), dim=-1) for t in (caption.embedding, text_aug)]
+    def loss_from_embeddings(self, embeddings: dict[str, torch.Tensor],
+                             scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """clip and nn on this rank's rows of the step; in training, then enqueues the step's
+        captions (so once per optimizer step however the step was accumulated)."""
+        images = [embeddings["image"], embeddings["image2"]]
+        texts = [embeddings["text"], embeddings["text_aug"]]
         images_all = [dist.all_gather_with_grad(x) for x in images]
         texts_all = [dist.all_gather_with_grad(x) for x in texts]
         offset = dist.rank() * images[0].shape[0]
         clip = sum(contrastive_loss_local(image, text, image_all, text_all, offset, scale)
                    for image, image_all in zip(images, images_all)
                    for text, text_all in zip(texts, texts_all)) / 4
-        nn_loss = self._nearest_neighbour(images, texts, texts_all, offset, scale)
-        return {"clip": clip, "simsiam": simsiam, "mlm": mlm, "nn": nn_loss}
+        return {"clip": clip, "nn": self._nearest_neighbour(images, texts, texts_all, offset, scale)}
 
     def _simsiam(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
         # One view per call (as the reference), so the heads' BatchNorm statistics are each

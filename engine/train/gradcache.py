@@ -3,69 +3,71 @@ Gao et al. 2021).
 
 Plain accumulation contrasts each micro-batch only against itself (times the ranks), so a
 global batch of B split into k micro-batches trains on a B/k-sized contrastive problem.
-Here, for an objective whose loss needs only per-sample embeddings (`feature_cache`):
+Here, with the objective's loss split as engine/objectives/base.py describes (embeddings and
+batch terms from `embed`, cross terms from `loss_from_embeddings`):
 
 1. every micro-batch of the step runs forward without gradients, keeping its embeddings and
-   the RNG state it started from (so that step 3 sees the same dropout draws);
-2. the step's embeddings, gathered from every rank, give the loss of the whole global batch
-   and, by a backward that stops at the embeddings, d loss / d embedding for this rank's rows
-   and d loss / d temperature;
+   the RNG state it started from (so that step 3 sees the same dropout and prior draws);
+2. the cross terms of the whole step's embeddings (this rank's rows; the objective gathers
+   the other ranks') and a backward that stops at the embeddings give d loss / d embedding
+   for this rank's rows and d loss / d temperature. DeCLIP's queue is read and filled here,
+   once per step;
 3. each micro-batch runs forward again, with gradients, from its saved RNG state, and
-   backpropagates those cached gradients (the surrogate sum(embedding * cached gradient)),
-   accumulating in DeepSpeed as usual.
+   backpropagates those cached gradients (the surrogate sum(embedding * cached gradient))
+   together with its own batch terms (SimSiam, MLM, a prior), accumulating in DeepSpeed.
 
-The parameter gradients then equal one step on the whole global batch, at the memory of one
-micro-batch plus the step's embeddings, for one extra forward per micro-batch. Across ranks
-the loss is this rank's rows against every rank's columns, and the gather's backward sums the
-column gradients back to their rank, exactly as in the objective's own forward: DeepSpeed's
-average over ranks is then the global batch's gradient.
+The parameter gradients then equal one step whose cross terms span the whole global batch
+and whose batch terms are the mean over micro-batches (as in plain accumulation), at the
+memory of one micro-batch plus the step's embeddings, for one extra forward per micro-batch.
+Across ranks, the gather's backward sums the column gradients back to their rank, exactly as
+in the objective's own forward: DeepSpeed's average over ranks is the global batch's gradient.
 """
 import torch
-
-from engine import dist
 
 
 def accumulate_step(engine, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
     """Train one optimizer step on `micro_batches` (this rank's share of the global batch, in
-    the order the loader gave it); return the step's named losses on the global batch."""
-    task, device = engine.module, engine.device
-    # 1. Embeddings without gradients. BatchNorm updates its running statistics on this pass
-    # too: put them back, so that each micro-batch updates them once, as in plain accumulation.
+    the order the loader gave it); return the step's named losses."""
+    task, device, k = engine.module, engine.device, len(micro_batches)
+    # 1. Embeddings without gradients. The whole embed runs (batch terms included) so that
+    # ZeRO-3 sees the same modules in the same order in both passes. BatchNorm updates its
+    # running statistics on this pass too: put them back, so that each micro-batch updates
+    # them once, as in plain accumulation.
     rng_states, parts = [], []
     buffers = [b.clone() for b in task.buffers()]
     with torch.no_grad():
         for batch in micro_batches:
             rng_states.append(_rng_state(device))
-            embeddings, scale = engine(batch, embed_only=True)
+            embeddings, _, scale = engine(batch, embed_only=True)
             parts.append(embeddings)
-    with torch.no_grad():
         for buffer, saved in zip(task.buffers(), buffers):
             buffer.copy_(saved)
     after = _rng_state(device)
 
-    # 2. The global-batch loss from leaf embeddings; its backward stops at them.
+    # 2. The cross terms from leaf embeddings; their backward stops at them.
     local = {name: torch.cat([p[name] for p in parts]).requires_grad_() for name in parts[0]}
     scale = scale.detach().requires_grad_()
-    gathered = {name: dist.all_gather_with_grad(x) for name, x in local.items()}
-    rows = next(iter(local.values())).shape[0]
-    losses = task.loss_from_embeddings(local, gathered, dist.rank() * rows, scale)
-    losses["loss"].backward()
+    cross = task.objective.loss_from_embeddings(local, scale)
+    task.weighted(cross).backward()
     sizes = [next(iter(p.values())).shape[0] for p in parts]
     cached = {name: x.grad.split(sizes) for name, x in local.items()}
 
-    # 3. Recompute each micro-batch with gradients and push the cached gradients through it.
-    # engine.backward divides by the accumulation steps: multiply back, since the cached
-    # gradients are already those of the whole step's loss.
+    # 3. Recompute each micro-batch with gradients; push the cached gradients through it with
+    # its batch terms. engine.backward divides by k: the cached gradients are already those of
+    # the whole step's loss, so they are multiplied back; each batch term's 1/k makes the mean.
+    batch_means: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         _set_rng_state(rng_states[i], device)
-        embeddings, step_scale = engine(batch, embed_only=True)
+        embeddings, batch_terms, step_scale = engine(batch, embed_only=True)
         surrogate = sum((x * cached[name][i]).sum() for name, x in embeddings.items())
-        if i == 0:  # the temperature's gradient, once per step
+        if i == 0 and scale.grad is not None:  # the temperature's gradient, once per step
             surrogate = surrogate + step_scale * scale.grad
-        engine.backward(surrogate * len(micro_batches))
+        engine.backward(surrogate * k + task.weighted(batch_terms))
         engine.step()  # steps the optimizer at the accumulation boundary
+        for name, value in batch_terms.items():
+            batch_means[name] = batch_means.get(name, 0) + value.detach() / k
     _set_rng_state(after, device)
-    return {name: value.detach() for name, value in losses.items()}
+    return {name: value.detach() for name, value in task.named({**cross, **batch_means}, scale).items()}
 
 
 def _rng_state(device: torch.device) -> tuple:

@@ -97,3 +97,19 @@ def test_data_fraction_is_shown_with_the_subset_size():
     plan = resolve(dials, CPU_ONLY, get_recipe("clip", "debug"), n_params=1, dataset_size=150,
                    full_dataset_size=1497, optimizer_support=NO_FUSED, image_size=32)
     assert plan.data_fraction == 0.1 and "150 of 1,497 pairs" in plan.table()
+
+
+@pytest.mark.parametrize("method", ["clip", "declip", "clip-lite"])
+def test_accumulation_keeps_the_global_batch_for_every_method(method):
+    # 64 per rank on one CPU as micro-batches of 16: the plan caches features, and says why.
+    plan = plan_for(CPU_ONLY, method, "debug", dataset_size=1500, global_batch=64, micro_batch=16)
+    reasons = {d.name: d.reason for d in plan.decisions}
+    assert (plan.grad_accum, plan.accumulation) == (4, "feature_cache")
+    assert "whole global batch" in reasons["accumulation"]
+    plain = plan_for(CPU_ONLY, method, "debug", dataset_size=1500, global_batch=64, micro_batch=16,
+                     accumulation="plain")
+    assert plain.accumulation == "plain"
+    single = plan_for(CPU_ONLY, method, "debug", dataset_size=1500, global_batch=64, micro_batch=64)
+    assert (single.grad_accum, single.accumulation) == (1, "plain")
+    with pytest.raises(UserError, match="--accumulation 'cached' is unknown"):
+        plan_for(CPU_ONLY, method, "debug", dataset_size=1500, global_batch=64, accumulation="cached")

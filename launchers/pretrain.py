@@ -40,8 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     over = p.add_argument_group("overrides of single decisions (default: derived, see the plan)")
     over.add_argument("--micro-batch", type=int)
     over.add_argument("--accumulation", choices=["feature_cache", "plain"],
-                      help="feature_cache: the loss spans the global batch however it is split "
-                      "into micro-batches (CLIP); plain: each micro-batch contrasts within itself")
+                      help="feature_cache: negatives span the global batch however it is split "
+                      "into micro-batches; plain: each micro-batch contrasts within itself")
     over.add_argument("--precision", choices=["bf16", "fp16", "fp32"])
     over.add_argument("--zero-stage", type=int)
     over.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None)

@@ -21,7 +21,7 @@ from engine.data.eval_set import load_eval_set
 from engine.data.loader import TrainLoader
 from engine.data.mds import cache_root, describe_mds
 from engine.data.spec import DataSpec
-from engine.data.text import ClipTokenizer
+from engine.data.text import ClipTokenizer, strip_punctuation
 from engine.ds_config import apply_overrides, render
 from engine.errors import UserError
 from engine.eval.evaluate import evaluate
@@ -180,7 +180,8 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
     def evaluator() -> dict[str, float]:
         if eval_set is None:
             return {}
-        return evaluate(engine.module.model, eval_set, tokenizer, engine.device)
+        return evaluate(engine.module.model, eval_set, tokenizer, engine.device,
+                        clean_text=strip_punctuation if objective.strip_punctuation else None)
 
     cadence = Cadence(total_steps=plan.total_steps, stop_step=stop_step, grad_accum=plan.grad_accum,
                       log_every=plan.log_every, eval_every=plan.eval_every,

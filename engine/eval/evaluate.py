@@ -1,5 +1,7 @@
 """Run every evaluator the held-out set supports. Every rank calls it (ZeRO-3 needs all ranks
 in each forward); every rank gets the same numbers and rank 0 logs them."""
+from typing import Callable
+
 import torch
 
 from engine.data.eval_set import EvalSet
@@ -16,16 +18,23 @@ def _encode(encode, items, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, eval_set: EvalSet, tokenizer, device: torch.device) -> dict[str, float]:
+def evaluate(model, eval_set: EvalSet, tokenizer, device: torch.device,
+             clean_text: Callable[[str], str] | None = None) -> dict[str, float]:
+    """`clean_text`: the normalisation training applied to captions (CLIP-Lite strips
+    punctuation), applied here to the held-out captions and the zero-shot prompts too: a text
+    tower never trained on "." must not meet one at evaluation."""
+    def tokens(texts: list[str]) -> torch.Tensor:
+        return tokenizer([clean_text(t) for t in texts] if clean_text else texts)
+
     was_training = model.training
     model.eval()
     try:
         image = _encode(model.encode_image, eval_set.images, device)
-        text = _encode(model.encode_text, tokenizer(eval_set.captions), device)
+        text = _encode(model.encode_text, tokens(eval_set.captions), device)
         metrics = retrieval_metrics(image, text)
         if eval_set.labels is not None and eval_set.classnames and eval_set.templates:
             prompts = class_prompts(eval_set.classnames, eval_set.templates)
-            prompt_embeddings = _encode(model.encode_text, tokenizer(prompts), device)
+            prompt_embeddings = _encode(model.encode_text, tokens(prompts), device)
             classifier = classifier_from_prompts(prompt_embeddings, len(eval_set.classnames))
             metrics.update(topk_accuracy(image, classifier, eval_set.labels))
     finally:

@@ -38,3 +38,32 @@ def test_perfect_pairs_give_full_recall_both_ways():
     x = F.normalize(torch.randn(20, 8), dim=-1)
     m = retrieval_metrics(x, x)
     assert m["retrieval_i2t_r1"] == m["retrieval_t2i_r1"] == 1.0
+
+
+def test_evaluation_text_gets_the_training_caption_cleaning():
+    """CLIP-Lite trains on lower-cased captions without punctuation: the held-out captions and
+    the zero-shot prompts must reach its text tower cleaned the same way."""
+    from engine.data.eval_set import EvalSet
+    from engine.data.text import ClipTokenizer, strip_punctuation
+    from engine.eval.evaluate import evaluate
+    from engine.models.presets import for_method, get_preset
+    from engine.models.two_tower import TwoTower
+
+    tokenizer = ClipTokenizer(32)
+    seen: list[str] = []
+
+    def recording(texts):
+        seen.extend(texts)
+        return tokenizer(texts)
+
+    torch.manual_seed(0)
+    model = TwoTower(for_method(get_preset("debug"), "clip-lite"), tokenizer.eot_id, tokenizer.sot_id)
+    eval_set = EvalSet(images=torch.randn(4, 3, 32, 32), captions=["A Cat.", "the dog!", "A Cat.", "x, y"],
+                       labels=torch.tensor([0, 1, 0, 1]), classnames=["cat", "dog"],
+                       templates=["a photo of a {}."])
+    metrics = evaluate(model, eval_set, recording, torch.device("cpu"), clean_text=strip_punctuation)
+    assert seen == ["a cat", "the dog", "a cat", "x y", "a photo of a cat", "a photo of a dog"]
+    assert "zeroshot_top1" in metrics
+    seen.clear()
+    evaluate(model, eval_set, recording, torch.device("cpu"))  # CLIP, DeCLIP: as written
+    assert seen[-1] == "a photo of a dog."

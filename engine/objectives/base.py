@@ -19,13 +19,15 @@ micro-batch, averaged, as plain accumulation would.
 The class attributes tell the loader what each sample must carry; the defaults are CLIP's
 (one cropped view, the caption as it is).
 """
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
 from engine.models.two_tower import TwoTower
 
 
-class Objective(nn.Module):
+class Objective(nn.Module, ABC):
     image_views = 1              # 2: a second augmented view under "image2"
     augment = "crop"             # the augmentation family (engine/data/augment.py)
     text_aug = False             # an EDA copy of the caption under "text_aug"
@@ -33,12 +35,14 @@ class Objective(nn.Module):
     strip_punctuation = False    # captions lower-cased and stripped of punctuation
     weights: dict[str, float]    # term name -> weight in the total loss
 
+    @abstractmethod
     def embed(self, model: TwoTower, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        raise NotImplementedError
+        """(embeddings, batch terms) of this rank's batch."""
 
+    @abstractmethod
     def loss_from_embeddings(self, embeddings: dict[str, torch.Tensor],
                              scale: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The cross terms of this rank's rows of a whole step."""
 
     def forward(self, model: TwoTower, batch: dict) -> dict[str, torch.Tensor]:
         embeddings, batch_terms = self.embed(model, batch)

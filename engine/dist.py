@@ -1,6 +1,7 @@
 """Rank/world discovery and the one collective the objectives need: all-gather with gradient."""
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -73,6 +74,33 @@ def fill_launcher_env() -> None:
             raise RuntimeError("MASTER_PORT is not set: start several ranks with the deepspeed "
                                "launcher, torchrun or srun, which set it")
         env["MASTER_PORT"] = str(free_port())
+
+
+def init_distributed() -> None:
+    """deepspeed.init_distributed, minus the shared memory it leaks on the CPU.
+
+    When every rank is on this host, DeepSpeed's CPU accelerator gives each rank a 64 MiB
+    all-reduce workspace in POSIX shared memory and never unlinks it (deepspeed 0.19,
+    csrc/cpu/comm/shm.cpp): every run would leave 64 MiB x ranks of RAM in /dev/shm until the
+    machine reboots. Each rank maps every peer's workspace inside init, so once all ranks are
+    past init (the barrier) the names are no longer needed: unlinking them now keeps the
+    mappings working and frees the memory when the processes exit, however they exit.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(verbose=False)
+    if get_accelerator().device_name() != "cpu":
+        return
+    if world_size() > 1:
+        dist.barrier()
+    cpu_allreduce_workspace(os.environ["MASTER_PORT"], rank()).unlink(missing_ok=True)
+
+
+def cpu_allreduce_workspace(port: str | int, rank: int) -> Path:
+    """Where DeepSpeed's CPU all-reduce workspace of `rank` lives for a run on `port`."""
+    address = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}"
 
 
 def free_port() -> int:

@@ -126,7 +126,7 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
     if torch.cuda.is_available():
         # Before any collective: NCCL's object broadcast and barriers use the current device.
         torch.cuda.set_device(dist.local_rank() % torch.cuda.device_count())
-    deepspeed.init_distributed(verbose=False)
+    dist.init_distributed()
     is_main = dist.rank() == 0
     run_dir = Path(out) if out else dist.broadcast_from_rank0(default_run_dir(plan))
     check_resumable(run_dir, plan)

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine.dist import free_port
+from engine.dist import cpu_allreduce_workspace, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "launchers" / "pretrain.py"
@@ -14,12 +14,17 @@ LAUNCHER = ROOT / "launchers" / "pretrain.py"
 def launch(args, env, ranks=None, timeout=600) -> subprocess.CompletedProcess:
     """`deepspeed [--num_gpus N] launchers/pretrain.py ARGS` or, without ranks, plain python."""
     if ranks is None:
-        cmd = [sys.executable, str(LAUNCHER), *args]
-    else:
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()),
-               str(LAUNCHER), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
+        return subprocess.run([sys.executable, str(LAUNCHER), *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), str(LAUNCHER), *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    # Every run, finished or refused, must give back DeepSpeed's shared memory (engine/dist.py).
+    leaked = [path for rank in range(ranks) if (path := cpu_allreduce_workspace(port, rank)).exists()]
+    for path in leaked:
+        path.unlink()
+    assert not leaked, f"the run left DeepSpeed's all-reduce workspace in shared memory: {leaked}"
+    return result
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -273,12 +273,13 @@ def _start_workers(loader: DataLoader):
 
     A forked worker inherits the parent's objects, uncollected garbage included. Were it to
     collect a dead DALI pipeline, the finalizer would join threads that exist only in the
-    parent and crash the worker. So collect in the parent first, where that is safe, and
-    freeze what is left for the children.
+    parent and crash the worker (a segfault). Frozen objects are never collected in the child;
+    in the parent, unfreezing hands them back to the collector. No gc.collect() first: a full
+    collection of a training process took ~0.5 s at every epoch boundary (CLIP, 117 steps on
+    150 pairs, one batch per epoch, 2 CPU cores: 157 s with it, 94 s without).
     """
     if loader.num_workers == 0:
         return iter(loader)
-    gc.collect()
     gc.freeze()
     try:
         return iter(loader)  # forks every worker before returning

@@ -311,3 +311,38 @@ def test_two_ranks_see_disjoint_samples(digits, tmp_path):
     assert len(epoch0[0]) == len(epoch0[1]) == per_epoch * 64  # no repeats within a rank
     assert not epoch0[0] & epoch0[1]
     assert len(results[0]["ids"]) == per_epoch + 1  # and the epoch rolls over
+
+
+# A worker that runs the garbage collector while the parent holds a dead DALI pipeline in a
+# reference cycle: the pipeline's finalizer would join threads that exist only in the parent.
+DEAD_PIPELINE_SCRIPT = textwrap.dedent("""
+    import gc, torch
+    from torch.utils.data import DataLoader, Dataset
+    from engine.data.dali import PLACEHOLDER_PNG, eval_pipeline
+    from engine.data.loader import _start_workers
+
+    for _ in range(3):
+        pipe = eval_pipeline(lambda: ([PLACEHOLDER_PNG] * 4,), batch_size=4, image_size=16, num_threads=2)
+        pipe.build()
+        pipe.run()
+        pipe.cycle = pipe  # garbage that only the collector can free
+        del pipe
+
+    class Collecting(Dataset):
+        def __len__(self):
+            return 8
+        def __getitem__(self, index):
+            return torch.tensor(gc.collect())
+
+    # A worker that collects them segfaults or hangs: the timeout turns a hang into an error.
+    loader = DataLoader(Collecting(), batch_size=2, num_workers=1, multiprocessing_context="fork", timeout=60)
+    print("batches", len(list(_start_workers(loader))))
+""")
+
+
+def test_workers_never_collect_the_parents_dead_dali_pipelines(tmp_path):
+    script = tmp_path / "dead_pipeline.py"
+    script.write_text(DEAD_PIPELINE_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0 and "batches 4" in result.stdout, result.stderr[-3000:]

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine.dist import cpu_allreduce_workspace, free_port
+from engine.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "launchers" / "pretrain.py"
@@ -20,7 +20,8 @@ def launch(args, env, ranks=None, timeout=600) -> subprocess.CompletedProcess:
     cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), str(LAUNCHER), *args]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     # Every run, finished or refused, must give back DeepSpeed's shared memory (engine/dist.py).
-    leaked = [path for rank in range(ranks) if (path := cpu_allreduce_workspace(port, rank)).exists()]
+    # Matched by port alone: the ranks' MASTER_ADDR, part of the name, is the launcher's to choose.
+    leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
     for path in leaked:
         path.unlink()
     assert not leaked, f"the run left DeepSpeed's all-reduce workspace in shared memory: {leaked}"

@@ -6,19 +6,23 @@ setup(
     description="Config-free DeepSpeed ZeRO pretraining of data-efficient CLIP models",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
     python_requires=">=3.10",
+    # Ranges: from the release CI (and the GPU runs under benchmarks/results/) ran, to before
+    # the next release likely to break us. .ci/run prints what it resolved; the README says
+    # how to try newer releases.
     install_requires=[
-        # torch is pinned by the README's install line (a CPU/CUDA build of the user's choice).
+        # Left wide so that a torch the user installed first (a CUDA build of their choice) is
+        # kept; run here: 2.14 on the CPU, 2.11 and 2.14 on CUDA.
         "torch>=2.4",
         "torchvision",
-        "deepspeed>=0.16,<0.20",
-        "timm>=1.0,<1.1",
-        "transformers>=4.45,<5",
-        "mosaicml-streaming>=0.11,<0.14",
-        "nvidia-dali-cuda120>=1.40",
+        "deepspeed>=0.19,<0.20",  # engine/dist.py knows 0.19's CPU shared-memory file names
+        "timm>=1.0.31,<1.1",      # CLIP's own towers by name arrived during 1.0.x
+        "transformers>=4.57,<5",
+        "mosaicml-streaming>=0.13,<0.14",
+        "nvidia-dali-cuda120>=2.4,<3",
         "tensorboard>=2.15",
-        "open_clip_torch>=2.24",  # ships the CLIP BPE vocabulary used offline
-        "scikit-learn>=1.3",      # ships the digits images of the built-in dataset
+        "open_clip_torch>=3.3,<4",  # ships the CLIP BPE vocabulary used offline
+        "scikit-learn>=1.3",        # ships the digits images of the built-in dataset
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=9.0,<10"]},
 )

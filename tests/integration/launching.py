@@ -9,6 +9,10 @@ from engine.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "launchers" / "pretrain.py"
+# The `deepspeed` command of the interpreter running the tests, so that a suite started as
+# `venv/bin/python -m pytest` without activating the venv launches that venv's DeepSpeed.
+_BESIDE = Path(sys.executable).with_name("deepspeed")
+DEEPSPEED = str(_BESIDE) if _BESIDE.exists() else "deepspeed"
 
 
 def launch(args, env, ranks=None, timeout=600) -> subprocess.CompletedProcess:
@@ -17,7 +21,7 @@ def launch(args, env, ranks=None, timeout=600) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(LAUNCHER), *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
     port = free_port()
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), str(LAUNCHER), *args]
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), str(LAUNCHER), *args]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     # Every run, finished or refused, must give back DeepSpeed's shared memory (engine/dist.py).
     # Matched by port alone: the ranks' MASTER_ADDR, part of the name, is the launcher's to choose.

@@ -24,5 +24,5 @@ setup(
         "scikit-learn>=1.3",        # ships the digits images of the built-in dataset
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=9.0,<10"]},
+    extras_require={"test": ["pytest>=9.0,<10", "psutil"]},
 )

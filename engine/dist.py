@@ -1,6 +1,9 @@
-"""Rank/world discovery and the one collective the objectives need: all-gather with gradient."""
+"""The process group: DeepSpeed's init with a stated timeout, rank and world, and the one
+collective the objectives need, all-gather with gradient. (engine/launch.py says where the
+ranks come from.)"""
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -52,32 +55,13 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _AllGatherWithGrad.apply(x)
 
 
-def fill_launcher_env() -> None:
-    """Make RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_* present however the
-    script was started: the deepspeed launcher and torchrun set them; srun sets SLURM_*; a
-    plain `python launchers/pretrain.py` is one process on this host."""
-    env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env:
-        env["RANK"] = env["SLURM_PROCID"]
-        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env["SLURM_LOCALID"]
-        nodes = int(env.get("SLURM_NNODES", 1))
-        env.setdefault("LOCAL_WORLD_SIZE", str(int(env["SLURM_NTASKS"]) // nodes))
-    env.setdefault("RANK", "0")
-    env.setdefault("WORLD_SIZE", "1")
-    env.setdefault("LOCAL_RANK", "0")
-    # The deepspeed launcher names it LOCAL_SIZE; MosaicML streaming reads LOCAL_WORLD_SIZE.
-    env.setdefault("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", env["WORLD_SIZE"]))
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in env:
-        if env["WORLD_SIZE"] != "1":
-            raise RuntimeError("MASTER_PORT is not set: start several ranks with the deepspeed "
-                               "launcher, torchrun or srun, which set it")
-        env["MASTER_PORT"] = str(free_port())
+def init_distributed(timeout_s: float) -> None:
+    """deepspeed.init_distributed with `timeout_s` on every collective, minus the shared memory
+    it leaks on the CPU.
 
-
-def init_distributed() -> None:
-    """deepspeed.init_distributed, minus the shared memory it leaks on the CPU.
+    The timeout is what ends a job whose rank died without closing its connections (a lost
+    node): every other rank fails its next collective after that long, instead of waiting for
+    NCCL's 30-minute default.
 
     When every rank is on this host, DeepSpeed's CPU accelerator gives each rank a 64 MiB
     all-reduce workspace in POSIX shared memory and never unlinks it (deepspeed 0.19,
@@ -89,7 +73,15 @@ def init_distributed() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed(verbose=False)
+    timeout = timedelta(seconds=timeout_s)
+    # Groups made later with new_group() and no timeout (DeepSpeed's data-parallel clone of the
+    # world, which ZeRO's gradient all-reduces use) take torch's module defaults, 30 minutes,
+    # not the world group's: seen as a rank waiting forever for a lost peer. Set them too.
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(verbose=False, timeout=timeout)
     if get_accelerator().device_name() != "cpu":
         return
     if world_size() > 1:

@@ -10,7 +10,10 @@ import math
 from dataclasses import dataclass
 
 from engine.errors import UserError
+from engine.ds_config import fp16_scale_search_steps
 from engine.hardware import Hardware
+from engine.launch import Launch
+from engine.plan_faults import fault_decisions
 from engine.plan_memory import GB, MODEL_STATE_BUDGET_FRACTION, zero_setting
 from engine.plan_methods import METHOD_OPTIONS, accumulation, check_micro_batch, objective_options
 from engine.recipes import Recipe
@@ -47,6 +50,8 @@ class Dials:
     # Objective options (None = the method's default; refused for methods without them).
     queue_size: int | None = None; enqueue: str | None = None           # DeCLIP
     negatives: str | None = None; prior: str | None = None              # CLIP-Lite
+    # Faults (plan_launch.py).
+    collective_timeout: int | None = None; max_requeues: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ def probe_optimizer_support(hw: Hardware) -> OptimizerSupport:
 @dataclass(frozen=True)
 class RunPlan:
     method: str; model: str; seed: int
-    world_size: int; nodes: int; accelerator: str; device_name: str
+    world_size: int; nodes: int; rendezvous: str; accelerator: str; device_name: str
     global_batch: int; micro_batch: int; grad_accum: int; accumulation: str
     precision: str; zero_stage: int; offload_optimizer: bool; optimizer: str
     lr: float; group_lrs: tuple[tuple[str, float], ...]; min_lr: float
@@ -84,6 +89,7 @@ class RunPlan:
     crop_scale: tuple[float, float]; image_size: int; text_layers: int
     workers: int; decode_device: str
     checkpoint_every: int; eval_every: int; log_every: int
+    collective_timeout_s: int; max_requeues: int; max_skipped_in_a_row: int
     dataset_size: int; data_fraction: float; n_params: int
     # Objective options; None where the method has no such option (left out of the table).
     queue_size: int | None; enqueue: str | None; eda_synonyms: bool | None
@@ -119,9 +125,11 @@ def _show(value: object) -> str:
 
 def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, dataset_size: int,
             optimizer_support: OptimizerSupport, image_size: int, text_layers: int = 0,
-            full_dataset_size: int | None = None, wordnet: str | None = None) -> RunPlan:
+            full_dataset_size: int | None = None, wordnet: str | None = None,
+            launch: Launch | None = None) -> RunPlan:
     """`dataset_size` counts the pairs trained on (after --data-fraction), `full_dataset_size`
-    the whole data set; `wordnet` is the WordNet directory found (DeCLIP's EDA), if any."""
+    the whole data set; `wordnet` is the WordNet directory found (DeCLIP's EDA), if any;
+    `launch` how the ranks were started (None: planned for `hw` alone, as in a dry run)."""
     if (dials.method, dials.model) != (recipe.method, recipe.model):
         raise ValueError(f"recipe is for {recipe.method}/{recipe.model}, "
                          f"dials ask for {dials.method}/{dials.model}")
@@ -133,8 +141,9 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
 
     for name, value in (("method", recipe.method), ("model", recipe.model), ("seed", dials.seed)):
         decide(name, value, "dial")
-    decide("world_size", hw.world_size, f"{hw.local_world_size} rank(s) per node, from the launcher")
-    decide("nodes", hw.nodes, "from the launcher")
+    decide("world_size", hw.world_size,
+           f"{hw.nodes} node(s) x {hw.local_world_size} rank(s) per node, {hw.ranks_from}")
+    decide("nodes", hw.nodes, hw.ranks_from)
     decide("accelerator", hw.accelerator,
            "CUDA device found" if hw.accelerator == "cuda" else "no CUDA device: CPU run")
     decide("device_name", hw.device_name,
@@ -192,6 +201,9 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
                                        "about 5 checkpoints per run, at least every 1,000 steps"))
     decide("eval_every", *_every(dials.eval_every, "--eval-every", math.ceil(total_steps / 4),
                                  "about 4 evaluations per run"))
+    for name, value, reason in fault_decisions(dials, launch, n_params, precision,
+                                               fp16_scale_search_steps()):
+        decide(name, value, reason)
     log_every = min(10, max(1, total_steps // 10))
     decide("log_every", *_every(dials.log_every, "--log-every", log_every, "every 10 steps"
                                 if log_every == 10 else f"about 10 lines for a {total_steps}-step run"))

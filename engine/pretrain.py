@@ -26,6 +26,7 @@ from engine.ds_config import apply_overrides, render
 from engine.errors import UserError
 from engine.eval.evaluate import evaluate
 from engine.hardware import probe
+from engine.launch import Launch
 from engine.data.wordnet import find_wordnet
 from engine.models.presets import ModelPreset, for_method, get_preset
 from engine.models.two_tower import TwoTower, count_parameters
@@ -33,8 +34,9 @@ from engine.observe.metrics import MetricsWriter
 from engine.observe.progress import Progress
 from engine.plan import Dials, RunPlan, probe_optimizer_support, resolve
 from engine.recipes import get_recipe
-from engine.task import Task, align_buffer_dtypes, build_objective, objective_class
-from engine.train import checkpoint
+from engine.task import (Task, align_buffer_dtypes, build_objective, objective_class,
+                         register_zero3_external_parameters)
+from engine.train import checkpoint, faults
 from engine.train.loop import Cadence, train
 from engine.train.optim import optimizer_for_plan
 from engine.train.schedule import warmup_cosine
@@ -47,10 +49,19 @@ class Prepared:
     preset: ModelPreset
     data: str
     eval_data: str | None
+    launch: Launch | None
 
 
-def prepare(dials: Dials, eval_data: str | None) -> Prepared:
-    """Resolve the plan and the DeepSpeed config. Raises UserError; writes nothing."""
+@dataclass(frozen=True)
+class RunEnd:
+    metrics: dict[str, float]  # the last evaluation's
+    stopped_at: int | None     # a stop signal ended the run here, with a checkpoint
+    requeued: bool             # ... and SLURM put the job back in the queue
+
+
+def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -> Prepared:
+    """Resolve the plan and the DeepSpeed config. Raises UserError; writes nothing.
+    `launch` says how the ranks were started (engine/launch.py; None: read the environment)."""
     recipe = get_recipe(dials.method, dials.model)
     preset = for_method(get_preset(dials.model), dials.method, dials.text_layers)
     if dials.data is None:
@@ -66,28 +77,40 @@ def prepare(dials: Dials, eval_data: str | None) -> Prepared:
         data = ensure_subset(data, dials.data_fraction, cache_root())
     dataset_size = describe_mds(data).num_samples
     tokenizer = ClipTokenizer(preset.context_length)
-    hardware = probe()
+    hardware = probe(launch)
     wordnet = find_wordnet() if objective_class(dials.method).text_aug else None
     plan = resolve(dials, hardware, recipe,
                    n_params=count_parameters(preset, tokenizer.eot_id, tokenizer.sot_id),
                    dataset_size=dataset_size, full_dataset_size=full_size,
                    optimizer_support=probe_optimizer_support(hardware),
                    image_size=preset.image_size, text_layers=preset.text_layers,
-                   wordnet=None if wordnet is None else str(wordnet))
+                   wordnet=None if wordnet is None else str(wordnet), launch=launch)
     ds_config = apply_overrides(render(plan), dials.ds, world_size=plan.world_size)
-    return Prepared(plan, ds_config, preset, data, eval_data)
+    return Prepared(plan, ds_config, preset, data, eval_data, launch)
 
 
 # Values a resumed run must share with the run it continues (else the checkpoint is wrong for it).
-RESUME_MUST_MATCH = ("method", "model", "seed", "world_size", "global_batch", "micro_batch",
-                     "accumulation", "total_steps", "dataset_size", "data_fraction", "text_layers",
-                     "queue_size", "enqueue", "negatives", "prior")
+# The number of ranks and the micro-batch split of the global batch may change (the states are
+# resharded, engine/train/reshard.py; the data order continues, engine/data/loader.py), as long
+# as the step trains the same objective: see _batch_semantics.
+RESUME_MUST_MATCH = ("method", "model", "seed", "global_batch", "total_steps", "dataset_size",
+                     "data_fraction", "text_layers", "queue_size", "enqueue", "negatives", "prior")
 
 
-def check_resumable(run_dir: Path, plan: RunPlan) -> None:
+def _batch_semantics(plan: dict) -> str:
+    """What one optimizer step's loss spans: the whole global batch (one micro-batch, or cached
+    features), or each micro-batch on its own (plain accumulation over k)."""
+    if plan["grad_accum"] == 1 or plan["accumulation"] == "feature_cache":
+        return "the whole global batch"
+    return f"each of {plan['grad_accum']} micro-batches on its own (--accumulation plain)"
+
+
+def check_resumable(run_dir: Path, plan: RunPlan) -> dict | None:
+    """The saved plan of the run `run_dir` holds, when this command would resume it; refuses
+    dials that the checkpoint cannot continue."""
     saved_path = run_dir / "plan.json"
     if not (run_dir / "checkpoints" / "latest").exists() or not saved_path.exists():
-        return
+        return None
     saved = json.loads(saved_path.read_text())
     now = plan.to_dict()
     for key in RESUME_MUST_MATCH:
@@ -95,10 +118,32 @@ def check_resumable(run_dir: Path, plan: RunPlan) -> None:
             raise UserError(
                 f"{run_dir} holds a run with {key}={saved.get(key)!r} but this command gives "
                 f"{key}={now[key]!r}: resume with the same dials, or choose a new --out")
+    if "grad_accum" in saved and _batch_semantics(saved) != _batch_semantics(now):
+        raise UserError(
+            f"{run_dir} trained each step's loss over {_batch_semantics(saved)}, this command over "
+            f"{_batch_semantics(now)}: give --accumulation {saved['accumulation']} and --micro-batch "
+            f"{saved['micro_batch']}, or choose a new --out")
+    return saved
 
 
-def default_run_dir(plan: RunPlan) -> Path:
-    return Path("runs") / f"{plan.method}-{plan.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+def describe_reshape(saved: dict | None, plan: RunPlan) -> str | None:
+    """A line for the log when this run resumes on another layout than the one it continues."""
+    if saved is None:
+        return None
+    before = (saved["world_size"], saved["micro_batch"], saved["grad_accum"])
+    after = (plan.world_size, plan.micro_batch, plan.grad_accum)
+    if before == after:
+        return None
+    return (f"resuming on another layout: the checkpoint's run had {before[0]} rank(s) x micro-batch "
+            f"{before[1]} x {before[2]} accumulated, this one {after[0]} x {after[1]} x {after[2]} "
+            f"(re-planned for {plan.world_size} rank(s), see micro_batch and grad_accum above); "
+            f"the global batch stays {plan.global_batch}")
+
+
+def default_run_dir(plan: RunPlan, job_id: str | None) -> Path:
+    """Keyed by the SLURM job when there is one, so that a requeued job finds its own run."""
+    suffix = f"job{job_id}" if job_id else time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{plan.method}-{plan.model}-{suffix}"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -120,16 +165,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int | None) -> dict:
-    plan, preset = prepared.plan, prepared.preset
+def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int | None) -> RunEnd:
+    plan, preset, launch = prepared.plan, prepared.preset, prepared.launch
+    job_id = launch.job_id if launch is not None else None
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if torch.cuda.is_available():
         # Before any collective: NCCL's object broadcast and barriers use the current device.
         torch.cuda.set_device(dist.local_rank() % torch.cuda.device_count())
-    dist.init_distributed()
+    dist.init_distributed(plan.collective_timeout_s)
+    stop = faults.StopSignals(plan.collective_timeout_s)
+    try:
+        return _run(prepared, stop, job_id, out=out, dry_run=dry_run, stop_at_step=stop_at_step)
+    finally:
+        stop.close()
+
+
+def _run(prepared: Prepared, stop: faults.StopSignals, job_id: str | None, *, out: str | None,
+         dry_run: bool, stop_at_step: int | None) -> RunEnd:
+    plan, preset = prepared.plan, prepared.preset
     is_main = dist.rank() == 0
-    run_dir = Path(out) if out else dist.broadcast_from_rank0(default_run_dir(plan))
-    check_resumable(run_dir, plan)
+    run_dir = Path(out) if out else dist.broadcast_from_rank0(default_run_dir(plan, job_id))
+    saved_plan = check_resumable(run_dir, plan)
+    drills = faults.Drills.from_environment()
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -137,8 +194,13 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
         write_atomic(run_dir / "ds_config.json", json.dumps(prepared.ds_config, indent=2) + "\n")
         print(plan.table(), flush=True)
         print(f"run directory: {run_dir}", flush=True)
+        reshape = describe_reshape(saved_plan, plan)
+        if reshape:
+            print(reshape, flush=True)
+        if drills:
+            print(f"fault drills on (CLIPZERO_DRILL): {os.environ['CLIPZERO_DRILL']}", flush=True)
     if dry_run:
-        return {}
+        return RunEnd({}, None, False)
 
     seed_everything(plan.seed)
     tokenizer = ClipTokenizer(preset.context_length)
@@ -152,55 +214,87 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=prepared.ds_config)
     align_buffer_dtypes(engine.module)
+    if plan.zero_stage == 3:
+        register_zero3_external_parameters(engine.module)
 
     loader = TrainLoader(prepared.data, micro_batch=plan.micro_batch, image_size=plan.image_size,
                          spec=data_spec(objective, plan), seed=plan.seed, workers=plan.workers,
                          decode_device=plan.decode_device, tokenizer=tokenizer,
-                         rank=dist.rank(), world_size=dist.world_size(),
+                         rank=dist.rank(), world_size=dist.world_size(), grad_accum=plan.grad_accum,
                          wordnet=find_wordnet() if objective.text_aug and plan.eda_synonyms else None)
     checkpoint_dir = run_dir / "checkpoints"
-    start_step = 0
+    start_step, eval_pending = 0, False
     restored = checkpoint.load(engine, checkpoint_dir)
     if restored is not None:
-        start_step, rank_state = restored
-        loader.load_state_dict(rank_state["loader"])
-        task.load_rank_state(rank_state["task"])
+        start_step, eval_pending = restored.step, restored.eval_pending
+        loader.load_state_dict(restored.rank_state["loader"])
+        task.load_rank_state(restored.rank_state["task"])
         if is_main:
-            print(f"resuming from step {start_step} ({checkpoint_dir / checkpoint.latest_tag(checkpoint_dir)})")
+            print(f"resuming from step {start_step} ({checkpoint_dir / restored.tag})"
+                  + (", its evaluation first" if eval_pending else ""), flush=True)
 
     stop_step = min(stop_at_step or plan.total_steps, plan.total_steps)
-    if start_step >= stop_step:
+    if start_step >= stop_step and not eval_pending:
         if is_main:
             print(f"{run_dir} is already at step {start_step} of {plan.total_steps}: nothing to do "
                   "(its numbers are in metrics.jsonl; choose a new --out to train again)")
-        return {}
+        return RunEnd({}, None, False)
 
     eval_set = load_eval_set(prepared.eval_data, plan.image_size) if prepared.eval_data else None
 
-    def evaluator() -> dict[str, float]:
+    def evaluator(interrupted) -> dict[str, float]:
         if eval_set is None:
             return {}
         return evaluate(engine.module.model, eval_set, tokenizer, engine.device,
-                        clean_text=strip_punctuation if objective.strip_punctuation else None)
+                        clean_text=strip_punctuation if objective.strip_punctuation else None,
+                        interrupted=interrupted)
 
     cadence = Cadence(total_steps=plan.total_steps, stop_step=stop_step, grad_accum=plan.grad_accum,
                       log_every=plan.log_every, eval_every=plan.eval_every,
                       checkpoint_every=plan.checkpoint_every,
-                      feature_cache=plan.accumulation == "feature_cache")
-    writer = MetricsWriter(run_dir, enabled=is_main)
+                      feature_cache=plan.accumulation == "feature_cache",
+                      max_skipped_in_a_row=plan.max_skipped_in_a_row,
+                      nonfinite_advice=nonfinite_advice(plan))
+    writer = MetricsWriter(run_dir, enabled=is_main, resume_step=start_step)
     progress = Progress(plan.total_steps, start_step, enabled=is_main)
     started = time.perf_counter()
     try:
-        metrics = train(engine, loader, cadence=cadence, start_step=start_step,
-                        device=engine.device, checkpoint_dir=checkpoint_dir, evaluate=evaluator,
-                        writer=writer, progress=progress)
+        end = train(engine, loader, cadence=cadence, start_step=start_step, device=engine.device,
+                    checkpoint_dir=checkpoint_dir, evaluate=evaluator, writer=writer,
+                    progress=progress, stop=stop, eval_pending=eval_pending, drills=drills)
     finally:
         progress.close()
         writer.close()
+    if end.stopped_at is not None:
+        return _after_stop(end, stop, prepared.launch, plan)
     if is_main:
         print(f"trained steps {start_step}..{stop_step} in {time.perf_counter() - started:.1f} s")
-        if "zeroshot_top1" in metrics:
+        if "zeroshot_top1" in end.metrics:
             chance = 1 / len(eval_set.classnames)
-            print(f"zero-shot top-1 on the held-out split: {metrics['zeroshot_top1']:.3f} "
-                  f"(chance {chance:.3f}); image->text R@1 {metrics['retrieval_i2t_r1']:.3f}")
-    return metrics
+            print(f"zero-shot top-1 on the held-out split: {end.metrics['zeroshot_top1']:.3f} "
+                  f"(chance {chance:.3f}); image->text R@1 {end.metrics['retrieval_i2t_r1']:.3f}")
+    return RunEnd(end.metrics, None, False)
+
+
+def _after_stop(end, stop: faults.StopSignals, launch: Launch | None, plan: RunPlan) -> RunEnd:
+    """The stop checkpoint is written: rank 0 asks SLURM for a requeue; every rank waits for
+    that answer before exiting (srun --kill-on-bad-exit would cut the request short)."""
+    stop.ignore_further()
+    requeued, message = False, ""
+    if dist.rank() == 0:
+        job_id = launch.job_id if launch is not None else None
+        restarts = launch.restarts if launch is not None else 0
+        requeued, message = faults.requeue(job_id, restarts, plan.max_requeues, stop)
+        print(f"stopped at step {end.stopped_at} of {plan.total_steps} with a checkpoint: {message}",
+              flush=True)
+    requeued = dist.broadcast_from_rank0(requeued)
+    return RunEnd(end.metrics, end.stopped_at, requeued)
+
+
+def nonfinite_advice(plan: RunPlan) -> str:
+    """What the message that stops a run of non-finite steps suggests, for this plan."""
+    tips = [f"lower --lr (this run: {plan.lr:g})", f"more --warmup-steps (this run: {plan.warmup_steps})"]
+    if plan.precision == "fp16":
+        tips.append("--precision bf16 on a GPU that has it, or fp32")
+    tips.append("look for bad samples in the batches of these steps")
+    return "Try: " + "; ".join(tips) + "."

@@ -27,6 +27,9 @@ class Task(nn.Module):
         super().__init__()
         self.model = model
         self.objective = objective
+        # A fault drill (engine/train/faults.py): while set, every loss is NaN, as after an
+        # overflow, so that the step's gradients are not finite.
+        self.nonfinite_drill = False
 
     def forward(self, batch: dict, embed_only: bool = False):
         """Named losses; with `embed_only`, the objective's first half instead (embeddings,
@@ -42,7 +45,8 @@ class Task(nn.Module):
 
     def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """The objective's weighted sum of `terms` (any subset of its terms; 0 for none)."""
-        return sum(self.objective.weights[name] * value for name, value in terms.items())
+        total = sum(self.objective.weights[name] * value for name, value in terms.items())
+        return total * float("nan") if self.nonfinite_drill else total
 
     def named(self, terms: dict[str, torch.Tensor], scale: torch.Tensor) -> dict[str, torch.Tensor]:
         """What the loop logs and backpropagates: "loss" (the weighted sum), "loss/<term>" in
@@ -72,6 +76,22 @@ def align_buffer_dtypes(module: nn.Module) -> None:
         for name, buffer in sub.named_buffers(recurse=False):
             if buffer.is_floating_point() and buffer.dtype != params[0].dtype:
                 setattr(sub, name, buffer.to(params[0].dtype))
+
+
+def register_zero3_external_parameters(module: nn.Module) -> None:
+    """Under ZeRO-3, a parameter is gathered only around its own module's forward. CLIP's text
+    embeddings (transformers' CLIPTextEmbeddings) read `position_embedding.weight.shape` in
+    their own forward, before calling the child that owns it: once ZeRO-3 has released that
+    weight (it releases every parameter after its module's forward while its trace of module
+    order is incomplete, as after a resume or on an evaluation's new order), the read sees an
+    empty partition and fails. Registering the weight with the parent makes ZeRO-3 gather it
+    for the parent's forward. Call after deepspeed.initialize, at ZeRO stage 3 only."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    for sub in module.modules():
+        child = getattr(sub, "position_embedding", None)
+        if isinstance(child, nn.Embedding):
+            register_external_parameter(sub, child.weight)
 
 
 def objective_class(method: str) -> type:

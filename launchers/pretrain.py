@@ -55,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     over.add_argument("--eval-every", type=int)
     over.add_argument("--log-every", type=int)
     over.add_argument("--text-layers", type=int, help="text tower depth (CLIP-Lite: 2/4/6/12)")
+    over.add_argument("--collective-timeout", type=int, metavar="SECONDS",
+                      help="a rank silent this long (dead, hung) ends the job")
+    over.add_argument("--max-requeues", type=int, help="SLURM: times a signalled job requeues "
+                      "itself before it stops with its checkpoint")
     method = p.add_argument_group("objective options (default: the method's paper)")
     method.add_argument("--queue-size", type=int, help="DeCLIP: nearest-neighbour queue length")
     method.add_argument("--enqueue", help="DeCLIP: global (every rank enqueues the global batch) "
@@ -80,25 +84,33 @@ def dials_from_args(args: argparse.Namespace):
                  eval_every=args.eval_every, log_every=args.log_every, ds=tuple(args.ds),
                  data_fraction=args.data_fraction, text_layers=args.text_layers,
                  queue_size=args.queue_size, enqueue=args.enqueue, negatives=args.negatives,
-                 prior=args.prior)
+                 prior=args.prior, collective_timeout=args.collective_timeout,
+                 max_requeues=args.max_requeues)
 
 
 def main(argv=None) -> int:
+    """Exit status: 0 done (or stopped and requeued by SLURM), 2 bad input, 3 stopped by a
+    signal with a checkpoint (run the same command to continue), 4 too many non-finite steps."""
     args = parse_args(argv)
-    from engine import dist
+    from engine import launch
     from engine.pretrain import prepare, run
+    from engine.train.faults import EXIT_STOPPED, NonFiniteSteps
 
-    dist.fill_launcher_env()
     try:
-        prepared = prepare(dials_from_args(args), args.eval_data)
+        started = launch.setup()
+        prepared = prepare(dials_from_args(args), args.eval_data, started)
         if args.stop_at_step is not None and args.stop_at_step < 1:
             raise UserError(f"--stop-at-step {args.stop_at_step}: give a step of at least 1")
-        run(prepared, out=args.out, dry_run=args.dry_run, stop_at_step=args.stop_at_step)
+        end = run(prepared, out=args.out, dry_run=args.dry_run, stop_at_step=args.stop_at_step)
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except NonFiniteSteps as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return 4
+    return EXIT_STOPPED if end.stopped_at is not None and not end.requeued else 0
 
 
 if __name__ == "__main__":

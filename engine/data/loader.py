@@ -6,23 +6,35 @@
       -> DALI: decode (nvJPEG on GPU), crop each view, resize, augment, normalise
       -> {"image", ["image2"], "text", ["mlm_labels"], ["text_aug"], "sample_id"} (see spec.py)
 
-Determinism. The batches a rank sees are a function of (data, seed, micro_batch, world size,
-rank) only:
-  * streaming's sample order depends on the seed, epoch and world, and its per-worker split
-    hands out whole micro-batches round-robin, which the DataLoader reads back round-robin,
-    so the number of workers does not change the order;
-  * each epoch keeps exactly `batches_per_epoch` full micro-batches on every rank and drops
-    the tail, where streaming pads ranks with repeated samples; every rank therefore steps the
-    same number of times and ranks never share a sample within an epoch;
+Determinism. The SET of samples in optimizer step t of an epoch is a function of (data, seed,
+global batch) only, not of the world size, the nodes, the micro-batch/grad-accum split or the
+number of workers; what each rank sees is a function of those plus (micro_batch, world, rank):
+  * streaming orders an epoch as one sequence F (shuffled by seed and epoch over ONE canonical
+    node, whatever the number of physical nodes) and deals it out position by position: with P
+    nodes of R ranks, rank r of node p takes F[p + P*r], F[p + P*r + W], ... (W = P*R ranks;
+    partition 'orig'). A rank's micro-batch b is therefore its share of F[b*B*W, (b+1)*B*W),
+    and optimizer step t (grad_accum micro-batches on every rank) is exactly F[t*G, (t+1)*G)
+    for the global batch G = W * grad_accum * B. Which rank holds which of a step's samples,
+    and in what order, does change with the layout (the loss over the gathered batch does not);
+  * streaming's per-worker split hands out whole micro-batches round-robin, which the DataLoader
+    reads back round-robin, so the number of workers does not change the order;
+  * an epoch is `steps_per_epoch` = dataset_size // G whole optimizer steps, `grad_accum`
+    micro-batches each on every rank, and drops the tail (where streaming pads ranks with
+    repeated samples): no step holds samples of two epochs, every rank steps the same number of
+    times and no sample repeats within an epoch;
   * crop windows, augmentations, EDA edits and MLM masks come from (seed, epoch, sample id),
     never from DALI's generators or a worker's state.
 The epoch and the position in it are ours: before each epoch we hand streaming an explicit
-resume point (`load_state_dict`), so a restart needs only (epoch, batch) and the prefetching
-done by the DataLoader and DALI never leaks into the saved state.
+resume point (`load_state_dict`), so the prefetching done by the DataLoader and DALI never leaks
+into the saved state. The saved position is (epoch, samples of the epoch consumed by all ranks
+together): the same on every rank and valid for any world size, so a run may resume on another
+number of ranks or nodes, or with another micro-batch, as long as the data, seed and global
+batch stay. Only positions between optimizer steps can be loaded (the loop saves no other).
 """
 from __future__ import annotations
 
-import gc
+import functools
+import json
 import logging
 import os
 import weakref
@@ -33,7 +45,6 @@ from typing import Iterator
 import numpy as np
 import torch
 from streaming import StreamingDataset
-from streaming.base.util import clean_stale_shared_memory
 from torch.utils.data import DataLoader
 
 from engine.data.augment import ViewBatch, draw_view
@@ -41,9 +52,11 @@ from engine.data.dali import PLACEHOLDER_PNG, DecodedBatches, HostBatch, probe_i
 from engine.data.eda import Eda
 from engine.data.mds import describe_mds, is_remote, local_copy_dir
 from engine.data.mlm import MASK_ID, mask_rows
+from engine.data.shared_memory import remove_stale_streaming_memory
 from engine.data.spec import DataSpec
 from engine.data.text import ClipTokenizer, strip_punctuation
 from engine.data.wordnet import WordNet
+from engine.data.workers import start_workers, worker_dies_with_its_rank
 from engine.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -53,6 +66,11 @@ SAMPLE_ID_KEY = "__sample_id__"
 # their index (0, 1) as the stream. Separate streams keep, say, an EDA edit from correlating
 # with a crop.
 TEXT_AUG_STREAM, MLM_STREAM = 16, 17
+# Streaming shuffles each canonical node's share of the data on its own and deals the canonical
+# nodes out to the physical ones, so the global order depends on this count: fixed at one, the
+# order is the same for every number of physical nodes (streaming needs one count to divide the
+# other; 1 divides all). The price: with remote data, every node reads from every shard.
+CANONICAL_NODES = 1
 
 
 class StreamingDatasetWithIds(StreamingDataset):
@@ -126,14 +144,17 @@ class TrainLoader:
     """Endless, exactly resumable iterator of training micro-batches for one rank."""
 
     def __init__(self, data: str, *, micro_batch: int, image_size: int, spec: DataSpec, seed: int, workers: int,
-                 decode_device: str, tokenizer: ClipTokenizer, rank: int, world_size: int,
+                 decode_device: str, tokenizer: ClipTokenizer, rank: int, world_size: int, grad_accum: int = 1,
                  wordnet: str | Path | None = None, local_cache: Path | None = None):
-        """`spec` says what each batch holds; `wordnet` is a WordNet 3.0 directory for EDA's synonym
+        """`grad_accum` micro-batches per rank make one optimizer step (epochs end at steps); `spec`
+        says what each batch holds; `wordnet` is a WordNet 3.0 directory for EDA's synonym
         replacement (engine.data.wordnet.find_wordnet()), or None to edit by swaps and deletions only."""
-        _check_arguments(micro_batch, image_size, seed, workers, decode_device)
-        local_world_size = _streaming_world(rank, world_size)
+        _check_arguments(micro_batch, grad_accum, image_size, seed, workers, decode_device)
+        _streaming_world(rank, world_size)
         describe_mds(data, local_cache)  # fails early, with the fix, on a path that is not usable MDS
         self.micro_batch = micro_batch
+        self.grad_accum = grad_accum
+        self.global_batch = world_size * grad_accum * micro_batch
         self.image_size = image_size
         self.spec = spec
         self.seed = seed
@@ -143,25 +164,32 @@ class TrainLoader:
         self.eda = Eda(WordNet(wordnet) if wordnet else None, seed) if spec.text_aug else None
         self.uses_synonyms = self.eda is not None and self.eda.uses_synonyms  # for the run plan to state
         self.world_size = world_size
+        self.rank = rank
         self.undecodable_images = 0  # replaced by the placeholder, in batches yielded so far
-        self._num_nodes = world_size // local_world_size
 
-        # A crashed run leaves streaming's shared memory behind, and a remote dataset then
-        # refuses its cache directory as "in use". Nothing else in this process may be using
-        # streaming's shared memory yet: the training loader is the only StreamingDataset.
-        clean_stale_shared_memory()
+        # A killed run leaves streaming's shared memory behind, and the next run on the same
+        # local directory is then refused as "in use". One rank per node removes what no live
+        # process maps (the node's other ranks wait in streaming's own barrier meanwhile).
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            remove_stale_streaming_memory()
         self._dataset = StreamingDatasetWithIds(
             remote=data if is_remote(data) else None,
             local=str(local_copy_dir(data, local_cache)),
             batch_size=micro_batch, shuffle=True, shuffle_seed=seed,
-            num_canonical_nodes=self._num_nodes)
+            # Partition 'orig' deals the order out as the module docstring says. The default,
+            # 'relaxed', runs 'orig' too whenever one node count divides the other (always, with one
+            # canonical node); naming it keeps the order from depending on that rule.
+            num_canonical_nodes=CANONICAL_NODES, partition_algo="orig")
         self.dataset_size = int(self._dataset.epoch_size)
-        self.batches_per_epoch = self.dataset_size // world_size // micro_batch
-        if self.batches_per_epoch == 0:
+        self.steps_per_epoch = self.dataset_size // self.global_batch
+        if self.steps_per_epoch == 0:
             raise UserError(
-                f"dataset {data} has {self.dataset_size} samples, fewer than one micro-batch per rank "
-                f"({micro_batch} x {world_size} ranks); lower the batch size or use more data.")
-        self.samples_per_epoch = self.batches_per_epoch * micro_batch * world_size
+                f"dataset {data} has {self.dataset_size} samples, fewer than one global batch of "
+                f"{self.global_batch} ({world_size} ranks x {grad_accum} accumulated x micro-batch "
+                f"{micro_batch}); lower the global batch or use more data.")
+        self.batches_per_epoch = self.steps_per_epoch * grad_accum  # micro-batches, on every rank
+        self.samples_per_epoch = self.steps_per_epoch * self.global_batch
+        self._samples_per_batch = micro_batch * world_size  # all ranks' micro-batch b: F[b*this, (b+1)*this)
         self._epoch = 0
         self._batch_in_epoch = 0
         self._device = _decode_torch_device(decode_device)
@@ -169,25 +197,39 @@ class TrainLoader:
 
     # ---- position ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Position after the batches yielded so far, with the values it is only valid for."""
-        return {"epoch": self._epoch, "batch_in_epoch": self._batch_in_epoch, "seed": self.seed,
-                "micro_batch": self.micro_batch, "world_size": self.world_size,
-                "dataset_size": self.dataset_size}
+        """Position after the batches yielded so far, with the values it is only valid for.
+
+        The samples of the epoch that all ranks together have taken: between optimizer steps, a
+        whole number of global batches, the same on every rank and loadable by any world."""
+        return {"epoch": self._epoch, "sample_in_epoch": self._batch_in_epoch * self._samples_per_batch,
+                "seed": self.seed, "global_batch": self.global_batch, "dataset_size": self.dataset_size}
 
     def load_state_dict(self, state: dict) -> None:
-        expected = {"seed": self.seed, "micro_batch": self.micro_batch, "world_size": self.world_size,
-                    "dataset_size": self.dataset_size}
-        changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        """Continue from `state`, taken between optimizer steps by a run with any number of ranks or
+        nodes and any micro-batch split of the same global batch."""
+        if "sample_in_epoch" not in state and "batch_in_epoch" in state:  # saved before 2026-12
+            state = {**state, "sample_in_epoch": state["batch_in_epoch"] * state["micro_batch"] * state["world_size"],
+                     "global_batch": self.global_batch}
+        fixes = {"seed": (self.seed, "--seed {}"), "global_batch": (self.global_batch, "--global-batch {}"),
+                 "dataset_size": (self.dataset_size, "the checkpoint's data of {} samples (same --data and "
+                                                     "--data-fraction)")}
+        changed = [f"{key} was {state.get(key)}, now {now}: resume with {fix.format(state.get(key))}"
+                   for key, (now, fix) in fixes.items() if state.get(key) != now]
         if changed:
-            details = ", ".join(f"{k} was {old}, now {new}" for k, (old, new) in changed.items())
+            raise UserError(f"cannot resume the data order: {'; '.join(changed)}; or start a new run in a fresh "
+                            f"output directory.")
+        sample = state["sample_in_epoch"]
+        if not 0 <= sample < self.samples_per_epoch:
+            raise UserError(f"data position {sample} is outside an epoch of {self.samples_per_epoch} samples; "
+                            f"the checkpoint does not belong to this data.")
+        if sample % self.global_batch:
+            # Only a step boundary means the same on every layout: inside a step, which samples
+            # are taken depends on the micro-batch split and ranks of the run that saved it.
             raise UserError(
-                f"cannot resume the data order: {details}. Resume with the same data, seed, micro-batch "
-                f"and number of ranks as the checkpoint, or start a new run in a fresh output directory.")
-        if not 0 <= state["batch_in_epoch"] < self.batches_per_epoch:
-            raise UserError(f"data position {state['batch_in_epoch']} is outside an epoch of "
-                            f"{self.batches_per_epoch} batches; the checkpoint does not belong to this data.")
+                f"data position {sample} is inside an optimizer step of {self.global_batch} samples; resume from "
+                f"a checkpoint taken between optimizer steps (as the training loop writes them).")
         self._close_active()
-        self._epoch, self._batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self._epoch, self._batch_in_epoch = int(state["epoch"]), sample // self._samples_per_batch
 
     # ---- iteration --------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -201,9 +243,13 @@ class TrainLoader:
     def _batches(self) -> Iterator[dict]:
         decoded = DecodedBatches(self._host_batches(self._epoch, self._batch_in_epoch),
                                  build=self._build_pipeline, device=self._device)
+        audit = _sample_log(self.rank)
         try:
             for images, host in decoded:
                 payload: TrainPayload = host.payload
+                if audit is not None:
+                    audit.write(json.dumps({"epoch": payload.epoch, "sample_in_epoch": payload.batch_in_epoch
+                                            * self._samples_per_batch, "ids": payload.sample_id.tolist()}) + "\n")
                 if host.replaced.any():
                     ids = payload.sample_id[torch.from_numpy(host.replaced)].tolist()
                     self.undecodable_images += len(ids)
@@ -214,6 +260,8 @@ class TrainLoader:
                 yield _batch(images, payload)
         finally:
             decoded.close()  # stops the DataLoader workers as soon as the caller drops us
+            if audit is not None:
+                audit.close()
 
     def _host_batches(self, epoch: int, batch: int) -> Iterator[HostBatch]:
         """Undecoded batches from `batch` of `epoch` on, rolling over epochs forever."""
@@ -222,14 +270,14 @@ class TrainLoader:
             # setting the count makes the resume point (ours) the only source of truth.
             self._dataset.next_epoch = epoch
             self._dataset.load_state_dict({
-                "epoch": epoch, "sample_in_epoch": batch * self.micro_batch * self.world_size,
-                "shuffle_seed": self.seed, "num_canonical_nodes": self._num_nodes,
-                "initial_physical_nodes": self._num_nodes})
+                "epoch": epoch, "sample_in_epoch": batch * self._samples_per_batch,
+                "shuffle_seed": self.seed, "num_canonical_nodes": CANONICAL_NODES})
             # Workers restart every epoch (they learn the epoch at start), so fork: it is instant.
             loader = DataLoader(self._dataset, batch_size=self.micro_batch, num_workers=self.workers,
                                 collate_fn=PrepareBatch(self.tokenizer, self.spec, self.seed, epoch, self.eda),
+                                worker_init_fn=functools.partial(worker_dies_with_its_rank, os.getpid()),
                                 multiprocessing_context="fork" if self.workers else None)
-            batches = _start_workers(loader)
+            batches = start_workers(loader)
             try:
                 for index in range(batch, self.batches_per_epoch):
                     host = next(batches, None)
@@ -254,6 +302,17 @@ class TrainLoader:
         self._active = None
 
 
+def _sample_log(rank: int):
+    """With CLIPZERO_SAMPLE_LOG=DIR, each rank appends one JSON line per micro-batch it takes to
+    DIR/rank<r>.jsonl (epoch, the epoch's position before it, sample ids): an audit of which
+    samples a run saw, across restarts (the tests check exactly-once with it)."""
+    folder = os.environ.get("CLIPZERO_SAMPLE_LOG")
+    if not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return open(Path(folder) / f"rank{rank}.jsonl", "a", buffering=1)
+
+
 def _batch(images: tuple[torch.Tensor, ...], payload: TrainPayload) -> dict:
     """The batch dict, with the keys DataSpec.batch_keys names, in that order."""
     batch = {"image": images[0]}
@@ -268,29 +327,10 @@ def _batch(images: tuple[torch.Tensor, ...], payload: TrainPayload) -> dict:
     return batch
 
 
-def _start_workers(loader: DataLoader):
-    """Fork the workers with every existing object frozen out of their garbage collector.
-
-    A forked worker inherits the parent's objects, uncollected garbage included. Were it to
-    collect a dead DALI pipeline, the finalizer would join threads that exist only in the
-    parent and crash the worker (a segfault). Frozen objects are never collected in the child;
-    in the parent, unfreezing hands them back to the collector. No gc.collect() first: a full
-    collection of a training process took ~0.5 s at every epoch boundary (CLIP, 117 steps on
-    150 pairs, one batch per epoch, 2 CPU cores: 157 s with it, 94 s without).
-    """
-    if loader.num_workers == 0:
-        return iter(loader)
-    gc.freeze()
-    try:
-        return iter(loader)  # forks every worker before returning
-    finally:
-        gc.unfreeze()
-
-
-def _check_arguments(micro_batch, image_size, seed, workers, decode_device) -> None:
-    if micro_batch < 1 or image_size < 1 or workers < 0 or seed < 0:
-        raise UserError(f"micro_batch ({micro_batch}) and image_size ({image_size}) must be positive, "
-                        f"workers ({workers}) and seed ({seed}) not negative.")
+def _check_arguments(micro_batch, grad_accum, image_size, seed, workers, decode_device) -> None:
+    if micro_batch < 1 or grad_accum < 1 or image_size < 1 or workers < 0 or seed < 0:
+        raise UserError(f"micro_batch ({micro_batch}), grad_accum ({grad_accum}) and image_size ({image_size}) "
+                        f"must be positive, workers ({workers}) and seed ({seed}) not negative.")
     if decode_device not in ("cpu", "gpu"):
         raise UserError(f"decode device '{decode_device}' is not one of 'cpu', 'gpu'.")
     if decode_device == "gpu" and not torch.cuda.is_available():

@@ -1,18 +1,30 @@
-"""Checkpoints that a crash mid-save can never break.
+"""Checkpoints that a crash mid-save can never break, and a resume that survives a torn one.
 
 Layout under <run>/checkpoints/:
   step00000040/            DeepSpeed's files (model, optimizer shards, LR scheduler, client
                            state with the step) + rank<r>.pt (that rank's RNG and its own
                            state: loader position, the objective's per-rank state)
+                           + manifest.json (every file of the checkpoint with its size)
   latest                   the tag of the newest *complete* checkpoint, replaced atomically
 
-`latest` is written by rank 0 only after every rank has finished writing (a barrier), via a
-temporary file and os.replace, so it always names a complete checkpoint. DeepSpeed's own
-`latest` is turned off because it is written without that guarantee.
+`manifest.json` and then `latest` are written by rank 0 only after every rank has finished
+writing (a barrier), each via a temporary file and os.replace, so `latest` always names a
+complete checkpoint. DeepSpeed's own `latest` is turned off because it is written without that
+guarantee.
+
+A checkpoint can still be damaged after it was written (a full disk during a copy, a
+filesystem that lost a file). Before loading, the ranks check the candidate together against
+its manifest (sizes, and the CRCs of the zip archives torch writes, each file read by one
+rank) and agree on the result; a damaged one is reported, set aside as `<tag>.damaged`, and the
+previous complete checkpoint is loaded instead.
 """
+import json
 import os
 import random
+import re
 import shutil
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +32,20 @@ import torch
 import torch.distributed as torch_dist
 
 from engine import dist
+from engine.errors import UserError
+from engine.train import reshard
 
 KEEP_LAST = 2  # older complete checkpoints are deleted once a newer one is complete
+MANIFEST = "manifest.json"
+_TAG = re.compile(r"step\d{8}")
+
+
+@dataclass(frozen=True)
+class Restored:
+    step: int
+    rank_state: dict
+    tag: str
+    eval_pending: bool  # the run stopped during this step's evaluation: run it first
 
 
 def _tag(step: int) -> str:
@@ -53,26 +77,38 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, checkpoint_dir: Path, step: int, rank_state: dict) -> None:
+def save(engine, checkpoint_dir: Path, step: int, rank_state: dict, *,
+         eval_pending: bool = False, before_complete=None) -> None:
     """Every rank calls this (DeepSpeed shards optimizer states across ranks). `rank_state` is
-    what this rank alone knows (data position, e.g. a per-rank queue), restored by load()."""
+    what this rank alone knows (data position, e.g. a per-rank queue), restored by load().
+    `before_complete`, if given, runs on every rank after its files are written and before the
+    checkpoint is declared complete (fault drills kill a rank there)."""
     tag = _tag(step)
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"step": step},
-                           save_latest=False)
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False,
+                           client_state={"step": step, "eval_pending": eval_pending})
     own = {"rng": rng_state(), "state": rank_state}
     _atomic_write(checkpoint_dir / tag / f"rank{dist.rank()}.pt", lambda p: torch.save(own, p))
+    if before_complete is not None:
+        before_complete()
     _barrier()
     if dist.rank() == 0:
+        folder = checkpoint_dir / tag
+        files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+                 if p.is_file() and p.name != MANIFEST and ".tmp" not in p.name}
+        _atomic_write(folder / MANIFEST, lambda p: p.write_text(json.dumps({"files": files}, indent=1)))
         _atomic_write(checkpoint_dir / "latest", lambda p: p.write_text(tag))
         _prune(checkpoint_dir, keep=tag)
     _barrier()
 
 
 def _prune(checkpoint_dir: Path, keep: str) -> None:
-    tags = sorted(p.name for p in checkpoint_dir.glob("step*") if p.is_dir())
-    complete = [t for t in tags if t <= keep]
+    complete = [t for t in _tags(checkpoint_dir) if t <= keep]
     for old in complete[:-KEEP_LAST]:
         shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
+
+
+def _tags(checkpoint_dir: Path) -> list[str]:
+    return sorted(p.name for p in checkpoint_dir.glob("step*") if p.is_dir() and _TAG.fullmatch(p.name))
 
 
 def latest_tag(checkpoint_dir: Path) -> str | None:
@@ -80,12 +116,136 @@ def latest_tag(checkpoint_dir: Path) -> str | None:
     return pointer.read_text().strip() if pointer.exists() else None
 
 
-def load(engine, checkpoint_dir: Path) -> tuple[int, dict] | None:
-    """Restore the newest complete checkpoint; returns (step, rank_state) or None."""
-    tag = latest_tag(checkpoint_dir)
-    if tag is None:
-        return None
-    _, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
-    own = torch.load(checkpoint_dir / tag / f"rank{dist.rank()}.pt", weights_only=False)
-    set_rng_state(own["rng"])
-    return client_state["step"], own["state"]
+def _candidates(checkpoint_dir: Path) -> list[str]:
+    """Tags to try, newest first: `latest`, then older ones that were completed (manifest)."""
+    latest = latest_tag(checkpoint_dir)
+    if latest is None:
+        return []
+    older = [t for t in reversed(_tags(checkpoint_dir))
+             if t < latest and (checkpoint_dir / t / MANIFEST).exists()]
+    return [latest, *older]
+
+
+def damage(folder: Path, share: int, shares: int) -> str | None:
+    """What is wrong with the checkpoint in `folder`, or None. Every caller checks that each
+    listed file exists with its size; caller `share` of `shares` also reads its share of the
+    zip archives end to end (their CRCs), so that together the ranks read each file once."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        # Written before manifests existed (or `latest` edited by hand): trust `latest`.
+        return None if folder.is_dir() else f"{folder} is missing"
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (OSError, ValueError, KeyError) as error:
+        return f"{manifest_path} is unreadable ({error})"
+    for i, (name, size) in enumerate(sorted(files.items())):
+        path = folder / name
+        try:
+            actual = path.stat().st_size
+        except OSError:
+            return f"{path} is missing"
+        if actual != size:
+            return f"{path} has {actual:,} bytes, {size:,} when written"
+        if i % shares == share and zipfile.is_zipfile(path):
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+            except (OSError, zipfile.BadZipFile) as error:
+                return f"{path} is unreadable ({error})"
+            if bad is not None:
+                return f"{path} is corrupt (entry {bad} fails its CRC)"
+    return None
+
+
+def _agree_intact(problem: str | None) -> str | None:
+    """A checkpoint one rank finds damaged is damaged for all: every rank gets a problem (its
+    own words, or a pointer to the rank that saw it) or None together."""
+    if dist.world_size() == 1:
+        return problem
+    flag = torch.tensor([0 if problem is None else 1], dtype=torch.int32)
+    torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+    return problem or ("another rank found this checkpoint damaged" if flag.item() else None)
+
+
+def load(engine, checkpoint_dir: Path) -> Restored | None:
+    """Restore the newest intact checkpoint; None when there is none (a fresh run)."""
+    candidates = _candidates(checkpoint_dir)
+    for tag in candidates:
+        problem = _agree_intact(damage(checkpoint_dir / tag, dist.rank(), dist.world_size()))
+        if problem is not None:
+            if dist.rank() == 0:
+                print(f"warning: checkpoint {checkpoint_dir / tag} is damaged ({problem}); "
+                      "setting it aside and resuming from the one before it", flush=True)
+                _set_aside(checkpoint_dir, tag)
+            _barrier()
+            continue
+        folder = checkpoint_dir / tag
+        saved_ranks = len(list(folder.glob("rank*.pt")))
+        same_layout = saved_ranks == dist.world_size() and (
+            not reshard.has_zero_shards(folder)
+            or reshard.is_stage3(folder) == (engine.zero_optimization_stage() == 3))
+        if not same_layout:
+            return _load_resharded(engine, checkpoint_dir, tag, saved_ranks)
+        _, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+        own = torch.load(folder / f"rank{dist.rank()}.pt", weights_only=False)
+        set_rng_state(own["rng"])
+        return Restored(client_state["step"], own["state"], tag,
+                        bool(client_state.get("eval_pending", False)))
+    if candidates:
+        raise RuntimeError(f"no intact checkpoint in {checkpoint_dir} (tried {', '.join(candidates)}): "
+                           "start a new run with another --out, or restore the files")
+    return None
+
+
+def _set_aside(checkpoint_dir: Path, tag: str) -> None:
+    """Rename a damaged checkpoint out of the way (kept for inspection; a later save of the
+    same step must not mix with its files) and point `latest` at the previous complete one."""
+    damaged = checkpoint_dir / f"{tag}.damaged"
+    shutil.rmtree(damaged, ignore_errors=True)
+    if (checkpoint_dir / tag).exists():
+        os.replace(checkpoint_dir / tag, damaged)
+    previous = [t for t in _tags(checkpoint_dir) if t < tag and (checkpoint_dir / t / MANIFEST).exists()]
+    if previous:  # else `latest` keeps naming the damaged tag: every later resume says so
+        _atomic_write(checkpoint_dir / "latest", lambda p: p.write_text(previous[-1]))
+
+
+def _load_resharded(engine, checkpoint_dir: Path, tag: str, saved_ranks: int) -> Restored:
+    """A checkpoint of another number of ranks (or another ZeRO partitioning): the engine's
+    states are resharded (engine/train/reshard.py); the per-rank files must agree on what is
+    not per rank (the data position is the same on every rank by construction)."""
+    folder = checkpoint_dir / tag
+    if dist.rank() == 0:
+        print(f"resharding {folder}: written by {saved_ranks} rank(s), resumed on "
+              f"{dist.world_size()}", flush=True)
+    if reshard.has_zero_shards(folder):
+        full = reshard.read_full_state(folder)
+        reshard.apply_full_state(engine, full)
+        client_state = full["client_state"]
+    else:  # no ZeRO partitioning: DeepSpeed's files hold whole states
+        _, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+    owns = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(saved_ranks)]
+    states = [own["state"] for own in owns]
+    for key in states[0]:
+        if any(not _same(states[0][key], other[key]) for other in states[1:]):
+            raise UserError(f"{folder}: the ranks kept different '{key}' state (e.g. DeCLIP's "
+                            f"--enqueue rank keeps one queue per rank), which cannot move to "
+                            f"another number of ranks: resume on {saved_ranks} rank(s)")
+    # RNG streams are per rank: a rank that existed keeps its own; a new one starts from a
+    # stream derived from rank 0's and its rank, the same on every rerun.
+    if dist.rank() < saved_ranks:
+        set_rng_state(owns[dist.rank()]["rng"])
+    else:
+        derived = int(torch.randint(2**62, (1,), generator=torch.Generator().set_state(
+            owns[0]["rng"]["torch"])).item()) + dist.rank()
+        random.seed(derived)
+        np.random.seed(derived % 2**32)
+        torch.manual_seed(derived)
+    return Restored(client_state["step"], states[0], tag, bool(client_state.get("eval_pending", False)))
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b

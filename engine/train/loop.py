@@ -7,10 +7,12 @@ import torch
 import torch.distributed as torch_dist
 
 from engine import dist
+from engine.eval.evaluate import EvaluationInterrupted
 from engine.observe.metrics import MetricsWriter
 from engine.observe.progress import Progress
 from engine.observe.throughput import StepTimer, memory_gb
 from engine.train import checkpoint, gradcache
+from engine.train.faults import Drills, SkippedSteps, StopSignals
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,14 @@ class Cadence:
     eval_every: int
     checkpoint_every: int
     feature_cache: bool = False  # accumulate with cached embeddings (engine/train/gradcache.py)
+    max_skipped_in_a_row: int = 5  # non-finite steps in a row that stop the run
+    nonfinite_advice: str = ""     # what the stop message suggests
+
+
+@dataclass(frozen=True)
+class LoopEnd:
+    metrics: dict[str, float]  # the last evaluation's
+    stopped_at: int | None     # the step a stop signal ended the run at (checkpointed), or None
 
 
 def _mean_across_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -57,47 +67,92 @@ def _accumulate(engine, batches, grad_accum: int, timer: StepTimer,
 
 
 def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.device,
-          checkpoint_dir: Path, evaluate: Callable[[], dict[str, float]],
-          writer: MetricsWriter, progress: Progress) -> dict[str, float]:
-    """Run optimizer steps start_step .. cadence.stop_step - 1; return the last eval metrics."""
+          checkpoint_dir: Path, evaluate: Callable[[Callable[[], bool] | None], dict[str, float]],
+          writer: MetricsWriter, progress: Progress, stop: StopSignals | None = None,
+          eval_pending: bool = False, drills: Drills = Drills()) -> LoopEnd:
+    """Run optimizer steps start_step .. cadence.stop_step - 1, or until a stop signal.
+
+    `evaluate(interrupted)` asks `interrupted()` between batches (engine/eval/evaluate.py).
+    `eval_pending`: the checkpoint resumed from was written when a stop cut its evaluation
+    short; that evaluation runs first."""
     batches = iter(loader)
     timer = StepTimer()
+    skipped = SkippedSteps(cadence.max_skipped_in_a_row)
+    agreed = stop.agreed if stop is not None else None
     # Loss terms stay on the device between logs: reading a value (.item()) would make the
     # host wait for the GPU every micro-batch.
     interval: dict[str, torch.Tensor] = {}
     interval_steps = 0
     metrics: dict[str, float] = {}
+    if eval_pending:
+        try:
+            metrics = _evaluate(evaluate, agreed, start_step, writer, progress)
+        except EvaluationInterrupted:
+            return LoopEnd(metrics, stopped_at=start_step)  # its checkpoint still says pending
     for step in range(start_step, cadence.stop_step):
         done = step + 1
+        skipped_before = engine.skipped_steps
+        engine.module.nonfinite_drill = drills.poison(done)
         if cadence.feature_cache:
             with timer.waiting_for_data():
                 micro_batches = [_to(device, next(batches)) for _ in range(cadence.grad_accum)]
             step_losses = gradcache.accumulate_step(engine, micro_batches)
         else:
             step_losses = _accumulate(engine, batches, cadence.grad_accum, timer, device)
-        for name, value in step_losses.items():
-            interval[name] = interval[name] + value if name in interval else value
-        interval_steps += 1
+        engine.module.nonfinite_drill = False
+        was_skipped = engine.skipped_steps != skipped_before
+        if was_skipped:
+            progress.write(f"step {done}: non-finite loss or gradient, optimizer step skipped "
+                           f"({skipped.in_a_row + 1} in a row)")
+        else:  # a skipped step's losses are not finite: they stay out of the logged means
+            for name, value in step_losses.items():
+                interval[name] = interval[name] + value if name in interval else value
+            interval_steps += 1
+        skipped.record(was_skipped, done, cadence.nonfinite_advice)
         timer.step_done(samples=engine.train_batch_size())  # the global batch
 
         if done % cadence.log_every == 0 or done == cadence.stop_step:
-            logged = _mean_across_ranks({k: v / interval_steps for k, v in interval.items()})
-            logged.update(lr=engine.get_lr()[0], **timer.read_and_reset(), **memory_gb())
+            # Every rank skips the same steps (DeepSpeed agrees on overflow), so an interval of
+            # skipped steps only is empty on every rank.
+            logged = _mean_across_ranks({k: v / interval_steps for k, v in interval.items()}) if interval else {}
+            logged.update(lr=engine.get_lr()[0], skipped_steps=engine.skipped_steps,
+                          **timer.read_and_reset(), **memory_gb())
             writer.write(done, logged)
-            progress.show(loss=logged["loss"])
+            if "loss" in logged:
+                progress.show(loss=logged["loss"])
             interval.clear()
             interval_steps = 0
         progress.update()
 
         evaluating = done % cadence.eval_every == 0 or done == cadence.total_steps
-        saving = done % cadence.checkpoint_every == 0 or done == cadence.stop_step
-        if evaluating or saving:
+        # No cadence checkpoint right after a skipped step: if the skips go on until the run
+        # stops, the newest checkpoint is one from before them.
+        saving = (done % cadence.checkpoint_every == 0 and not was_skipped) or done == cadence.stop_step
+        # The stop flag is agreed at every step boundary but the last (which saves anyway).
+        stop_agreed = done != cadence.stop_step and agreed is not None and agreed()
+        if evaluating or saving or stop_agreed:
             dist.average_buffers(engine.module)
-        if evaluating:
-            metrics = evaluate()
-            writer.write(done, metrics)
-            progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if saving:
+        eval_cut = evaluating and stop_agreed  # not started: the resumed run does it
+        if evaluating and not stop_agreed:
+            drills.wait_in_eval(done, stop)
+            try:
+                metrics = _evaluate(evaluate, agreed, done, writer, progress)
+            except EvaluationInterrupted:
+                eval_cut = True
+        stopping = stop_agreed or eval_cut
+        if saving or stopping:
             checkpoint.save(engine, checkpoint_dir, done,
-                            {"loader": loader.state_dict(), "task": engine.module.rank_state()})
+                            {"loader": loader.state_dict(), "task": engine.module.rank_state()},
+                            eval_pending=eval_cut, before_complete=drills.in_checkpoint(done))
+        if stopping:
+            progress.write(f"step {done}: stopped by {' and '.join(sorted(stop.agreed_names))}"
+                           + (", evaluation left for the resumed run" if eval_cut else ""))
+            return LoopEnd(metrics, stopped_at=done)
+    return LoopEnd(metrics, stopped_at=None)
+
+
+def _evaluate(evaluate, interrupted, step: int, writer: MetricsWriter, progress: Progress) -> dict[str, float]:
+    metrics = evaluate(interrupted)
+    writer.write(step, metrics)
+    progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics

@@ -15,25 +15,48 @@ _BESIDE = Path(sys.executable).with_name("deepspeed")
 DEEPSPEED = str(_BESIDE) if _BESIDE.exists() else "deepspeed"
 
 
-def launch(args, env, ranks=None, timeout=600) -> subprocess.CompletedProcess:
-    """`deepspeed [--num_gpus N] launchers/pretrain.py ARGS` or, without ranks, plain python."""
+def command(args, ranks=None, port=None) -> list[str]:
+    """`deepspeed --num_gpus N --master_port P launchers/pretrain.py ARGS`, or plain python."""
     if ranks is None:
-        return subprocess.run([sys.executable, str(LAUNCHER), *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-    port = free_port()
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), str(LAUNCHER), *args]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    # Every run, finished or refused, must give back DeepSpeed's shared memory (engine/dist.py).
-    # Matched by port alone: the ranks' MASTER_ADDR, part of the name, is the launcher's to choose.
+        return [sys.executable, str(LAUNCHER), *args]
+    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), str(LAUNCHER), *args]
+
+
+def launch(args, env, ranks=None, timeout=600, port=None) -> subprocess.CompletedProcess:
+    """Run the launcher to its end, as a user does (`ranks`: through the deepspeed launcher)."""
+    port = port or free_port()
+    result = subprocess.run(command(args, ranks, port), cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    if ranks is not None:
+        check_shared_memory_given_back(port)
+    return result
+
+
+def check_shared_memory_given_back(port: int) -> None:
+    """Every run, finished or refused, must give back DeepSpeed's shared memory (engine/dist.py).
+    Matched by port alone: the ranks' MASTER_ADDR, part of the name, is the launcher's to choose."""
     leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
     for path in leaked:
         path.unlink()
     assert not leaked, f"the run left DeepSpeed's all-reduce workspace in shared memory: {leaked}"
-    return result
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> logged loss; a step logged twice (redone after a resume) fails the test."""
+    rows = [r for r in read_metrics(run_dir) if "loss" in r]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+# A short 2-rank run that crosses an epoch of neither: the reference that interrupted, killed,
+# two-host and elastic runs of the same dials must equal step for step.
+REFERENCE_DIALS = ["--global-batch", "32", "--steps", "16", "--log-every", "1", "--eval-every", "8",
+                   "--checkpoint-every", "4"]
 
 
 def check(result: subprocess.CompletedProcess) -> None:
@@ -47,3 +70,13 @@ def tensorboard_scalars(run_dir: Path) -> dict[str, list[float]]:
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def samples_by_step(folder: Path, global_batch: int) -> dict[tuple[int, int], list[int]]:
+    """(epoch, step in epoch) -> the sample ids every rank took for it, from CLIPZERO_SAMPLE_LOG."""
+    steps: dict[tuple[int, int], list[int]] = {}
+    for log in sorted(folder.glob("rank*.jsonl")):
+        for line in log.read_text().splitlines():
+            row = json.loads(line)
+            steps.setdefault((row["epoch"], row["sample_in_epoch"] // global_batch), []).extend(row["ids"])
+    return steps

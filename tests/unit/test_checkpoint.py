@@ -1,4 +1,5 @@
-"""A crash in the middle of a save leaves `latest` on the previous complete checkpoint."""
+"""A crash in the middle of a save leaves `latest` on the previous complete checkpoint; a
+checkpoint damaged after it was written is set aside and the previous one loaded."""
 import os
 from pathlib import Path
 
@@ -14,13 +15,11 @@ def _train_step(engine):
     engine.step()
 
 
-def _worker(_, port, ckpt_dir, out):
+def _engine(port):
     # A fresh process: DeepSpeed's engine needs a process group of its own.
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import deepspeed
-
-    from engine.train import checkpoint
 
     deepspeed.init_distributed(verbose=False)
     torch.manual_seed(0)
@@ -28,6 +27,13 @@ def _worker(_, port, ckpt_dir, out):
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1),
         config={"train_batch_size": 4, "zero_optimization": {"stage": 1}, "steps_per_print": 10**9})
+    return engine, model
+
+
+def _worker(_, port, ckpt_dir, out):
+    from engine.train import checkpoint
+
+    engine, model = _engine(port)
     ckpt_dir = Path(ckpt_dir)
 
     _train_step(engine)
@@ -52,8 +58,8 @@ def _worker(_, port, ckpt_dir, out):
         torch.save = real_save
     out["crashed"] = crashed
     out["latest_after_crash"] = checkpoint.latest_tag(ckpt_dir)
-    step, loader_state = checkpoint.load(engine, ckpt_dir)
-    out["restored"] = (step, loader_state, torch.equal(model.weight.detach(), weights_at_1))
+    restored = checkpoint.load(engine, ckpt_dir)
+    out["restored"] = (restored.step, restored.rank_state, torch.equal(model.weight.detach(), weights_at_1))
 
     for step in (3, 4, 5):
         _train_step(engine)
@@ -71,3 +77,64 @@ def test_crash_mid_save_keeps_the_previous_checkpoint_and_old_ones_are_pruned(tm
     # The last two complete checkpoints stay; the half-written step 2 and older ones go.
     assert out["kept"] == ["step00000004", "step00000005"]
     assert out["latest_end"] == "step00000005"
+
+
+def _largest_entry_data_offset(path: Path) -> int:
+    """Where the bytes of the largest record of a torch.save archive start."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        entry = max(archive.infolist(), key=lambda e: e.file_size)
+    header = path.read_bytes()[entry.header_offset:entry.header_offset + 30]
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return entry.header_offset + 30 + name_len + extra_len
+
+
+def _damage_worker(_, port, ckpt_dir, out):
+    from engine.train import checkpoint
+
+    engine, model = _engine(port)
+    ckpt_dir = Path(ckpt_dir)
+    weights = {}
+    for step in (1, 2):
+        _train_step(engine)
+        checkpoint.save(engine, ckpt_dir, step, {"position": step})
+        weights[step] = model.weight.detach().clone()
+    newest = ckpt_dir / "step00000002"
+    out["files"] = sorted(p.name for p in newest.iterdir())
+    # The model file of the newest checkpoint loses its second half (a copy cut short).
+    model_file = next(newest.glob("mp_rank_*_model_states.pt"))
+    model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
+    out["problem"] = checkpoint.damage(newest, 0, 1)
+    _train_step(engine)
+    restored = checkpoint.load(engine, ckpt_dir)
+    out["restored"] = (restored.step, restored.rank_state, torch.equal(model.weight.detach(), weights[1]))
+    out["after"] = sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith(("step", "latest")))
+    out["latest"] = checkpoint.latest_tag(ckpt_dir)
+
+    # Same size, one byte flipped inside the optimizer states' tensor data: only CRCs tell.
+    older = ckpt_dir / "step00000001"
+    optim_file = next(older.glob("*optim_states.pt"))
+    data = bytearray(optim_file.read_bytes())
+    data[_largest_entry_data_offset(optim_file)] ^= 0xFF
+    optim_file.write_bytes(bytes(data))
+    out["flipped"] = checkpoint.damage(older, 0, 1)
+    try:
+        checkpoint.load(engine, ckpt_dir)
+        out["none_left"] = None
+    except RuntimeError as error:
+        out["none_left"] = str(error)
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_it_loaded(tmp_path, capfd):
+    out = mp.Manager().dict()
+    mp.spawn(_damage_worker, args=(free_port(), str(tmp_path / "ckpt"), out), nprocs=1)
+    assert "manifest.json" in out["files"] and "rank0.pt" in out["files"]
+    assert "model_states.pt has" in out["problem"] and "bytes when written" not in out["problem"]
+    assert out["restored"] == (1, {"position": 1}, True)
+    assert out["after"] == ["latest", "step00000001", "step00000002.damaged"]
+    assert out["latest"] == "step00000001"
+    assert "fails its CRC" in out["flipped"] or "unreadable" in out["flipped"]
+    assert "no intact checkpoint" in out["none_left"] and "step00000001" in out["none_left"]
+    assert "checkpoint" in capfd.readouterr().out  # the warning names what was set aside

@@ -59,7 +59,7 @@ def _assert_same_batches(left, right):
 def reference(digits, tokenizer):
     """TAKE batches from one loader, with its state recorded after RESUME_AT of them."""
     loader = _loader(digits.train, tokenizer)
-    assert loader.batches_per_epoch == 23 and loader.samples_per_epoch == 23 * MICRO_BATCH
+    assert loader.steps_per_epoch == loader.batches_per_epoch == 23 and loader.samples_per_epoch == 23 * MICRO_BATCH
     batches, states = [], []
     for batch in islice(iter(loader), TAKE):
         batches.append({k: v.clone() for k, v in batch.items()})
@@ -79,8 +79,8 @@ def test_each_epoch_is_a_fresh_permutation_without_repeats(reference):
     batches, states = reference
     epoch0 = torch.cat([b["sample_id"] for b in batches[:23]])
     assert len(set(epoch0.tolist())) == 23 * MICRO_BATCH and epoch0.max() < 1497
-    assert states[21] == {**states[21], "epoch": 0, "batch_in_epoch": 22}
-    assert states[22]["epoch"] == 1 and states[22]["batch_in_epoch"] == 0
+    assert states[21] == {**states[21], "epoch": 0, "sample_in_epoch": 22 * MICRO_BATCH}
+    assert states[22]["epoch"] == 1 and states[22]["sample_in_epoch"] == 0
     assert not torch.equal(batches[23]["sample_id"], batches[0]["sample_id"])
 
 
@@ -108,8 +108,8 @@ def test_different_seed_gives_different_order(reference, digits, tokenizer):
 
 
 def test_resume_refuses_a_state_from_another_setup(reference, digits, tokenizer):
-    loader = _loader(digits.train, tokenizer, micro_batch=32)
-    with pytest.raises(UserError, match="micro_batch was 64, now 32"):
+    loader = _loader(digits.train, tokenizer, micro_batch=32)  # a global batch of 32, not 64
+    with pytest.raises(UserError, match="global_batch was 64, now 32: resume with --global-batch 64"):
         loader.load_state_dict(reference[1][0])
 
 
@@ -319,7 +319,7 @@ DEAD_PIPELINE_SCRIPT = textwrap.dedent("""
     import gc, torch
     from torch.utils.data import DataLoader, Dataset
     from engine.data.dali import PLACEHOLDER_PNG, eval_pipeline
-    from engine.data.loader import _start_workers
+    from engine.data.workers import start_workers
 
     for _ in range(3):
         pipe = eval_pipeline(lambda: ([PLACEHOLDER_PNG] * 4,), batch_size=4, image_size=16, num_threads=2)
@@ -336,7 +336,7 @@ DEAD_PIPELINE_SCRIPT = textwrap.dedent("""
 
     # A worker that collects them segfaults or hangs: the timeout turns a hang into an error.
     loader = DataLoader(Collecting(), batch_size=2, num_workers=1, multiprocessing_context="fork", timeout=60)
-    print("batches", len(list(_start_workers(loader))))
+    print("batches", len(list(start_workers(loader))))
 """)
 
 

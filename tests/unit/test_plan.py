@@ -307,14 +307,18 @@ def test_recipe_adam_settings_follow_the_tower_family(model, vit):
 
 @pytest.mark.parametrize("env, expected", [
     ({}, (1, 1, 1)),
-    ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, (16, 8, 2)),        # torchrun
-    ({"WORLD_SIZE": "8", "LOCAL_SIZE": "4"}, (8, 4, 2)),                # deepspeed launcher
-    ({"SLURM_NTASKS": "12", "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "3"}, (12, 4, 3)),
-    ({"SLURM_NTASKS": "8", "SLURM_NNODES": "2"}, (8, 4, 2)),
+    ({"RANK": "3", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, (16, 8, 2)),  # torchrun
+    ({"RANK": "0", "WORLD_SIZE": "8", "LOCAL_SIZE": "4"}, (8, 4, 2)),          # deepspeed launcher
+    ({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "12", "SLURM_STEP_TASKS_PER_NODE": "4(x3)",
+      "SLURM_STEP_NUM_NODES": "3", "SLURM_STEP_NODELIST": "n[1-3]", "SLURM_LOCALID": "1",
+      "SLURM_JOB_ID": "77"}, (12, 4, 3)),                                      # srun
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NNODES": "2"}, (1, 1, 1)),  # batch script, no srun
 ])
 def test_probe_reads_ranks_from_the_launcher(monkeypatch, env, expected):
-    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS",
-                 "SLURM_NTASKS_PER_NODE", "SLURM_NNODES", "SLURM_CPUS_ON_NODE"):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS",
+                 "SLURM_NTASKS_PER_NODE", "SLURM_NNODES", "SLURM_CPUS_ON_NODE", "SLURM_PROCID",
+                 "SLURM_STEP_NUM_TASKS", "SLURM_STEP_TASKS_PER_NODE", "SLURM_STEP_NUM_NODES",
+                 "SLURM_STEP_NODELIST", "SLURM_LOCALID", "SLURM_JOB_ID", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -324,6 +328,7 @@ def test_probe_reads_ranks_from_the_launcher(monkeypatch, env, expected):
 
 
 def test_probe_rejects_a_malformed_launcher_variable(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "four")
     with pytest.raises(UserError, match="WORLD_SIZE"):
         probe()

@@ -1,10 +1,11 @@
 """Resuming a run directory with dials that would misread its checkpoint is refused up front."""
+import dataclasses
 import json
 
 import pytest
 
 from engine.errors import UserError
-from engine.pretrain import check_resumable
+from engine.pretrain import check_resumable, describe_reshape
 from tests.unit.test_plan import CPU_ONLY, plan_for
 
 
@@ -31,3 +32,21 @@ def test_changed_dials_name_the_value_and_the_way_out(tmp_path, changed):
 def test_a_directory_without_checkpoint_starts_afresh(tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps(plan_for(CPU_ONLY, global_batch=64).to_dict()))
     check_resumable(tmp_path, plan_for(CPU_ONLY, global_batch=32))
+
+
+def test_another_number_of_ranks_or_split_of_the_same_global_batch_resumes(tmp_path):
+    two_ranks = dataclasses.replace(CPU_ONLY, world_size=2, local_world_size=2)
+    saved = plan_for(two_ranks, global_batch=64)
+    run_dir = _run_dir_with_checkpoint(tmp_path, saved)
+    one_rank = plan_for(CPU_ONLY, global_batch=64)
+    assert check_resumable(run_dir, one_rank)["world_size"] == 2
+    assert "2 rank(s) x micro-batch 32 x 1 accumulated, this one 1 x 64 x 1" in describe_reshape(saved.to_dict(), one_rank)
+    # Cached features over 4 micro-batches train the same loss as one micro-batch of 64.
+    check_resumable(run_dir, plan_for(CPU_ONLY, global_batch=64, micro_batch=16))
+    assert describe_reshape(saved.to_dict(), saved) is None
+
+
+def test_plain_accumulation_cannot_take_over_a_whole_batch_run(tmp_path):
+    run_dir = _run_dir_with_checkpoint(tmp_path, plan_for(CPU_ONLY, global_batch=64))
+    with pytest.raises(UserError, match="--accumulation plain"):
+        check_resumable(run_dir, plan_for(CPU_ONLY, global_batch=64, micro_batch=16, accumulation="plain"))

@@ -1,0 +1,79 @@
+"""The DataLoader's worker processes: forked cheaply, never outliving the rank that forked them.
+
+A rank forks its data workers every epoch (they learn the epoch at start). Three things about
+them matter at scale: a fork must not hand the child the parent's uncollected DALI pipelines
+(start_workers), a worker must die with its rank whatever kills the rank, and keep serving
+while its rank handles a stop signal (worker_dies_with_its_rank), and a rank that exits on an
+error must not wait forever for its workers (_kill_leftover_workers).
+"""
+import atexit
+import ctypes
+import gc
+import logging
+import multiprocessing
+import os
+import signal
+
+from torch.utils.data import DataLoader
+
+logger = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # prctl option: a signal the kernel sends this process when its parent dies
+
+
+def worker_dies_with_its_rank(rank_pid: int, _worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn` (bind `rank_pid=os.getpid()` in the rank): a data worker
+    must never outlive the rank that forked it.
+
+    A rank killed with SIGKILL cannot stop its workers; left alone they stay blocked forever as
+    orphans, each holding its memory and every socket inherited through fork, rank 0's
+    rendezvous port included, so the next run on that port fails. PR_SET_PDEATHSIG makes the
+    kernel kill the worker when the rank dies. Stop signals are the rank's business: a worker
+    ignores them (SLURM signals every process of a step), so it keeps serving batches while
+    the rank writes its stop checkpoint, and dies with it.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this data worker may outlive "
+                       "a killed rank", ctypes.get_errno())
+    for signum in (signal.SIGUSR1, signal.SIGTERM):  # engine/train/faults.py's stop signals
+        signal.signal(signum, signal.SIG_IGN)
+    if os.getppid() != rank_pid:  # the rank died before prctl took effect
+        os._exit(1)
+
+
+def _kill_leftover_workers() -> None:
+    """At exit, before multiprocessing's own exit handler (registered earlier, so run later):
+    that one SIGTERMs daemonic children and joins them, but data workers ignore SIGTERM (see
+    worker_dies_with_its_rank) and wait for work forever. They are only left when the rank
+    exits on an error (a collective timed out, a peer died) with its DataLoader still open;
+    on a normal end they have stopped already."""
+    # The DataLoader's SIGCHLD handler raises when a worker dies by a signal: not now.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    leftover = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in leftover:
+        child.kill()
+    for child in leftover:
+        child.join(timeout=5)
+
+
+atexit.register(_kill_leftover_workers)
+
+
+def start_workers(loader: DataLoader):
+    """Fork the workers with every existing object frozen out of their garbage collector.
+
+    A forked worker inherits the parent's objects, uncollected garbage included. Were it to
+    collect a dead DALI pipeline, the finalizer would join threads that exist only in the
+    parent and crash the worker (a segfault). Frozen objects are never collected in the child;
+    in the parent, unfreezing hands them back to the collector. No gc.collect() first: a full
+    collection of a training process took ~0.5 s at every epoch boundary (CLIP, 117 steps on
+    150 pairs, one batch per epoch, 2 CPU cores: 157 s with it, 94 s without).
+    """
+    if loader.num_workers == 0:
+        return iter(loader)
+    gc.freeze()
+    try:
+        return iter(loader)  # forks every worker before returning
+    finally:
+        gc.unfreeze()

@@ -1,0 +1,199 @@
+"""Resume a ZeRO checkpoint on another number of ranks: read the whole state from the files
+DeepSpeed wrote, then give each new rank its share.
+
+DeepSpeed refuses to load a ZeRO checkpoint on another data-parallel world size, and its
+universal checkpoint was measured wrong here (deepspeed 0.19.8, CPU): under ZeRO-3 it gave
+every parameter group the first group's weight decay and one shared Adam `step` counted once
+per group (final weights off by 3e-3 after 4 steps), it never restores buffers, and it cannot
+convert a non-Adam optimizer state (SGD + Lookahead: KeyError 'exp_avg'). This module needs
+no conversion step and restores, bit for bit, the fp32 weights, every per-element optimizer
+state (Adam moments, momentum, Lookahead's slow weights), the per-group counters and
+hyperparameters, the LR scheduler, DeepSpeed's step counters and the module's buffers, at
+ZeRO 1, 2 and 3, from N ranks to M.
+
+It reads DeepSpeed's file layout and sets state through a few of its internals (named where
+used); setup.py pins deepspeed to the 0.19 series, and tests/unit/test_reshard.py checks
+every stage and both directions against an uninterrupted run.
+"""
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from engine.errors import UserError
+
+_STAGE3_MODEL = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+_MODEL = "mp_rank_00_model_states.pt"
+
+
+def _load(path: Path) -> dict:
+    # mmap: each rank reads only the pages it narrows out.
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def _optim_files(folder: Path) -> list[Path]:
+    files = folder.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")
+    return sorted(files, key=lambda p: int(p.name.split("_")[3]))
+
+
+def has_zero_shards(folder: Path) -> bool:
+    """Whether the checkpoint's optimizer states are partitioned over its ranks (ZeRO >= 1)."""
+    return bool(_optim_files(folder))
+
+
+def is_stage3(folder: Path) -> bool:
+    return (folder / _STAGE3_MODEL).exists()
+
+
+def read_full_state(folder: Path) -> dict:
+    """Everything a resume needs, whole and keyed by parameter name, rebuilt without an engine
+    or a collective from a checkpoint written by any number of ranks at ZeRO 1, 2 or 3."""
+    optim_files = _optim_files(folder)
+    ranks = len(optim_files)
+    stage3 = is_stage3(folder)
+    model_states = _load(folder / (_STAGE3_MODEL if stage3 else _MODEL))
+    if model_states["dp_world_size"] != ranks:
+        raise UserError(f"{folder} holds optimizer shards of {ranks} rank(s) but was written by "
+                        f"{model_states['dp_world_size']}: the checkpoint is incomplete")
+    shapes = model_states["param_shapes"]  # [{name: shape}] per (sub-)group, in flat order
+    fragments: dict[str, dict[str, list[torch.Tensor]]] = {}
+    scalars, param_groups, tensor_keys, zero_global = {}, None, set(), None
+    for rank, path in enumerate(optim_files):
+        shard = _load(path)
+        saved = shard["optimizer_state_dict"]
+        if stage3:
+            torch_state, flats = saved["optimizer_state_dict"], saved["fp32_flat_groups"]
+        else:
+            torch_state, flats = saved["base_optimizer_state"], saved["single_partition_of_fp32_groups"]
+            if not isinstance(torch_state, dict):
+                raise UserError(f"{folder} was written with zero_optimization.elastic_checkpoint; "
+                                "resume it on the same number of ranks")
+        if rank == 0:  # what DeepSpeed's own loader restores beside the states (fp16's loss scale)
+            zero_global = {k: saved[k] for k in ("loss_scaler", "dynamic_loss_scale", "overflow",
+                                                 "clip_grad", "ds_version") if k in saved}
+            zero_global.setdefault("ds_version", shard.get("ds_version"))
+        param_groups = [{k: v for k, v in g.items() if k != "params"} for g in torch_state["param_groups"]]
+        group_of = {i: g for g, group in enumerate(torch_state["param_groups"]) for i in group["params"]}
+        for index, flat in enumerate(flats):
+            state = torch_state["state"].get(index, {})
+            per_element = {k: v for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0}
+            tensor_keys.update(per_element)
+            counters = {k: v for k, v in state.items() if k not in per_element}
+            if counters:
+                scalars.setdefault(group_of[index], counters)
+            for name, start, length in _slices(saved, shapes, index, rank, ranks, stage3):
+                for key, tensor in (("fp32", flat), *per_element.items()):
+                    fragments.setdefault(name, {}).setdefault(key, []).append(tensor.narrow(0, start, length))
+    params = OrderedDict()
+    for group in shapes:
+        for name, shape in group.items():
+            params[name] = {k: torch.cat(parts).view(shape).detach().clone() for k, parts in fragments[name].items()}
+    return {"params": params, "tensor_keys": sorted(tensor_keys), "scalars": scalars,
+            "param_groups": param_groups, "lr_scheduler": model_states["lr_scheduler"],
+            "global_steps": model_states["global_steps"],
+            "global_samples": model_states.get("global_samples"),
+            "skipped_steps": model_states["skipped_steps"],
+            "buffers": {n: model_states["module"][n] for n in model_states.get("buffer_names", [])},
+            "client_state": {k: model_states[k] for k in ("step", "eval_pending") if k in model_states},
+            "zero_global": zero_global, "saved_ranks": ranks}
+
+
+def _slices(saved: dict, shapes: list, index: int, rank: int, ranks: int, stage3: bool):
+    """(parameter name, start, length) of each parameter's piece in flat group `index` of
+    `rank`'s shard."""
+    if not stage3:
+        for name, address in saved["param_slice_mappings"][index].items():
+            yield name, address.start, address.numel
+        return
+    # ZeRO-3 gives each parameter ceil(n / ranks) slots in every rank's flat, the last padded.
+    offset = 0
+    for name, shape in shapes[index].items():
+        n = math.prod(shape)
+        part = math.ceil(n / ranks)
+        yield name, offset, max(0, min(part, n - rank * part))
+        offset += part
+
+
+def apply_full_state(engine, full: dict) -> None:
+    """Put `full` (read_full_state) into a freshly initialised engine of any number of ranks.
+    Every rank calls it with the same `full`; ZeRO-1/2 all-gather the working weights."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    stage = engine.zero_optimization_stage()
+    zero = engine.optimizer
+    inner = zero.optimizer  # the client optimizer DeepSpeed steps: AdamW, or SGD in Lookahead
+    if stage == 3:  # as DeepSpeed's own load: every parameter partitioned while states change
+        zero.checkpoint_event_prologue()
+    # 1. The optimizer's state, created the way its first step would, then overwritten below.
+    for flat, group in _flat_partitions(engine):
+        state = inner.state[flat]
+        for key in full["tensor_keys"]:
+            state[key] = torch.zeros_like(flat)
+        for key, value in full["scalars"].get(group, {}).items():
+            state[key] = value.clone() if torch.is_tensor(value) else value  # one per flat
+    if stage in (1, 2):  # per-parameter views of that state, otherwise made at the first step
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+    # 2. fp32 weights and per-element state: each rank narrows out its own piece.
+    for name, param in engine.module.named_parameters():
+        entry = full["params"][name]
+        if stage == 3:
+            # safe_set_full_* narrows past the end of a parameter whose size the ranks do not
+            # divide (deepspeed 0.19.8): set this rank's padded piece instead.
+            _set_local_stage3(param, entry["fp32"], None)
+            for key in full["tensor_keys"]:
+                _set_local_stage3(param, entry[key], key)
+        else:
+            safe_set_full_fp32_param(param, entry["fp32"].to(param.device))
+            for key in full["tensor_keys"]:
+                safe_set_full_optimizer_state(param, entry[key].to(param.device), key)
+    # 3. The working weights the forward uses, from the fp32 ones.
+    if stage in (1, 2):
+        zero.update_lp_params()
+    else:
+        for sub_group in range(len(zero.fp16_groups)):
+            zero._reassign_or_swap_out_partitioned_parameters(sub_group)
+        # Gathers again the parameters ZeRO-3 keeps whole ("persistent", under its size threshold).
+        zero.checkpoint_event_epilogue()
+    # 4. Hyperparameters (the current LR lives in the groups), loss scaler, scheduler, counters.
+    for group, saved in zip(inner.param_groups, full["param_groups"]):
+        group.update(saved)
+    if full["zero_global"]:
+        (zero._load_global_state_stage3 if stage == 3 else zero._load_global_state)(full["zero_global"])
+    engine.lr_scheduler.load_state_dict(full["lr_scheduler"])
+    engine.global_steps = full["global_steps"]
+    engine.global_samples = (full["global_samples"] if full["global_samples"] is not None
+                             else full["global_steps"] * engine.train_batch_size())
+    engine.skipped_steps = full["skipped_steps"]
+    with torch.no_grad():
+        for name, buffer in engine.module.named_buffers():
+            if name in full["buffers"]:
+                buffer.copy_(full["buffers"][name].to(buffer.device, buffer.dtype))
+
+
+def _flat_partitions(engine) -> list[tuple[torch.Tensor, int]]:
+    """(this rank's flat fp32 partition that the client optimizer steps, its param group)."""
+    zero = engine.optimizer
+    if engine.zero_optimization_stage() == 3:
+        return [(flat, zero.sub_group_to_group_id[i]) for i, flat in enumerate(zero.fp32_partitioned_groups_flat)]
+    return [(flat, i) for i, flat in enumerate(zero.single_partition_of_fp32_groups)]
+
+
+def _set_local_stage3(param, full_value: torch.Tensor, key: str | None) -> None:
+    import torch.distributed as torch_dist
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    part = param.ds_tensor.numel()  # ceil(numel / ranks)
+    group = getattr(param, "ds_process_group", None)
+    rank = torch_dist.get_rank(group=group) if torch_dist.is_initialized() else 0
+    flat = full_value.reshape(-1)
+    local = torch.zeros(part, dtype=flat.dtype)
+    start, stop = rank * part, min(flat.numel(), (rank + 1) * part)
+    if stop > start:
+        local[:stop - start] = flat[start:stop]
+    local = local.to(param.ds_tensor.device)
+    if key is None:
+        safe_set_local_fp32_param(param, local)
+    else:
+        safe_set_local_optimizer_state(param, local, key)

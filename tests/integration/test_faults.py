@@ -1,0 +1,135 @@
+"""Faults on a 2-rank CPU run (deepspeed launcher, gloo): a rank killed with SIGKILL at
+several points ends the job within the stated collective timeout and leaves no process behind;
+the same command then resumes on the same port and ends at the same step with the same losses
+as a run that was never killed. Non-finite steps are skipped and counted; too many in a row stop
+the run with its last good checkpoint."""
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from engine.dist import free_port
+from launching import (REFERENCE_DIALS, ROOT, check, check_shared_memory_given_back, command, launch,
+                       losses, read_metrics)
+
+TIMEOUT_S = 30
+DIALS = [*REFERENCE_DIALS, "--collective-timeout", str(TIMEOUT_S)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(two_rank_reference):
+    return losses(two_rank_reference)
+
+
+def processes_of(out: Path) -> list[psutil.Process]:
+    """Every live process of the run writing to `out`: ranks and their forked data workers."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if str(out) in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found
+
+
+def rank_process(out: Path, rank: int) -> psutil.Process:
+    """The rank itself (its data workers are forks with the same command line)."""
+    for proc in processes_of(out):
+        parent = proc.parent()
+        if f"--local_rank={rank}" in proc.cmdline() and parent and "deepspeed.launcher.launch" in " ".join(parent.cmdline()):
+            return proc
+    raise AssertionError(f"rank {rank} of {out} is not running")
+
+
+def start(out: Path, env: dict, port: int, log: Path, drill: str = "") -> subprocess.Popen:
+    env = {**env, "CLIPZERO_DRILL": drill}
+    return subprocess.Popen(command([*DIALS, "--out", str(out)], ranks=2, port=port), cwd=ROOT,
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for(check_fn, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not check_fn():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+def ended_cleanly_after_kill(job: subprocess.Popen, killed_at: float, out: Path, port: int, log: Path) -> None:
+    """The job ends within the collective timeout, non-zero, and nothing of it survives."""
+    try:
+        code = job.wait(timeout=TIMEOUT_S + 15)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        pytest.fail(f"the job still ran {TIMEOUT_S + 15} s after a rank was killed:\n{log.read_text()[-3000:]}")
+    elapsed = time.monotonic() - killed_at
+    assert code != 0 and elapsed < TIMEOUT_S + 5, (code, elapsed)
+    deadline = time.monotonic() + 10  # the kernel needs a moment to deliver PDEATHSIG
+    while processes_of(out) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not processes_of(out), f"processes of the killed run outlived it: {processes_of(out)}"
+    check_shared_memory_given_back(port)
+
+
+def rerun_matches(out: Path, env: dict, port: int, uninterrupted: dict[int, float], resumed_from: int) -> None:
+    """The same command, on the same port, resumes and ends like the uninterrupted run."""
+    result = launch([*DIALS, "--out", str(out)], env, ranks=2, port=port)
+    check(result)
+    if resumed_from:
+        assert f"resuming from step {resumed_from} " in result.stdout, result.stdout[-3000:]
+    else:
+        assert "resuming from" not in result.stdout
+    got = losses(out)
+    assert sorted(got) == sorted(uninterrupted) == list(range(1, 17))
+    for step, loss in uninterrupted.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), f"step {step}"
+
+
+def test_rank_killed_mid_training(tmp_path, cache_env, uninterrupted):
+    out, port, log = tmp_path / "run", free_port(), tmp_path / "first.log"
+    job = start(out, cache_env, port, log)
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 6, 180, "six steps", log)
+    rank_process(out, 1).kill()
+    ended_cleanly_after_kill(job, time.monotonic(), out, port, log)
+    rerun_matches(out, cache_env, port, uninterrupted, resumed_from=4)
+
+
+def test_rank_killed_while_writing_a_checkpoint(tmp_path, cache_env, uninterrupted):
+    out, port, log = tmp_path / "run", free_port(), tmp_path / "first.log"
+    job = start(out, cache_env, port, log, drill="kill_in_checkpoint:8:1")
+    wait_for(lambda: job.poll() is not None or (out / "checkpoints" / "step00000008").exists(),
+             180, "the checkpoint of step 8", log)
+    ended_cleanly_after_kill(job, time.monotonic(), out, port, log)
+    assert (out / "checkpoints" / "latest").read_text() == "step00000004"
+    assert not (out / "checkpoints" / "step00000008" / "manifest.json").exists()
+    rerun_matches(out, cache_env, port, uninterrupted, resumed_from=4)
+
+
+def test_rank0_killed_during_evaluation(tmp_path, cache_env, uninterrupted):
+    out, port, log = tmp_path / "run", free_port(), tmp_path / "first.log"
+    job = start(out, cache_env, port, log, drill="pause_eval:8")
+    wait_for(lambda: "evaluation after step 8 waits" in log.read_text(), 180, "the evaluation of step 8", log)
+    rank_process(out, 0).kill()
+    ended_cleanly_after_kill(job, time.monotonic(), out, port, log)
+    rerun_matches(out, cache_env, port, uninterrupted, resumed_from=4)
+
+
+def test_non_finite_steps_are_skipped_and_counted_then_too_many_stop_the_run(tmp_path, cache_env):
+    one = tmp_path / "one"
+    env = {**cache_env, "CLIPZERO_DRILL": "nonfinite:3"}
+    check(launch(["--global-batch", "32", "--steps", "8", "--log-every", "1", "--out", str(one)], env))
+    rows = [r for r in read_metrics(one) if "skipped_steps" in r]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert "loss" not in rows[2] and all("loss" in r for i, r in enumerate(rows) if i != 2)
+
+    many = tmp_path / "many"
+    env = {**cache_env, "CLIPZERO_DRILL": "nonfinite:5-12"}
+    result = launch(["--global-batch", "32", "--steps", "16", "--checkpoint-every", "4", "--out", str(many)], env)
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert "steps 5..9 all had a non-finite loss or gradient" in result.stderr
+    assert "lower --lr" in result.stderr
+    assert (many / "checkpoints" / "latest").read_text() == "step00000004"
+    plan = json.loads((many / "plan.json").read_text())
+    assert plan["max_skipped_in_a_row"] == 5

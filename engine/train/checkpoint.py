@@ -218,6 +218,10 @@ def _load_resharded(engine, checkpoint_dir: Path, tag: str, saved_ranks: int) ->
         print(f"resharding {folder}: written by {saved_ranks} rank(s), resumed on "
               f"{dist.world_size()}", flush=True)
     if reshard.has_zero_shards(folder):
+        if engine.zero_use_cpu_optimizer():
+            raise UserError(f"{folder} was written by {saved_ranks} rank(s); resharding into an "
+                            "optimizer offloaded to the CPU is not supported: resume on "
+                            f"{saved_ranks} rank(s), or without --offload")
         full = reshard.read_full_state(folder)
         reshard.apply_full_state(engine, full)
         client_state = full["client_state"]

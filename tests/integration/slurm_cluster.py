@@ -40,6 +40,8 @@ from pathlib import Path
 
 import pytest
 
+from loud_skip import skip_loudly
+
 PREFIX = "clipzero-slurm-"
 MARK = "CLIPZERO_SLURM_DIR"
 MUNGE_KEY = Path("/etc/munge/munge.key")
@@ -268,7 +270,7 @@ def start_cluster() -> SlurmCluster:
     """Start munged, slurmctld and slurmd; return once the node is idle. Call stop_cluster() after."""
     missing = missing_prerequisites()
     if missing:
-        pytest.skip(f"no SLURM test cluster: needs {', '.join(missing)}; {INSTALL_HINT}")
+        skip_loudly(f"no SLURM test cluster: needs {', '.join(missing)}; {INSTALL_HINT}")
     sweep_stale()
     _ensure_munge_key()
     root = Path(tempfile.mkdtemp(prefix=PREFIX))

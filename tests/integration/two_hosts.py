@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from loud_skip import skip_loudly
+
 SUBNET_PREFIX = 24
 ADDRESSES = ("10.213.7.1", "10.213.7.2")
 # Node names each namespace resolves (as SLURM's hostlist "cznode[1-2]" names them): `ip netns
@@ -91,9 +93,9 @@ def sweep_stale() -> None:
 
 def create_two_hosts() -> TwoHosts:
     if os.geteuid() != 0:
-        pytest.skip("no two-host network: `ip netns add` needs root")
+        skip_loudly("no two-host network: `ip netns add` needs root")
     if not os.path.exists(IP):
-        pytest.skip("no two-host network: `ip` is missing; run .ci/system-packages as root "
+        skip_loudly("no two-host network: `ip` is missing; run .ci/system-packages as root "
                     "(apt-get install iproute2)")
     sweep_stale()
     tag = f"{os.getpid()}{secrets.token_hex(2)}"       # <= 7 + 4 characters
@@ -101,7 +103,7 @@ def create_two_hosts() -> TwoHosts:
     interfaces = (f"cz{tag}a", f"cz{tag}b")             # <= 13 characters of the 15 allowed
     first = _ip("netns", "add", namespaces[0], check=False)
     if first.returncode != 0:
-        pytest.skip(f"no two-host network: `ip netns add` failed: {first.stderr.strip()}")
+        skip_loudly(f"no two-host network: `ip netns add` failed: {first.stderr.strip()}")
     hosts = TwoHosts(namespaces, ADDRESSES, interfaces)
     try:
         _ip("netns", "add", namespaces[1])

@@ -31,14 +31,14 @@ _STEPS_PER_PRINT_NEVER = 2**31 - 1
 # clean ones, and never go below 1.
 _FP16_DYNAMIC_LOSS_SCALE = {"loss_scale": 0, "initial_scale_power": 16,
                             "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+_DIAL_FOR_SECTION = {"optimizer": "--optimizer and --lr", "scheduler": "--lr and --warmup-steps"}
 
 
 def fp16_scale_search_steps() -> int:
     """Overflowing steps fp16's dynamic loss scale may skip while it comes down from its start
     to 1 (each halving waits for `hysteresis` overflows)."""
     return _FP16_DYNAMIC_LOSS_SCALE["initial_scale_power"] * _FP16_DYNAMIC_LOSS_SCALE["hysteresis"]
-_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-_DIAL_FOR_SECTION = {"optimizer": "--optimizer and --lr", "scheduler": "--lr and --warmup-steps"}
 
 
 def render(plan: "RunPlan") -> dict:

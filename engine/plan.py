@@ -50,7 +50,7 @@ class Dials:
     # Objective options (None = the method's default; refused for methods without them).
     queue_size: int | None = None; enqueue: str | None = None           # DeCLIP
     negatives: str | None = None; prior: str | None = None              # CLIP-Lite
-    # Faults (plan_launch.py).
+    # Faults (plan_faults.py).
     collective_timeout: int | None = None; max_requeues: int | None = None
 
 

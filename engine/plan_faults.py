@@ -12,7 +12,6 @@ from engine.errors import UserError
 from engine.launch import Launch
 from engine.plan_memory import GB
 
-FAULT_DECISIONS = ("rendezvous", "collective_timeout_s", "max_requeues", "max_skipped_in_a_row")
 MIN_TIMEOUT_S = 300
 # Bytes a checkpoint holds per parameter with AdamW: fp32 weights, two moments, and the
 # low-precision copy DeepSpeed saves beside them under bf16/fp16, rounded up.
@@ -27,7 +26,8 @@ MAX_SKIPPED_IN_A_ROW = 5
 
 def fault_decisions(dials, launch: Launch | None, n_params: int, precision: str,
                     fp16_scale_search_steps: int) -> list[tuple[str, object, str]]:
-    """(name, value, reason) for each name in FAULT_DECISIONS."""
+    """(name, value, reason) of rendezvous, collective_timeout_s, max_requeues and
+    max_skipped_in_a_row."""
     return [_rendezvous(launch), _collective_timeout(dials.collective_timeout, n_params),
             _max_requeues(dials.max_requeues, launch),
             _max_skipped(precision, fp16_scale_search_steps)]

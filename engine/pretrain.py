@@ -166,8 +166,7 @@ def seed_everything(seed: int) -> None:
 
 
 def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int | None) -> RunEnd:
-    plan, preset, launch = prepared.plan, prepared.preset, prepared.launch
-    job_id = launch.job_id if launch is not None else None
+    plan = prepared.plan
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if torch.cuda.is_available():
         # Before any collective: NCCL's object broadcast and barriers use the current device.
@@ -175,14 +174,15 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
     dist.init_distributed(plan.collective_timeout_s)
     stop = faults.StopSignals(plan.collective_timeout_s)
     try:
-        return _run(prepared, stop, job_id, out=out, dry_run=dry_run, stop_at_step=stop_at_step)
+        return _run(prepared, stop, out=out, dry_run=dry_run, stop_at_step=stop_at_step)
     finally:
         stop.close()
 
 
-def _run(prepared: Prepared, stop: faults.StopSignals, job_id: str | None, *, out: str | None,
-         dry_run: bool, stop_at_step: int | None) -> RunEnd:
+def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_run: bool,
+         stop_at_step: int | None) -> RunEnd:
     plan, preset = prepared.plan, prepared.preset
+    job_id = prepared.launch.job_id if prepared.launch is not None else None
     is_main = dist.rank() == 0
     run_dir = Path(out) if out else dist.broadcast_from_rank0(default_run_dir(plan, job_id))
     saved_plan = check_resumable(run_dir, plan)

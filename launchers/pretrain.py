@@ -102,14 +102,10 @@ def main(argv=None) -> int:
         if args.stop_at_step is not None and args.stop_at_step < 1:
             raise UserError(f"--stop-at-step {args.stop_at_step}: give a step of at least 1")
         end = run(prepared, out=args.out, dry_run=args.dry_run, stop_at_step=args.stop_at_step)
-    except UserError as e:
+    except (UserError, NonFiniteSteps) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteSteps as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        return 4
+        return 2 if isinstance(e, UserError) else 4
     return EXIT_STOPPED if end.stopped_at is not None and not end.requeued else 0
 
 

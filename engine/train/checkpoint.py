@@ -121,9 +121,12 @@ def _candidates(checkpoint_dir: Path) -> list[str]:
     latest = latest_tag(checkpoint_dir)
     if latest is None:
         return []
-    older = [t for t in reversed(_tags(checkpoint_dir))
-             if t < latest and (checkpoint_dir / t / MANIFEST).exists()]
-    return [latest, *older]
+    return [latest, *reversed(_complete_before(checkpoint_dir, latest))]
+
+
+def _complete_before(checkpoint_dir: Path, tag: str) -> list[str]:
+    """Tags older than `tag` whose save completed (they have a manifest), oldest first."""
+    return [t for t in _tags(checkpoint_dir) if t < tag and (checkpoint_dir / t / MANIFEST).exists()]
 
 
 def damage(folder: Path, share: int, shares: int) -> str | None:
@@ -204,7 +207,7 @@ def _set_aside(checkpoint_dir: Path, tag: str) -> None:
     shutil.rmtree(damaged, ignore_errors=True)
     if (checkpoint_dir / tag).exists():
         os.replace(checkpoint_dir / tag, damaged)
-    previous = [t for t in _tags(checkpoint_dir) if t < tag and (checkpoint_dir / t / MANIFEST).exists()]
+    previous = _complete_before(checkpoint_dir, tag)
     if previous:  # else `latest` keeps naming the damaged tag: every later resume says so
         _atomic_write(checkpoint_dir / "latest", lambda p: p.write_text(previous[-1]))
 
@@ -214,6 +217,13 @@ def _load_resharded(engine, checkpoint_dir: Path, tag: str, saved_ranks: int) ->
     states are resharded (engine/train/reshard.py); the per-rank files must agree on what is
     not per rank (the data position is the same on every rank by construction)."""
     folder = checkpoint_dir / tag
+    owns = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(saved_ranks)]
+    states = [own["state"] for own in owns]
+    for key in states[0]:
+        if any(not _same(states[0][key], other[key]) for other in states[1:]):
+            raise UserError(f"{folder}: the ranks kept different '{key}' state (e.g. DeCLIP's "
+                            f"--enqueue rank keeps one queue per rank), which cannot move to "
+                            f"another number of ranks: resume on {saved_ranks} rank(s)")
     if dist.rank() == 0:
         print(f"resharding {folder}: written by {saved_ranks} rank(s), resumed on "
               f"{dist.world_size()}", flush=True)
@@ -227,13 +237,6 @@ def _load_resharded(engine, checkpoint_dir: Path, tag: str, saved_ranks: int) ->
         client_state = full["client_state"]
     else:  # no ZeRO partitioning: DeepSpeed's files hold whole states
         _, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
-    owns = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(saved_ranks)]
-    states = [own["state"] for own in owns]
-    for key in states[0]:
-        if any(not _same(states[0][key], other[key]) for other in states[1:]):
-            raise UserError(f"{folder}: the ranks kept different '{key}' state (e.g. DeCLIP's "
-                            f"--enqueue rank keeps one queue per rank), which cannot move to "
-                            f"another number of ranks: resume on {saved_ranks} rank(s)")
     # RNG streams are per rank: a rank that existed keeps its own; a new one starts from a
     # stream derived from rank 0's and its rank, the same on every rerun.
     if dist.rank() < saved_ranks:

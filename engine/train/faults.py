@@ -24,7 +24,7 @@ import torch.distributed as torch_dist
 from engine import dist
 from engine.errors import UserError
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # data workers ignore them (data/loader.py)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # data workers ignore them (data/workers.py)
 EXIT_STOPPED = 3  # stopped early with a checkpoint and not requeued: run the same command again
 
 

@@ -23,6 +23,8 @@ setup(
         "open_clip_torch>=3.3,<4",  # ships the CLIP BPE vocabulary used offline
         "scikit-learn>=1.3",        # ships the digits images of the built-in dataset
         "tqdm",
+        "pyarrow>=14",              # the converter reads parquet (img2dataset, Hugging Face datasets)
     ],
-    extras_require={"test": ["pytest>=9.0,<10", "psutil"]},
+    # moto's standalone server is the S3-API endpoint the remote-data tests start on this machine.
+    extras_require={"test": ["pytest>=9.0,<10", "psutil", "moto[server]>=5,<6"]},
 )

@@ -2,13 +2,19 @@
 
   python launchers/convert.py my_pairs/ /data/mds/my_pairs           # a.jpg + a.txt, recursively
   python launchers/convert.py pairs.csv /data/mds/pairs --image-column file --caption-column alt
-  python launchers/convert.py laion_shards/ /data/mds/laion --workers 16   # img2dataset *.tar
-  python launchers/convert.py val.jsonl /data/mds/val --classes classes.json
+  python launchers/convert.py laion_shards/ /data/mds/laion --workers 16   # img2dataset *.tar or *.parquet
+  python launchers/convert.py hf_parquet/ /data/mds/hf --max-side 512 --compression zstd
+  python launchers/convert.py coco/dataset_coco.json /data/mds/coco-test --split test --image-root coco/
+  python launchers/convert.py val.csv /data/mds/val --label-column class     # cls column + classes.json
+  python launchers/convert.py --synthetic 20000 /data/mds/shapes --workers 4  # coloured shapes, labelled
 
 Sources: a folder of images with same-stem .txt captions; a .csv, .tsv or .jsonl file of image
-paths (relative to the file's folder, or absolute) and captions; img2dataset webdataset .tar
-shards. Images are stored as their original bytes after a full decode check; bad pairs are
-skipped and counted.
+paths (relative to the file's folder or --image-root, or absolute) and captions; img2dataset
+output (webdataset .tar shards, or its parquet with image bytes); parquet files with image bytes
+(binary or Hugging Face {bytes, path} structs) or paths; a Karpathy-split JSON (COCO, Flickr30k).
+Images are stored as their original bytes after a full decode check (re-encoded only when
+--max-side asks); bad pairs are skipped and counted. An interrupted conversion resumes when the
+same command is run again. The summary is also written to OUT/convert_report.json.
 """
 import argparse
 import os
@@ -20,19 +26,47 @@ from engine.errors import UserError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="folder, .csv/.tsv/.jsonl file, .tar shard, or folder of .tar shards")
-    p.add_argument("out", help="MDS directory to create")
-    p.add_argument("--workers", type=int, help="processes reading and checking images (default: min(8, CPUs))")
-    p.add_argument("--shard-size-mb", type=int, default=64, help="shard size limit in MiB (default: 64)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
-    p.add_argument("--image-column", help="CSV/TSV/JSONL column holding the image path "
-                   "(default: the first of image, filepath, path, jpg, image_path, file_name, filename)")
-    p.add_argument("--caption-column", help="CSV/TSV/JSONL column holding the caption "
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="%(prog)s SOURCE OUT [options]  |  %(prog)s --synthetic N OUT [options]")
+    p.add_argument("paths", nargs="+", metavar="SOURCE OUT",
+                   help="what to convert (folder, .csv/.tsv/.jsonl, .tar or folder of them, .parquet or folder "
+                        "of them, Karpathy .json) and the MDS directory to create; only OUT with --synthetic")
+    p.add_argument("--workers", type=int, help="processes reading, checking and writing (default: min(8, CPUs)); "
+                   "the dataset is the same for any number")
+    p.add_argument("--shard-size", "--shard-size-mb", dest="shard_size_mb", type=int, default=64, metavar="MIB",
+                   help="shard size limit in MiB (default: 64); a shard also ends with each block of 1,024 pairs")
+    p.add_argument("--compression", help="shard compression MDS supports: zstd, zstd:LEVEL (1-22), br, gz, bz2, "
+                   "snappy (default: none). The training loader decompresses on first read; the evaluation reader "
+                   "needs uncompressed shards")
+    p.add_argument("--max-side", type=int, metavar="PX", help="re-encode images whose longer side exceeds PX "
+                   "(aspect kept, JPEG quality 95, transparency onto white); smaller ones stay byte for byte")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory, "
+                   "and drop an interrupted conversion made with other options")
+    p.add_argument("--image-column", help="CSV/TSV/JSONL/parquet column holding the image path or bytes "
+                   "(default: the first of image, filepath, path, jpg, image_path, file_name, filename; "
+                   "for parquet jpg, image, bytes, img, png, webp, jpeg first)")
+    p.add_argument("--caption-column", help="CSV/TSV/JSONL/parquet column holding the caption "
                    "(default: the first of caption, text, txt, title)")
-    p.add_argument("--classes", help='zero-shot class file to copy into the dataset: '
-                   '{"classnames": [...], "templates": [...]}')
-    return p.parse_args(argv)
+    p.add_argument("--label-column", help="CSV/TSV/JSONL/parquet column holding a class label: writes an integer "
+                   "`cls` column and classes.json (class names sorted, template 'a photo of a {}.') for zero-shot")
+    p.add_argument("--classes", help='zero-shot class file {"classnames": [...], "templates": [...]}: copied into '
+                   "the dataset; with --label-column its order gives the class ids and other labels are skipped")
+    p.add_argument("--image-root", help="folder that relative image paths of a CSV/TSV/JSONL, parquet or Karpathy "
+                   "JSON source start from (default: the folder of that file)")
+    p.add_argument("--split", help="Karpathy JSON splits to convert, comma-separated, from train, restval, val, "
+                   "test (default: train,restval, the usual training split)")
+    p.add_argument("--synthetic", type=int, metavar="N", help="draw N pairs of coloured shapes with captions "
+                   "naming colour, shape and place, instead of reading a source (labelled: classes.json written)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --synthetic (default: 0)")
+    p.add_argument("--synthetic-size", type=int, default=64, metavar="PX", help="side of --synthetic images "
+                   "(default: 64)")
+    args = p.parse_args(argv)
+    expected = 1 if args.synthetic is not None else 2
+    if len(args.paths) != expected:
+        p.error("give the output directory only, after --synthetic N" if args.synthetic is not None
+                else "give a SOURCE and an OUT directory")
+    args.source, args.out = (None, args.paths[0]) if expected == 1 else args.paths
+    return args
 
 
 def main(argv=None) -> int:
@@ -42,10 +76,16 @@ def main(argv=None) -> int:
     try:
         report = convert(args.source, args.out, workers=args.workers, shard_size_mb=args.shard_size_mb,
                          overwrite=args.overwrite, image_column=args.image_column,
-                         caption_column=args.caption_column, classes=args.classes)
+                         caption_column=args.caption_column, label_column=args.label_column,
+                         classes=args.classes, split=args.split, image_root=args.image_root,
+                         max_side=args.max_side, compression=args.compression, synthetic=args.synthetic,
+                         seed=args.seed, synthetic_size=args.synthetic_size)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume where it stopped", file=sys.stderr)
+        return 130
     print(report.summary())
     return 0
 

@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 from streaming import LocalDataset
 
-import engine.data.convert as convert_module
-from engine.data.convert import convert
+from engine.data.convert import convert, samples, writer
 from engine.data.mds import describe_mds
 from engine.errors import UserError
 from launchers.convert import main as convert_main
@@ -172,17 +171,15 @@ def test_folder_without_caption_sidecar_is_counted(tmp_path):
     assert len(written) == 3 and report.skipped == {"missing caption file": 1}
 
 
-def test_same_order_for_any_worker_count(tmp_path):
+def test_same_order_for_any_worker_count(tmp_path, monkeypatch):
     pairs = _pairs(80)
     src = _write_folder(tmp_path / "src", pairs)
-    # The chunk size is small here so that two workers really interleave chunks.
-    convert_module.CHUNK, chunk = 3, convert_module.CHUNK
-    try:
-        _, one = _converted(src, tmp_path / "one", workers=1)
-        _, two = _converted(src, tmp_path / "two", workers=2, shard_size_mb=1)
-    finally:
-        convert_module.CHUNK = chunk
+    # Small blocks, so that two workers really interleave blocks.
+    monkeypatch.setattr(writer, "ENTRIES_PER_BLOCK", 3)
+    _, one = _converted(src, tmp_path / "one", workers=1)
+    report, two = _converted(src, tmp_path / "two", workers=2, shard_size_mb=1)
     assert one == two == pairs
+    assert report.shards == 27 and len({p.parent.parent.name for p in (tmp_path / "two").rglob("*.mds")}) == 2
 
 
 def test_existing_output_refused_then_replaced(tmp_path):
@@ -201,8 +198,11 @@ def test_existing_output_refused_then_replaced(tmp_path):
 
 
 def test_unknown_source_lists_supported_ones(tmp_path):
+    (tmp_path / "data.xlsx").write_bytes(b"PK")
+    with pytest.raises(UserError, match=r"not a supported source.*folder of images.*\.jsonl.*\.tar.*parquet"):
+        convert(tmp_path / "data.xlsx", tmp_path / "out")
     (tmp_path / "data.parquet").write_bytes(b"PAR1")
-    with pytest.raises(UserError, match=r"not a supported source.*folder of images.*\.jsonl.*\.tar"):
+    with pytest.raises(UserError, match=r"cannot be read as parquet"):
         convert(tmp_path / "data.parquet", tmp_path / "out")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"not a supported source"):
@@ -220,12 +220,24 @@ def test_failures_leave_no_partial_dataset(tmp_path, monkeypatch):
         convert(src, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
-    def crash(pair):
-        raise RuntimeError("disk on fire")
-    monkeypatch.setattr(convert_module, "_check", crash)
-    with pytest.raises(RuntimeError):
+    for caption in (src / "00000").glob("*.txt"):
+        caption.write_text("fixed")
+    make_sample = samples.make_sample
+
+    def crash(pair, rules):
+        if pair.name.endswith("2.webp"):  # the third pair, in block 1
+            raise RuntimeError("disk on fire")
+        return make_sample(pair, rules)
+    monkeypatch.setattr(writer, "ENTRIES_PER_BLOCK", 2)
+    monkeypatch.setattr(samples, "make_sample", crash)
+    with pytest.raises(RuntimeError, match="disk on fire"):
         convert(src, tmp_path / "out", workers=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    # No dataset; the work so far (block 0) is kept beside it for a rerun to resume.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.converting", "src"]
+    monkeypatch.setattr(samples, "make_sample", make_sample)
+    report = convert(src, tmp_path / "out", workers=1, log=lambda line: None)
+    assert (report.resumed_blocks, report.blocks, report.written) == (1, 2, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
 def test_launcher_copies_classes_and_reports_errors(tmp_path, capsys):

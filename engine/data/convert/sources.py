@@ -1,0 +1,349 @@
+"""Listing a source: its pairs in a fixed order, found without reading any image.
+
+A lister yields `Pair`s. A pair the listing already knows to be bad carries its `problem`
+and is counted, not read. The same source always lists the same pairs in the same order:
+the dataset's sample order, and resuming an interrupted conversion, rely on it.
+
+Sources, told apart by path (`open_source`):
+- a folder of images with same-stem `.txt` captions (img2dataset's "files" layout), recursively;
+- a `.csv`/`.tsv`/`.jsonl` file with an image path and a caption per row (and a label, optionally);
+- img2dataset webdataset shards: one `.tar`, or a folder of `*.tar` (these win over the
+  metadata `NNNNN.parquet` img2dataset writes beside each tar);
+- parquet: one `.parquet` file or a folder of them (see `parquet.py`);
+- a Karpathy-split caption file (`dataset_coco.json`, `dataset_flickr30k.json`).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable, Iterator
+
+from engine.errors import UserError
+
+SUPPORTED_SOURCES = (
+    "a folder of images with same-stem .txt captions (a.jpg + a.txt, searched recursively); "
+    "a .csv, .tsv or .jsonl file with an image path and a caption per row; "
+    "img2dataset webdataset shards (one .tar, or a folder of *.tar); "
+    "a .parquet file or a folder of them (image bytes or paths, and captions); "
+    "a Karpathy-split caption file such as dataset_coco.json; "
+    "or --synthetic N instead of a source")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".jp2"})
+# Column names tried in order when none is given; file_name + text is Hugging Face's imagefolder.
+IMAGE_COLUMNS = ("image", "filepath", "path", "jpg", "image_path", "file_name", "filename")
+CAPTION_COLUMNS = ("caption", "text", "txt", "title")
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+# The usual training split of the Karpathy files: restval is the part of COCO's val2014 not in val/test.
+KARPATHY_TRAINING = ("train", "restval")
+
+
+@dataclass(frozen=True)
+class Blob:
+    """Bytes in a file: the whole file, or a member's span inside an uncompressed tar."""
+    path: str
+    offset: int = 0
+    size: int = -1  # -1: the whole file
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if self.size >= 0 and len(data) != self.size:
+            raise OSError(f"file ends {self.size - len(data)} bytes early")
+        return data
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One pair as the source lists it; `problem` is set when listing already found it bad."""
+    name: str                               # shown in the examples of skipped pairs
+    image: object = None                    # Blob, bytes (parquet), or synthetic.SyntheticImage
+    caption: str | Blob | None = None
+    label: object = None                    # the label column's raw value, when there is one
+    problem: tuple[str, str] | None = None  # (reason, detail)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The column names the user gave (None: the first default name the file has)."""
+    image: str | None = None
+    caption: str | None = None
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str                               # "folder", "table", "tar", "parquet", "karpathy", "synthetic"
+    path: Path | None
+    files: tuple[Path, ...]                 # files whose size and time identify the source on a resume
+    pairs: Callable[[], Iterator[Pair]]     # a fresh listing at each call
+    labels: Callable[[], Iterable] | None = None  # every label value, for the class list; None: no labels
+
+
+def label_text(value: object) -> str:
+    """A label value as the class name it stands for: '3' for 3 and for ' 3 '."""
+    return "" if value is None else str(value).strip()
+
+
+def sorted_classnames(values: Iterable) -> list[str]:
+    """The distinct labels in a stable order: numerically when all are integers (2 before 10)."""
+    names = {label_text(value) for value in values} - {""}
+    if names and all(name.lstrip("-").isdigit() for name in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def open_source(path: Path, columns: Columns, split: str | None, image_root: Path | None) -> Source:
+    """The source at `path`, its type and columns checked before any work is done."""
+    from engine.data.convert import parquet  # pyarrow is imported only when a source needs it
+
+    if not path.exists():
+        raise UserError(f"source {path}: no such file or directory")
+    suffix = path.suffix.lower()
+    if path.is_file() and suffix in (".csv", ".tsv", ".jsonl"):
+        source = _table_source(path, columns, image_root)
+    elif path.is_file() and suffix == ".tar":
+        source = Source("tar", path, (path,), lambda: _tar_pairs([path]))
+    elif path.is_file() and suffix == ".parquet":
+        source = parquet.parquet_source([path], columns, image_root)
+    elif path.is_file() and suffix == ".json":
+        source = _karpathy_source(path, split, image_root)
+    elif path.is_dir():
+        source = _folder_source(path, columns, image_root)
+    else:
+        raise UserError(f"source {path}: not a supported source; give {SUPPORTED_SOURCES}")
+    _check_options_apply(source, columns, split, image_root)
+    return source
+
+
+def _folder_source(root: Path, columns: Columns, image_root: Path | None) -> Source:
+    from engine.data.convert import parquet
+
+    tars = sorted(root.glob("*.tar"))
+    if tars:  # img2dataset's webdataset output: NNNNN.tar beside metadata parquet and stats files
+        return Source("tar", root, tuple(tars), lambda: _tar_pairs(tars))
+    parquets = sorted(root.rglob("*.parquet"))
+    # img2dataset's "files" layout also writes a metadata NNNNN.parquet (no image column) beside
+    # each folder of images: such parquet files are a source only when no images are there.
+    if parquets and parquet.has_image_column(parquets[0], columns.image):
+        return parquet.parquet_source(parquets, columns, image_root, root)
+    if any(Path(name).suffix.lower() in IMAGE_SUFFIXES for _, _, files in os.walk(root) for name in files):
+        return Source("folder", root, (), lambda: _folder_pairs(root))
+    if parquets:  # fails with the columns found and the flag to name the right one
+        return parquet.parquet_source(parquets, columns, image_root, root)
+    raise UserError(f"source {root}: not a supported source; give {SUPPORTED_SOURCES}")
+
+
+def _check_options_apply(source: Source, columns: Columns, split: str | None, image_root: Path | None) -> None:
+    """An option the source type ignores is a mistake worth stopping for (a wrong path, usually)."""
+    with_columns = ("table", "parquet")
+    given = [(flag, value) for flag, value in (("--image-column", columns.image), ("--caption-column", columns.caption),
+                                               ("--label-column", columns.label)) if value is not None]
+    for flag, _ in given:
+        if source.kind not in with_columns:
+            raise UserError(f"{flag} names a column of a CSV/TSV/JSONL or parquet source; "
+                            f"{source.path} is read as a {source.kind} source: drop {flag}")
+    if split is not None and source.kind != "karpathy":
+        raise UserError(f"--split selects images of a Karpathy-split JSON file; {source.path} is read as a "
+                        f"{source.kind} source: drop --split")
+    if image_root is not None and source.kind not in ("table", "parquet", "karpathy"):
+        raise UserError(f"--image-root resolves image paths of a CSV/TSV/JSONL, parquet or Karpathy JSON "
+                        f"source; {source.path} is read as a {source.kind} source: drop --image-root")
+
+
+def _folder_pairs(root: Path) -> Iterator[Pair]:
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()  # os.walk visits subfolders in this list's order: sorted gives a fixed order
+        names = set(files)
+        for name in sorted(files):
+            stem, suffix = os.path.splitext(name)
+            path = os.path.join(folder, name)
+            shown = os.path.relpath(path, root)
+            if suffix.lower() in IMAGE_SUFFIXES:
+                sidecar = stem + ".txt"
+                if sidecar in names:
+                    yield Pair(shown, image=Blob(path), caption=Blob(os.path.join(folder, sidecar)))
+                else:
+                    yield Pair(shown, problem=("missing caption file", f"no {sidecar}"))
+
+
+def resolve_column(available: list[str], given: str | None, candidates: tuple[str, ...], flag: str,
+                   where: str, accept: Callable[[str], bool] = lambda name: True) -> str:
+    """The column `given` by `flag`, else the first of `candidates` (any case) that `accept`s."""
+    if given is not None:
+        if given not in available:
+            raise UserError(f"{where}: no column '{given}' (given by {flag}); found {available}")
+        return given
+    lowered = {name.lower(): name for name in available}
+    for candidate in candidates:
+        if candidate in lowered and accept(lowered[candidate]):
+            return lowered[candidate]
+    raise UserError(f"{where}: none of the columns {available} is one of {list(candidates)}; "
+                    f"name the right one with {flag}")
+
+
+def bad_image_path(name: str, image: object) -> Pair | None:
+    """A Pair holding the problem when a row's image path cell is empty or a URL; None when usable."""
+    image = str(image).strip() if image is not None else ""
+    if not image:
+        return Pair(name, problem=("missing image file", "no image path in the row"))
+    if "://" in image:
+        return Pair(name, problem=("image is a URL", f"{image}; download it first, e.g. with img2dataset"))
+    return None
+
+
+def _table_source(path: Path, columns: Columns, image_root: Path | None) -> Source:
+    """CSV/TSV/JSONL rows. The columns are resolved on the first row, so a wrong file fails before any work."""
+    records = _jsonl_records if path.suffix.lower() == ".jsonl" else _table_records
+    with _listing_errors(path):
+        first = next(records(path), None)
+    if first is None:
+        raise UserError(f"{path}: no rows; expected one image path and caption per row")
+    # a CSV row keeps cells beyond the header under the key None: only named columns count
+    keys = [key for key in first[1] if isinstance(key, str)] if isinstance(first[1], dict) else []
+    where = str(path)
+    image_key = resolve_column(keys, columns.image, IMAGE_COLUMNS, "--image-column", where)
+    caption_key = resolve_column(keys, columns.caption, CAPTION_COLUMNS, "--caption-column", where)
+    label_key = (resolve_column(keys, columns.label, (), "--label-column", where)
+                 if columns.label is not None else None)
+    base = image_root or path.parent
+
+    def pairs() -> Iterator[Pair]:
+        with _listing_errors(path):
+            for name, record in records(path):
+                if not isinstance(record, dict):
+                    yield Pair(name, problem=("malformed JSON line", "not a JSON object"))
+                    continue
+                image, caption = record.get(image_key), record.get(caption_key)
+                bad = bad_image_path(name, image)
+                if bad is not None:
+                    yield bad
+                    continue
+                image = str(image).strip()
+                yield Pair(f"{name} {image}", image=Blob(str(base / image)),
+                           caption=None if caption is None else str(caption),
+                           label=record.get(label_key) if label_key is not None else None)
+
+    def labels() -> Iterator:
+        with _listing_errors(path):
+            for _, record in records(path):
+                if isinstance(record, dict):
+                    yield record.get(label_key)
+
+    return Source("table", path, (path,), pairs, labels if label_key is not None else None)
+
+
+class _listing_errors:
+    """A CSV or JSONL file that is not text stops the conversion: no row after the damage can be trusted."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, (UnicodeDecodeError, csv.Error)):
+            raise UserError(f"{self.path}: cannot be read as UTF-8 text with one pair per line ({error})") from error
+        return False
+
+
+def _table_records(path: Path) -> Iterator[tuple[str, dict]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets often start with a BOM
+        rows = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        for row in rows:
+            yield f"{path.name}:{rows.line_num}", row
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    yield f"{path.name}:{number}", json.loads(line)
+                except ValueError:
+                    yield f"{path.name}:{number}", None
+
+
+def _unsafe_member(name: str) -> str | None:
+    """Why a tar member's name could point outside the tar, or None. Nothing is ever extracted,
+    but such a member is not data a well-formed shard holds, so it is skipped and reported."""
+    if name.startswith(("/", "\\")) or os.path.isabs(name):
+        return "absolute path"
+    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        return "'..' in the path"
+    return None
+
+
+def _tar_pairs(tars: list[Path]) -> Iterator[Pair]:
+    """Pairs of `KEY.<image>` + `KEY.txt` members, as spans the workers read straight from the tar."""
+    for tar_path in tars:
+        images: dict[str, tarfile.TarInfo] = {}  # in tar order: a dict keeps insertion order
+        captions: dict[str, tarfile.TarInfo] = {}
+        unsafe: list[Pair] = []
+        try:
+            with tarfile.open(tar_path, "r:") as tar:  # "r:": uncompressed, as img2dataset writes
+                for member in tar:
+                    why = _unsafe_member(member.name)
+                    if why is not None:
+                        unsafe.append(Pair(f"{tar_path.name}:{member.name}", problem=("unsafe tar member path", why)))
+                        continue
+                    folder, base = os.path.split(member.name)
+                    stem, dot, extension = base.partition(".")  # webdataset keys end at the first dot
+                    if not member.isfile() or not dot:
+                        continue
+                    key = os.path.join(folder, stem)
+                    if f".{extension.lower()}" in IMAGE_SUFFIXES:
+                        images[key] = member
+                    elif extension.lower() == "txt":
+                        captions[key] = member
+        except (tarfile.TarError, OSError) as error:
+            # Pairs listed before the damage are still used; the reader checks each span's length.
+            unsafe.append(Pair(tar_path.name, problem=("unreadable tar", str(error))))
+        yield from unsafe
+        for key, image in images.items():  # keys without an image (a failed download's .json) are no pair
+            name = f"{tar_path.name}:{key}"
+            if key not in captions:
+                yield Pair(name, problem=("missing caption file", f"no {key}.txt in the tar"))
+                continue
+            yield Pair(name, image=Blob(str(tar_path), image.offset_data, image.size),
+                       caption=Blob(str(tar_path), captions[key].offset_data, captions[key].size))
+
+
+def _karpathy_source(path: Path, split: str | None, image_root: Path | None) -> Source:
+    """Karpathy's split files: one entry per image, five or so captions each; one pair per caption."""
+    splits = KARPATHY_TRAINING if split is None else tuple(s.strip() for s in split.split(",") if s.strip())
+    unknown = [s for s in splits if s not in KARPATHY_SPLITS]
+    if unknown or not splits:
+        raise UserError(f"--split {split}: give one or more of {', '.join(KARPATHY_SPLITS)}, comma-separated "
+                        f"(default: train,restval, the usual training split)")
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: cannot read it as JSON ({error})") from error
+    images = content.get("images") if isinstance(content, dict) else None
+    if not (isinstance(images, list) and images and all(
+            isinstance(entry, dict) and "filename" in entry and "sentences" in entry for entry in images)):
+        raise UserError(f'{path}: not a supported source: a .json file must be a Karpathy-split caption file, '
+                        f'{{"images": [{{"filepath": ..., "filename": ..., "split": ..., '
+                        f'"sentences": [{{"raw": ...}}]}}]}}; '
+                        f"other sources: {SUPPORTED_SOURCES}")
+    chosen = [entry for entry in images if entry.get("split") in splits]
+    if not chosen:
+        found = sorted({str(entry.get("split")) for entry in images})
+        raise UserError(f"{path}: no image in split(s) {', '.join(splits)}; the file has {found}: choose with --split")
+    root = image_root or path.parent
+
+    def pairs() -> Iterator[Pair]:
+        for entry in chosen:
+            relative = os.path.join(str(entry.get("filepath") or ""), str(entry["filename"]))
+            for number, sentence in enumerate(entry["sentences"] or []):
+                caption = sentence.get("raw") if isinstance(sentence, dict) else None
+                if caption is None and isinstance(sentence, dict) and sentence.get("tokens"):
+                    caption = " ".join(map(str, sentence["tokens"]))
+                yield Pair(f"{relative}#{number}", image=Blob(str(root / relative)), caption=caption)
+
+    return Source("karpathy", path, (path,), pairs)

@@ -1,0 +1,383 @@
+"""Writing the dataset in blocks: one process per part, resumable after a kill, published atomically.
+
+Blocks. The listing (every pair the source names, bad ones included, in a fixed order) is cut
+into blocks of ENTRIES_PER_BLOCK entries, numbered in listing order. A block is the unit of
+work and of resume: one MDSWriter writes its usable pairs (a shard closes at the size limit or
+at the block's end) into a staging folder, the block's record (its counts, its shards, a digest
+of its entries' names) is written beside them, and one `os.rename` turns the staging folder
+into `part-NNNNN/block-BBBBBB/`. So a block is either complete on disk, record included, or
+absent (a staging folder at most, deleted on the next run), never half there.
+
+Workers. With W > 1 workers, block b goes to worker b mod W, a process that reads, decodes and
+writes it into its own part folder, `part-{b mod W}/`; the main process only lists the source
+and hands out blocks through one small queue per worker (two blocks in flight per worker bound
+the memory, parquet images included). With one worker all of it runs in this process.
+
+Merge. The top-level `index.json` lists every block's shards in block order, their basenames
+prefixed with `part-NNNNN/block-BBBBBB/` (streaming's `merge_index` prefixes the part folder the
+same way, but concatenates parts; here the order is the listing's). So the dataset holds the
+usable pairs in listing order, whatever the number of workers. Each part also gets an index.json
+of its own blocks, so a part reads as an MDS dataset by itself.
+
+Resume. The work happens in `.OUT.converting`, a hidden sibling whose name comes from OUT alone,
+so a rerun finds it. Its `job.json` says what is converted: the source, the size and time of its
+files, and every option that changes the output. A rerun of the same command reads the records
+of the finished blocks, lists the source again and hands out only the others, checking that each
+finished block's entries still hash to what was recorded; nothing is written twice or lost, and
+the rerun may use another --workers. Other options or a changed source are refused (or, with
+--overwrite, the old work is dropped). A lock on the work folder keeps two conversions apart;
+workers die with the main process (Linux: PR_SET_PDEATHSIG), so a killed run leaves no writer
+behind. Files are not fsync'ed: a killed process loses nothing the kernel already holds; a power
+loss may need --overwrite.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import queue
+import shutil
+import signal
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterator
+
+from engine.data.convert import samples
+from engine.data.convert.report import EXAMPLES_PER_REASON, Progress, Report, Ticker
+from engine.data.convert.samples import SampleRules
+from engine.data.convert.sources import Pair
+from engine.errors import UserError
+
+ENTRIES_PER_BLOCK = 1024  # the most pairs a kill loses per worker, and the most samples in one shard
+RECORD, JOB, STAGING = "record.json", "job.json", ".staging-"
+LOCK_WAIT_S = 10.0  # a killed run's workers may take a moment to notice and exit
+
+
+@dataclass(frozen=True)
+class Job:
+    """How every block is written; sent to each worker."""
+    columns: dict[str, str]
+    size_limit: int
+    compression: str | None
+    rules: SampleRules
+
+
+def work_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.converting"
+
+
+def part_name(worker: int) -> str:
+    return f"part-{worker:05d}"
+
+
+def names_digest(pairs: list[Pair]) -> str:
+    """What a block's entries are, cheaply: their names and any problem the listing found (not file contents)."""
+    text = "\0".join(f"{pair.name}\1{pair.problem[0] if pair.problem else ''}" for pair in pairs)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+@contextmanager
+def locked(work: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the work folder (created if missing) for the whole conversion."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        work.mkdir(parents=True, exist_ok=True)
+        fd = os.open(work, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() > deadline:
+                raise UserError(f"another conversion into the same output is running (it holds {work}); "
+                                f"wait for it to finish, or stop it first") from None
+            time.sleep(0.2)
+            continue
+        # The holder we waited for may have published (renamed) or removed the folder meanwhile.
+        try:
+            same = os.stat(work).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def resume_state(work: Path, fingerprint: dict, overwrite: bool) -> dict[int, dict]:
+    """The records of blocks an interrupted run of the same job finished; the work folder ready to go on."""
+    fingerprint = json.loads(json.dumps(fingerprint))  # tuples as lists, as they come back from job.json
+    job_file = work / JOB
+    if job_file.is_file():
+        previous = json.loads(job_file.read_text())  # written atomically: never torn
+        if previous != fingerprint:
+            changed = sorted(key for key in set(previous) | set(fingerprint)
+                             if previous.get(key) != fingerprint.get(key))
+            if not overwrite:
+                raise UserError(f"{work} holds an interrupted conversion with another {', '.join(changed)}: rerun "
+                                f"that command to resume it, or pass --overwrite to drop it and start over")
+            _empty(work)
+    elif any(work.iterdir()):
+        _empty(work)  # no job recorded: nothing worth keeping
+    _write_json_atomic(job_file, fingerprint)
+    for staging in work.glob(f"part-*/{STAGING}*"):  # blocks cut short: done again from scratch
+        shutil.rmtree(staging)
+    return collect_records(work)
+
+
+def collect_records(work: Path) -> dict[int, dict]:
+    records: dict[int, dict] = {}
+    for path in sorted(work.glob(f"part-*/block-*/{RECORD}")):
+        record = json.loads(path.read_text())
+        record["dir"] = path.parent.relative_to(work).as_posix()
+        if record["block"] in records:
+            raise RuntimeError(f"block {record['block']} is in {records[record['block']]['dir']} and in "
+                               f"{record['dir']}: the work folder {work} is damaged; rerun with --overwrite")
+        records[record["block"]] = record
+    return records
+
+
+class Blocks:
+    """The listing cut into numbered blocks; those an earlier run finished are checked, not handed out."""
+
+    def __init__(self, pairs: Iterator[Pair], done: dict[int, dict], size: int):
+        self.pairs, self.done, self.size = pairs, done, size
+        self.count = 0
+
+    def __iter__(self) -> Iterator[tuple[int, list[Pair]]]:
+        for block_id, chunk in enumerate(iter(lambda: list(islice(self.pairs, self.size)), [])):
+            self.count = block_id + 1
+            record = self.done.get(block_id)
+            if record is None:
+                yield block_id, chunk
+            elif record["entries"] != len(chunk) or record["names"] != names_digest(chunk):
+                raise UserError(f"the source lists other pairs than when the interrupted conversion began "
+                                f"(block {block_id} differs): restore it, or pass --overwrite to start over")
+
+
+def write_block(part: Path, block_id: int, pairs: list[Pair], job: Job, tick: Callable[[bool], None]) -> None:
+    """Check and write one block, then publish it into `part` with a single rename."""
+    part.mkdir(parents=True, exist_ok=True)
+    staging = part / f"{STAGING}{block_id:06d}"
+    shutil.rmtree(staging, ignore_errors=True)
+    record = {"block": block_id, "entries": len(pairs), "names": names_digest(pairs),
+              "written": 0, "reencoded": 0, "skipped": {}, "examples": {}}
+    writer = block_writer_class()(out=str(staging), columns=job.columns, compression=job.compression,
+                                   size_limit=job.size_limit)
+    for pair in pairs:
+        # looked up on the module at each call, so a test can wrap it
+        sample, problem, reencoded = samples.make_sample(pair, job.rules)
+        if problem is None:
+            writer.write(sample)
+            record["written"] += 1
+            record["reencoded"] += reencoded
+        else:
+            reason, detail = problem
+            record["skipped"][reason] = record["skipped"].get(reason, 0) + 1
+            shown = record["examples"].setdefault(reason, [])
+            if len(shown) < EXAMPLES_PER_REASON:
+                shown.append(f"{pair.name} ({detail})" if detail else pair.name)
+        tick(problem is None)
+    writer.finish()
+    record["shards"] = writer.shards  # the index entries of its shards, basenames relative to the block
+    (staging / RECORD).write_text(json.dumps(record))
+    os.rename(staging, part / f"block-{block_id:06d}")
+
+
+@functools.lru_cache(maxsize=None)
+def block_writer_class():
+    from streaming import MDSWriter  # imported when first needed: it takes seconds to import
+
+    class BlockWriter(MDSWriter):
+        """An MDSWriter for one block: the merged index at the top is the only index.
+
+        MDSWriter's own index writing also waits, a second at a time, until its upload queue is
+        empty; with nothing to upload (local shards) that is a pause per block for nothing.
+        """
+
+        def _write_index(self) -> None:
+            pass
+
+    return BlockWriter
+
+
+def write_blocks(work: Path, blocks: Blocks, job: Job, workers: int, progress: Callable[[], Progress]) -> None:
+    """Write every block `blocks` hands out, in this process or in `workers` processes."""
+    if workers == 1:
+        bar = progress()
+        ticker = Ticker(bar.add)
+        try:
+            for block_id, pairs in blocks:
+                write_block(work / part_name(0), block_id, pairs, job, ticker)
+            ticker.flush()
+        finally:
+            bar.close()
+        return
+    # fork: the workers inherit the source's code as loaded (and a test's patches); they start
+    # before any thread (the progress bar's, the queues' feeders) that could hold a lock at the fork.
+    block_writer_class()  # streaming takes seconds to import: once here, not once in every worker
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    tasks = [context.Queue(maxsize=1) for _ in range(workers)]
+    processes = [context.Process(target=_worker, name=f"convert-{n}", daemon=True,
+                                 args=(n, work / part_name(n), job, tasks[n], results, os.getpid()))
+                 for n in range(workers)]
+    for process in processes:
+        process.start()
+    bar = progress()
+    pump = _Pump(processes, results, bar)
+    try:
+        for block_id, pairs in blocks:
+            pump.send(tasks[block_id % workers], (block_id, pairs))
+        for task_queue in tasks:
+            pump.send(task_queue, None)
+        while pump.finished < workers:
+            pump.drain(wait=True)
+    finally:
+        bar.close()
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+            process.join()
+
+
+class _Pump:
+    """The main process's side of the workers: hand out blocks, take in their news, notice a failure."""
+
+    def __init__(self, processes, results, bar: Progress):
+        self.processes, self.results, self.bar = processes, results, bar
+        self.finished = 0
+
+    def send(self, task_queue, task) -> None:
+        while True:
+            try:
+                task_queue.put(task, timeout=0.2)
+                return
+            except queue.Full:
+                self.drain(wait=False)
+
+    def drain(self, wait: bool) -> None:
+        while True:
+            try:
+                message = self.results.get(timeout=0.2) if wait else self.results.get_nowait()
+            except queue.Empty:
+                for number, process in enumerate(self.processes):
+                    if process.exitcode not in (None, 0):
+                        raise RuntimeError(f"convert worker {number} died (exit code {process.exitcode}); "
+                                           f"rerun the same command to resume")
+                return
+            wait = False
+            if message[0] == "tick":
+                self.bar.add(message[1], message[2])
+            elif message[0] == "done":
+                self.finished += 1
+            else:
+                raise RuntimeError(f"convert worker {message[1]} failed (rerun the same command to resume):\n"
+                                   f"{message[2]}")
+
+
+def _worker(number: int, part: Path, job: Job, tasks, results, parent: int) -> None:
+    _die_with(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process, which stops us
+    ticker = Ticker(lambda processed, written: results.put(("tick", processed, written)))
+    try:
+        while True:
+            try:
+                task = tasks.get(timeout=1.0)
+            except queue.Empty:
+                if os.getppid() != parent:  # orphaned where PR_SET_PDEATHSIG is missing
+                    return
+                continue
+            if task is None:
+                break
+            write_block(part, task[0], task[1], job, ticker)
+            ticker.flush()
+        results.put(("done", number))
+    except BaseException:
+        results.put(("error", number, traceback.format_exc()))
+
+
+def _die_with(parent: int) -> None:
+    """Ask Linux to kill this worker when the main process dies (kill -9 included)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the worker notices the orphaning between tasks instead
+    if os.getppid() != parent:  # the main process died before the request took effect
+        os._exit(1)
+
+
+def merged_index(work: Path, records: dict[int, dict], count: int) -> dict:
+    """One index over every block's shards, in block order, basenames relative to the dataset root."""
+    if sorted(records) != list(range(count)):
+        raise UserError(f"the source lists {count} block(s) of pairs but {work} holds blocks "
+                        f"{sorted(set(records) - set(range(count)))[:5]}... beyond them: the source changed "
+                        f"since the interrupted conversion; pass --overwrite to start over")
+    shards = []
+    for block_id in range(count):
+        record = records[block_id]
+        for shard in record["shards"]:
+            shard = dict(shard)
+            for key in ("raw_data", "zip_data"):
+                if shard.get(key):
+                    shard[key] = {**shard[key], "basename": f"{record['dir']}/{shard[key]['basename']}"}
+            shards.append(shard)
+    return {"version": 2, "shards": shards}
+
+
+def _rebased(shard: dict, prefix: str) -> dict:
+    """A merged index entry with `prefix` taken off its basenames."""
+    return {**shard, **{key: {**shard[key], "basename": shard[key]["basename"][len(prefix):]}
+                        for key in ("raw_data", "zip_data") if shard.get(key)}}
+
+
+def finish(work: Path, out: Path, records: dict[int, dict], count: int, classes: dict | None, report: Report) -> None:
+    """Write the top-level files, drop the bookkeeping and rename the work folder to `out`."""
+    index = merged_index(work, records, count)
+    (work / "index.json").write_text(json.dumps(index, sort_keys=True))
+    for part in sorted({record["dir"].split("/")[0] for record in records.values()}):
+        # each part is an MDS dataset of its own too, as streaming's merge_index expects of parts
+        prefix = f"{part}/"
+        shards = [_rebased(shard, prefix) for shard in index["shards"]
+                  if shard["raw_data"]["basename"].startswith(prefix)]
+        (work / part / "index.json").write_text(json.dumps({"version": 2, "shards": shards}, sort_keys=True))
+    if classes is not None:
+        (work / "classes.json").write_text(json.dumps(classes, indent=1))
+    for record in records.values():
+        (work / record["dir"] / RECORD).unlink()
+    (work / JOB).unlink()
+    report.bytes = sum(path.stat().st_size for path in work.rglob("*") if path.is_file())
+    report.write(work)
+    _publish(work, out)
+
+
+def _publish(partial: Path, out: Path) -> None:
+    """Swap the finished dataset into place; a replaced one is moved aside first, then deleted."""
+    if not out.exists():
+        os.rename(partial, out)
+        return
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    os.rename(out, old)
+    os.rename(partial, out)
+    shutil.rmtree(old)
+
+
+def _empty(folder: Path) -> None:
+    for child in folder.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _write_json_atomic(path: Path, content: dict) -> None:
+    partial = path.with_name(f"{path.name}.partial")
+    partial.write_text(json.dumps(content, indent=1))
+    os.replace(partial, path)

@@ -9,10 +9,12 @@ import importlib.util
 import math
 from dataclasses import dataclass
 
+from engine.data.streams import DataFacts
 from engine.errors import UserError
 from engine.ds_config import fp16_scale_search_steps
 from engine.hardware import Hardware
 from engine.launch import Launch
+from engine.plan_data import data_decisions, dataset_reason
 from engine.plan_faults import fault_decisions
 from engine.plan_memory import GB, MODEL_STATE_BUDGET_FRACTION, zero_setting
 from engine.plan_methods import METHOD_OPTIONS, accumulation, check_micro_batch, objective_options
@@ -46,6 +48,7 @@ class Dials:
     log_every: int | None = None
     ds: tuple[str, ...] = ()            # raw DeepSpeed overrides "key.path=value"
     data_fraction: float = 1.0          # train on a fixed subset of the data
+    cache_limit: str | None = None      # remote shards' disk per node, e.g. "20gb" (plan_data.py)
     text_layers: int | None = None      # text tower depth (CLIP-Lite's ablation: 2/4/6/12)
     # Objective options (None = the method's default; refused for methods without them).
     queue_size: int | None = None; enqueue: str | None = None           # DeCLIP
@@ -91,6 +94,8 @@ class RunPlan:
     checkpoint_every: int; eval_every: int; log_every: int
     collective_timeout_s: int; max_requeues: int; max_skipped_in_a_row: int
     dataset_size: int; data_fraction: float; n_params: int
+    data_streams: tuple[tuple[str, float, int], ...]; cache_limit: int | None
+    shuffle_algo: str; shuffle_seed: int; shuffle_block: int; canonical_nodes: int
     # Objective options; None where the method has no such option (left out of the table).
     queue_size: int | None; enqueue: str | None; eda_synonyms: bool | None
     negatives: str | None; prior: str | None
@@ -126,10 +131,13 @@ def _show(value: object) -> str:
 def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, dataset_size: int,
             optimizer_support: OptimizerSupport, image_size: int, text_layers: int = 0,
             full_dataset_size: int | None = None, wordnet: str | None = None,
-            launch: Launch | None = None) -> RunPlan:
-    """`dataset_size` counts the pairs trained on (after --data-fraction), `full_dataset_size`
-    the whole data set; `wordnet` is the WordNet directory found (DeCLIP's EDA), if any;
-    `launch` how the ranks were started (None: planned for `hw` alone, as in a dry run)."""
+            launch: Launch | None = None, data: DataFacts | None = None) -> RunPlan:
+    """`dataset_size` counts the pairs trained on (after --data-fraction: an epoch's samples),
+    `full_dataset_size` the whole data set; `wordnet` is the WordNet directory found (DeCLIP's
+    EDA), if any; `launch` how the ranks were started (None: planned for `hw` alone, as in a dry
+    run); `data` the training data's streams and cache disk (None: one local dataset)."""
+    if data is not None and data.epoch_size != dataset_size:
+        raise ValueError(f"dataset_size {dataset_size} is not the data's epoch of {data.epoch_size}")
     if (dials.method, dials.model) != (recipe.method, recipe.model):
         raise ValueError(f"recipe is for {recipe.method}/{recipe.model}, "
                          f"dials ask for {dials.method}/{dials.model}")
@@ -155,7 +163,7 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
            else "the model preset's text tower")
 
     global_batch = decide("global_batch", *_global_batch(dials, recipe, hw.world_size, dataset_size))
-    decide("dataset_size", dataset_size, "pairs in the training data")
+    decide("dataset_size", dataset_size, dataset_reason(data))
     decide("data_fraction", *_data_fraction(dials, dataset_size, full_dataset_size))
     precision = decide("precision", *_precision(dials, hw))
     per_rank = global_batch // hw.world_size
@@ -190,11 +198,19 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
                                                  wordnet=wordnet):
         decide(name, value, reason)
 
+    # The loader ends each epoch at a whole optimizer step (engine/data/loader.py), so epochs
+    # are counted in the same whole steps here: the plan's epochs are the loader's epochs.
+    steps_per_epoch = dataset_size // global_batch
     total_steps = decide("total_steps", *_total_steps(dials, recipe, global_batch, dataset_size))
-    decide("epochs", total_steps * global_batch / dataset_size,
-           f"{total_steps:,} steps x {global_batch:,} / {dataset_size:,} pairs")
+    decide("epochs", total_steps / steps_per_epoch,
+           f"{total_steps:,} steps / {steps_per_epoch:,} whole steps of {global_batch:,} per epoch "
+           f"of {dataset_size:,} pairs (each epoch leaves out the last "
+           f"{dataset_size - steps_per_epoch * global_batch:,} of its shuffled order)")
     decide("warmup_steps", *_warmup(dials, recipe, total_steps))
-    decide("workers", *_workers(dials, hw))
+    workers = decide("workers", *_workers(dials, hw))
+    for name, value, reason in data_decisions(dials, data, dataset_size=dataset_size, workers=workers,
+                                              local_world_size=hw.local_world_size, seed=dials.seed):
+        decide(name, value, reason)
     decide("decode_device", *_decode_device(dials, hw))
     decide("checkpoint_every", *_every(dials.checkpoint_every, "--checkpoint-every",
                                        min(1000, math.ceil(total_steps / 5)),
@@ -345,8 +361,10 @@ def _total_steps(dials: Dials, recipe: Recipe, global_batch: int, dataset_size: 
                       else (dials.epochs, "--epochs given"))
     if epochs <= 0:
         raise UserError(f"--epochs {epochs} must be positive")
-    steps = math.ceil(epochs * dataset_size / global_batch)
-    return steps, f"{epochs:g} epochs ({origin}) of {dataset_size:,} pairs at batch {global_batch:,}"
+    steps_per_epoch = dataset_size // global_batch  # whole steps: the loader drops each epoch's tail
+    steps = math.ceil(epochs * steps_per_epoch)
+    return steps, (f"{epochs:g} epochs ({origin}) of {steps_per_epoch:,} whole steps "
+                   f"({dataset_size:,} pairs at batch {global_batch:,})")
 
 
 def _warmup(dials: Dials, recipe: Recipe, total_steps: int):

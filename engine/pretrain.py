@@ -21,6 +21,7 @@ from engine.data.eval_set import load_eval_set
 from engine.data.loader import TrainLoader
 from engine.data.mds import cache_root, describe_mds
 from engine.data.spec import DataSpec
+from engine.data.streams import data_facts
 from engine.data.text import ClipTokenizer, strip_punctuation
 from engine.ds_config import apply_overrides, render
 from engine.errors import UserError
@@ -30,6 +31,7 @@ from engine.launch import Launch
 from engine.data.wordnet import find_wordnet
 from engine.models.presets import ModelPreset, for_method, get_preset
 from engine.models.two_tower import TwoTower, count_parameters
+from engine.observe.bad_records import BadRecordTally
 from engine.observe.metrics import MetricsWriter
 from engine.observe.progress import Progress
 from engine.plan import Dials, RunPlan, probe_optimizer_support, resolve
@@ -69,13 +71,18 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
         data, eval_data = str(digits.train), eval_data or str(digits.heldout)
     else:
         data = dials.data
-    full_size = describe_mds(data).num_samples
+    facts = data_facts(data, dials.seed)  # every dataset of a mixture checked, remote indexes fetched
+    full_size = facts.epoch_size
     if eval_data is not None:
         describe_mds(eval_data)
     if dials.data_fraction != 1.0:
         from engine.data.subset import ensure_subset
+        if len(facts.streams) > 1:
+            raise UserError(f"--data-fraction takes one dataset and --data {data} is a mixture: its weights "
+                            f"already set how much of each dataset an epoch draws; drop --data-fraction.")
         data = ensure_subset(data, dials.data_fraction, cache_root())
-    dataset_size = describe_mds(data).num_samples
+        facts = data_facts(data, dials.seed)
+    dataset_size = facts.epoch_size
     tokenizer = ClipTokenizer(preset.context_length)
     hardware = probe(launch)
     wordnet = find_wordnet() if objective_class(dials.method).text_aug else None
@@ -84,7 +91,7 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
                    dataset_size=dataset_size, full_dataset_size=full_size,
                    optimizer_support=probe_optimizer_support(hardware),
                    image_size=preset.image_size, text_layers=preset.text_layers,
-                   wordnet=None if wordnet is None else str(wordnet), launch=launch)
+                   wordnet=None if wordnet is None else str(wordnet), launch=launch, data=facts)
     ds_config = apply_overrides(render(plan), dials.ds, world_size=plan.world_size)
     return Prepared(plan, ds_config, preset, data, eval_data, launch)
 
@@ -123,6 +130,14 @@ def check_resumable(run_dir: Path, plan: RunPlan) -> dict | None:
             f"{run_dir} trained each step's loss over {_batch_semantics(saved)}, this command over "
             f"{_batch_semantics(now)}: give --accumulation {saved['accumulation']} and --micro-batch "
             f"{saved['micro_batch']}, or choose a new --out")
+    # A mixture's weights set the data order as much as the seed does, and may change it without
+    # changing the epoch's size. Where the data lives may change (a local copy of a bucket).
+    shares = [tuple(stream[1:]) for stream in saved.get("data_streams", [])]
+    if shares and shares != [tuple(stream[1:]) for stream in now["data_streams"]]:
+        raise UserError(
+            f"{run_dir} drew its data as (proportion, samples per epoch) {shares}, this command as "
+            f"{[tuple(stream[1:]) for stream in now['data_streams']]}: resume with the same --data weights, "
+            f"or choose a new --out")
     return saved
 
 
@@ -221,6 +236,7 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
                          spec=data_spec(objective, plan), seed=plan.seed, workers=plan.workers,
                          decode_device=plan.decode_device, tokenizer=tokenizer,
                          rank=dist.rank(), world_size=dist.world_size(), grad_accum=plan.grad_accum,
+                         cache_limit=plan.cache_limit,
                          wordnet=find_wordnet() if objective.text_aug and plan.eda_synonyms else None)
     checkpoint_dir = run_dir / "checkpoints"
     start_step, eval_pending = 0, False
@@ -261,7 +277,8 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
     try:
         end = train(engine, loader, cadence=cadence, start_step=start_step, device=engine.device,
                     checkpoint_dir=checkpoint_dir, evaluate=evaluator, writer=writer,
-                    progress=progress, stop=stop, eval_pending=eval_pending, drills=drills)
+                    progress=progress, stop=stop, eval_pending=eval_pending, drills=drills,
+                    bad_records=BadRecordTally(restored.rank_state.get("bad_records") if restored else None))
     finally:
         progress.close()
         writer.close()
@@ -269,6 +286,7 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
         return _after_stop(end, stop, prepared.launch, plan)
     if is_main:
         print(f"trained steps {start_step}..{stop_step} in {time.perf_counter() - started:.1f} s")
+        print(end.bad_records.summary())
         if "zeroshot_top1" in end.metrics:
             chance = 1 / len(eval_set.classnames)
             print(f"zero-shot top-1 on the held-out split: {end.metrics['zeroshot_top1']:.3f} "

@@ -4,6 +4,7 @@
   deepspeed launchers/pretrain.py --method declip                   # DeCLIP (or clip-lite)
   deepspeed --num_gpus 2 launchers/pretrain.py --zero-stage 2       # two ranks
   deepspeed launchers/pretrain.py --model vit-b-32 --data /data/mds/pairs --epochs 32
+  deepspeed launchers/pretrain.py --data s3://bucket/laion:0.7,/data/mds/cc3m:0.3   # a mixture, streamed
   python launchers/pretrain.py --model rn50 --dry-run               # print the plan and exit
 """
 import argparse
@@ -21,7 +22,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     dials.add_argument("--method", default="clip", help="clip | declip | clip-lite (default: clip)")
     dials.add_argument("--model", default="debug",
                        help="debug | rn50 | vit-b-32 | vit-b-16 | any timm image model name")
-    dials.add_argument("--data", help="MDS directory or remote URL (default: built-in digits)")
+    dials.add_argument("--data", help="MDS directory or remote URL (s3://, gs://, ...), or a weighted mixture "
+                       "of them, e.g. s3://bucket/a:0.7,/data/b:0.3 (default: built-in digits)")
     dials.add_argument("--eval-data", help="held-out MDS directory for zero-shot/retrieval "
                        "(default with the built-in data: its held-out split)")
     dials.add_argument("--out", help="run directory (default runs/<method>-<model>-<time>); "
@@ -50,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     over.add_argument("--lr", type=float)
     over.add_argument("--warmup-steps", type=int)
     over.add_argument("--workers", type=int, help="data workers per rank")
+    over.add_argument("--cache-limit", metavar="SIZE", help="disk that remote shards may take on each node, "
+                      "e.g. 20gb (the least recently used are evicted); the cache lives under $CLIPZERO_CACHE")
     over.add_argument("--decode-device", choices=["gpu", "cpu"])
     over.add_argument("--checkpoint-every", type=int)
     over.add_argument("--eval-every", type=int)
@@ -82,7 +86,7 @@ def dials_from_args(args: argparse.Namespace):
                  lr=args.lr, warmup_steps=args.warmup_steps, workers=args.workers,
                  decode_device=args.decode_device, checkpoint_every=args.checkpoint_every,
                  eval_every=args.eval_every, log_every=args.log_every, ds=tuple(args.ds),
-                 data_fraction=args.data_fraction, text_layers=args.text_layers,
+                 data_fraction=args.data_fraction, text_layers=args.text_layers, cache_limit=args.cache_limit,
                  queue_size=args.queue_size, enqueue=args.enqueue, negatives=args.negatives,
                  prior=args.prior, collective_timeout=args.collective_timeout,
                  max_requeues=args.max_requeues)

@@ -15,8 +15,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from engine.data.dali import PLACEHOLDER_PNG, DecodedBatches, HostBatch, eval_pipeline, probe_image
+from engine.data.dali import DecodedBatches, HostBatch, eval_pipeline
 from engine.data.mds import describe_mds, is_remote
+from engine.data.records import caption_problem, image_problem
 from engine.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -46,19 +47,26 @@ def load_eval_set(path: str | Path, image_size: int) -> EvalSet:
     captions: list[str] = []
     labels: list[int] = []
 
+    left_out: dict[int, str] = {}
+
     def host_batches() -> Iterator[HostBatch]:
-        for start in range(0, len(dataset), DECODE_BATCH):
-            ids = range(start, min(start + DECODE_BATCH, len(dataset)))
-            encoded, unreadable = [], []
-            for sample_id in ids:
-                sample = dataset[sample_id]
+        # A bad record is left out of the evaluation (it would be a fake pair), and checked
+        # before DALI sees it: a truncated PNG can crash DALI's CPU decoder.
+        ids, encoded = [], []
+        for sample_id in range(len(dataset)):
+            sample = dataset[sample_id]
+            problem = caption_problem(sample["txt"]) or image_problem(sample["jpg"])[0]
+            if problem is not None:
+                left_out[sample_id] = problem
+            else:
                 captions.append(sample["txt"])
                 if has_labels:
                     labels.append(int(sample["cls"]))
-                unreadable.append(probe_image(sample["jpg"]) is None)
-                # a placeholder keeps images, captions and labels aligned (see dali._placeholder_png)
-                encoded.append(PLACEHOLDER_PNG if unreadable[-1] else np.frombuffer(sample["jpg"], dtype=np.uint8))
-            yield HostBatch(encoded=encoded, payload=np.array(ids), replaced=np.array(unreadable))
+                ids.append(sample_id)
+                encoded.append(np.frombuffer(sample["jpg"], dtype=np.uint8))
+            if len(ids) == DECODE_BATCH or (sample_id == len(dataset) - 1 and ids):
+                yield HostBatch(encoded=encoded, payload=np.array(ids))
+                ids, encoded = [], []
 
     decoded = DecodedBatches(
         host_batches(), device=torch.device("cpu"),
@@ -68,9 +76,15 @@ def load_eval_set(path: str | Path, image_size: int) -> EvalSet:
     for (images,), host in decoded:
         chunks.append(images)
         replaced.extend(host.payload[host.replaced].tolist())
-    if replaced:
-        logger.warning("eval set %s: %d undecodable image(s) replaced by a flat placeholder (sample ids %s)",
+    if left_out:
+        logger.warning("eval set %s: %d bad record(s) left out (%s; sample ids %s)", path, len(left_out),
+                       ", ".join(sorted(set(left_out.values()))), sorted(left_out)[:20])
+    if replaced:  # passed the record check, yet DALI could not decode them: kept aligned by a placeholder
+        logger.warning("eval set %s: %d image(s) the decoder rejected replaced by a flat placeholder (sample ids %s)",
                        path, len(replaced), replaced[:20])
+    if not chunks:
+        raise UserError(f"eval set {path}: none of its {len(dataset)} records is usable ({len(left_out)} bad); "
+                        f"convert it with `python launchers/convert.py <source> <mds dir>`.")
 
     classes = info.classes or {}
     return EvalSet(

@@ -1,6 +1,7 @@
 """The one training iterator: MDS shards -> DataLoader workers -> DALI -> device batches.
 
-    StreamingDataset (shuffled, partitioned by rank, micro-batch aware)
+    StreamingDataset (shuffled, partitioned by rank, micro-batch aware; a bad record replaced by a
+                      stand-in of its shard, engine/data/records.py)
       -> torch DataLoader workers: read samples, read image headers, draw each view's crop
          window and augmentation, tokenise (EDA copy, MLM masking: whatever the DataSpec asks)
       -> DALI: decode (nvJPEG on GPU), crop each view, resize, augment, normalise
@@ -21,7 +22,8 @@ number of workers; what each rank sees is a function of those plus (micro_batch,
   * an epoch is `steps_per_epoch` = dataset_size // G whole optimizer steps, `grad_accum`
     micro-batches each on every rank, and drops the tail (where streaming pads ranks with
     repeated samples): no step holds samples of two epochs, every rank steps the same number of
-    times and no sample repeats within an epoch;
+    times and no sample repeats within an epoch (unless a mixture's weights draw a dataset beyond
+    its size, engine/data/streams.py);
   * crop windows, augmentations, EDA edits and MLM masks come from (seed, epoch, sample id),
     never from DALI's generators or a worker's state.
 The epoch and the position in it are ours: before each epoch we hand streaming an explicit
@@ -33,27 +35,30 @@ batch stay. Only positions between optimizer steps can be loaded (the loop saves
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
 import weakref
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 
 from engine.data.augment import ViewBatch, draw_view
-from engine.data.dali import PLACEHOLDER_PNG, DecodedBatches, HostBatch, probe_image, train_pipeline
+from engine.data.dali import PLACEHOLDER_PNG, DecodedBatches, HostBatch, train_pipeline
 from engine.data.eda import Eda
-from engine.data.mds import describe_mds, is_remote, local_copy_dir
 from engine.data.mlm import MASK_ID, mask_rows
+from engine.data.records import (BAD_RECORDS_KEY, DECODER_REJECTED, IMAGE_SIZE_KEY, NO_SUBSTITUTE, SAMPLE_ID_KEY,
+                                 StreamingDatasetWithIds)
 from engine.data.shared_memory import remove_stale_streaming_memory
 from engine.data.spec import DataSpec
+from engine.data.streams import CANONICAL_NODES, describe_streams, fetches_in_flight, streaming_arguments
 from engine.data.text import ClipTokenizer, strip_punctuation
 from engine.data.wordnet import WordNet
 from engine.data.workers import start_workers, worker_dies_with_its_rank
@@ -61,25 +66,14 @@ from engine.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_ID_KEY = "__sample_id__"
+# A run stops when more than this share of the samples it took needed a stand-in, once it has
+# taken enough of them for the share to mean something.
+MAX_BAD_SHARE, MIN_SAMPLES_FOR_VERDICT = 0.5, 256
+WARNED_BATCHES = 10  # batches whose bad records are named in a warning
 # The random streams of one sample are keyed (seed, epoch, sample id, stream); image views use
 # their index (0, 1) as the stream. Separate streams keep, say, an EDA edit from correlating
 # with a crop.
 TEXT_AUG_STREAM, MLM_STREAM = 16, 17
-# Streaming shuffles each canonical node's share of the data on its own and deals the canonical
-# nodes out to the physical ones, so the global order depends on this count: fixed at one, the
-# order is the same for every number of physical nodes (streaming needs one count to divide the
-# other; 1 divides all). The price: with remote data, every node reads from every shard.
-CANONICAL_NODES = 1
-
-
-class StreamingDatasetWithIds(StreamingDataset):
-    """StreamingDataset whose samples also carry their index (crop seeds and logs need it)."""
-
-    def get_item(self, sample_id: int, retry: int = 7):
-        sample = super().get_item(sample_id, retry)
-        sample[SAMPLE_ID_KEY] = int(sample_id)
-        return sample
 
 
 @dataclass
@@ -92,6 +86,7 @@ class TrainPayload:
     batch_in_epoch: int = -1  # set by the main process, which alone knows the position
     mlm_labels: torch.Tensor | None = None  # [B, context]
     text_aug: torch.Tensor | None = None    # [B, context]
+    bad_records: list[list[str]] = dataclasses.field(default_factory=list)  # per sample: reasons replaced
 
 
 @dataclass(frozen=True)
@@ -110,9 +105,9 @@ class PrepareBatch:
         draws = [[] for _ in range(self.spec.image_views)]
         for sample, sample_id in zip(samples, ids):
             image = np.frombuffer(sample["jpg"], dtype=np.uint8)
-            size = probe_image(sample["jpg"])
+            size = sample[IMAGE_SIZE_KEY]
             replaced.append(size is None)
-            if size is None:  # see dali._placeholder_png for why an image is replaced, not dropped
+            if size is None:  # no good stand-in found: the last resort, see dali._placeholder_png
                 image, size = PLACEHOLDER_PNG, (16, 16)
             encoded.append(image)
             for view, view_draws in enumerate(draws):
@@ -122,7 +117,7 @@ class PrepareBatch:
         if self.spec.strip_punctuation:
             captions = [strip_punctuation(caption) for caption in captions]
         payload = TrainPayload(text=self.tokenizer(captions), sample_id=torch.tensor(ids, dtype=torch.long),
-                               epoch=self.epoch)
+                               epoch=self.epoch, bad_records=[sample[BAD_RECORDS_KEY] for sample in samples])
         if self.spec.text_aug:
             payload.text_aug = self.tokenizer([self.eda(caption, (self.epoch, sample_id, TEXT_AUG_STREAM))
                                                for caption, sample_id in zip(captions, ids)])
@@ -145,13 +140,16 @@ class TrainLoader:
 
     def __init__(self, data: str, *, micro_batch: int, image_size: int, spec: DataSpec, seed: int, workers: int,
                  decode_device: str, tokenizer: ClipTokenizer, rank: int, world_size: int, grad_accum: int = 1,
-                 wordnet: str | Path | None = None, local_cache: Path | None = None):
-        """`grad_accum` micro-batches per rank make one optimizer step (epochs end at steps); `spec`
-        says what each batch holds; `wordnet` is a WordNet 3.0 directory for EDA's synonym
-        replacement (engine.data.wordnet.find_wordnet()), or None to edit by swaps and deletions only."""
+                 wordnet: str | Path | None = None, local_cache: Path | None = None, cache_limit: int | None = None):
+        """`data` is one dataset or a weighted mixture (engine/data/streams.py); `grad_accum`
+        micro-batches per rank make one optimizer step (epochs end at steps); `spec` says what each
+        batch holds; `wordnet` is a WordNet 3.0 directory for EDA's synonym replacement
+        (engine.data.wordnet.find_wordnet()), or None to edit by swaps and deletions only;
+        `local_cache` holds remote shards (default under $CLIPZERO_CACHE), at most `cache_limit`
+        bytes of them on this node (the plan's cache_limit; None: no limit)."""
         _check_arguments(micro_batch, grad_accum, image_size, seed, workers, decode_device)
-        _streaming_world(rank, world_size)
-        describe_mds(data, local_cache)  # fails early, with the fix, on a path that is not usable MDS
+        ranks_on_node = _streaming_world(rank, world_size)
+        streams = describe_streams(data, local_cache)  # fails early, with the fix, on any dataset not usable MDS
         self.micro_batch = micro_batch
         self.grad_accum = grad_accum
         self.global_batch = world_size * grad_accum * micro_batch
@@ -165,21 +163,31 @@ class TrainLoader:
         self.uses_synonyms = self.eda is not None and self.eda.uses_synonyms  # for the run plan to state
         self.world_size = world_size
         self.rank = rank
-        self.undecodable_images = 0  # replaced by the placeholder, in batches yielded so far
+        # Bad records met in the batches yielded so far, by reason (engine/data/records.py), and
+        # the samples those batches held: what the run reports, and what stops a mostly bad dataset.
+        self.bad_records: Counter[str] = Counter()
+        self.samples_taken = 0
+        self._samples_replaced = 0
+        self._batches_warned = 0
+        self._data = data
 
         # A killed run leaves streaming's shared memory behind, and the next run on the same
         # local directory is then refused as "in use". One rank per node removes what no live
         # process maps (the node's other ranks wait in streaming's own barrier meanwhile).
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             remove_stale_streaming_memory()
-        self._dataset = StreamingDatasetWithIds(
-            remote=data if is_remote(data) else None,
-            local=str(local_copy_dir(data, local_cache)),
-            batch_size=micro_batch, shuffle=True, shuffle_seed=seed,
-            # Partition 'orig' deals the order out as the module docstring says. The default,
-            # 'relaxed', runs 'orig' too whenever one node count divides the other (always, with one
-            # canonical node); naming it keeps the order from depending on that rule.
-            num_canonical_nodes=CANONICAL_NODES, partition_algo="orig")
+        arguments = streaming_arguments(streams, micro_batch=micro_batch, seed=seed, cache_limit=cache_limit,
+                                        in_flight=fetches_in_flight(ranks_on_node, workers))
+        try:
+            self._dataset = StreamingDatasetWithIds(**arguments)
+        except ValueError as error:
+            if "Reused local directory" not in str(error):
+                raise
+            # A live process (another run on this node) streams a URL of ours into the same cache.
+            raise UserError(f"another live run on this machine streams part of {data} into the same cache "
+                            f"({', '.join(str(s.local) for s in streams if s.remote)}); give this run a cache "
+                            f"of its own with CLIPZERO_CACHE=<another directory>, or wait for that run to end."
+                            ) from error
         self.dataset_size = int(self._dataset.epoch_size)
         self.steps_per_epoch = self.dataset_size // self.global_batch
         if self.steps_per_epoch == 0:
@@ -250,10 +258,7 @@ class TrainLoader:
                 if audit is not None:
                     audit.write(json.dumps({"epoch": payload.epoch, "sample_in_epoch": payload.batch_in_epoch
                                             * self._samples_per_batch, "ids": payload.sample_id.tolist()}) + "\n")
-                if host.replaced.any():
-                    ids = payload.sample_id[torch.from_numpy(host.replaced)].tolist()
-                    self.undecodable_images += len(ids)
-                    logger.warning("replaced undecodable image(s) of sample id(s) %s with a flat placeholder", ids)
+                self._count_bad_records(host)
                 self._epoch, self._batch_in_epoch = payload.epoch, payload.batch_in_epoch + 1
                 if self._batch_in_epoch == self.batches_per_epoch:
                     self._epoch, self._batch_in_epoch = self._epoch + 1, 0
@@ -262,6 +267,33 @@ class TrainLoader:
             decoded.close()  # stops the DataLoader workers as soon as the caller drops us
             if audit is not None:
                 audit.close()
+
+    def _count_bad_records(self, host: HostBatch) -> None:
+        """Count this batch's bad records; stop the run on a dataset that is mostly bad."""
+        payload: TrainPayload = host.payload
+        reasons = [reason for sample in payload.bad_records for reason in sample]
+        # A placeholder that is not a "no usable stand-in" went in after DALI itself failed.
+        rejected = int(host.replaced.sum()) - reasons.count(NO_SUBSTITUTE)
+        reasons += [DECODER_REJECTED] * rejected
+        self.samples_taken += len(payload.bad_records)
+        self._samples_replaced += sum(1 for sample in payload.bad_records if sample) + rejected
+        if not reasons:
+            return
+        self.bad_records.update(reasons)
+        if self._batches_warned < WARNED_BATCHES:  # then only the counts, in metrics.jsonl
+            self._batches_warned += 1
+            logger.warning("sample id(s) %s: bad records replaced by stand-ins (%s)%s",
+                           [i for i, sample in zip(payload.sample_id.tolist(), payload.bad_records) if sample],
+                           ", ".join(sorted(set(reasons))), "; further ones are only counted"
+                           if self._batches_warned == WARNED_BATCHES else "")
+        share = self._samples_replaced / self.samples_taken
+        if self.samples_taken >= MIN_SAMPLES_FOR_VERDICT and share > MAX_BAD_SHARE:
+            found = ", ".join(f"{count:,} {reason}" for reason, count in self.bad_records.most_common())
+            raise UserError(
+                f"dataset {self._data}: {self._samples_replaced:,} of the first {self.samples_taken:,} samples this "
+                f"rank took were unusable (bad records met, bad stand-ins included: {found}); it was not written "
+                f"by clipzero's converter, which decodes every image and leaves bad pairs out. Convert the source "
+                f"data with `python launchers/convert.py <source> <mds dir>` and train on that.")
 
     def _host_batches(self, epoch: int, batch: int) -> Iterator[HostBatch]:
         """Undecoded batches from `batch` of `epoch` on, rolling over epochs forever."""

@@ -3,7 +3,9 @@
 The engine sizes the run (steps per epoch, eval kinds) before any worker starts, so this reads
 only `index.json` (and `classes.json`, the project's marker that a dataset supports zero-shot
 classification). For a remote URL just those small files are fetched, with streaming's own
-downloader, into the same local cache the training loader later fills with shards.
+downloader: index.json into the local cache the training loader later fills with shards,
+classes.json beside it (streaming counts only its own files against the cache limit, so a
+file of ours inside would let the directory outgrow the limit the plan set).
 """
 from __future__ import annotations
 
@@ -28,6 +30,15 @@ class MdsInfo:
     num_samples: int
     columns: dict[str, str]      # column name -> MDS encoding
     classes: dict | None         # classes.json content when present
+    index_bytes: int             # index.json, which streaming counts against its cache limit
+    shard_bytes: int             # every shard decompressed: what a full local copy holds
+    largest_shard_bytes: int     # one shard's peak while it decompresses (raw + zip)
+
+    @property
+    def full_copy_bytes(self) -> int:
+        """Disk a complete local copy takes, with room for the last shard to decompress: a
+        streaming cache limit this large never evicts a shard."""
+        return self.index_bytes + self.shard_bytes + self.largest_shard_bytes
 
 
 def cache_root() -> Path:
@@ -79,10 +90,19 @@ def describe_mds(data: str, local_cache: Path | None = None) -> MdsInfo:
                 f"dataset {data}: column `{name}` is encoded as '{columns[name]}', expected '{encoding}' "
                 f"(raw bytes go to the GPU decoder): {CONVERT_HINT}.")
 
-    classes_file = local / "classes.json"
+    classes_file = _classes_file(data, local)
     classes = json.loads(classes_file.read_text()) if classes_file.is_file() else None
-    num_samples = sum(int(shard["samples"]) for shard in index["shards"])
-    return MdsInfo(location=data, num_samples=num_samples, columns=columns, classes=classes)
+    shards = index["shards"]
+    raw = [int(shard["raw_data"]["bytes"]) for shard in shards]
+    zipped = [int((shard.get("zip_data") or {}).get("bytes", 0)) for shard in shards]
+    return MdsInfo(location=data, num_samples=sum(int(shard["samples"]) for shard in shards),
+                   columns=columns, classes=classes, index_bytes=(local / "index.json").stat().st_size,
+                   shard_bytes=sum(raw), largest_shard_bytes=max(r + z for r, z in zip(raw, zipped)))
+
+
+def _classes_file(data: str, local: Path) -> Path:
+    """In a local dataset's directory; beside (not in) a remote dataset's shard cache."""
+    return local.with_name(f"{local.name}.classes.json") if is_remote(data) else local / "classes.json"
 
 
 def _columns(index: dict, data: str) -> dict[str, str]:
@@ -109,7 +129,7 @@ def _fetch_small_files(url: str, local: Path) -> None:
                 f"dataset {url}: could not download index.json ({type(error).__name__}: {error}). "
                 f"Check the URL and your storage credentials, or {CONVERT_HINT}.") from error
         try:
-            _download(f"{url.rstrip('/')}/classes.json", local / "classes.json")
+            _download(f"{url.rstrip('/')}/classes.json", _classes_file(url, local))
         except Exception:  # classes.json is optional: without it the dataset serves retrieval only
             pass
 

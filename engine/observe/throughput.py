@@ -25,6 +25,10 @@ class StepTimer:
         self._samples += samples
         self._steps += 1
 
+    def pause_ended(self) -> None:
+        """Time since the last step (an evaluation, a checkpoint) is not step time: start afresh."""
+        self._last = time.perf_counter()
+
     def read_and_reset(self) -> dict[str, float]:
         steps = max(1, self._steps)
         out = {"samples_per_s": self._samples / self._wall if self._wall else 0.0,

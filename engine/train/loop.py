@@ -8,6 +8,7 @@ import torch.distributed as torch_dist
 
 from engine import dist
 from engine.eval.evaluate import EvaluationInterrupted
+from engine.observe.bad_records import BadRecordTally
 from engine.observe.metrics import MetricsWriter
 from engine.observe.progress import Progress
 from engine.observe.throughput import StepTimer, memory_gb
@@ -34,6 +35,7 @@ class Cadence:
 class LoopEnd:
     metrics: dict[str, float]  # the last evaluation's
     stopped_at: int | None     # the step a stop signal ended the run at (checkpointed), or None
+    bad_records: BadRecordTally  # over the whole run, restarts included
 
 
 def _mean_across_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -69,13 +71,15 @@ def _accumulate(engine, batches, grad_accum: int, timer: StepTimer,
 def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.device,
           checkpoint_dir: Path, evaluate: Callable[[Callable[[], bool] | None], dict[str, float]],
           writer: MetricsWriter, progress: Progress, stop: StopSignals | None = None,
-          eval_pending: bool = False, drills: Drills = Drills()) -> LoopEnd:
+          eval_pending: bool = False, drills: Drills = Drills(),
+          bad_records: BadRecordTally | None = None) -> LoopEnd:
     """Run optimizer steps start_step .. cadence.stop_step - 1, or until a stop signal.
 
     `evaluate(interrupted)` asks `interrupted()` between batches (engine/eval/evaluate.py).
     `eval_pending`: the checkpoint resumed from was written when a stop cut its evaluation
-    short; that evaluation runs first."""
+    short; that evaluation runs first. `bad_records`: the totals the resumed checkpoint carried."""
     batches = iter(loader)
+    bad_records = bad_records or BadRecordTally()
     timer = StepTimer()
     skipped = SkippedSteps(cadence.max_skipped_in_a_row)
     agreed = stop.agreed if stop is not None else None
@@ -88,7 +92,7 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
         try:
             metrics = _evaluate(evaluate, agreed, start_step, writer, progress)
         except EvaluationInterrupted:
-            return LoopEnd(metrics, stopped_at=start_step)  # its checkpoint still says pending
+            return LoopEnd(metrics, stopped_at=start_step, bad_records=bad_records)  # still pending
     for step in range(start_step, cadence.stop_step):
         done = step + 1
         skipped_before = engine.skipped_steps
@@ -115,8 +119,9 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
             # Every rank skips the same steps (DeepSpeed agrees on overflow), so an interval of
             # skipped steps only is empty on every rank.
             logged = _mean_across_ranks({k: v / interval_steps for k, v in interval.items()}) if interval else {}
+            bad_records.update(loader.bad_records, device)
             logged.update(lr=engine.get_lr()[0], skipped_steps=engine.skipped_steps,
-                          **timer.read_and_reset(), **memory_gb())
+                          **timer.read_and_reset(), **memory_gb(), **bad_records.metrics())
             writer.write(done, logged)
             if "loss" in logged:
                 progress.show(loss=logged["loss"])
@@ -141,14 +146,18 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
                 eval_cut = True
         stopping = stop_agreed or eval_cut
         if saving or stopping:
+            bad_records.update(loader.bad_records, device)
             checkpoint.save(engine, checkpoint_dir, done,
-                            {"loader": loader.state_dict(), "task": engine.module.rank_state()},
+                            {"loader": loader.state_dict(), "task": engine.module.rank_state(),
+                             "bad_records": dict(bad_records.totals)},
                             eval_pending=eval_cut, before_complete=drills.in_checkpoint(done))
+        if evaluating or saving:
+            timer.pause_ended()
         if stopping:
             progress.write(f"step {done}: stopped by {' and '.join(sorted(stop.agreed_names))}"
                            + (", evaluation left for the resumed run" if eval_cut else ""))
-            return LoopEnd(metrics, stopped_at=done)
-    return LoopEnd(metrics, stopped_at=None)
+            return LoopEnd(metrics, stopped_at=done, bad_records=bad_records)
+    return LoopEnd(metrics, stopped_at=None, bad_records=bad_records)
 
 
 def _evaluate(evaluate, interrupted, step: int, writer: MetricsWriter, progress: Progress) -> dict[str, float]:

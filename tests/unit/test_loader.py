@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from streaming import LocalDataset, MDSWriter
+from streaming import LocalDataset
 
 from engine.data.augment import ViewBatch, random_resized_crop
 from engine.data.eda import Eda
 from engine.data.dali import CLIP_MEAN, CLIP_STD, DecodedBatches, HostBatch, train_pipeline
 from engine.data.loader import PrepareBatch, TrainLoader
 from engine.data.mlm import IGNORE_INDEX, MASK_ID
+from engine.data.records import BAD_RECORDS_KEY, IMAGE_SIZE_KEY, SAMPLE_ID_KEY
 from engine.data.spec import DataSpec
 from engine.data.text import ClipTokenizer
 from engine.data.wordnet import find_wordnet
@@ -195,10 +196,15 @@ def test_eda_copy_differs_for_some_captions_and_is_never_empty(declip_reference,
     assert changed > len(declip_reference[0]) * MICRO_BATCH // 4
 
 
+def _checked_sample(image: bytes, caption: str, sample_id: int) -> dict:
+    """A sample as the dataset hands it to PrepareBatch (engine/data/records.py), image unusable."""
+    return {"jpg": image, "txt": caption, SAMPLE_ID_KEY: sample_id, IMAGE_SIZE_KEY: None, BAD_RECORDS_KEY: []}
+
+
 def test_prepare_batch_keeps_a_word_of_the_shortest_captions(tokenizer):
     # The worker step alone (no decoding): one-word captions, over many epochs of EDA draws.
     captions = ["cat", "a", "Dog!", "...", "x", "two words", "the of a"]
-    samples = [{"jpg": b"not an image", "txt": caption, "__sample_id__": i} for i, caption in enumerate(captions)]
+    samples = [_checked_sample(b"not an image", caption, i) for i, caption in enumerate(captions)]
     spec = DataSpec(text_aug=True, mlm=True)
     for epoch in range(30):
         prepare = PrepareBatch(tokenizer, spec, seed=0, epoch=epoch, eda=Eda(None, 0))
@@ -208,8 +214,7 @@ def test_prepare_batch_keeps_a_word_of_the_shortest_captions(tokenizer):
 
 
 def test_clip_lite_text_is_lower_cased_without_punctuation(tokenizer):
-    samples = [{"jpg": b"", "txt": "A Dog's ball, (RED)!", "__sample_id__": 0},
-               {"jpg": b"", "txt": "black-and-white/grey photo.", "__sample_id__": 1}]
+    samples = [_checked_sample(b"", "A Dog's ball, (RED)!", 0), _checked_sample(b"", "black-and-white/grey photo.", 1)]
     prepare = PrepareBatch(tokenizer, DataSpec(augment="clip_lite", strip_punctuation=True), seed=0, epoch=0)
     payload = prepare(samples).payload
     assert torch.equal(payload.text, tokenizer(["a dogs ball red", "black and white grey photo"]))
@@ -230,44 +235,6 @@ def test_images_and_text_belong_to_their_sample_id(digits, tokenizer):
             pixels = (image * std + mean).permute(1, 2, 0).double().numpy()
             np.testing.assert_allclose(pixels, png, atol=1e-3)
             assert torch.equal(text, tokenizer([sample["txt"]])[0])
-
-
-BROKEN = {5: "header", 17: "pixels"}  # sample ids whose images are caught by the header check / by DALI
-
-
-@pytest.fixture(scope="module")
-def broken_data(tmp_path_factory):
-    good = io.BytesIO()
-    Image.fromarray(np.linspace(40, 220, 20 * 20 * 3).reshape(20, 20, 3).astype(np.uint8)).save(good, format="PNG")
-    good = good.getvalue()
-    broken = {5: b"not an image", 17: good[: len(good) // 2]}
-    out = tmp_path_factory.mktemp("broken") / "mds"
-    with MDSWriter(out=str(out), columns={"jpg": "bytes", "txt": "str"}) as writer:
-        for index in range(40):
-            writer.write({"jpg": broken.get(index, good), "txt": f"a gradient {index}"})
-    return out
-
-
-def test_undecodable_images_are_replaced_and_counted(broken_data, tokenizer):
-    loader = _loader(broken_data, tokenizer, workers=1, micro_batch=8, image_size=16)
-    batches = _take(loader, loader.batches_per_epoch)
-    assert [len(b["sample_id"]) for b in batches] == [8] * 5
-    assert loader.undecodable_images == 2
-    for batch in batches:
-        for image, sample_id in zip(batch["image"], batch["sample_id"].tolist()):
-            is_placeholder = image.abs().max() < 0.02  # the mean colour normalises to about zero
-            assert bool(is_placeholder) == (sample_id in BROKEN)
-
-
-def test_undecodable_images_stay_flat_placeholders_in_both_augmented_views(broken_data, tokenizer):
-    loader = _loader(broken_data, tokenizer, workers=1, micro_batch=8, image_size=16, spec=DECLIP)
-    batches = _take(loader, loader.batches_per_epoch)
-    assert loader.undecodable_images == 2
-    for batch in batches:
-        for row, sample_id in enumerate(batch["sample_id"].tolist()):
-            for key in ("image", "image2"):
-                flat = batch[key][row].flatten(1).std(1).max() < 1e-3  # jittered, still one colour
-                assert bool(flat) == (sample_id in BROKEN)
 
 
 RANK_SCRIPT = textwrap.dedent("""

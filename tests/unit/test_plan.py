@@ -206,8 +206,19 @@ def test_lr_scales_linearly_with_global_batch():
 
 def test_run_length_from_epochs_and_effective_epochs():
     plan = plan_for(H100_X8, epochs=2.5, dataset_size=1_000_003)
-    assert plan.total_steps == math.ceil(2.5 * 1_000_003 / plan.global_batch)
-    assert plan.epochs == pytest.approx(plan.total_steps * plan.global_batch / 1_000_003)
+    steps_per_epoch = 1_000_003 // plan.global_batch  # the loader's epoch: whole optimizer steps
+    assert plan.total_steps == math.ceil(2.5 * steps_per_epoch)
+    assert plan.epochs == pytest.approx(plan.total_steps / steps_per_epoch)
+
+
+@pytest.mark.parametrize("dataset_size, global_batch, epochs", [(1_497, 128, 10), (1_497, 96, 3), (1_000, 100, 2)])
+def test_epochs_are_counted_in_the_loaders_whole_steps(dataset_size, global_batch, epochs):
+    # 1,497 pairs at batch 128 are 11 whole steps an epoch (the loader leaves 89 out of each),
+    # not 11.7: 10 epochs are 110 steps, and the plan says 10 epochs, not 9.4.
+    plan = plan_for(CPU_ONLY, dataset_size=dataset_size, global_batch=global_batch, epochs=epochs)
+    assert plan.total_steps == epochs * (dataset_size // global_batch)
+    assert plan.epochs == pytest.approx(epochs)
+    assert f"leaves out the last {dataset_size % global_batch:,}" in reason(plan, "epochs")
 
 
 def test_warmup_is_the_recipes_but_at_most_10_percent_of_a_short_run():

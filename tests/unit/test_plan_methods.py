@@ -23,7 +23,7 @@ def test_declip_paper_recipe_on_yfcc15m(model):
     plan = plan_for(H100_X8, "declip", model, dataset_size=YFCC15M)
     assert (plan.global_batch, plan.lr, plan.warmup_start_lr, plan.warmup_steps) == (4096, 1e-3, 1e-4, 2500)
     assert (plan.betas, plan.eps, plan.weight_decay, plan.grad_clip) == ((0.9, 0.98), 1e-8, 0.1, None)
-    assert plan.total_steps == -(-32 * YFCC15M // 4096)
+    assert plan.total_steps == 32 * (YFCC15M // 4096)  # 32 epochs of whole steps
     assert (plan.queue_size, plan.enqueue, plan.eda_synonyms) == (65_536, "global", True)
     assert plan.crop_scale == (0.2, 1.0) and plan.momentum is None
     reasons = {d.name: d.reason for d in plan.decisions}

@@ -1,0 +1,216 @@
+"""`--data` as streaming reads it: one dataset or a weighted mixture, and the sample order.
+
+    --data /data/mds/pairs                       one local MDS directory, read in place
+    --data s3://bucket/pairs                     one remote dataset (any URL streaming can read)
+    --data s3://bucket/laion:0.7,/data/cc3m:0.3  a mixture: each LOCATION:WEIGHT, comma separated
+
+A weight is the number after a location's last ':'. A path holds ':' only in its URL scheme
+("s3://"), whose '//' never parses as a number, so `s3://b/x:0.7` and `/data/a:0.3` split
+cleanly. Weights are normalised to proportions. Without any weight the whole value is one
+location (a path may then hold commas).
+
+Each stream reads from its own local directory: a local dataset in place, a URL through its
+own cache (engine.data.mds.local_copy_dir). streaming builds a mixture's epoch of as many
+samples as the streams hold together, drawing floor(epoch x proportion) from each (the few
+left over go one each to streams picked by the seed): a stream drawn beyond its size repeats
+samples within an epoch, one drawn below it takes another subset each epoch.
+
+The sample order is set here once, for the loader and for the plan that states it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.data.mds import MdsInfo, cache_root, describe_mds, is_remote, local_copy_dir
+from engine.errors import UserError
+
+# streaming's default algorithm, named so that the order never follows a change of default:
+# each shard's samples are spread over a window of about SHUFFLE_BLOCK samples, so a node
+# reads only the shards of that window at a time.
+SHUFFLE_ALGO = "py1e"
+# streaming's default window for one canonical node (max(4,000,000 / nodes, 2^18)), named
+# for the same reason. A dataset smaller than one window is shuffled as a whole.
+SHUFFLE_BLOCK = 4_000_000
+# Streaming shuffles each canonical node's share of the data on its own and deals the canonical
+# nodes out to the physical ones, so the global order depends on this count: fixed at one, the
+# order is the same for every number of physical nodes (streaming needs one count to divide the
+# other; 1 divides all). The price: with remote data, every node reads from every shard.
+CANONICAL_NODES = 1
+# 'orig' deals the order out as engine/data/loader.py's docstring says. The default, 'relaxed',
+# runs 'orig' too whenever one node count divides the other (always, with one canonical node);
+# naming it keeps the order from depending on that rule.
+PARTITION_ALGO = "orig"
+
+MIXTURE_EXAMPLE = "s3://bucket/a:0.7,/data/b:0.3"
+
+# The shard cache. Before fetching a shard, streaming evicts until the shard fits under its
+# limit, but it counts a shard only once fetched: the shards other readers fetch meanwhile come
+# on top. Each reader (a data worker, or a rank without workers) fetches from three threads at
+# once: the one reading a sample whose shard went missing, and its download and "ready" threads,
+# which fetch ahead (streaming's _prepare_thread and _ready_thread).
+FETCHES_PER_READER = 3
+STREAMING_MIN_SHARDS = 4  # streaming refuses a limit under 4 x the largest shard (raw and zip)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One item of --data: where the dataset is, and its weight in a mixture."""
+    location: str
+    weight: float | None
+
+
+def parse_data(data: str) -> tuple[DataSource, ...]:
+    """The datasets --data names, in order; a single one has no weight."""
+    items = [_split_weight(item.strip()) for item in str(data).split(",")]
+    weighted = [item for item in items if item.weight is not None]
+    if not weighted:
+        return (DataSource(str(data), None),)
+    if len(weighted) < len(items):
+        bare = [item.location or "(empty)" for item in items if item.weight is None]
+        raise UserError(f"--data {data}: {', '.join(bare)} has no weight; in a mixture give each dataset "
+                        f"one, e.g. {MIXTURE_EXAMPLE}.")
+    for item in items:
+        if not item.location:
+            raise UserError(f"--data {data}: a weight without a dataset before it; write LOCATION:WEIGHT, "
+                            f"e.g. {MIXTURE_EXAMPLE}.")
+        if not (math.isfinite(item.weight) and item.weight > 0):
+            raise UserError(f"--data {data}: the weight of {item.location} is {item.weight:g}; give each "
+                            f"dataset a positive weight, or leave the dataset out.")
+    locations = [item.location.rstrip("/") for item in items]
+    repeated = sorted({location for location in locations if locations.count(location) > 1})
+    if repeated:
+        raise UserError(f"--data {data}: {', '.join(repeated)} appears more than once; name each dataset "
+                        f"once, with its total weight.")
+    if len(items) == 1:  # one dataset is all of the epoch, whatever its weight
+        return (DataSource(items[0].location, None),)
+    return tuple(items)
+
+
+def _split_weight(item: str) -> DataSource:
+    location, colon, weight = item.rpartition(":")
+    if colon and not weight.startswith("/"):
+        try:
+            return DataSource(location.strip(), float(weight))
+        except ValueError:
+            pass
+    return DataSource(item, None)
+
+
+@dataclass(frozen=True)
+class StreamFacts:
+    """One dataset of --data, checked, with where its shards are read from."""
+    location: str
+    remote: bool
+    local: Path                 # the dataset itself, or a URL's cache
+    proportion: float | None    # its share of a mixture's epoch; None for a single dataset
+    info: MdsInfo
+
+
+def describe_streams(data: str, local_cache: Path | None = None) -> tuple[StreamFacts, ...]:
+    """Every dataset --data names, each checked by describe_mds (columns, encodings); fails
+    with the fix on the first that is not usable MDS."""
+    sources = parse_data(data)
+    total = sum(source.weight or 0 for source in sources)
+    return tuple(StreamFacts(location=source.location, remote=is_remote(source.location),
+                             local=local_copy_dir(source.location, local_cache),
+                             proportion=source.weight / total if source.weight else None,
+                             info=describe_mds(source.location, local_cache))
+                 for source in sources)
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the planner needs to know of the training data."""
+    streams: tuple[StreamFacts, ...]
+    per_epoch: tuple[int, ...]  # samples streaming draws from each stream in one epoch
+    cache_dir: Path             # where remote shards are cached on this node
+    cache_free_bytes: int       # free disk there, plus the shards of these streams cached already
+
+    @property
+    def epoch_size(self) -> int:
+        return sum(self.per_epoch)
+
+
+def data_facts(data: str, seed: int, local_cache: Path | None = None) -> DataFacts:
+    """Describe --data for the plan: its streams, the epoch streaming will draw from them (by
+    streaming's own weighting, with the run seed) and the disk its remote shards may use."""
+    streams = describe_streams(data, local_cache)
+    cache_dir = Path(local_cache) if local_cache is not None else cache_root() / "mds"
+    cached = sum(_bytes_under(stream.local) for stream in streams if stream.remote)
+    return DataFacts(streams=streams, per_epoch=_per_epoch(streams, seed), cache_dir=cache_dir,
+                     cache_free_bytes=shutil.disk_usage(_existing_ancestor(cache_dir)).free + cached)
+
+
+def _per_epoch(streams: tuple[StreamFacts, ...], seed: int) -> tuple[int, ...]:
+    from streaming import Stream
+
+    weighted = _streams(streams)
+    Stream.apply_weights(weighted, np.array([s.info.num_samples for s in streams], np.int64), None, seed)
+    return tuple(int(stream.choose) for stream in weighted)
+
+
+def _streams(streams: tuple[StreamFacts, ...]) -> list:
+    from streaming import Stream
+
+    return [Stream(remote=stream.location if stream.remote else None, local=str(stream.local),
+                   proportion=stream.proportion) for stream in streams]
+
+
+def fetches_in_flight(local_world_size: int, workers: int) -> int:
+    """Shard fetches a node may have under way at once (see FETCHES_PER_READER)."""
+    return FETCHES_PER_READER * local_world_size * max(1, workers)
+
+
+def cache_floor(streams: tuple[StreamFacts, ...], in_flight: int) -> int:
+    """The least disk a node's shard cache can work in: streaming's own minimum, once the
+    fetches in flight beside the one it makes room for are set aside."""
+    largest = max(stream.info.largest_shard_bytes for stream in streams)
+    return sum(stream.info.index_bytes for stream in streams) + (STREAMING_MIN_SHARDS + in_flight - 1) * largest + 1
+
+
+def streaming_arguments(streams: tuple[StreamFacts, ...], *, micro_batch: int, seed: int,
+                        cache_limit: int | None, in_flight: int = FETCHES_PER_READER) -> dict:
+    """Keyword arguments of StreamingDataset for these streams, in the order this module sets;
+    `cache_limit` is the disk the node's cache may take (the plan's), with `in_flight` fetches."""
+    streaming_limit = None
+    # A limit that holds every shard never evicts one: streaming need not keep count.
+    if cache_limit is not None and cache_limit < sum(stream.info.full_copy_bytes for stream in streams):
+        in_place = [stream.location for stream in streams if not stream.remote]
+        if in_place:
+            # streaming evicts the least recently used shard of ANY stream, local ones included:
+            # with a limit it would delete shards of a dataset that has no other copy.
+            raise UserError(f"a cache limit applies to remote data only; {', '.join(in_place)} is read in "
+                            f"place and streaming would delete its shards to keep the limit.")
+        floor = cache_floor(streams, in_flight)
+        if cache_limit < floor:
+            raise UserError(f"a cache limit of {cache_limit:,} bytes is below the {floor:,} that {in_flight} shard "
+                            f"fetches at once need: raise it (--cache-limit), or use fewer data workers.")
+        largest = max(stream.info.largest_shard_bytes for stream in streams)
+        streaming_limit = cache_limit - (in_flight - 1) * largest
+    return dict(streams=_streams(streams), batch_size=micro_batch, cache_limit=streaming_limit,
+                shuffle=True, shuffle_algo=SHUFFLE_ALGO, shuffle_seed=seed, shuffle_block_size=SHUFFLE_BLOCK,
+                num_canonical_nodes=CANONICAL_NODES, partition_algo=PARTITION_ALGO)
+
+
+def _bytes_under(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except FileNotFoundError:  # evicted meanwhile by a live run
+                pass
+    return total
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path

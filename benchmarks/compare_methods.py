@@ -35,7 +35,7 @@ def final_metrics(run_dir: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=117,
-                        help="optimizer steps per run (default: 10 epochs of the full split at batch 128)")
+                        help="optimizer steps per run (default: the README's 117, 10.6 epochs of the full split at batch 128)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--seed", type=int, default=0)

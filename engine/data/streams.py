@@ -142,7 +142,7 @@ def data_facts(data: str, seed: int, local_cache: Path | None = None) -> DataFac
     streaming's own weighting, with the run seed) and the disk its remote shards may use."""
     streams = describe_streams(data, local_cache)
     cache_dir = Path(local_cache) if local_cache is not None else cache_root() / "mds"
-    cached = sum(_bytes_under(stream.local) for stream in streams if stream.remote)
+    cached = sum(bytes_under(stream.local) for stream in streams if stream.remote)
     return DataFacts(streams=streams, per_epoch=_per_epoch(streams, seed), cache_dir=cache_dir,
                      cache_free_bytes=shutil.disk_usage(_existing_ancestor(cache_dir)).free + cached)
 
@@ -198,7 +198,8 @@ def streaming_arguments(streams: tuple[StreamFacts, ...], *, micro_batch: int, s
                 num_canonical_nodes=CANONICAL_NODES, partition_algo=PARTITION_ALGO)
 
 
-def _bytes_under(folder: Path) -> int:
+def bytes_under(folder: Path) -> int:
+    """Bytes of the files under `folder` now (a live run may be evicting some meanwhile)."""
     total = 0
     for root, _, files in os.walk(folder):
         for name in files:

@@ -23,6 +23,7 @@ from engine.data.loader import TrainLoader
 from engine.data.mds import describe_mds, local_copy_dir
 from engine.data.shared_memory import SHM, mapped_shared_memory
 from engine.data.spec import DataSpec
+from engine.data.streams import bytes_under
 from engine.data.text import ClipTokenizer
 from engine.errors import UserError
 from launching import ROOT, check, launch, read_metrics, samples_by_step
@@ -30,17 +31,6 @@ from s3_server import s3_server  # noqa: F401  (the session fixture)
 
 SAMPLES, OTHER = 240, 80  # digits in the two uploaded datasets (other: the next 80 digits)
 SHARD_LIMIT = 1 << 14     # 16 KB shards: about 11 digits each, so the datasets span many shards
-
-
-def _bytes_under(folder: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_size
-            except FileNotFoundError:  # evicted while we looked
-                pass
-    return total
 
 
 def _write_digits(digits_train: Path, out: Path, first: int, count: int) -> Path:
@@ -87,7 +77,7 @@ def test_an_epoch_streams_through_a_cache_smaller_than_the_data(remote, s3_env, 
 
     def watch():  # the cache's size, sampled while the epoch streams
         while not done.is_set():
-            largest[0] = max(largest[0], _bytes_under(folder))
+            largest[0] = max(largest[0], bytes_under(folder))
             done.wait(0.002)
 
     watcher = threading.Thread(target=watch)
@@ -98,7 +88,7 @@ def test_an_epoch_streams_through_a_cache_smaller_than_the_data(remote, s3_env, 
         done.set()
         watcher.join()
     assert sorted(ids) == list(range(SAMPLES))  # every sample of the epoch, exactly once
-    assert 0 < largest[0] <= limit and _bytes_under(folder) <= limit
+    assert 0 < largest[0] <= limit and bytes_under(folder) <= limit
     kept = len(list(folder.glob("shard.*.mds")))
     assert 4 <= kept < shards  # shards were evicted and fetched again as the epoch went on
     # classes.json lies beside the cache, not in it: streaming would not count it against the limit.
@@ -184,4 +174,4 @@ def test_the_launcher_trains_from_a_bucket_within_its_cache_limit(remote, s3_ser
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     taken = [i for ids in samples_by_step(out / "samples", 16).values() for i in ids]
     assert sorted(taken) == list(range(SAMPLES))
-    assert 0 < _bytes_under(local_copy_dir(remote["digits"], cache / "mds")) <= limit_kb * 1024
+    assert 0 < bytes_under(local_copy_dir(remote["digits"], cache / "mds")) <= limit_kb * 1024

@@ -30,8 +30,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Formats DALI's image decoders read (PIL's names for them); anything else is replaced.
 DALI_FORMATS = frozenset({"JPEG", "PNG", "TIFF", "BMP", "PPM", "JPEG2000", "WEBP"})
-_EXIF_ORIENTATION = 0x0112
-_ROTATED_QUARTER_TURN = frozenset({5, 6, 7, 8})
 
 
 def _placeholder_png() -> bytes:
@@ -52,22 +50,6 @@ def _placeholder_png() -> bytes:
 PLACEHOLDER_PNG = np.frombuffer(_placeholder_png(), dtype=np.uint8)
 
 
-def probe_image(encoded: bytes) -> tuple[int, int] | None:
-    """(width, height) as DALI will decode it, read from the header only; None if unreadable."""
-    try:
-        with Image.open(io.BytesIO(encoded)) as image:
-            if image.format not in DALI_FORMATS:
-                return None
-            width, height = image.size
-            # DALI applies the EXIF orientation, so a quarter-turned photo swaps its sides. (PNG
-            # keeps EXIF after the pixels: PIL would decode the whole image to find it.)
-            if image.format != "PNG" and image.getexif().get(_EXIF_ORIENTATION, 1) in _ROTATED_QUARTER_TURN:
-                width, height = height, width
-    except Exception:  # PIL raises many types for corrupt headers; all mean "cannot decode"
-        return None
-    return (width, height) if width > 0 and height > 0 else None
-
-
 def fully_decodable(encoded: np.ndarray) -> bool:
     """Decode with PIL: the slow check used only after DALI has rejected a batch."""
     try:
@@ -75,7 +57,7 @@ def fully_decodable(encoded: np.ndarray) -> bool:
             if image.format not in DALI_FORMATS:
                 return False
             image.convert("RGB").load()
-    except Exception:  # as in probe_image: any failure means the bytes are unusable
+    except Exception:  # PIL raises many types for bad data: any failure means the bytes are unusable
         return False
     return True
 

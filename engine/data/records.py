@@ -73,7 +73,7 @@ class StreamingDatasetWithIds(StreamingDataset):
     def get_item(self, sample_id: int, retry: int = 7):
         sample = super().get_item(sample_id, retry)
         problems: list[str] = []
-        problem, size = _record_problem(sample)
+        problem, size = record_problem(sample["jpg"], sample["txt"])
         attempt = 0
         while problem is not None:
             problems.append(problem)
@@ -84,7 +84,7 @@ class StreamingDatasetWithIds(StreamingDataset):
             stand_in = substitute_id(self.shuffle_seed, sample_id, attempt, int(self.sample_offset_per_shard[shard_id]),
                                      int(self.samples_per_shard[shard_id]), self.num_samples)
             sample = super().get_item(stand_in, retry)
-            problem, size = _record_problem(sample)
+            problem, size = record_problem(sample["jpg"], sample["txt"])
             attempt += 1
         sample[SAMPLE_ID_KEY] = int(sample_id)
         sample[IMAGE_SIZE_KEY] = size  # None: no usable image, the placeholder goes in
@@ -92,9 +92,10 @@ class StreamingDatasetWithIds(StreamingDataset):
         return sample
 
 
-def _record_problem(sample: dict) -> tuple[str | None, tuple[int, int] | None]:
-    problem = caption_problem(sample["txt"])
-    return (problem, None) if problem is not None else image_problem(sample["jpg"])
+def record_problem(encoded: bytes, caption: object) -> tuple[str | None, tuple[int, int] | None]:
+    """A pair's check: (None, (width, height)) when fit to train on, else (reason, None)."""
+    problem = caption_problem(caption)
+    return (problem, None) if problem is not None else image_problem(encoded)
 
 
 def image_problem(encoded: bytes) -> tuple[str | None, tuple[int, int] | None]:

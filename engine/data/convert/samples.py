@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 from engine.data.convert.sources import Blob, Pair, label_text
 from engine.data.convert.synthetic import SyntheticImage
 from engine.data.dali import DALI_FORMATS
-from engine.data.records import caption_problem, image_problem
+from engine.data.records import record_problem
 
 REENCODE_QUALITY = 95
 
@@ -58,7 +58,7 @@ def make_sample(pair: Pair, rules: SampleRules) -> tuple[dict | None, Problem | 
     if problem is None:
         # The training loader's own check (engine/data/records.py) as well, so that a converted
         # dataset holds nothing the loader would have to replace.
-        reason = caption_problem(caption) or image_problem(stored)[0]
+        reason = record_problem(stored, caption)[0]
         problem = (reason, "") if reason is not None else None
     if problem is not None:
         return None, problem, False

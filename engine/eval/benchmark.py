@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import UserError
-from engine.eval.evaluate import _encode
+from engine.eval.evaluate import encode_batched
 from engine.eval.images import decode_images, read_image_folder, read_karpathy
 from engine.eval.load_run import LoadedRun
 from engine.eval.zeroshot import class_prompts, classifier_from_prompts, topk_accuracy
@@ -140,8 +140,8 @@ def zeroshot(run: LoadedRun, images: str, classnames: str | None = None, templat
     prompts_templates = templates_for(templates, classnames)
     decoded = decode_images(folder.files, run.image_size, f"--images {images}")
     labels = torch.tensor([folder.labels[i] for i in decoded.kept], dtype=torch.long)
-    image = _encode(run.model.encode_image, decoded.images, device, None)
-    prompts = _encode(run.model.encode_text, _tokens(run, class_prompts(names, prompts_templates)), device, None)
+    image = encode_batched(run.model.encode_image, decoded.images, device, None)
+    prompts = encode_batched(run.model.encode_text, _tokens(run, class_prompts(names, prompts_templates)), device, None)
     classifier = classifier_from_prompts(prompts, len(names))
     metrics = topk_accuracy(image, classifier, labels)
     metrics["zeroshot_mean_per_class_recall"] = mean_per_class_recall(image, classifier, labels)
@@ -173,8 +173,8 @@ def retrieval(run: LoadedRun, pairs: str, split: str = "test", image_root: str |
         name, left_out = f"{path.stem}-{split}", len(decoded.left_out)
     else:
         raise UserError(f"--pairs {pairs}: no such file or directory; give a Karpathy-split .json or an MDS directory")
-    image_embeddings = _encode(run.model.encode_image, images, device, None)
-    text_embeddings = _encode(run.model.encode_text, _tokens(run, captions), device, None)
+    image_embeddings = encode_batched(run.model.encode_image, images, device, None)
+    text_embeddings = encode_batched(run.model.encode_text, _tokens(run, captions), device, None)
     counts = {"images": len(images), "captions": len(captions)}
     if left_out is not None:
         counts["left_out"] = left_out

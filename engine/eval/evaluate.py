@@ -20,7 +20,7 @@ class EvaluationInterrupted(Exception):
 
 
 @torch.no_grad()
-def _encode(encode, items, device, interrupted: Callable[[], bool] | None) -> torch.Tensor:
+def encode_batched(encode, items, device, interrupted: Callable[[], bool] | None) -> torch.Tensor:
     parts = []
     for i in range(0, len(items), BATCH):
         if interrupted is not None and interrupted():
@@ -42,12 +42,12 @@ def evaluate(model, eval_set: EvalSet, tokenizer, device: torch.device,
     was_training = model.training
     model.eval()
     try:
-        image = _encode(model.encode_image, eval_set.images, device, interrupted)
-        text = _encode(model.encode_text, tokens(eval_set.captions), device, interrupted)
+        image = encode_batched(model.encode_image, eval_set.images, device, interrupted)
+        text = encode_batched(model.encode_text, tokens(eval_set.captions), device, interrupted)
         metrics = retrieval_metrics(image, text)
         if eval_set.labels is not None and eval_set.classnames and eval_set.templates:
             prompts = class_prompts(eval_set.classnames, eval_set.templates)
-            prompt_embeddings = _encode(model.encode_text, tokens(prompts), device, interrupted)
+            prompt_embeddings = encode_batched(model.encode_text, tokens(prompts), device, interrupted)
             classifier = classifier_from_prompts(prompt_embeddings, len(eval_set.classnames))
             metrics.update(topk_accuracy(image, classifier, eval_set.labels))
     finally:

@@ -70,7 +70,7 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
 def _newest_intact(checkpoint_dir: Path) -> Path:
     # The resume's own order (`latest`, then older completed ones), but read-only: evaluating
     # must not set a damaged checkpoint aside under a run that may still be training.
-    candidates = checkpoint._candidates(checkpoint_dir)
+    candidates = checkpoint.restore_order(checkpoint_dir)
     if not candidates:
         raise UserError(f"{checkpoint_dir.parent} has no checkpoint yet (no {checkpoint_dir / 'latest'}): "
                         f"evaluate it after its first checkpoint is written")

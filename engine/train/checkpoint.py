@@ -116,7 +116,7 @@ def latest_tag(checkpoint_dir: Path) -> str | None:
     return pointer.read_text().strip() if pointer.exists() else None
 
 
-def _candidates(checkpoint_dir: Path) -> list[str]:
+def restore_order(checkpoint_dir: Path) -> list[str]:
     """Tags to try, newest first: `latest`, then older ones that were completed (manifest)."""
     latest = latest_tag(checkpoint_dir)
     if latest is None:
@@ -172,7 +172,7 @@ def _agree_intact(problem: str | None) -> str | None:
 
 def load(engine, checkpoint_dir: Path) -> Restored | None:
     """Restore the newest intact checkpoint; None when there is none (a fresh run)."""
-    candidates = _candidates(checkpoint_dir)
+    candidates = restore_order(checkpoint_dir)
     for tag in candidates:
         problem = _agree_intact(damage(checkpoint_dir / tag, dist.rank(), dist.world_size()))
         if problem is not None:

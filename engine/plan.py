@@ -46,6 +46,7 @@ class Dials:
     decode_device: str | None = None    # one of DECODE_DEVICES
     checkpoint_every: int | None = None; eval_every: int | None = None
     log_every: int | None = None
+    evals: tuple[str, ...] = ()         # --eval TASK:PATH[,options] (engine/eval/periodic.py)
     ds: tuple[str, ...] = ()            # raw DeepSpeed overrides "key.path=value"
     data_fraction: float = 1.0          # train on a fixed subset of the data
     cache_limit: str | None = None      # remote shards' disk per node, e.g. "20gb" (plan_data.py)
@@ -91,7 +92,7 @@ class RunPlan:
     warmup_steps: int; warmup_start_lr: float; total_steps: int; epochs: float
     crop_scale: tuple[float, float]; image_size: int; text_layers: int
     workers: int; decode_device: str
-    checkpoint_every: int; eval_every: int; log_every: int
+    checkpoint_every: int; eval_every: int; evaluations: tuple[str, ...]; log_every: int
     collective_timeout_s: int; max_requeues: int; max_skipped_in_a_row: int
     dataset_size: int; data_fraction: float; n_params: int
     data_streams: tuple[tuple[str, float, int], ...]; cache_limit: int | None
@@ -217,6 +218,9 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
                                        "about 5 checkpoints per run, at least every 1,000 steps"))
     decide("eval_every", *_every(dials.eval_every, "--eval-every", math.ceil(total_steps / 4),
                                  "about 4 evaluations per run"))
+    decide("evaluations", dials.evals,
+           "--eval: scored at every evaluation, beside the held-out split of --eval-data" if dials.evals else
+           "none beyond the held-out split of --eval-data (the built-in data's by default); add sets with --eval")
     for name, value, reason in fault_decisions(dials, launch, n_params, precision,
                                                fp16_scale_search_steps()):
         decide(name, value, reason)

@@ -26,6 +26,7 @@ from engine.data.text import ClipTokenizer, strip_punctuation
 from engine.ds_config import apply_overrides, render
 from engine.errors import UserError
 from engine.eval.evaluate import evaluate
+from engine.eval.periodic import PeriodicEval, TrainedModel, open_periodic_evals, run_periodic_evals
 from engine.hardware import probe
 from engine.launch import Launch
 from engine.data.wordnet import find_wordnet
@@ -52,6 +53,7 @@ class Prepared:
     data: str
     eval_data: str | None
     launch: Launch | None
+    evals: list[PeriodicEval]   # --eval sets, checked (engine/eval/periodic.py)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
     full_size = facts.epoch_size
     if eval_data is not None:
         describe_mds(eval_data)
+    evals = open_periodic_evals(dials.evals)
     if dials.data_fraction != 1.0:
         from engine.data.subset import ensure_subset
         if len(facts.streams) > 1:
@@ -93,7 +96,7 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
                    image_size=preset.image_size, text_layers=preset.text_layers,
                    wordnet=None if wordnet is None else str(wordnet), launch=launch, data=facts)
     ds_config = apply_overrides(render(plan), dials.ds, world_size=plan.world_size)
-    return Prepared(plan, ds_config, preset, data, eval_data, launch)
+    return Prepared(plan, ds_config, preset, data, eval_data, launch, evals)
 
 
 # Values a resumed run must share with the run it continues (else the checkpoint is wrong for it).
@@ -258,12 +261,17 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
 
     eval_set = load_eval_set(prepared.eval_data, plan.image_size) if prepared.eval_data else None
 
+    clean_text = strip_punctuation if objective.strip_punctuation else None
+
     def evaluator(interrupted) -> dict[str, float]:
-        if eval_set is None:
-            return {}
-        return evaluate(engine.module.model, eval_set, tokenizer, engine.device,
-                        clean_text=strip_punctuation if objective.strip_punctuation else None,
-                        interrupted=interrupted)
+        metrics = {}
+        if eval_set is not None:
+            metrics = evaluate(engine.module.model, eval_set, tokenizer, engine.device,
+                               clean_text=clean_text, interrupted=interrupted)
+        if prepared.evals:
+            trained = TrainedModel(engine.module.model, tokenizer, clean_text, plan.image_size)
+            metrics.update(run_periodic_evals(prepared.evals, trained, engine.device, interrupted))
+        return metrics
 
     cadence = Cadence(total_steps=plan.total_steps, stop_step=stop_step, grad_accum=plan.grad_accum,
                       log_every=plan.log_every, eval_every=plan.eval_every,

@@ -26,6 +26,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "of them, e.g. s3://bucket/a:0.7,/data/b:0.3 (default: built-in digits)")
     dials.add_argument("--eval-data", help="held-out MDS directory for zero-shot/retrieval "
                        "(default with the built-in data: its held-out split)")
+    dials.add_argument("--eval", action="append", default=[], metavar="TASK:PATH[,OPTION=VALUE]",
+                       help="also evaluate on this set at every evaluation (repeatable): "
+                       "zeroshot:DIR (an ImageFolder; options classnames=imagenet|FILE, templates=openai|simple|FILE) "
+                       "or retrieval:FILE|MDS (a Karpathy .json or MDS directory; options split=, image_root=)")
     dials.add_argument("--out", help="run directory (default runs/<method>-<model>-<time>); "
                        "an existing one is resumed from its latest checkpoint")
     dials.add_argument("--steps", type=int, help="optimizer steps (default: from epochs)")
@@ -85,7 +89,7 @@ def dials_from_args(args: argparse.Namespace):
                  zero_stage=args.zero_stage, offload=args.offload, optimizer=args.optimizer,
                  lr=args.lr, warmup_steps=args.warmup_steps, workers=args.workers,
                  decode_device=args.decode_device, checkpoint_every=args.checkpoint_every,
-                 eval_every=args.eval_every, log_every=args.log_every, ds=tuple(args.ds),
+                 eval_every=args.eval_every, log_every=args.log_every, evals=tuple(args.eval), ds=tuple(args.ds),
                  data_fraction=args.data_fraction, text_layers=args.text_layers, cache_limit=args.cache_limit,
                  queue_size=args.queue_size, enqueue=args.enqueue, negatives=args.negatives,
                  prior=args.prior, collective_timeout=args.collective_timeout,

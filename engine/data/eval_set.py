@@ -41,23 +41,31 @@ class Decoded:
     left_out: dict[int, str]      # index -> why the item was left out
 
 
-def decode_for_eval(items: Iterable[bytes | str], image_size: int, what: str) -> Decoded:
-    """CLIP's eval transform over `items` in order: encoded image bytes, or the reason an item is
-    already unusable. An image the record check finds unfit (engine/data/records.py) is left out
-    (as a pair it would be a fake one), and checked before DALI sees it: a truncated PNG can crash
-    DALI's CPU decoder. One that passes yet DALI rejects stays, as the flat placeholder, so that
-    the results keep their alignment with the inputs. `what` names the set in messages."""
-    left_out: dict[int, str] = {}
-    count = 0
+class EvalDecoding:
+    """CLIP's eval transform over `items` in order, as a stream of ([B, 3, S, S] images, the
+    items' indices): encoded image bytes, or the reason an item is already unusable. Streaming
+    keeps memory bounded by a batch, whatever the set's size (an ImageNet-size folder does not
+    fit in memory as floats).
 
-    def host_batches() -> Iterator[HostBatch]:
-        nonlocal count
+    An image the record check finds unfit (engine/data/records.py) is left out (as a pair it
+    would be a fake one), and checked before DALI sees it: a truncated PNG can crash DALI's CPU
+    decoder. One that passes yet DALI rejects stays, as the flat placeholder, so that the
+    results keep their alignment with the inputs. `what` names the set in messages; the
+    warnings and the refusal of a set with nothing usable come when the stream ends."""
+
+    def __init__(self, items: Iterable[bytes | str], image_size: int, what: str):
+        self._items, self._image_size, self.what = items, image_size, what
+        self.left_out: dict[int, str] = {}   # index -> why the item was left out
+        self.replaced: list[int] = []        # indices of images DALI rejected (placeholders)
+        self.count = 0
+
+    def _host_batches(self) -> Iterator[HostBatch]:
         ids, encoded = [], []
-        for index, item in enumerate(items):
-            count += 1
+        for index, item in enumerate(self._items):
+            self.count += 1
             problem = item if isinstance(item, str) else image_problem(item)[0]
             if problem is not None:
-                left_out[index] = problem
+                self.left_out[index] = problem
             else:
                 ids.append(index)
                 encoded.append(np.frombuffer(item, dtype=np.uint8))
@@ -67,24 +75,36 @@ def decode_for_eval(items: Iterable[bytes | str], image_size: int, what: str) ->
         if ids:
             yield HostBatch(encoded=encoded, payload=np.array(ids))
 
-    threads = max(1, min(8, len(os.sched_getaffinity(0))))
-    decoded = DecodedBatches(host_batches(), device=torch.device("cpu"), build=lambda source: eval_pipeline(
-        source, batch_size=DECODE_BATCH, image_size=image_size, num_threads=threads))
-    chunks, kept, replaced = [], [], []
-    for (images,), host in decoded:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[int]]]:
+        threads = max(1, min(8, len(os.sched_getaffinity(0))))
+        decoded = DecodedBatches(self._host_batches(), device=torch.device("cpu"),
+                                 build=lambda source: eval_pipeline(source, batch_size=DECODE_BATCH,
+                                                                    image_size=self._image_size,
+                                                                    num_threads=threads))
+        kept = 0
+        for (images,), host in decoded:
+            kept += len(host.payload)
+            self.replaced.extend(host.payload[host.replaced].tolist())
+            yield images, host.payload.tolist()
+        if self.left_out:
+            logger.warning("%s: %d item(s) left out (%s; e.g. items %s)", self.what, len(self.left_out),
+                           ", ".join(sorted(set(self.left_out.values()))), sorted(self.left_out)[:20])
+        if self.replaced:
+            logger.warning("%s: %d image(s) the decoder rejected replaced by a flat placeholder (items %s)",
+                           self.what, len(self.replaced), self.replaced[:20])
+        if not kept:
+            raise UserError(f"{self.what}: none of its {self.count} item(s) is usable ({len(self.left_out)} bad); "
+                            f"convert it with `python launchers/convert.py <source> <out>`.")
+
+
+def decode_for_eval(items: Iterable[bytes | str], image_size: int, what: str) -> Decoded:
+    """The whole of an EvalDecoding in memory: for sets meant to be small (the held-out split)."""
+    decoding = EvalDecoding(items, image_size, what)
+    chunks, kept = [], []
+    for images, ids in decoding:
         chunks.append(images)
-        kept.extend(host.payload.tolist())
-        replaced.extend(host.payload[host.replaced].tolist())
-    if left_out:
-        logger.warning("%s: %d item(s) left out (%s; e.g. items %s)", what, len(left_out),
-                       ", ".join(sorted(set(left_out.values()))), sorted(left_out)[:20])
-    if replaced:
-        logger.warning("%s: %d image(s) the decoder rejected replaced by a flat placeholder (items %s)",
-                       what, len(replaced), replaced[:20])
-    if not chunks:
-        raise UserError(f"{what}: none of its {count} item(s) is usable ({len(left_out)} bad); convert it "
-                        f"with `python launchers/convert.py <source> <out>`.")
-    return Decoded(torch.cat(chunks), kept, left_out)
+        kept.extend(ids)
+    return Decoded(torch.cat(chunks), kept, decoding.left_out)
 
 
 def load_eval_set(path: str | Path, image_size: int) -> EvalSet:

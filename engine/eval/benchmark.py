@@ -11,16 +11,27 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator, Protocol
 
 import torch
 
 from engine.errors import UserError
+from engine.data.eval_set import EvalDecoding
 from engine.eval.evaluate import encode_batched
-from engine.eval.images import decode_images, read_image_folder, read_karpathy
+from engine.eval.images import CaptionedImages, ImageFolder, read_image_folder, read_karpathy
 from engine.eval.load_run import LoadedRun
 from engine.eval.zeroshot import class_prompts, classifier_from_prompts, topk_accuracy
 
 KS = (1, 5, 10)
+
+
+class ModelToScore(Protocol):
+    """What scoring needs of a model: a loaded run (engine/eval/load_run.LoadedRun), or the
+    model being trained (engine/eval/periodic.py)."""
+    model: torch.nn.Module             # encode_image(images), encode_text(tokens): normalised
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    clean_text: Callable[[str], str] | None
+    image_size: int
 
 
 @dataclass(frozen=True)
@@ -128,58 +139,110 @@ def templates_for(spec: str | None, classnames_spec: str | None) -> list[str]:
     return templates
 
 
-def _tokens(run: LoadedRun, texts: list[str]) -> torch.Tensor:
+def _tokens(run: ModelToScore, texts: list[str]) -> torch.Tensor:
     return run.tokenizer([run.clean_text(t) for t in texts] if run.clean_text else texts)
 
 
+def encode_image_files(run: ModelToScore, files: list[Path], what: str, device,
+                       interrupted: Callable[[], bool] | None = None) -> tuple[torch.Tensor, list[int], int]:
+    """Normalised image embeddings of `files` decoded a batch at a time (memory bounded by a
+    batch, not the set), the indices of the files kept, and how many were left out (bad)."""
+    def items() -> Iterator[bytes | str]:
+        for path in files:
+            try:
+                yield Path(path).read_bytes()
+            except OSError as error:
+                yield f"unreadable ({error.strerror})"
+
+    decoding = EvalDecoding(items(), run.image_size, what)
+    parts, kept = [], []
+    for images, ids in decoding:
+        parts.append(encode_batched(run.model.encode_image, images, device, interrupted))
+        kept.extend(ids)
+    return torch.cat(parts), kept, len(decoding.left_out)
+
+
+@dataclass(frozen=True)
+class ZeroShotSet:
+    """An ImageFolder with its class names and prompt templates, checked (no image read yet)."""
+    path: str
+    folder: ImageFolder
+    classnames: list[str]
+    templates: list[str]
+
+    @classmethod
+    def open(cls, images: str, classnames: str | None = None, templates: str | None = None) -> "ZeroShotSet":
+        folder = read_image_folder(images)
+        return cls(str(images), folder, classnames_for(classnames, folder.folders), templates_for(templates, classnames))
+
+
 @torch.no_grad()
-def zeroshot(run: LoadedRun, images: str, classnames: str | None = None, templates: str | None = None,
-             device: torch.device | str = "cpu") -> Result:
-    folder = read_image_folder(images)
-    names = classnames_for(classnames, folder.folders)
-    prompts_templates = templates_for(templates, classnames)
-    decoded = decode_images(folder.files, run.image_size, f"--images {images}")
-    labels = torch.tensor([folder.labels[i] for i in decoded.kept], dtype=torch.long)
-    image = encode_batched(run.model.encode_image, decoded.images, device, None)
-    prompts = encode_batched(run.model.encode_text, _tokens(run, class_prompts(names, prompts_templates)), device, None)
-    classifier = classifier_from_prompts(prompts, len(names))
+def score_zeroshot(run: ModelToScore, data: ZeroShotSet, device: torch.device | str = "cpu",
+                   interrupted: Callable[[], bool] | None = None) -> Result:
+    image, kept, left_out = encode_image_files(run, data.folder.files, f"--images {data.path}", device, interrupted)
+    labels = torch.tensor([data.folder.labels[i] for i in kept], dtype=torch.long)
+    prompts = encode_batched(run.model.encode_text, _tokens(run, class_prompts(data.classnames, data.templates)),
+                             device, interrupted)
+    classifier = classifier_from_prompts(prompts, len(data.classnames))
     metrics = topk_accuracy(image, classifier, labels)
     metrics["zeroshot_mean_per_class_recall"] = mean_per_class_recall(image, classifier, labels)
-    return Result("zeroshot", Path(images).resolve().name, str(images), metrics,
-                  {"images": len(decoded.kept), "classes": len(names), "templates": len(prompts_templates),
-                   "left_out": len(decoded.left_out)})
+    return Result("zeroshot", Path(data.path).resolve().name, data.path, metrics,
+                  {"images": len(kept), "classes": len(data.classnames), "templates": len(data.templates),
+                   "left_out": left_out})
+
+
+def zeroshot(run: ModelToScore, images: str, classnames: str | None = None, templates: str | None = None,
+             device: torch.device | str = "cpu") -> Result:
+    return score_zeroshot(run, ZeroShotSet.open(images, classnames, templates), device)
+
+
+@dataclass(frozen=True)
+class RetrievalSet:
+    """Captioned images: a Karpathy-split file (several captions per image, listed here) or an
+    MDS directory (one caption per image, read when scored)."""
+    path: str
+    name: str
+    karpathy: CaptionedImages | None
+
+    @classmethod
+    def open(cls, pairs: str, split: str = "test", image_root: str | None = None) -> "RetrievalSet":
+        path = Path(pairs)
+        if path.is_dir():
+            if not (path / "index.json").exists():
+                raise UserError(f"--pairs {pairs}: a directory must be an MDS dataset (no index.json); "
+                                f"convert one with `python launchers/convert.py`")
+            return cls(str(pairs), path.resolve().name, None)
+        if path.is_file():
+            return cls(str(pairs), f"{path.stem}-{split}", read_karpathy(path, split, image_root))
+        raise UserError(f"--pairs {pairs}: no such file or directory; give a Karpathy-split .json or an MDS directory")
 
 
 @torch.no_grad()
-def retrieval(run: LoadedRun, pairs: str, split: str = "test", image_root: str | None = None,
-              device: torch.device | str = "cpu") -> Result:
-    path = Path(pairs)
-    if path.is_dir():
-        if not (path / "index.json").exists():
-            raise UserError(f"--pairs {pairs}: a directory must be an MDS dataset (no index.json); "
-                            f"convert one with `python launchers/convert.py`")
+def score_retrieval(run: ModelToScore, data: RetrievalSet, device: torch.device | str = "cpu",
+                    interrupted: Callable[[], bool] | None = None) -> Result:
+    if data.karpathy is None:
         from engine.data.eval_set import load_eval_set
-        held_out = load_eval_set(path, run.image_size)  # one caption per image, bad records left out
-        images, captions = held_out.images, held_out.captions
+        held_out = load_eval_set(data.path, run.image_size)  # one caption per image, bad records left out
+        image_embeddings = encode_batched(run.model.encode_image, held_out.images, device, interrupted)
+        captions, left_out = held_out.captions, None
         image_of_text = torch.arange(len(captions))
-        name, left_out = path.resolve().name, None
-    elif path.is_file():
-        listed = read_karpathy(path, split, image_root)
-        decoded = decode_images(listed.files, run.image_size, f"--pairs {pairs}")
-        images = decoded.images
-        kept_captions = [listed.captions[i] for i in decoded.kept]  # an image left out takes its captions
+    else:
+        image_embeddings, kept, left_out = encode_image_files(run, data.karpathy.files, f"--pairs {data.path}",
+                                                              device, interrupted)
+        kept_captions = [data.karpathy.captions[i] for i in kept]  # an image left out takes its captions
         captions = [c for per_image in kept_captions for c in per_image]
         image_of_text = torch.tensor([i for i, per_image in enumerate(kept_captions) for _ in per_image])
-        name, left_out = f"{path.stem}-{split}", len(decoded.left_out)
-    else:
-        raise UserError(f"--pairs {pairs}: no such file or directory; give a Karpathy-split .json or an MDS directory")
-    image_embeddings = encode_batched(run.model.encode_image, images, device, None)
-    text_embeddings = encode_batched(run.model.encode_text, _tokens(run, captions), device, None)
-    counts = {"images": len(images), "captions": len(captions)}
+    text_embeddings = encode_batched(run.model.encode_text, _tokens(run, captions), device, interrupted)
+    counts = {"images": len(image_embeddings), "captions": len(captions)}
     if left_out is not None:
         counts["left_out"] = left_out
-    return Result("retrieval", name, str(pairs), multi_caption_recall(image_embeddings, text_embeddings,
-                                                                      image_of_text), counts)
+    return Result("retrieval", data.name, data.path,
+                  multi_caption_recall(image_embeddings, text_embeddings, image_of_text), counts)
+
+
+def retrieval(run: ModelToScore, pairs: str, split: str = "test", image_root: str | None = None,
+              device: torch.device | str = "cpu") -> Result:
+    return score_retrieval(run, RetrievalSet.open(pairs, split, image_root), device)
 
 
 def default_out(run: LoadedRun, result: Result) -> Path:

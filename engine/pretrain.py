@@ -33,6 +33,8 @@ from engine.data.wordnet import find_wordnet
 from engine.models.presets import ModelPreset, for_method, get_preset
 from engine.models.two_tower import TwoTower, count_parameters
 from engine.observe.bad_records import BadRecordTally
+from engine.observe.charts import Charts, HeldOutProbe
+from engine.observe.flops import count_model_flops, views_encoded
 from engine.observe.metrics import MetricsWriter
 from engine.observe.progress import Progress
 from engine.plan import Dials, RunPlan, probe_optimizer_support, resolve
@@ -280,13 +282,22 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
                       max_skipped_in_a_row=plan.max_skipped_in_a_row,
                       nonfinite_advice=nonfinite_advice(plan))
     writer = MetricsWriter(run_dir, enabled=is_main, resume_step=start_step)
+    flops = count_model_flops(preset, tokenizer.eot_id, tokenizer.sot_id, views=views_encoded(objective),
+                              device_name=plan.device_name, precision=plan.precision, world_size=plan.world_size)
+    if is_main:
+        print(flops.describe(), flush=True)
+    writer.text(start_step, "plan", f"{plan.table()}\n\n{flops.describe()}")
+    probe = (HeldOutProbe.first(eval_set.images, eval_set.captions, tokenizer, clean_text)
+             if eval_set is not None else None)
+    charts = Charts(writer, flops=flops, model=engine.module.model, probe=probe, device=engine.device)
     progress = Progress(plan.total_steps, start_step, enabled=is_main)
     started = time.perf_counter()
     try:
         end = train(engine, loader, cadence=cadence, start_step=start_step, device=engine.device,
                     checkpoint_dir=checkpoint_dir, evaluate=evaluator, writer=writer,
                     progress=progress, stop=stop, eval_pending=eval_pending, drills=drills,
-                    bad_records=BadRecordTally(restored.rank_state.get("bad_records") if restored else None))
+                    bad_records=BadRecordTally(restored.rank_state.get("bad_records") if restored else None),
+                    charts=charts)
     finally:
         progress.close()
         writer.close()

@@ -2,27 +2,52 @@
 
 Only rank 0 writes; other ranks get a writer that drops everything, so call sites need no
 rank checks.
+
+metrics.jsonl holds one JSON object per line, each with the "step" it belongs to:
+
+  scalars     {"step": 8, "loss": 2.1, "lr": 0.001, ...}      no "kind": a log or evaluation line
+  text        {"step": 0, "kind": "text", "tag": "plan", "text": "<plain text>"}
+  image       {"step": 1, "kind": "image", "tag": "train/views",
+               "path": "visuals/train-views-step00000001.png", ...}   the PNG under the run
+               directory, and what the picture shows as data (the writer's caller adds the
+               fields: the views' captions, a heatmap's matrix, ...)
+  histogram   {"step": 8, "kind": "histogram", "tag": "logit_scale", "count": 8, "min": ..,
+               "max": .., "mean": .., "std": .., "quantiles": {"0.1": .., "0.25": .., "0.5": ..,
+               "0.75": .., "0.9": ..}}
+
+Every chart TensorBoard shows is in one of these lines: a reader of scalars skips lines that
+have a "kind"; a reader of charts picks them by "kind" and "tag".
 """
 import json
 import os
+import re
 from pathlib import Path
+
+import numpy as np
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+VISUALS = "visuals"  # the PNGs, under the run directory
+_STEP_IN_NAME = re.compile(r"-step(\d+)\.png$")
 
 
 class MetricsWriter:
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None):
         """`resume_step`: the step of the checkpoint this run resumed from. What an earlier run
         logged after it (work lost with a killed run, redone now) is dropped from both
-        records, so that every step appears once."""
+        records, and its pictures with it, so that every step appears once."""
         self.enabled = enabled
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
+        self._run_dir = run_dir
         self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
                                           purge_step=None if resume_step is None else resume_step + 1)
         path = run_dir / "metrics.jsonl"
         if resume_step is not None and path.exists():
             _drop_lines_after(path, resume_step)
+        if resume_step is not None:
+            _drop_visuals_after(run_dir / VISUALS, resume_step)
         # Appending keeps the history of a resumed run in one file.
         self._jsonl = open(path, "a", buffering=1)
 
@@ -31,12 +56,65 @@ class MetricsWriter:
             return
         for name, value in values.items():
             self._tensorboard.add_scalar(name, value, step)
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._record({"step": step, **values})
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        """Plain text (a table, a log line), shown preformatted in TensorBoard's text tab."""
+        if not self.enabled:
+            return
+        self._tensorboard.add_text(tag, _preformatted(text), step)
+        self._record({"step": step, "kind": "text", "tag": tag, "text": text})
+
+    def image(self, step: int, tag: str, pixels: np.ndarray, notes: str | None = None,
+              **fields) -> None:
+        """An RGB picture, uint8 [H, W, 3]: into TensorBoard, and saved as a PNG under the run
+        directory that the jsonl line names beside `fields` (what the picture shows, as data).
+        `notes`: markdown shown beside it in TensorBoard's text tab, under the same tag."""
+        if not self.enabled:
+            return
+        from PIL import Image
+
+        name = f"{re.sub(r'[^A-Za-z0-9_.]+', '-', tag)}-step{step:08d}.png"
+        path = self._run_dir / VISUALS / name
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        Image.fromarray(pixels).save(tmp, format="PNG")
+        os.replace(tmp, path)
+        self._tensorboard.add_image(tag, pixels, step, dataformats="HWC")
+        if notes is not None:
+            self._tensorboard.add_text(tag, notes, step)
+        self._record({"step": step, "kind": "image", "tag": tag,
+                      "path": str(path.relative_to(self._run_dir)), **fields})
+
+    def histogram(self, step: int, tag: str, values) -> None:
+        """The distribution of `values` (any array-like of numbers)."""
+        if not self.enabled:
+            return
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        if values.size == 0:
+            return
+        self._tensorboard.add_histogram(tag, values, step)
+        self._record({"step": step, "kind": "histogram", "tag": tag, **summarise(values)})
 
     def close(self) -> None:
         if self.enabled:
             self._tensorboard.close()
             self._jsonl.close()
+
+    def _record(self, row: dict) -> None:
+        self._jsonl.write(json.dumps(row) + "\n")
+
+
+def summarise(values: np.ndarray) -> dict:
+    """A histogram's jsonl fields: count, min, max, mean, std and QUANTILES."""
+    return {"count": int(values.size), "min": float(values.min()), "max": float(values.max()),
+            "mean": float(values.mean()), "std": float(values.std()),
+            "quantiles": {str(q): float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES))}}
+
+
+def _preformatted(text: str) -> str:
+    """TensorBoard renders text as markdown: indented lines keep a table's columns."""
+    return "\n".join("    " + line for line in text.splitlines())
 
 
 def _drop_lines_after(path: Path, step: int) -> None:
@@ -50,3 +128,12 @@ def _drop_lines_after(path: Path, step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept))
     os.replace(tmp, path)
+
+
+def _drop_visuals_after(folder: Path, step: int) -> None:
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        match = _STEP_IN_NAME.search(path.name)
+        if (match and int(match.group(1)) > step) or path.name.endswith(".tmp"):
+            path.unlink()

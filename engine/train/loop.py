@@ -9,6 +9,7 @@ import torch.distributed as torch_dist
 from engine import dist
 from engine.eval.evaluate import EvaluationInterrupted
 from engine.observe.bad_records import BadRecordTally
+from engine.observe.charts import Charts
 from engine.observe.metrics import MetricsWriter
 from engine.observe.progress import Progress
 from engine.observe.throughput import StepTimer, memory_gb
@@ -72,13 +73,15 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
           checkpoint_dir: Path, evaluate: Callable[[Callable[[], bool] | None], dict[str, float]],
           writer: MetricsWriter, progress: Progress, stop: StopSignals | None = None,
           eval_pending: bool = False, drills: Drills = Drills(),
-          bad_records: BadRecordTally | None = None) -> LoopEnd:
+          bad_records: BadRecordTally | None = None, charts: Charts | None = None) -> LoopEnd:
     """Run optimizer steps start_step .. cadence.stop_step - 1, or until a stop signal.
 
     `evaluate(interrupted)` asks `interrupted()` between batches (engine/eval/evaluate.py).
     `eval_pending`: the checkpoint resumed from was written when a stop cut its evaluation
-    short; that evaluation runs first. `bad_records`: the totals the resumed checkpoint carried."""
-    batches = iter(loader)
+    short; that evaluation runs first. `bad_records`: the totals the resumed checkpoint carried.
+    `charts`: what is shown beyond scalars (engine/observe/charts.py; default: the first batch's views)."""
+    charts = charts or Charts(writer)
+    batches = charts.watch_first(iter(loader), start_step + 1)
     bad_records = bad_records or BadRecordTally()
     timer = StepTimer()
     skipped = SkippedSteps(cadence.max_skipped_in_a_row)
@@ -90,7 +93,7 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
     metrics: dict[str, float] = {}
     if eval_pending:
         try:
-            metrics = _evaluate(evaluate, agreed, start_step, writer, progress)
+            metrics = _evaluate(evaluate, agreed, start_step, writer, progress, charts)
         except EvaluationInterrupted:
             return LoopEnd(metrics, stopped_at=start_step, bad_records=bad_records)  # still pending
     for step in range(start_step, cadence.stop_step):
@@ -112,6 +115,7 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
             for name, value in step_losses.items():
                 interval[name] = interval[name] + value if name in interval else value
             interval_steps += 1
+            charts.step_done(step_losses)
         skipped.record(was_skipped, done, cadence.nonfinite_advice)
         timer.step_done(samples=engine.train_batch_size())  # the global batch
 
@@ -120,9 +124,11 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
             # skipped steps only is empty on every rank.
             logged = _mean_across_ranks({k: v / interval_steps for k, v in interval.items()}) if interval else {}
             bad_records.update(loader.bad_records, device)
-            logged.update(lr=engine.get_lr()[0], skipped_steps=engine.skipped_steps,
-                          **timer.read_and_reset(), **memory_gb(), **bad_records.metrics())
+            timing = timer.read_and_reset()
+            logged.update(lr=engine.get_lr()[0], skipped_steps=engine.skipped_steps, **timing,
+                          **charts.rates(timing["samples_per_s"]), **memory_gb(), **bad_records.metrics())
             writer.write(done, logged)
+            charts.logged(done)
             if "loss" in logged:
                 progress.show(loss=logged["loss"])
             interval.clear()
@@ -141,7 +147,7 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
         if evaluating and not stop_agreed:
             drills.wait_in_eval(done, stop)
             try:
-                metrics = _evaluate(evaluate, agreed, done, writer, progress)
+                metrics = _evaluate(evaluate, agreed, done, writer, progress, charts)
             except EvaluationInterrupted:
                 eval_cut = True
         stopping = stop_agreed or eval_cut
@@ -160,8 +166,10 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
     return LoopEnd(metrics, stopped_at=None, bad_records=bad_records)
 
 
-def _evaluate(evaluate, interrupted, step: int, writer: MetricsWriter, progress: Progress) -> dict[str, float]:
+def _evaluate(evaluate, interrupted, step: int, writer: MetricsWriter, progress: Progress,
+              charts: Charts) -> dict[str, float]:
     metrics = evaluate(interrupted)
     writer.write(step, metrics)
+    charts.evaluated(step)
     progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics

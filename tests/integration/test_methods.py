@@ -34,9 +34,37 @@ def test_two_ranks_log_every_term(method, stage, extra, tmp_path, cache_env):
         assert torch.isfinite(terms).all(), row
     scalars = tensorboard_scalars(out)
     assert set(TERMS[method]) <= set(scalars) and "zeroshot_top1" in scalars
+    assert "tflops_per_s" in scalars and "mfu" not in scalars  # no peak known for a CPU
     if method == "clip-lite":
         assert plan["optimizer"] == "sgd_lookahead"
         assert dict(map(tuple, plan["group_lrs"])).keys() == {"image", "text", "heads"}
+    _check_charts(out, image_views=2 if method == "declip" else 1, micro_batch=4)
+
+
+def _check_charts(out, image_views, micro_batch):
+    """Beyond scalars (engine/observe/charts.py): the plan, the first batch's views, and at the
+    evaluation (step 4, every rank running the probe's forwards under ZeRO) the held-out heatmap
+    and embedding norms; the logit scale at every log."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    from engine.observe.visuals import CELL, GAP, HEATMAP_CELL
+
+    events = ea.EventAccumulator(str(out / "tensorboard"), size_guidance={ea.IMAGES: 0, ea.HISTOGRAMS: 0,
+                                                                          ea.TENSORS: 0})
+    events.Reload()
+    [plan] = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("plan/text_summary")]
+    assert "zero_stage" in plan and "model FLOPs per training sample" in plan
+    [views] = events.Images("train/views")
+    assert (views.step, views.width, views.height) == (
+        1, image_views * CELL + (image_views + 1) * GAP, micro_batch * CELL + (micro_batch + 1) * GAP)
+    [heatmap] = events.Images("heldout/similarity")
+    assert (heatmap.step, heatmap.width, heatmap.height) == (4, 16 * HEATMAP_CELL, 16 * HEATMAP_CELL)
+    for tag in ("heldout/image_embedding_norm", "heldout/text_embedding_norm"):
+        assert [(e.step, e.histogram_value.num) for e in events.Histograms(tag)] == [(4, 16)]
+    assert [e.step for e in events.Histograms("logit_scale")] == [1, 2, 3, 4]
+    [record] = [r for r in read_metrics(out) if r.get("tag") == "train/views"]
+    assert len(record["samples"]) == micro_batch and (out / record["path"]).is_file()
+    assert all(("text_aug" in sample) == (image_views == 2) for sample in record["samples"])
 
 
 def _rows_by_step(run_dir):

@@ -1,0 +1,101 @@
+"""What a run shows beyond its scalars, through hooks the training loop calls at fixed points:
+
+  watch_first(batches, step)  the first training batch a run takes: a grid of its augmented
+                              views with their captions and text views ("train/views")
+  step_done(losses)           keeps each step's logit scale for the next log
+  rates(samples_per_s)        model TFLOP/s and MFU beside samples/s (engine/observe/flops.py)
+  logged(step)                the logit scale's histogram over the steps since the last log
+  evaluated(step)             on a fixed batch of held-out pairs: the image-text cosine
+                              similarity heatmap and the embedding norms' histograms ("heldout/...")
+
+Every rank calls every hook: `evaluated` runs forwards, which under ZeRO-3 gather parameters
+and so must run on all ranks; what is drawn and written, only rank 0 (the writer's) does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.observe.flops import ModelFlops
+from engine.observe.metrics import MetricsWriter
+from engine.observe.visuals import IMAGE_KEYS, TokenText, batch_views, heatmap
+
+VIEW_SAMPLES = 8    # samples in the views grid
+PROBE_PAIRS = 16    # held-out pairs in the similarity heatmap
+
+
+@dataclass(frozen=True)
+class HeldOutProbe:
+    """The first held-out pairs, ready for the towers: the same batch at every evaluation."""
+    images: torch.Tensor    # [N, 3, S, S] normalised, CPU
+    tokens: torch.Tensor    # [N, L]
+    captions: list[str]     # as the text tower reads them
+
+    @classmethod
+    def first(cls, images: torch.Tensor, captions: list[str], tokenizer,
+              clean_text: Callable[[str], str] | None = None, count: int = PROBE_PAIRS) -> HeldOutProbe:
+        """`clean_text`: the normalisation training applies to captions (CLIP-Lite's)."""
+        captions = [clean_text(c) if clean_text else c for c in captions[:count]]
+        return cls(images[:count], tokenizer(captions), captions)
+
+
+class Charts:
+    def __init__(self, writer: MetricsWriter, *, flops: ModelFlops | None = None,
+                 model: torch.nn.Module | None = None, probe: HeldOutProbe | None = None,
+                 device: torch.device | None = None):
+        """`model`: the TwoTower the probe runs through, on `device` (None: no heatmap)."""
+        self.writer = writer
+        self.flops = flops
+        self._model, self._probe, self._device = model, probe, device
+        self._scales: list[torch.Tensor] = []
+
+    def watch_first(self, batches: Iterator[dict], step: int) -> Iterator[dict]:
+        """`batches`, the first of them drawn at `step` on its way through."""
+        first = True
+        for batch in batches:
+            if first and self.writer.enabled:
+                picture, samples, notes = batch_views(batch, TokenText(), VIEW_SAMPLES)
+                self.writer.image(step, "train/views", picture, notes=notes,
+                                  columns=[key for key in IMAGE_KEYS if key in batch], samples=samples)
+            first = False
+            yield batch
+
+    def step_done(self, losses: dict[str, torch.Tensor]) -> None:
+        if self.writer.enabled and "logit_scale" in losses:
+            self._scales.append(losses["logit_scale"].detach().float().reshape(()))
+
+    def rates(self, samples_per_s: float) -> dict[str, float]:
+        return self.flops.rates(samples_per_s) if self.flops is not None else {}
+
+    def logged(self, step: int) -> None:
+        if self._scales:
+            self.writer.histogram(step, "logit_scale", torch.stack(self._scales).cpu().numpy())
+        self._scales.clear()
+
+    @torch.no_grad()
+    def evaluated(self, step: int) -> None:
+        if self._probe is None or self._model is None:
+            return
+        model, probe = self._model, self._probe
+        was_training = model.training
+        model.eval()
+        try:
+            image = model.image_outputs(probe.images.to(self._device)).embedding.float()
+            text = model.text_outputs(probe.tokens.to(self._device)).embedding.float()
+        finally:
+            model.train(was_training)
+        if not self.writer.enabled:
+            return
+        similarity = (F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T).cpu().numpy()
+        self.writer.histogram(step, "heldout/image_embedding_norm", image.norm(dim=-1).cpu().numpy())
+        self.writer.histogram(step, "heldout/text_embedding_norm", text.norm(dim=-1).cpu().numpy())
+        notes = (f"Cosine similarity of held-out image i (row) and caption j (column), the first "
+                 f"{len(probe.captions)} pairs; the diagonal holds the true pairs. Colours span "
+                 f"[{similarity.min():.3f}, {similarity.max():.3f}], dark to bright.\n\n"
+                 + "\n".join(f"{j + 1}. {caption}" for j, caption in enumerate(probe.captions)))
+        self.writer.image(step, "heldout/similarity", heatmap(similarity), notes=notes,
+                          matrix=np.round(similarity.astype(np.float64), 4).tolist(), captions=probe.captions)

@@ -21,7 +21,7 @@ setup(
         "nvidia-dali-cuda120>=2.4,<3",
         "tensorboard>=2.15",
         "open_clip_torch>=3.3,<4",  # ships the CLIP BPE vocabulary used offline
-        "scikit-learn>=1.3",        # ships the digits images of the built-in dataset
+        "scikit-learn>=1.3,<2",     # the digits of the built-in dataset; the probe and VOC07 SVM classifiers
         "tqdm",
         "pyarrow>=14",              # the converter reads parquet (img2dataset, Hugging Face datasets)
     ],

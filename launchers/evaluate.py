@@ -4,12 +4,28 @@
   python launchers/evaluate.py runs/<run> --task zeroshot --images my_classes/ --templates simple
   python launchers/evaluate.py runs/<run> --task retrieval --pairs coco/dataset_coco.json --image-root coco/
   python launchers/evaluate.py runs/<run>/checkpoints/step00001000 --task retrieval --pairs /data/mds/heldout
+  python launchers/evaluate.py runs/<run> --task linear-probe --train imagenet/train --test imagenet/val
+  python launchers/evaluate.py runs/<run> --task voc07-svm --train VOCdevkit/VOC2007 --test VOCdevkit/VOC2007
 
 zeroshot: an ImageFolder layout (DIR/<class>/<image>); classes numbered in sorted folder order.
   Reports top-1, top-5 and mean per-class recall.
 retrieval: a Karpathy-split JSON (COCO, Flickr30k: several captions per image; --split test by
   default) or an MDS directory (one caption per image). Reports R@1/5/10 image->text (found when
   any of the image's captions is) and text->image.
+linear-probe: two ImageFolder layouts with the same class folders. A logistic regression on the
+  image tower's frozen features (before its projection to the shared embedding), its L2 strength
+  chosen on 20% of --train held out (seeded), refit on all of --train: CLIP's protocol. Reports
+  top-1 and mean per-class recall on --test, and the chosen C.
+voc07-svm: one linear SVM per class on the same features, L2-normalised, its cost chosen by
+  3-fold cross-validation on --train: the VOC07 protocol CLIP-Lite reports (Goyal et al. 2019).
+  Reports mAP on --test (scikit-learn's non-interpolated AP, as CLIP-Lite; also Goyal's
+  interpolated one) and each class's AP. Each DIR is either
+    a VOCdevkit year folder (VOCdevkit/VOC2007: JPEGImages/<id>.jpg and ImageSets/Main/
+    <class>_<split>.txt, one '<id> 1|-1|0' line per image: present, absent, difficult), the
+    split given by --train-split (default trainval) and --test-split (default test): difficult
+    images are negatives in training and left out of the test AP; or
+    a folder with labels.json: {"<image file, relative to DIR>": ["<class>", ...], ...}, an
+    image with [] a negative of every class; the classes are those --train names.
 Results are printed as a table and written as JSON (default: RUN/eval/<task>-<set>.json).
 """
 import argparse
@@ -22,8 +38,11 @@ from engine.errors import UserError  # noqa: E402
 
 # Which options belong to which task: one given to the other task is refused, not ignored.
 TASK_OPTIONS = {"zeroshot": ("images", "classnames", "templates"),
-                "retrieval": ("pairs", "split", "image_root")}
-REQUIRED = {"zeroshot": "images", "retrieval": "pairs"}
+                "retrieval": ("pairs", "split", "image_root"),
+                "linear-probe": ("train", "test"),
+                "voc07-svm": ("train", "test", "train_split", "test_split")}
+REQUIRED = {"zeroshot": ("images",), "retrieval": ("pairs",), "linear-probe": ("train", "test"),
+            "voc07-svm": ("train", "test")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,19 +60,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", help="retrieval: the Karpathy split to use (default: test)")
     p.add_argument("--image-root", help="retrieval: the folder a Karpathy file's image paths start from "
                    "(default: the file's folder)")
+    p.add_argument("--train", help="linear-probe: ImageFolder directory; voc07-svm: VOCdevkit year folder or a "
+                   "folder with labels.json (the classifiers are fit on it)")
+    p.add_argument("--test", help="linear-probe, voc07-svm: the set scored, laid out as --train")
+    p.add_argument("--train-split", help="voc07-svm on a VOCdevkit folder: ImageSets/Main split of --train "
+                   "(default: trainval)")
+    p.add_argument("--test-split", help="voc07-svm on a VOCdevkit folder: ImageSets/Main split of --test "
+                   "(default: test)")
     p.add_argument("--out", help="JSON file to write (default: RUN/eval/<task>-<set>.json)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when there is one)")
     return p.parse_args(argv)
 
 
 def check_options(args: argparse.Namespace) -> None:
-    required = REQUIRED[args.task]
-    if getattr(args, required) is None:
-        raise UserError(f"--task {args.task} needs --{required.replace('_', '-')}")
-    for task, options in TASK_OPTIONS.items():
-        given = [o for o in options if task != args.task and getattr(args, o) is not None]
-        if given:
-            raise UserError(f"--{given[0].replace('_', '-')} belongs to --task {task}, not --task {args.task}")
+    for required in REQUIRED[args.task]:
+        if getattr(args, required) is None:
+            raise UserError(f"--task {args.task} needs --{required.replace('_', '-')}")
+    for options in TASK_OPTIONS.values():
+        for option in options:
+            if option not in TASK_OPTIONS[args.task] and getattr(args, option) is not None:
+                owners = " or ".join(t for t, o in TASK_OPTIONS.items() if option in o)
+                raise UserError(f"--{option.replace('_', '-')} belongs to --task {owners}, not --task {args.task}")
 
 
 def main(argv=None) -> int:
@@ -74,8 +101,14 @@ def main(argv=None) -> int:
         run = load_run(args.run, device)
         if args.task == "zeroshot":
             result = benchmark.zeroshot(run, args.images, args.classnames, args.templates, device)
-        else:
+        elif args.task == "retrieval":
             result = benchmark.retrieval(run, args.pairs, args.split or "test", args.image_root, device)
+        elif args.task == "linear-probe":
+            from engine.eval.linear_probe import linear_probe
+            result = linear_probe(run, args.train, args.test, device)
+        else:
+            from engine.eval.voc07 import voc07_svm
+            result = voc07_svm(run, args.train, args.test, args.train_split, args.test_split, device)
         path = benchmark.write_result(run, result, args.out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -41,6 +41,7 @@ class Result:
     data: str                     # the path given
     metrics: dict[str, float]
     counts: dict[str, int] = field(default_factory=dict)   # images, captions, classes, left out
+    settings: dict = field(default_factory=dict)   # what the task chose (a probe's regularisation)
 
 
 def multi_caption_recall(image: torch.Tensor, text: torch.Tensor, image_of_text: torch.Tensor,
@@ -144,9 +145,12 @@ def _tokens(run: ModelToScore, texts: list[str]) -> torch.Tensor:
 
 
 def encode_image_files(run: ModelToScore, files: list[Path], what: str, device,
-                       interrupted: Callable[[], bool] | None = None) -> tuple[torch.Tensor, list[int], int]:
-    """Normalised image embeddings of `files` decoded a batch at a time (memory bounded by a
-    batch, not the set), the indices of the files kept, and how many were left out (bad)."""
+                       interrupted: Callable[[], bool] | None = None,
+                       encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, list[int], int]:
+    """`encode` (default: the normalised image embedding) of `files`, decoded a batch at a time
+    (memory bounded by a batch, not the set), the indices of the files kept, and how many were
+    left out (bad)."""
     def items() -> Iterator[bytes | str]:
         for path in files:
             try:
@@ -157,7 +161,7 @@ def encode_image_files(run: ModelToScore, files: list[Path], what: str, device,
     decoding = EvalDecoding(items(), run.image_size, what)
     parts, kept = [], []
     for images, ids in decoding:
-        parts.append(encode_batched(run.model.encode_image, images, device, interrupted))
+        parts.append(encode_batched(encode or run.model.encode_image, images, device, interrupted))
         kept.extend(ids)
     return torch.cat(parts), kept, len(decoding.left_out)
 
@@ -254,7 +258,8 @@ def write_result(run: LoadedRun, result: Result, out: str | Path | None) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"task": result.task, "data": result.data, "metrics": result.metrics, "counts": result.counts,
               "run": str(run.run_dir), "checkpoint": str(run.checkpoint), "step": run.step,
-              "method": run.plan["method"], "model": run.plan["model"]}
+              "method": run.plan["method"], "model": run.plan["model"], **({"settings": result.settings}
+                                                                          if result.settings else {})}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(path)
@@ -264,7 +269,9 @@ def write_result(run: LoadedRun, result: Result, out: str | Path | None) -> Path
 def table(run: LoadedRun, result: Result) -> str:
     counts = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in result.counts.items())
     lines = [f"{result.task} on {result.data} ({counts})",
-             f"model: {run.plan['method']} {run.plan['model']}, step {run.step} ({run.checkpoint})",
-             f"  {'metric':<34}{'%':>8}"]
+             f"model: {run.plan['method']} {run.plan['model']}, step {run.step} ({run.checkpoint})"]
+    if result.settings:
+        lines.append("chosen: " + ", ".join(f"{k} {v}" for k, v in result.settings.items()))
+    lines.append(f"  {'metric':<34}{'%':>8}")
     lines += [f"  {name:<34}{100 * value:>8.2f}" for name, value in result.metrics.items()]
     return "\n".join(lines)

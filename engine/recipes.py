@@ -13,7 +13,7 @@ the best available guess); CLIP-Lite's is the paper's for `rn50`.
 from dataclasses import dataclass
 
 from engine.errors import UserError
-from engine.models.presets import get_preset
+from engine.models.presets import DEBUG_PRESETS, get_preset
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ _CLIP_SOURCE = ("open_clip defaults for {family} towers; global batch from DeCLI
 # Per-device micro-batch that fits an 80 GB GPU in bf16 without activation checkpointing,
 # from the towers' activation sizes at 224 px (ViT-B/16 has 4x the tokens of ViT-B/32).
 # A timm tower we have no measurement for gets a conservative value.
-_MICRO_BATCH_80GB = {"debug": 1024, "rn50": 256, "vit-b-32": 512, "vit-b-16": 256}
+_MICRO_BATCH_80GB = {"debug": 1024, "vit-debug": 1024, "rn50": 256, "vit-b-32": 512, "vit-b-16": 256}
 _MICRO_BATCH_80GB_UNMEASURED = 128
 
 # The CPU smoke run: the built-in digits dataset (~1,500 pairs of 32x32 images) and the
@@ -102,7 +102,7 @@ def get_recipe(method: str, model: str) -> Recipe:
     preset = get_preset(model)   # raises UserError naming the valid models
     micro_batch_80gb = _MICRO_BATCH_80GB.get(model, _MICRO_BATCH_80GB_UNMEASURED)
     common = dict(method=method, model=model, micro_batch_80gb=micro_batch_80gb)
-    if model == "debug":
+    if model in DEBUG_PRESETS:
         numbers = {"clip": _DEBUG_SMOKE_RUN, "declip": _DEBUG_DECLIP,
                    "clip-lite": _DEBUG_CLIP_LITE}[method]
         return Recipe(**common, source=_DEBUG_SOURCE, **numbers)

@@ -21,7 +21,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     dials = p.add_argument_group("dials")
     dials.add_argument("--method", default="clip", help="clip | declip | clip-lite (default: clip)")
     dials.add_argument("--model", default="debug",
-                       help="debug | rn50 | vit-b-32 | vit-b-16 | any timm image model name")
+                       help="debug | vit-debug | rn50 | vit-b-32 | vit-b-16 | any timm image model name")
     dials.add_argument("--data", help="MDS directory or remote URL (s3://, gs://, ...), or a weighted mixture "
                        "of them, e.g. s3://bucket/a:0.7,/data/b:0.3 (default: built-in digits)")
     dials.add_argument("--eval-data", help="held-out MDS directory for zero-shot/retrieval "

@@ -24,7 +24,7 @@ import torch
 
 from engine.data.text import ClipTokenizer, strip_punctuation
 from engine.errors import UserError
-from engine.models.presets import for_method, get_preset
+from engine.models.presets import ModelPreset, for_method, get_preset
 from engine.models.two_tower import TwoTower
 from engine.task import objective_class
 from engine.train import checkpoint, reshard
@@ -44,6 +44,7 @@ class LoadedRun:
     checkpoint: Path                   # the checkpoint folder the weights came from
     step: int
     image_size: int
+    preset: ModelPreset | None = None  # the architecture the model was built from (export)
 
 
 def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -97,9 +98,14 @@ def module_state(folder: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["module"]
 
 
+def preset_of(plan: dict) -> ModelPreset:
+    """The architecture engine/pretrain.py built for this plan."""
+    return for_method(get_preset(plan["model"]), plan["method"], plan.get("text_layers"))
+
+
 def build_model(plan: dict) -> tuple[TwoTower, ClipTokenizer]:
     """The TwoTower engine/pretrain.py built for this plan (random weights)."""
-    preset = for_method(get_preset(plan["model"]), plan["method"], plan.get("text_layers"))
+    preset = preset_of(plan)
     tokenizer = ClipTokenizer(preset.context_length)
     return TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id), tokenizer
 
@@ -126,4 +132,4 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
     clean = strip_punctuation if objective_class(plan["method"]).strip_punctuation else None
     match = _STEP.fullmatch(folder.name)
     return LoadedRun(model, tokenizer, clean, plan, run_dir, folder,
-                     int(match.group(1)) if match else -1, int(plan["image_size"]))
+                     int(match.group(1)) if match else -1, int(plan["image_size"]), preset_of(plan))

@@ -17,7 +17,9 @@ from engine.launch import Launch
 from engine.plan_data import data_decisions, dataset_reason
 from engine.plan_faults import fault_decisions
 from engine.plan_memory import GB, MODEL_STATE_BUDGET_FRACTION, zero_setting
-from engine.plan_methods import METHOD_OPTIONS, accumulation, check_micro_batch, objective_options
+from engine.objectives.base import OptionContext
+from engine.objectives.registry import DEFAULT_METHOD
+from engine.plan_methods import accumulation, check_micro_batch, objective_options
 from engine.recipes import Recipe
 
 # The device size that Recipe.micro_batch_80gb was sized for.
@@ -31,7 +33,7 @@ DECODE_DEVICES = ("gpu", "cpu")
 
 @dataclass(frozen=True)
 class Dials:
-    method: str = "clip"; model: str = "debug"
+    method: str = DEFAULT_METHOD; model: str = "debug"
     data: str | None = None; out: str | None = None
     steps: int | None = None; epochs: float | None = None; global_batch: int | None = None
     seed: int = 0
@@ -51,9 +53,9 @@ class Dials:
     data_fraction: float = 1.0          # train on a fixed subset of the data
     cache_limit: str | None = None      # remote shards' disk per node, e.g. "20gb" (plan_data.py)
     text_layers: int | None = None      # text tower depth (CLIP-Lite's ablation: 2/4/6/12)
-    # Objective options (None = the method's default; refused for methods without them).
-    queue_size: int | None = None; enqueue: str | None = None           # DeCLIP
-    negatives: str | None = None; prior: str | None = None              # CLIP-Lite
+    # The objective's own options given, by name (engine/objectives/base.Option); an option the
+    # method does not declare is refused.
+    objective_options: dict = dataclasses.field(default_factory=dict)
     # Faults (plan_faults.py).
     collective_timeout: int | None = None; max_requeues: int | None = None
 
@@ -97,10 +99,8 @@ class RunPlan:
     dataset_size: int; data_fraction: float; n_params: int
     data_streams: tuple[tuple[str, float, int], ...]; cache_limit: int | None
     shuffle_algo: str; shuffle_seed: int; shuffle_block: int; canonical_nodes: int
-    # Objective options; None where the method has no such option (left out of the table).
-    queue_size: int | None; enqueue: str | None; eda_synonyms: bool | None
-    negatives: str | None; prior: str | None
-    decisions: tuple[Decision, ...]     # one per field above, in field order
+    objective_options: dict             # the method's own options, resolved (name -> value)
+    decisions: tuple[Decision, ...]     # one per field above in field order, then one per objective option
 
     def table(self) -> str:
         """The plan as aligned `name | value | reason` rows."""
@@ -117,8 +117,8 @@ class RunPlan:
         return dataclasses.asdict(self)
 
 
-# Decisions that only some methods or optimizers have: the table leaves them out when unset.
-_SHOWN_ONLY_WHEN_SET = frozenset(METHOD_OPTIONS + ("betas", "eps", "momentum"))
+# Decisions that only some optimizers have: the table leaves them out when unset.
+_SHOWN_ONLY_WHEN_SET = frozenset(("betas", "eps", "momentum"))
 
 
 def _show(value: object) -> str:
@@ -195,9 +195,9 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
         applies = name not in ("betas", "eps", "momentum") or adam == (name != "momentum")
         decide(name, getattr(recipe, name) if applies else None,
                recipe.source if applies else f"not used by {'AdamW' if adam else 'SGD'}")
-    for name, value, reason in objective_options(dials, recipe, dataset_size=dataset_size,
-                                                 wordnet=wordnet):
-        decide(name, value, reason)
+    options = [Decision(*option) for option in objective_options(
+        recipe.method, dials.objective_options,
+        OptionContext(recipe=recipe, dataset_size=dataset_size, wordnet=wordnet))]
 
     # The loader ends each epoch at a whole optimizer step (engine/data/loader.py), so epochs
     # are counted in the same whole steps here: the plan's epochs are the loader's epochs.
@@ -228,8 +228,10 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
     decide("log_every", *_every(dials.log_every, "--log-every", log_every, "every 10 steps"
                                 if log_every == 10 else f"about 10 lines for a {total_steps}-step run"))
     # The table lists the decisions in RunPlan's field order, whatever order they were made in.
-    ordered = tuple(decisions[f.name] for f in dataclasses.fields(RunPlan) if f.name != "decisions")
-    return RunPlan(**{d.name: d.value for d in ordered}, decisions=ordered)
+    ordered = tuple(decisions[f.name] for f in dataclasses.fields(RunPlan)
+                    if f.name not in ("objective_options", "decisions"))
+    return RunPlan(**{d.name: d.value for d in ordered}, objective_options={d.name: d.value for d in options},
+                   decisions=ordered + tuple(options))
 
 
 def _sm(hw: Hardware) -> str:

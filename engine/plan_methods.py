@@ -1,81 +1,68 @@
-"""Part of the planner: the options one objective has and the others do not.
-
-DeCLIP: the nearest-neighbour queue (size, global or per-rank enqueue) and whether EDA can
-draw synonyms from WordNet. CLIP-Lite: where the one negative per positive comes from and the
-form of the prior-matching term. Each is resolved with its reason like every other decision;
-an option given for a method that does not have it is refused.
+"""Part of the planner: the options an objective declares for itself, and the checks it asks
+for (engine/objectives/base.py). Each option is resolved with its reason like every other
+decision; an option given for a method that does not declare it is refused, naming the
+methods that do.
 """
 from engine.errors import UserError
-from engine.recipes import Recipe
+from engine.objectives.base import Option, OptionContext
+from engine.objectives.registry import BUILT_IN, objective_class
 
-METHOD_OPTIONS = ("queue_size", "enqueue", "eda_synonyms", "negatives", "prior")
-ENQUEUE = ("global", "rank")
-NEGATIVES = ("local", "global")
-PRIORS = ("cooperative", "adversarial", "off")
 ACCUMULATIONS = ("feature_cache", "plain")
-_OWNER = {"queue_size": "declip", "enqueue": "declip", "negatives": "clip-lite", "prior": "clip-lite"}
 
 
-def objective_options(dials, recipe: Recipe, *, dataset_size: int,
-                      wordnet: str | None) -> list[tuple[str, object, str]]:
-    """(name, value, reason) for every name in METHOD_OPTIONS; value None where not applicable."""
-    for name, method in _OWNER.items():
-        if getattr(dials, name) is not None and recipe.method != method:
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} is an option of --method {method}, not {recipe.method}: drop it")
-    if recipe.method == "declip":
-        return [_queue_size(dials, recipe, dataset_size),
-                _choice(dials.enqueue, "--enqueue", ENQUEUE, "enqueue", "global",
-                        "every rank enqueues the whole global batch, so queues agree across ranks "
-                        "(the reference enqueues per rank)"),
-                _synonyms(wordnet), *_absent(("negatives", "prior"), recipe.method)]
-    if recipe.method == "clip-lite":
-        return [*_absent(("queue_size", "enqueue", "eda_synonyms"), recipe.method),
-                _choice(dials.negatives, "--negatives", NEGATIVES, "negatives", "local",
-                        f"{recipe.source}: the caption of the next pair in each rank's batch"),
-                _choice(dials.prior, "--prior", PRIORS, "prior", "cooperative",
-                        f"{recipe.source}: prior matching minimised jointly with the encoders")]
-    return _absent(METHOD_OPTIONS, recipe.method)
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def _absent(names, method: str) -> list[tuple[str, None, str]]:
-    return [(name, None, f"not an option of {method}") for name in names]
+def parse_option(option: Option, raw) -> object:
+    """The command line's text (or a value given in code) as the option's value; UserError if not allowed."""
+    try:
+        value = option.kind(raw)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{flag(option.name)} {raw!r}: not a {option.kind.__name__} ({error})") from error
+    if option.choices is not None and value not in option.choices:
+        raise UserError(f"{flag(option.name)} {raw!r} is unknown: use one of {', '.join(map(str, option.choices))}")
+    return value
 
 
-def _queue_size(dials, recipe: Recipe, dataset_size: int) -> tuple[str, int, str]:
-    if dials.queue_size is not None:
-        if dials.queue_size < 1:
-            raise UserError(f"--queue-size {dials.queue_size} must be at least 1")
-        return "queue_size", dials.queue_size, "--queue-size given"
-    if recipe.queue_size > dataset_size:
-        return "queue_size", dataset_size, (f"recipe's {recipe.queue_size:,} capped at the "
-                                            f"{dataset_size:,} training pairs")
-    return "queue_size", recipe.queue_size, recipe.source
+def _owners(name: str) -> list[str]:
+    return [method for method in BUILT_IN
+            if any(o.name == name and o.dial for o in objective_class(method).options)]
 
 
-def _choice(given: str | None, flag: str, allowed: tuple[str, ...], name: str, default: str,
-            reason: str) -> tuple[str, str, str]:
-    if given is None:
-        return name, default, reason
-    if given not in allowed:
-        raise UserError(f"{flag} {given!r} is unknown: use one of {', '.join(allowed)}")
-    return name, given, f"{flag} given"
-
-
-def _synonyms(wordnet: str | None) -> tuple[str, bool, str]:
-    if wordnet is not None:
-        return "eda_synonyms", True, f"EDA draws synonyms from WordNet at {wordnet}"
-    return "eda_synonyms", False, ("no WordNet database found (apt-get install wordnet-base, or "
-                                   "NLTK's wordnet corpus): EDA swaps and deletes words only")
+def objective_options(method: str, given: dict, context: OptionContext) -> list[tuple[str, object, str]]:
+    """(name, value, reason) for every option `method` declares, in its order; `given`: the
+    options on the command line, by name."""
+    options = objective_class(method).options
+    dials = {o.name for o in options if o.dial}
+    for name in given:
+        if name not in dials:
+            owners = _owners(name)
+            where = f"an option of --method {' or '.join(owners)}, not {method}" if owners else \
+                f"not an option of --method {method}"
+            raise UserError(f"{flag(name)} is {where}: drop it")
+    resolved = []
+    for option in options:
+        value = parse_option(option, given[option.name]) if option.name in given else None
+        if option.decide is not None:
+            value, reason = option.decide(value, context)
+        elif value is not None:
+            reason = f"{flag(option.name)} given"
+        else:
+            value = dict(context.recipe.options).get(option.name, option.default)
+            reason = option.reason.format(source=context.recipe.source) or context.recipe.source
+        resolved.append((option.name, value, reason))
+    return resolved
 
 
 def check_micro_batch(method: str, micro: int, per_rank: int) -> None:
-    """DeCLIP's SimSiam heads and CLIP-Lite's critic normalise over the micro-batch (BatchNorm1d),
-    and CLIP-Lite's negative is another row of it: one sample per micro-batch cannot train."""
-    if method in ("declip", "clip-lite") and micro < 2:
-        hint = (f"--micro-batch {per_rank}" if per_rank >= 2
-                else "a --global-batch of at least 2 per rank")
-        raise UserError(f"--method {method} needs at least 2 samples per micro-batch (its heads use "
+    """Heads that normalise over the micro-batch (DeCLIP's SimSiam, CLIP-Lite's critic) and a
+    negative drawn from it cannot train on fewer samples than the objective declares."""
+    least = objective_class(method).min_micro_batch
+    if micro < least:
+        hint = (f"--micro-batch {per_rank}" if per_rank >= least
+                else f"a --global-batch of at least {least} per rank")
+        raise UserError(f"--method {method} needs at least {least} samples per micro-batch (its heads use "
                         f"batch statistics): use {hint}")
 
 

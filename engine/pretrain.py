@@ -106,7 +106,7 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
 # resharded, engine/train/reshard.py; the data order continues, engine/data/loader.py), as long
 # as the step trains the same objective: see _batch_semantics.
 RESUME_MUST_MATCH = ("method", "model", "seed", "global_batch", "total_steps", "dataset_size",
-                     "data_fraction", "text_layers", "queue_size", "enqueue", "negatives", "prior")
+                     "data_fraction", "text_layers", "objective_options")
 
 
 def _batch_semantics(plan: dict) -> str:
@@ -126,10 +126,15 @@ def check_resumable(run_dir: Path, plan: RunPlan) -> dict | None:
     saved = json.loads(saved_path.read_text())
     now = plan.to_dict()
     for key in RESUME_MUST_MATCH:
-        if saved.get(key) != now[key]:
+        before, after = saved.get(key), now[key]
+        if key == "objective_options":   # the dials only: a decision like WordNet's presence may change
+            dialled = {o.name for o in objective_class(plan.method).options if o.dial}
+            before = {k: v for k, v in (before or {}).items() if k in dialled}
+            after = {k: v for k, v in after.items() if k in dialled}
+        if before != after:
             raise UserError(
-                f"{run_dir} holds a run with {key}={saved.get(key)!r} but this command gives "
-                f"{key}={now[key]!r}: resume with the same dials, or choose a new --out")
+                f"{run_dir} holds a run with {key}={before!r} but this command gives "
+                f"{key}={after!r}: resume with the same dials, or choose a new --out")
     if "grad_accum" in saved and _batch_semantics(saved) != _batch_semantics(now):
         raise UserError(
             f"{run_dir} trained each step's loss over {_batch_semantics(saved)}, this command over "
@@ -242,7 +247,7 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
                          decode_device=plan.decode_device, tokenizer=tokenizer,
                          rank=dist.rank(), world_size=dist.world_size(), grad_accum=plan.grad_accum,
                          cache_limit=plan.cache_limit,
-                         wordnet=find_wordnet() if objective.text_aug and plan.eda_synonyms else None)
+                         wordnet=find_wordnet() if objective.text_aug and plan.objective_options.get("eda_synonyms") else None)
     checkpoint_dir = run_dir / "checkpoints"
     start_step, eval_pending = 0, False
     restored = checkpoint.load(engine, checkpoint_dir)

@@ -7,19 +7,11 @@ cached-feature accumulation of engine/train/gradcache.py.
 `rank_state()` / `load_rank_state()` carry what an objective keeps per rank outside its
 parameters (DeCLIP's queue) through checkpoints.
 """
-import importlib
-
 import torch
 from torch import nn
 
 from engine.models.two_tower import TwoTower
-
-# method -> "module:class"; imported on demand so each objective stays one self-contained file.
-OBJECTIVES = {
-    "clip": "engine.objectives.clip:ClipObjective",
-    "declip": "engine.objectives.declip:DeclipObjective",
-    "clip-lite": "engine.objectives.clip_lite:ClipLiteObjective",
-}
+from engine.objectives.registry import objective_class
 
 
 class Task(nn.Module):
@@ -94,16 +86,6 @@ def register_zero3_external_parameters(module: nn.Module) -> None:
             register_external_parameter(sub, child.weight)
 
 
-def objective_class(method: str) -> type:
-    module, name = OBJECTIVES[method].split(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def build_objective(plan, model: TwoTower) -> nn.Module:
     """The plan's objective with the options the plan resolved for it."""
-    cls = objective_class(plan.method)
-    if plan.method == "declip":
-        return cls(model, queue_size=plan.queue_size, enqueue=plan.enqueue, seed=plan.seed)
-    if plan.method == "clip-lite":
-        return cls(model, negatives=plan.negatives, prior=plan.prior)
-    return cls()
+    return objective_class(plan.method).from_plan(model, dict(plan.objective_options), plan.seed)

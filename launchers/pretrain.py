@@ -16,10 +16,39 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine.errors import UserError  # noqa: E402
 
 
+OPTION_DEST = "objective_option__"   # argparse dest prefix of the objectives' own options
+
+
+def declared_options(method: str | None) -> dict:
+    """name -> (Option, [methods declaring it]) over every registered method and `method` (a
+    plug-in given as package.module:Class); a method that does not import is left to the
+    planner, which says why."""
+    from engine.objectives.registry import method_names, objective_class
+
+    methods = method_names() + ([method] if method and method not in method_names() else [])
+    declared: dict = {}
+    for name in methods:
+        try:
+            cls = objective_class(name)
+        except UserError:
+            continue
+        for option in cls.options:
+            if option.dial:
+                declared.setdefault(option.name, (option, []))[1].append(name)
+    return declared
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    from engine.objectives.registry import DEFAULT_METHOD, method_names
+
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--method", default=DEFAULT_METHOD)
+    method_given = early.parse_known_args(argv)[0].method
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     dials = p.add_argument_group("dials")
-    dials.add_argument("--method", default="clip", help="clip | declip | clip-lite (default: clip)")
+    dials.add_argument("--method", default=DEFAULT_METHOD,
+                       help=f"{' | '.join(method_names())}, or your own objective as package.module:Class "
+                       f"(default: {DEFAULT_METHOD})")
     dials.add_argument("--model", default="debug",
                        help="debug | vit-debug | rn50 | vit-b-32 | vit-b-16 | any timm image model name")
     dials.add_argument("--data", help="MDS directory or remote URL (s3://, gs://, ...), or a weighted mixture "
@@ -67,13 +96,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="a rank silent this long (dead, hung) ends the job")
     over.add_argument("--max-requeues", type=int, help="SLURM: times a signalled job requeues "
                       "itself before it stops with its checkpoint")
-    method = p.add_argument_group("objective options (default: the method's paper)")
-    method.add_argument("--queue-size", type=int, help="DeCLIP: nearest-neighbour queue length")
-    method.add_argument("--enqueue", help="DeCLIP: global (every rank enqueues the global batch) "
-                        "or rank (each rank its own, as the reference)")
-    method.add_argument("--negatives", help="CLIP-Lite: local (roll each rank's batch, the "
-                        "reference) or global (roll the gathered batch)")
-    method.add_argument("--prior", help="CLIP-Lite: cooperative (the reference), adversarial, off")
+    method = p.add_argument_group("objective options, declared by each method (default: its recipe)")
+    for name, (option, owners) in declared_options(method_given).items():
+        method.add_argument("--" + name.replace("_", "-"), dest=OPTION_DEST + name,
+                            metavar=(option.kind.__name__.upper() if option.choices is None
+                                     else "{" + ",".join(map(str, option.choices)) + "}"),
+                            help=f"{', '.join(owners)}: {option.help}")
     # The deepspeed launcher appends --local_rank; the rank is read from the environment.
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -91,8 +119,9 @@ def dials_from_args(args: argparse.Namespace):
                  decode_device=args.decode_device, checkpoint_every=args.checkpoint_every,
                  eval_every=args.eval_every, log_every=args.log_every, evals=tuple(args.eval), ds=tuple(args.ds),
                  data_fraction=args.data_fraction, text_layers=args.text_layers, cache_limit=args.cache_limit,
-                 queue_size=args.queue_size, enqueue=args.enqueue, negatives=args.negatives,
-                 prior=args.prior, collective_timeout=args.collective_timeout,
+                 objective_options={key[len(OPTION_DEST):]: value for key, value in vars(args).items()
+                                    if key.startswith(OPTION_DEST) and value is not None},
+                 collective_timeout=args.collective_timeout,
                  max_requeues=args.max_requeues)
 
 

@@ -1,11 +1,11 @@
 """Image augmentations of the training views: every random draw in Python, applied by DALI.
 
 Recipes (DataSpec.augment), in the order their steps apply:
-  crop       RandomResizedCrop (CLIP)
-  clip_lite  RandomResizedCrop, ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8 (CLIP-Lite)
-  moco_v2    RandomResizedCrop, ColorJitter as above with p = 0.8, grayscale p = 0.2,
-             Gaussian blur with sigma uniform in [0.1, 2] p = 0.5, horizontal flip p = 0.5
-             (MoCo v2, DeCLIP's image views)
+  crop         RandomResizedCrop (CLIP)
+  crop_jitter  RandomResizedCrop, ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8 (CLIP-Lite)
+  moco_v2      RandomResizedCrop, ColorJitter as above with p = 0.8, grayscale p = 0.2,
+               Gaussian blur with sigma uniform in [0.1, 2] p = 0.5, horizontal flip p = 0.5
+               (MoCo v2, DeCLIP's image views)
 
 Exact resume needs every draw to be a function of (seed, epoch, sample id, view) alone, so
 the draws happen here, in the DataLoader workers, and reach DALI as per-sample inputs; DALI's
@@ -37,7 +37,7 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, torchvision's rgb_to_grayscal
 # The per-sample DALI inputs of one view, beyond its crop window, for each recipe.
 PHOTOMETRIC_FIELDS = {
     "crop": (),
-    "clip_lite": ("brightness", "contrast", "saturation", "hue"),
+    "crop_jitter": ("brightness", "contrast", "saturation", "hue"),
     "moco_v2": ("brightness", "contrast", "saturation", "hue", "gray", "blur_sigma", "blur_window", "flip"),
 }
 _INT_FIELDS = frozenset({"blur_window", "flip"})
@@ -129,7 +129,7 @@ def draw_view(width: int, height: int, augment: str, scale: tuple[float, float],
     factors = (*(float(rng.uniform(1 - s, 1 + s)) for s in (BRIGHTNESS, CONTRAST, SATURATION)),
                float(rng.uniform(-HUE, HUE)))
     jitter = factors if jittered else None
-    if augment == "clip_lite":
+    if augment == "crop_jitter":
         return ViewDraw(anchor, shape, jitter=jitter)
     gray = bool(rng.random() < GRAY_P)
     blurred, sigma = rng.random() < BLUR_P, float(rng.uniform(*BLUR_SIGMA))

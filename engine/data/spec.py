@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from engine.errors import UserError
 
 # "crop": random resized crop only (CLIP). "moco_v2": crop + colour jitter + grayscale + blur +
-# flip (DeCLIP's image views). "clip_lite": crop + colour jitter (CLIP-Lite). See augment.py.
-AUGMENTS = ("crop", "moco_v2", "clip_lite")
+# flip (DeCLIP's image views). "crop_jitter": crop + colour jitter (CLIP-Lite). See augment.py.
+AUGMENTS = ("crop", "moco_v2", "crop_jitter")
 
 
 @dataclass(frozen=True)

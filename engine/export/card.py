@@ -18,9 +18,8 @@ if TYPE_CHECKING:
 TRAINING_NUMBERS = (
     "seed", "global_batch", "micro_batch", "grad_accum", "accumulation", "optimizer", "lr", "group_lrs",
     "min_lr", "weight_decay", "betas", "eps", "momentum", "grad_clip", "warmup_steps", "warmup_start_lr",
-    "total_steps", "epochs", "crop_scale", "image_size", "text_layers", "queue_size", "enqueue",
-    "eda_synonyms", "negatives", "prior", "precision", "zero_stage", "world_size", "nodes", "accelerator",
-    "device_name", "n_params")
+    "total_steps", "epochs", "crop_scale", "image_size", "text_layers", "objective_options", "precision",
+    "zero_stage", "world_size", "nodes", "accelerator", "device_name", "n_params")
 # Names of the metrics training's periodic evaluation logs (engine/eval/): a metrics.jsonl row
 # holding one of them is an evaluation, not a training-step row.
 _EVALUATION_MARKS = ("zeroshot", "retrieval", "probe")

@@ -4,15 +4,13 @@ A preset says which timm image tower to build (from config, never downloaded), h
 features reach the shared embedding, and the shape of the text transformer.
 Any other timm model name works too: it gets CLIP's base text tower and a linear projection.
 
-`for_method` adapts a preset to an objective: DeCLIP adds the MLM mask token to the
-vocabulary; CLIP-Lite swaps in its own towers (torchvision-style ResNet-50 features, a BERT
-text tower) and its critic's projection blocks.
+`for_method` adapts a preset to an objective, as the objective declares (its `adapt_preset`:
+DeCLIP adds the MLM mask token to the vocabulary, CLIP-Lite swaps in its critic's towers).
 """
 from dataclasses import dataclass, field, replace
 
 import timm
 
-from engine.data.mlm import VOCAB_WITH_MASK
 from engine.errors import UserError
 
 
@@ -76,29 +74,17 @@ PRESETS = {
 }
 
 
-# CLIP-Lite (Shrivastava et al. 2023): critic projection blocks 2048 wide; BERT-base text tower
-# (768 wide, 12 heads, 12 layers by default; the paper ablates 2/4/6/12); captions cut to 30
-# tokens (+ start and end). For `rn50` the image features are a plain ResNet-50's pooled 2048-d
-# output (torchvision layout, no fc), not CLIP's attention-pooled ModifiedResNet.
-_CLIP_LITE_TEXT = dict(text_tower="bert", text_width=768, text_heads=12, text_layers=12,
-                       context_length=32, embed_dim=2048, logit_scale_max=None)
-# The debug critic keeps every component, only narrower.
-_CLIP_LITE_DEBUG_TEXT = dict(text_tower="bert", text_width=64, text_heads=2, text_layers=2,
-                             context_length=32, embed_dim=128, logit_scale_max=None)
-CLIP_LITE_IMAGE_TOWER = {"rn50": "resnet50"}
 # The presets small enough to train on a CPU: they take the smoke-run recipes (engine/recipes.py)
 # and CLIP-Lite's debug critic.
 DEBUG_PRESETS = ("debug", "vit-debug")
 
 
 def for_method(preset: ModelPreset, method: str, text_layers: int | None = None) -> ModelPreset:
-    """The preset as `method` builds it; `text_layers` overrides the text tower's depth."""
-    if method == "declip":
-        preset = replace(preset, vocab_size=VOCAB_WITH_MASK)
-    elif method == "clip-lite":
-        text = _CLIP_LITE_DEBUG_TEXT if preset.name in DEBUG_PRESETS else _CLIP_LITE_TEXT
-        preset = replace(preset, image_tower=CLIP_LITE_IMAGE_TOWER.get(preset.name, preset.image_tower),
-                         image_projection="critic", **text)
+    """The preset as `method`'s objective builds it (its `adapt_preset`); `text_layers`
+    overrides the text tower's depth."""
+    from engine.objectives.registry import objective_class   # objectives build on this module
+
+    preset = objective_class(method).adapt_preset(preset)
     if text_layers is not None:
         if text_layers < 1:
             raise UserError(f"--text-layers {text_layers}: give a positive number of layers")

@@ -17,14 +17,52 @@ once on every micro-batch's cached embeddings (the whole global batch), batch te
 micro-batch, averaged, as plain accumulation would.
 
 The class attributes tell the loader what each sample must carry; the defaults are CLIP's
-(one cropped view, the caption as it is).
+(one cropped view, the caption as it is). The rest of what the engine knows about a method is
+declared here too, and read by the launcher, the planner and the optimizer, none of which
+names a method:
+
+  options           dials of its own: --flag, allowed values, default, help, plan row
+  min_micro_batch   heads with batch statistics need more than one sample
+  recipe()          its paper's numbers for a tower pair, and its CPU smoke run
+  adapt_preset()    how it changes the towers (an extra token, another text tower)
+  lr_groups         parameter groups with their own learning rates, by name prefix
+  from_plan()       the objective built with the options the plan resolved
+
+A method is registered by name in engine/objectives/registry.py, or given as
+`--method package.module:Class` from the user's own package.
 """
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
+from engine.models.presets import ModelPreset
 from engine.models.two_tower import TwoTower
+
+
+@dataclass(frozen=True)
+class OptionContext:
+    """What an option's default may depend on."""
+    recipe: object                 # engine.recipes.Recipe: its `options` hold per-recipe defaults
+    dataset_size: int
+    wordnet: str | None            # where WordNet was found, if anywhere
+
+
+@dataclass(frozen=True)
+class Option:
+    """A dial an objective has and others do not: `--<name with dashes>` on the command line
+    (unless `dial` is False: a decision only, shown in the plan), a plan row `name`."""
+    name: str
+    help: str
+    default: object = None            # the value when not given (the recipe's `options` win)
+    choices: tuple | None = None      # allowed values; None: any value `kind` parses
+    kind: Callable = str              # parses the command line's text (int, float, str)
+    reason: str = ""                  # the plan's reason for the default
+    dial: bool = True
+    # (given or None, context) -> (value, reason): where the default depends on the run
+    decide: Callable[[object, OptionContext], tuple[object, str]] | None = None
 
 
 class Objective(nn.Module, ABC):
@@ -34,6 +72,28 @@ class Objective(nn.Module, ABC):
     mlm = False                  # "text" MLM-masked, targets under "mlm_labels"
     strip_punctuation = False    # captions lower-cased and stripped of punctuation
     weights: dict[str, float]    # term name -> weight in the total loss
+    options: tuple[Option, ...] = ()
+    min_micro_batch = 1
+    # (group, parameter-name prefixes within engine/task.Task) for per-group learning rates,
+    # when the recipe gives `group_lrs`; every parameter must fall in one group.
+    lr_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @classmethod
+    def recipe(cls, model: str, preset: ModelPreset, smoke: bool):
+        """The recipe (engine/recipes.Recipe) for `model`; `smoke`: a preset small enough for a
+        CPU. Default: CLIP's (open_clip's numbers, the CLIP smoke run)."""
+        from engine import recipes
+        return recipes.smoke_recipe() if smoke else recipes.clip_recipe(preset)
+
+    @classmethod
+    def adapt_preset(cls, preset: ModelPreset) -> ModelPreset:
+        """The towers this objective trains (default: the preset as it is)."""
+        return preset
+
+    @classmethod
+    def from_plan(cls, model: TwoTower, options: dict, seed: int) -> "Objective":
+        """Built with the options the plan resolved (each declared option by name)."""
+        return cls(**options) if options else cls()
 
     @abstractmethod
     def embed(self, model: TwoTower, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -10,19 +10,46 @@ The critic's projections and temperature belong to the model (zero-shot evaluati
 in the critic's space); the prior discriminators D, used only by this loss, live here.
 Deviations from the reference (4m4n5/CLIP-Lite) are listed in docs/METHODS.md.
 """
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import dist
+from engine import dist, recipes
+from engine.models.presets import DEBUG_PRESETS, ModelPreset
 from engine.models.two_tower import TwoTower
-from engine.objectives.base import Objective
+from engine.objectives.base import Objective, Option
 from kernels import jsd_loss
 
 # The reference's weighting: (1 - prior_weight) * jsd + prior_weight * prior (config.py).
 PRIOR_WEIGHT = 0.1
 NEGATIVES = ("local", "global")
 PRIORS = ("cooperative", "adversarial", "off")
+
+# CLIP-Lite's COCO recipe (the paper, section 4, and 4m4n5/CLIP-Lite's configs): global batch
+# 1,024 (8 GPUs), SGD momentum 0.9, weight decay 1e-4, Lookahead; per-group LRs image tower
+# 0.2, text tower and heads 1e-3; 10k warmup steps then cosine to 0; 250k iterations; gradient
+# norm clipped at 10; crops of scale (0.2, 1).
+PAPER_RECIPE = dict(global_batch=1024, epochs=0.0, steps=250_000, lr=0.2, min_lr=0.0,
+                    warmup_steps=10_000, weight_decay=1e-4, betas=(0.9, 0.999), eps=1e-8,
+                    grad_clip=10.0, crop_scale=(0.2, 1.0), optimizer="sgd_lookahead",
+                    momentum=0.9, group_lrs=(("image", 0.2), ("text", 1e-3), ("heads", 1e-3)),
+                    source="paper recipe (CLIP-Lite COCO)")
+# The CPU smoke run keeps every component of the objective and its optimiser.
+SMOKE_CHANGES = dict(lr=0.2, weight_decay=1e-4, grad_clip=10.0, crop_scale=(0.2, 1.0),
+                     optimizer="sgd_lookahead", momentum=0.9,
+                     group_lrs=(("image", 0.2), ("text", 0.05), ("heads", 0.05)))
+
+# BERT-base text tower (768 wide, 12 heads, 12 layers by default; the paper ablates 2/4/6/12);
+# critic projection blocks 2048 wide; captions cut to 30 tokens (+ start and end); CLIP-Lite
+# does not clamp its temperature. For `rn50` the image features are a plain ResNet-50's pooled
+# 2048-d output (torchvision layout, no fc), not CLIP's attention-pooled ModifiedResNet.
+TEXT = dict(text_tower="bert", text_width=768, text_heads=12, text_layers=12, context_length=32,
+            embed_dim=2048, logit_scale_max=None)
+# The debug critic keeps every component, only narrower.
+DEBUG_TEXT = dict(TEXT, text_width=64, text_heads=2, text_layers=2, embed_dim=128)
+IMAGE_TOWER = {"rn50": "resnet50"}
 
 
 class PriorDiscriminator(nn.Module):
@@ -72,8 +99,42 @@ class ClipLiteObjective(Objective):
     No per-rank state: the prior's uniform samples come from torch's RNG, which the engine
     checkpoints per rank."""
 
-    augment = "clip_lite"
+    augment = "crop_jitter"
     strip_punctuation = True  # the reference lower-cases captions and strips punctuation
+    # The critic's BatchNorm normalises over the micro-batch, and the negative is another row of it.
+    min_micro_batch = 2
+    options = (
+        Option("negatives", "local (roll each rank's batch, the reference) or global (roll the gathered batch)",
+               default="local", choices=NEGATIVES, reason="{source}: the caption of the next pair in each rank's batch"),
+        Option("prior", "cooperative (the reference), adversarial, off", default="cooperative", choices=PRIORS,
+               reason="{source}: prior matching minimised jointly with the encoders"),
+    )
+    # The reference's LR groups by parameter name (4m4n5/CLIP-Lite factories.py: "image_encoder"
+    # -> CNN_LR, "text_encoder" -> TRANS_LR, the rest, i.e. its loss module with the critic
+    # blocks, temperature and discriminators -> LR). The critic blocks live in the model here,
+    # as the towers' projections.
+    lr_groups = (
+        ("image", ("model.image.trunk.",)),
+        ("text", ("model.text.transformer.",)),
+        ("heads", ("model.image.proj.", "model.text.proj.", "model.logit_scale.", "objective.")),
+    )
+
+    @classmethod
+    def recipe(cls, model: str, preset: ModelPreset, smoke: bool):
+        if smoke:
+            return recipes.smoke_recipe(**SMOKE_CHANGES)
+        return recipes.Recipe(method="", model=model, micro_batch_80gb=0, **PAPER_RECIPE)
+
+    @classmethod
+    def adapt_preset(cls, preset: ModelPreset) -> ModelPreset:
+        """The critic's towers: a BERT text tower, projection blocks, a plain ResNet-50 for rn50."""
+        text = DEBUG_TEXT if preset.name in DEBUG_PRESETS else TEXT
+        return replace(preset, image_tower=IMAGE_TOWER.get(preset.name, preset.image_tower),
+                       image_projection="critic", **text)
+
+    @classmethod
+    def from_plan(cls, model: TwoTower, options: dict, seed: int) -> "ClipLiteObjective":
+        return cls(model, negatives=options["negatives"], prior=options["prior"])
 
     def __init__(self, model: TwoTower, *, negatives: str = "local", prior: str = "cooperative",
                  text_prior: bool = True):

@@ -14,16 +14,52 @@ configs (clip 0.4, simsiam 0.2, mlm 0.2, nn 0.2):
 
 All four are computed in fp32 whatever precision the towers and heads run in.
 """
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import dist
-from engine.data.mlm import IGNORE_INDEX, MASK_ID
+from engine import dist, recipes
+from engine.data.mlm import IGNORE_INDEX, MASK_ID, VOCAB_WITH_MASK
 from engine.errors import UserError
+from engine.models.presets import ModelPreset
 from engine.models.two_tower import TwoTower
-from engine.objectives.base import Objective
+from engine.objectives.base import Objective, Option, OptionContext
 from kernels import contrastive_loss_local, nearest_neighbors
+
+# DeCLIP's YFCC15M configs (experiments/declip_experiments/yfcc15m/*/config.yaml in
+# Sense-GVT/DeCLIP), the same for ResNet-50 and ViT-B/32: AdamW (0.9, 0.98), eps 1e-8, weight
+# decay 0.1; LR warmed from 1e-4 to 1e-3 over 2,500 steps, then cosine to 0; 128 per GPU x 32
+# GPUs; 32 epochs (the paper); MoCo-v2 crops; no gradient-norm clipping; NN queue of 65,536.
+# Applied to other towers as the best available guess.
+PAPER_RECIPE = dict(global_batch=4096, epochs=32, lr=1e-3, min_lr=0.0, warmup_steps=2500,
+                    warmup_start_lr=1e-4, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-8,
+                    grad_clip=None, crop_scale=(0.2, 1.0), options=(("queue_size", 65_536),),
+                    source="paper recipe (DeCLIP YFCC15M config)")
+# The CPU smoke run keeps every component, at the smoke run's batch and length.
+SMOKE_CHANGES = dict(crop_scale=(0.2, 1.0), options=(("queue_size", 1024),))
+ENQUEUE = ("global", "rank")
+
+
+def _queue_size(given: int | None, context: OptionContext) -> tuple[int, str]:
+    if given is not None:
+        if given < 1:
+            raise UserError(f"--queue-size {given} must be at least 1")
+        return given, "--queue-size given"
+    recipe = context.recipe
+    size = dict(recipe.options)["queue_size"]
+    if size > context.dataset_size:
+        return context.dataset_size, f"recipe's {size:,} capped at the {context.dataset_size:,} training pairs"
+    return size, recipe.source
+
+
+def _synonyms(given, context: OptionContext) -> tuple[bool, str]:
+    if context.wordnet is not None:
+        return True, f"EDA draws synonyms from WordNet at {context.wordnet}"
+    return False, ("no WordNet database found (apt-get install wordnet-base, or NLTK's wordnet corpus): "
+                   "EDA swaps and deletes words only")
+
 
 # The reference's SimSiam widths, fixed whatever the embedding width.
 PROJECTOR_WIDTH = 1024
@@ -68,6 +104,31 @@ class DeclipObjective(Objective):
     text_aug = True
     mlm = True
     weights = {"clip": 0.4, "simsiam": 0.2, "mlm": 0.2, "nn": 0.2}
+    # SimSiam's heads normalise over the micro-batch (BatchNorm1d).
+    min_micro_batch = 2
+    options = (
+        Option("queue_size", "nearest-neighbour queue length", kind=int, decide=_queue_size),
+        Option("enqueue", "global (every rank enqueues the global batch) or rank (each rank its own, as the "
+               "reference)", default="global", choices=ENQUEUE,
+               reason="every rank enqueues the whole global batch, so queues agree across ranks "
+                      "(the reference enqueues per rank)"),
+        Option("eda_synonyms", "whether EDA can draw synonyms", dial=False, decide=_synonyms),
+    )
+
+    @classmethod
+    def recipe(cls, model: str, preset: ModelPreset, smoke: bool):
+        if smoke:
+            return recipes.smoke_recipe(**SMOKE_CHANGES)
+        return recipes.Recipe(method="", model=model, micro_batch_80gb=0, **PAPER_RECIPE)
+
+    @classmethod
+    def adapt_preset(cls, preset: ModelPreset) -> ModelPreset:
+        """The MLM mask token joins the text vocabulary."""
+        return replace(preset, vocab_size=VOCAB_WITH_MASK)
+
+    @classmethod
+    def from_plan(cls, model: TwoTower, options: dict, seed: int) -> "DeclipObjective":
+        return cls(model, queue_size=options["queue_size"], enqueue=options["enqueue"], seed=seed)
 
     def __init__(self, model: TwoTower, *, queue_size: int, enqueue: str = "global", seed: int = 0):
         super().__init__()

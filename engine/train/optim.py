@@ -4,17 +4,6 @@ from torch import nn
 
 from engine.train.lookahead import Lookahead
 
-# CLIP-Lite's LR groups by parameter name within the Task, as the reference splits them
-# (4m4n5/CLIP-Lite factories.py: "image_encoder" -> CNN_LR, "text_encoder" -> TRANS_LR, the
-# rest, i.e. its loss module with the critic blocks, temperature and discriminators -> LR).
-# The critic blocks live in the model here, as the towers' projections.
-CLIP_LITE_GROUPS = (
-    ("image", ("model.image.trunk.",)),
-    ("text", ("model.text.transformer.",)),
-    ("heads", ("model.image.proj.", "model.text.proj.", "model.logit_scale.", "objective.")),
-)
-
-
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     """open_clip's rule: no weight decay on tensors with fewer than 2 dimensions (biases, norm
     gains) nor on the logit scale; everything else decays."""
@@ -45,42 +34,44 @@ def build_optimizer(groups: list[dict], *, implementation: str, lr: float,
     raise ValueError(f"unknown optimizer implementation {implementation!r}")
 
 
-def clip_lite_param_groups(module: nn.Module, group_lrs: dict[str, float],
-                           weight_decay: float) -> list[dict]:
-    """One group per CLIP-Lite LR ("image", "text", "heads"), each with its own LR.
+def lr_group_params(module: nn.Module, lr_groups, group_lrs: dict[str, float],
+                    weight_decay: float) -> list[dict]:
+    """One group per LR group the objective declares (`lr_groups`: (group, name prefixes)),
+    each with its own LR.
 
-    Every parameter decays, biases, norms and the temperature included: that is what the
-    reference does (its no-decay pattern names a "textual" module it does not have, so it
-    matches nothing). Empty groups are left out: DeepSpeed drops them, which would misalign
-    the LR scheduler's per-group list built before.
+    Every parameter decays, biases, norms and the temperature included: that is what CLIP-Lite's
+    reference does, the one recipe with groups (its no-decay pattern names a "textual" module it
+    does not have, so it matches nothing). Empty groups are left out: DeepSpeed drops them,
+    which would misalign the LR scheduler's per-group list built before.
     """
-    params = {name: [] for name, _ in CLIP_LITE_GROUPS}
+    params = {name: [] for name, _ in lr_groups}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        group = next((g for g, prefixes in CLIP_LITE_GROUPS if name.startswith(prefixes)), None)
+        group = next((g for g, prefixes in lr_groups if name.startswith(prefixes)), None)
         if group is None:
-            raise ValueError(f"parameter {name!r} is in no CLIP-Lite LR group; add its prefix to "
-                             "CLIP_LITE_GROUPS")
+            raise ValueError(f"parameter {name!r} is in no LR group; add its prefix to the objective's lr_groups")
         params[group].append(p)
     return [{"params": ps, "lr": group_lrs[g], "weight_decay": weight_decay}
             for g, ps in params.items() if ps]
 
 
-def sgd_lookahead_for(module: nn.Module, group_lrs: dict[str, float], *, momentum: float,
-                      weight_decay: float, k: int = 5, alpha: float = 0.5) -> Lookahead:
-    """CLIP-Lite's optimizer: SGD with momentum inside Lookahead (k=5, alpha=0.5 in the
-    reference's configs), over `clip_lite_param_groups`."""
-    # Every group carries its own LR; SGD's default is never used.
-    sgd = torch.optim.SGD(clip_lite_param_groups(module, group_lrs, weight_decay), momentum=momentum)
-    return Lookahead(sgd, k=k, alpha=alpha)
+def _groups(module: nn.Module, plan) -> list[dict]:
+    """The objective's LR groups when the recipe gives group LRs; else open_clip's decay groups."""
+    if not plan.group_lrs:
+        return param_groups(module, plan.weight_decay)
+    lr_groups = module.objective.lr_groups
+    if not lr_groups:
+        raise ValueError(f"the recipe gives group LRs {dict(plan.group_lrs)} but {type(module.objective).__name__} "
+                         "declares no lr_groups")
+    return lr_group_params(module, lr_groups, dict(plan.group_lrs), plan.weight_decay)
 
 
 def optimizer_for_plan(module: nn.Module, plan) -> torch.optim.Optimizer:
-    """The optimizer the plan resolved: SGD + Lookahead with per-group LRs, or AdamW in the
-    chosen implementation with the no-decay groups."""
+    """The optimizer the plan resolved, over `module` (engine/task.Task): SGD + Lookahead
+    (k=5, alpha=0.5, as CLIP-Lite's reference configs) or AdamW in the chosen implementation."""
+    groups = _groups(module, plan)
     if plan.optimizer == "sgd_lookahead":
-        return sgd_lookahead_for(module, dict(plan.group_lrs), momentum=plan.momentum,
-                                 weight_decay=plan.weight_decay)
-    return build_optimizer(param_groups(module, plan.weight_decay), implementation=plan.optimizer,
-                           lr=plan.lr, betas=plan.betas, eps=plan.eps)
+        # Every group carries its own LR; SGD's default is never used.
+        return Lookahead(torch.optim.SGD(groups, momentum=plan.momentum), k=5, alpha=0.5)
+    return build_optimizer(groups, implementation=plan.optimizer, lr=plan.lr, betas=plan.betas, eps=plan.eps)

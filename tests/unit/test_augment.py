@@ -164,10 +164,10 @@ def test_moco_v2_draw_statistics():
 
 
 def test_clip_lite_draws_jitter_only():
-    draws = [draw_view(320, 240, "clip_lite", (0.2, 1.0), 0, 0, sample, 0) for sample in range(2_000)]
+    draws = [draw_view(320, 240, "crop_jitter", (0.2, 1.0), 0, 0, sample, 0) for sample in range(2_000)]
     assert abs(np.mean([d.jitter is not None for d in draws]) - 0.8) < 0.045
     assert not any(d.gray or d.flip or d.blur_sigma for d in draws)
-    assert set(ViewBatch.stack(draws[:4], "clip_lite").photometric) == set(PHOTOMETRIC_FIELDS["clip_lite"])
+    assert set(ViewBatch.stack(draws[:4], "crop_jitter").photometric) == set(PHOTOMETRIC_FIELDS["crop_jitter"])
 
 
 def test_data_spec_checks_and_batch_keys():
@@ -185,7 +185,7 @@ def test_data_spec_checks_and_batch_keys():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("augment, views", [("crop", 1), ("clip_lite", 1), ("moco_v2", 1), ("moco_v2", 2)])
+@pytest.mark.parametrize("augment, views", [("crop", 1), ("crop_jitter", 1), ("moco_v2", 1), ("moco_v2", 2)])
 def test_gpu_graph_matches_the_cpu_graph(augment, views):
     # nvJPEG decoding and GPU operators against the CPU pipeline, on a JPEG with drawn views.
     buffer = io.BytesIO()

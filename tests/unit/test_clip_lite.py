@@ -2,6 +2,7 @@
 optimizer groups, and global vs local negatives over 2 gloo ranks against one process."""
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from engine.models.two_tower import TwoTower
 from engine.objectives.clip_lite import ClipLiteObjective, prior_loss
 from engine.task import Task
 from engine.train.lookahead import Lookahead
-from engine.train.optim import sgd_lookahead_for
+from engine.train.optim import optimizer_for_plan
 
 SOT, EOT = 49406, 49407
 CONTEXT = 32
@@ -67,7 +68,7 @@ def _softplus(x: float) -> float:
 def test_interface_and_weights(model):
     objective = ClipLiteObjective(model)
     assert (objective.image_views, objective.augment, objective.text_aug, objective.mlm,
-            objective.strip_punctuation) == (1, "clip_lite", False, False, True)
+            objective.strip_punctuation) == (1, "crop_jitter", False, False, True)
     # The reference's config turns the text prior on too (config.py MODEL.LOSS.TEXT_PRIOR).
     assert objective.image_prior is not None and objective.text_prior is not None
     assert objective.weights == {"jsd": 0.9, "prior": 0.1}
@@ -177,8 +178,9 @@ def test_prior_off_gives_only_jsd(model):
 
 def test_optimizer_groups_follow_the_reference(model):
     task = Task(model, ClipLiteObjective(model))
-    optimizer = sgd_lookahead_for(task, {"image": 0.2, "text": 1e-3, "heads": 5e-4},
-                                  momentum=0.9, weight_decay=1e-4)
+    plan = SimpleNamespace(optimizer="sgd_lookahead", group_lrs=(("image", 0.2), ("text", 1e-3), ("heads", 5e-4)),
+                           momentum=0.9, weight_decay=1e-4)
+    optimizer = optimizer_for_plan(task, plan)
     assert isinstance(optimizer, Lookahead) and (optimizer.k, optimizer.alpha) == (5, 0.5)
     assert optimizer.optimizer.defaults["momentum"] == 0.9
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}

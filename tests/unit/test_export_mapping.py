@@ -207,6 +207,6 @@ def test_an_existing_out_is_refused_by_the_launcher_before_the_run_is_read(tmp_p
 def test_vit_debug_trains_as_the_other_cpu_preset_does():
     """The smoke-run recipe and CLIP-Lite's debug critic, not ViT-B's 4,096-pair recipe."""
     assert get_recipe("clip", "vit-debug").lr == get_recipe("clip", "debug").lr
-    assert get_recipe("declip", "vit-debug").queue_size == get_recipe("declip", "debug").queue_size
+    assert get_recipe("declip", "vit-debug").options == get_recipe("declip", "debug").options
     lite = for_method(get_preset("vit-debug"), "clip-lite")
     assert (lite.text_width, lite.embed_dim) == (for_method(get_preset("debug"), "clip-lite").text_width, 128)

@@ -18,11 +18,12 @@ from engine.models.two_tower import TwoTower
 from engine.objectives.clip import ClipObjective
 from engine.objectives.clip_lite import ClipLiteObjective
 from engine.objectives.declip import DeclipObjective
+from engine.objectives.siglip import SiglipObjective
 from engine.task import Task
 from engine.train.gradcache import accumulate_step
 
 SOT, EOT = 49406, 49407
-METHODS = ("clip", "declip", "clip-lite")
+METHODS = ("clip", "declip", "clip-lite", "siglip")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,6 +57,12 @@ def _objective(method: str, model: TwoTower, batch_terms: bool) -> nn.Module:
     count (DeCLIP's SimSiam and MLM weighted 0, CLIP-Lite's prior off)."""
     if method == "clip":
         return ClipObjective()
+    if method == "siglip":
+        # At its initial bias (-10) the negatives carry e^-10 of the gradient, so plain and
+        # cached accumulation would agree anyway; at 0 the comparisons across micro-batches count.
+        objective = SiglipObjective(model)
+        objective.bias.data.fill_(0.0)
+        return objective
     if method == "clip-lite":
         return ClipLiteObjective(model, negatives="global", prior="cooperative" if batch_terms else "off")
     objective = DeclipObjective(model, queue_size=24, seed=3)

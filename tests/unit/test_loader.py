@@ -215,7 +215,7 @@ def test_prepare_batch_keeps_a_word_of_the_shortest_captions(tokenizer):
 
 def test_clip_lite_text_is_lower_cased_without_punctuation(tokenizer):
     samples = [_checked_sample(b"", "A Dog's ball, (RED)!", 0), _checked_sample(b"", "black-and-white/grey photo.", 1)]
-    prepare = PrepareBatch(tokenizer, DataSpec(augment="clip_lite", strip_punctuation=True), seed=0, epoch=0)
+    prepare = PrepareBatch(tokenizer, DataSpec(augment="crop_jitter", strip_punctuation=True), seed=0, epoch=0)
     payload = prepare(samples).payload
     assert torch.equal(payload.text, tokenizer(["a dogs ball red", "black and white grey photo"]))
 

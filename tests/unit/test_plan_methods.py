@@ -1,4 +1,5 @@
-"""The planner's method-specific decisions: DeCLIP's and CLIP-Lite's paper recipes and options."""
+"""The planner's method-specific decisions: the recipes and options each objective declares
+(DeCLIP's and CLIP-Lite's papers), read through the objective's declarations."""
 import pytest
 
 from engine.errors import UserError
@@ -9,8 +10,13 @@ from tests.unit.test_plan import ALL_FUSED, CPU_ONLY, H100_X8, NO_FUSED
 YFCC15M, COCO = 15_000_000, 591_753
 
 
+OPTION_NAMES = ("queue_size", "enqueue", "negatives", "prior")
+
+
 def plan_for(hw, method, model, *, dataset_size, wordnet="/usr/share/wordnet", **dial_values):
-    dials = Dials(method=method, model=model, **dial_values)
+    """`dial_values` may hold objective options by name, as the launcher passes them."""
+    options = {k: dial_values.pop(k) for k in OPTION_NAMES if k in dial_values}
+    dials = Dials(method=method, model=model, objective_options=options, **dial_values)
     return resolve(dials, hw, get_recipe(method, model), n_params=150_000_000,
                    dataset_size=dataset_size, optimizer_support=ALL_FUSED if hw is H100_X8 else NO_FUSED,
                    image_size=224 if model != "debug" else 32, text_layers=12, wordnet=wordnet)
@@ -24,7 +30,7 @@ def test_declip_paper_recipe_on_yfcc15m(model):
     assert (plan.global_batch, plan.lr, plan.warmup_start_lr, plan.warmup_steps) == (4096, 1e-3, 1e-4, 2500)
     assert (plan.betas, plan.eps, plan.weight_decay, plan.grad_clip) == ((0.9, 0.98), 1e-8, 0.1, None)
     assert plan.total_steps == 32 * (YFCC15M // 4096)  # 32 epochs of whole steps
-    assert (plan.queue_size, plan.enqueue, plan.eda_synonyms) == (65_536, "global", True)
+    assert plan.objective_options == {"queue_size": 65_536, "enqueue": "global", "eda_synonyms": True}
     assert plan.crop_scale == (0.2, 1.0) and plan.momentum is None
     reasons = {d.name: d.reason for d in plan.decisions}
     assert "paper recipe" in reasons["lr"] and "paper recipe" in reasons["queue_size"]
@@ -38,7 +44,7 @@ def test_clip_lite_paper_recipe_on_coco():
     assert plan.optimizer == "sgd_lookahead" and plan.momentum == 0.9
     assert dict(plan.group_lrs) == {"image": 0.2, "text": 1e-3, "heads": 1e-3}
     assert (plan.weight_decay, plan.grad_clip, plan.betas, plan.eps) == (1e-4, 10.0, None, None)
-    assert (plan.negatives, plan.prior, plan.queue_size) == ("local", "cooperative", None)
+    assert plan.objective_options == {"negatives": "local", "prior": "cooperative"}
     assert "paper recipe" in {d.name: d.reason for d in plan.decisions}["optimizer"]
     table = plan.table()
     assert "prior" in table and "queue_size" not in table and "betas" not in table
@@ -54,17 +60,20 @@ def test_every_lr_of_a_recipe_scales_with_the_global_batch():
 
 def test_queue_is_capped_by_the_data_and_options_can_be_overridden():
     plan = plan_for(CPU_ONLY, "declip", "debug", dataset_size=300)
-    assert plan.queue_size == 300 and "capped" in {d.name: d.reason for d in plan.decisions}["queue_size"]
+    assert plan.objective_options["queue_size"] == 300 and "capped" in {d.name: d.reason for d in plan.decisions}["queue_size"]
     plan = plan_for(CPU_ONLY, "declip", "debug", dataset_size=1500, queue_size=64, enqueue="rank")
-    assert (plan.queue_size, plan.enqueue) == (64, "rank")
+    assert (plan.objective_options["queue_size"], plan.objective_options["enqueue"]) == (64, "rank")
     plan = plan_for(CPU_ONLY, "clip-lite", "debug", dataset_size=1500, negatives="global",
                     prior="adversarial")
-    assert (plan.negatives, plan.prior) == ("global", "adversarial")
+    assert plan.objective_options == {"negatives": "global", "prior": "adversarial"}
+    # As the command line gives it: text, parsed by the option's declared kind.
+    plan = plan_for(CPU_ONLY, "declip", "debug", dataset_size=1500, queue_size="64")
+    assert plan.objective_options["queue_size"] == 64
 
 
 def test_missing_wordnet_is_stated_once_in_the_plan():
     plan = plan_for(CPU_ONLY, "declip", "debug", dataset_size=1500, wordnet=None)
-    assert plan.eda_synonyms is False
+    assert plan.objective_options["eda_synonyms"] is False
     assert plan.table().count("wordnet-base") == 1
 
 
@@ -75,6 +84,8 @@ def test_missing_wordnet_is_stated_once_in_the_plan():
     ("declip", dict(enqueue="everywhere"), "use one of global, rank"),
     ("clip-lite", dict(prior="maybe"), "use one of cooperative, adversarial, off"),
     ("declip", dict(queue_size=0), "at least 1"),
+    ("declip", dict(queue_size="many"), "--queue-size 'many': not a int"),
+    ("siglip", dict(prior="off"), "--prior is an option of --method clip-lite, not siglip"),
     ("clip-lite", dict(optimizer="torch"), "SGD + Lookahead"),
     ("clip", dict(optimizer="sgd_lookahead"), "tuned for AdamW"),
     ("clip", dict(data_fraction=0.0), "(0, 1]"),

@@ -1,0 +1,53 @@
+"""Method name -> objective class. The one place that lists the built-in methods.
+
+A method is one file in engine/objectives/ declaring everything the engine needs of it
+(engine/objectives/base.py), plus one line here. An objective from elsewhere needs no line:
+
+  --method package.module:Class           imported by that path
+  entry point group "clipzero.objectives"  a package's `name = package.module:Class`
+
+The plan records the name as given, so a resumed run or `launchers/evaluate.py` finds the same
+class again.
+"""
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from engine.errors import UserError
+
+DEFAULT_METHOD = "clip"
+BUILT_IN = {
+    "clip": "engine.objectives.clip:ClipObjective",
+    "declip": "engine.objectives.declip:DeclipObjective",
+    "clip-lite": "engine.objectives.clip_lite:ClipLiteObjective",
+    "siglip": "engine.objectives.siglip:SiglipObjective",
+}
+ENTRY_POINT_GROUP = "clipzero.objectives"
+
+
+def _installed() -> dict[str, str]:
+    return {entry.name: entry.value for entry in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def method_names() -> list[str]:
+    """Every method available by name: built in, then installed by other packages."""
+    return [*BUILT_IN, *(name for name in _installed() if name not in BUILT_IN)]
+
+
+def objective_class(method: str) -> type:
+    """The objective class `method` names (a registered name or `package.module:Class`)."""
+    from engine.objectives.base import Objective
+
+    path = BUILT_IN.get(method) or _installed().get(method) or (method if ":" in method else None)
+    if path is None:
+        raise UserError(f"unknown --method {method!r}: use one of {', '.join(method_names())}, or your own "
+                        f"objective as package.module:Class")
+    module_name, _, class_name = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise UserError(f"--method {method}: cannot import {path} ({error}); is its package on PYTHONPATH?") from error
+    if not (isinstance(cls, type) and issubclass(cls, Objective)):
+        raise UserError(f"--method {method}: {path} is not a subclass of engine.objectives.base.Objective")
+    return cls

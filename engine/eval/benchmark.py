@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from engine.errors import UserError
 from engine.data.eval_set import EvalDecoding
 from engine.eval.evaluate import encode_batched
-from engine.eval.images import CaptionedImages, ImageFolder, read_image_folder, read_karpathy
+from engine.eval.images import CaptionedImages, ImageFolder, read_files, read_image_folder, read_karpathy
 from engine.eval.load_run import LoadedRun
 from engine.eval.zeroshot import class_prompts, classifier_from_prompts, topk_accuracy
 
@@ -151,14 +151,7 @@ def encode_image_files(run: ModelToScore, files: list[Path], what: str, device,
     """`encode` (default: the normalised image embedding) of `files`, decoded a batch at a time
     (memory bounded by a batch, not the set), the indices of the files kept, and how many were
     left out (bad)."""
-    def items() -> Iterator[bytes | str]:
-        for path in files:
-            try:
-                yield Path(path).read_bytes()
-            except OSError as error:
-                yield f"unreadable ({error.strerror})"
-
-    decoding = EvalDecoding(items(), run.image_size, what)
+    decoding = EvalDecoding(read_files(files), run.image_size, what)
     parts, kept = [], []
     for images, ids in decoding:
         parts.append(encode_batched(encode or run.model.encode_image, images, device, interrupted))

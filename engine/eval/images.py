@@ -18,16 +18,18 @@ from engine.errors import UserError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def read_files(files: Sequence[Path]) -> Iterator[bytes | str]:
+    """Each file's bytes, in order, or why it cannot be read (the decoder leaves it out, counted)."""
+    for path in files:
+        try:
+            yield Path(path).read_bytes()
+        except OSError as error:
+            yield f"unreadable ({error.strerror})"
+
+
 def decode_images(files: Sequence[Path], image_size: int, what: str) -> Decoded:
     """Decode `files` in order, as the held-out set is decoded; `what` names the set in messages."""
-    def items() -> Iterator[bytes | str]:
-        for path in files:
-            try:
-                yield Path(path).read_bytes()
-            except OSError as error:
-                yield f"unreadable ({error.strerror})"
-
-    return decode_for_eval(items(), image_size, what)
+    return decode_for_eval(read_files(files), image_size, what)
 
 
 @dataclass(frozen=True)

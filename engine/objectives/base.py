@@ -78,12 +78,21 @@ class Objective(nn.Module, ABC):
     # when the recipe gives `group_lrs`; every parameter must fall in one group.
     lr_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
+    # The paper's numbers as Recipe fields (None: CLIP's, open_clip's numbers for the tower
+    # family), and what the CPU smoke run changes of CLIP's smoke run.
+    paper_recipe: dict | None = None
+    smoke_changes: dict = {}
+
     @classmethod
     def recipe(cls, model: str, preset: ModelPreset, smoke: bool):
         """The recipe (engine/recipes.Recipe) for `model`; `smoke`: a preset small enough for a
-        CPU. Default: CLIP's (open_clip's numbers, the CLIP smoke run)."""
+        CPU. Override where the paper's numbers depend on the towers."""
         from engine import recipes
-        return recipes.smoke_recipe() if smoke else recipes.clip_recipe(preset)
+        if smoke:
+            return recipes.smoke_recipe(**cls.smoke_changes)
+        if cls.paper_recipe is None:
+            return recipes.clip_recipe(preset)
+        return recipes.Recipe(method="", model=model, micro_batch_80gb=0, **cls.paper_recipe)
 
     @classmethod
     def adapt_preset(cls, preset: ModelPreset) -> ModelPreset:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import dist, recipes
+from engine import dist
 from engine.models.presets import DEBUG_PRESETS, ModelPreset
 from engine.models.two_tower import TwoTower
 from engine.objectives.base import Objective, Option
@@ -103,6 +103,8 @@ class ClipLiteObjective(Objective):
     strip_punctuation = True  # the reference lower-cases captions and strips punctuation
     # The critic's BatchNorm normalises over the micro-batch, and the negative is another row of it.
     min_micro_batch = 2
+    paper_recipe = PAPER_RECIPE
+    smoke_changes = SMOKE_CHANGES
     options = (
         Option("negatives", "local (roll each rank's batch, the reference) or global (roll the gathered batch)",
                default="local", choices=NEGATIVES, reason="{source}: the caption of the next pair in each rank's batch"),
@@ -118,12 +120,6 @@ class ClipLiteObjective(Objective):
         ("text", ("model.text.transformer.",)),
         ("heads", ("model.image.proj.", "model.text.proj.", "model.logit_scale.", "objective.")),
     )
-
-    @classmethod
-    def recipe(cls, model: str, preset: ModelPreset, smoke: bool):
-        if smoke:
-            return recipes.smoke_recipe(**SMOKE_CHANGES)
-        return recipes.Recipe(method="", model=model, micro_batch_80gb=0, **PAPER_RECIPE)
 
     @classmethod
     def adapt_preset(cls, preset: ModelPreset) -> ModelPreset:

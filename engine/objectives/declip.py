@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import dist, recipes
+from engine import dist
 from engine.data.mlm import IGNORE_INDEX, MASK_ID, VOCAB_WITH_MASK
 from engine.errors import UserError
 from engine.models.presets import ModelPreset
@@ -106,6 +106,8 @@ class DeclipObjective(Objective):
     weights = {"clip": 0.4, "simsiam": 0.2, "mlm": 0.2, "nn": 0.2}
     # SimSiam's heads normalise over the micro-batch (BatchNorm1d).
     min_micro_batch = 2
+    paper_recipe = PAPER_RECIPE
+    smoke_changes = SMOKE_CHANGES
     options = (
         Option("queue_size", "nearest-neighbour queue length", kind=int, decide=_queue_size),
         Option("enqueue", "global (every rank enqueues the global batch) or rank (each rank its own, as the "
@@ -114,12 +116,6 @@ class DeclipObjective(Objective):
                       "(the reference enqueues per rank)"),
         Option("eda_synonyms", "whether EDA can draw synonyms", dial=False, decide=_synonyms),
     )
-
-    @classmethod
-    def recipe(cls, model: str, preset: ModelPreset, smoke: bool):
-        if smoke:
-            return recipes.smoke_recipe(**SMOKE_CHANGES)
-        return recipes.Recipe(method="", model=model, micro_batch_80gb=0, **PAPER_RECIPE)
 
     @classmethod
     def adapt_preset(cls, preset: ModelPreset) -> ModelPreset:

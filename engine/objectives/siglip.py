@@ -46,6 +46,7 @@ class SiglipObjective(Objective):
 
     @classmethod
     def recipe(cls, model: str, preset: ModelPreset, smoke: bool):
+        """The paper's numbers over CLIP's for the tower family; the smoke run is CLIP's."""
         if smoke:
             return recipes.smoke_recipe()
         return recipes.clip_recipe(preset, global_batch=32_768, lr=1e-3, weight_decay=1e-4, betas=(0.9, 0.95),

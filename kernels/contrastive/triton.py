@@ -11,46 +11,17 @@ embeddings. Products accumulate in fp32; inputs may be fp16, bf16 or fp32, gradi
 back in the inputs' dtype and the loss in fp32.
 
 fp32 inputs multiply in TF32 only when torch.backends.cuda.matmul.allow_tf32 is set, as
-torch's own matmul; otherwise in three TF32 products per product (about fp32's accuracy). Under TRITON_INTERPRET=1 (set before triton is imported)
-the kernels run on CPU tensors through NumPy: slow, for tests only.
+torch's own matmul; otherwise in three TF32 products per product (about fp32's accuracy).
+Under TRITON_INTERPRET=1 (set before triton is imported) the kernels run on CPU tensors
+through NumPy: slow, for tests only. The tile product and shapes: kernels/triton_tiles.py.
 """
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from kernels.contrastive.chunked import check_inputs
-
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def _mma(x, y, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + x @ y. UPCAST is for the interpreter, which multiplies bf16 tiles as their raw
-    uint16 bits (triton-lang/triton#11584; its docs: no bf16 arithmetic); bf16 -> fp32 is
-    exact, so the products and fp32 sums are what the GPU computes."""
-    if UPCAST:
-        x = x.to(tl.float32)
-        y = y.to(tl.float32)
-    return tl.dot(x, y, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _dots(Q, K, rows, cols, n_rows, n_cols, D, stride_q, stride_k,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-          PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_N] tile of q[rows] . k[cols], zero outside the matrices."""
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        q = tl.load(Q + rows[:, None] * stride_q + dims[None, :],
-                    mask=(rows[:, None] < n_rows) & (dims[None, :] < D), other=0.0)
-        k = tl.load(K + cols[:, None] * stride_k + dims[None, :],
-                    mask=(cols[:, None] < n_cols) & (dims[None, :] < D), other=0.0)
-        acc = _mma(q, tl.trans(k), acc, PRECISION, UPCAST)
-    return acc
+from kernels.triton_tiles import DTYPES, blocks as tile_blocks, dot_options, mma, tile_dots
 
 
 @triton.jit
@@ -64,7 +35,7 @@ def _lse_kernel(Q, K, SCALE, LSE, n_rows, n_cols, D, stride_q, stride_k,
     run_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        logits = scale * _dots(Q, K, rows, cols, n_rows, n_cols, D, stride_q, stride_k,
+        logits = scale * tile_dots(Q, K, rows, cols, n_rows, n_cols, D, stride_q, stride_k,
                                BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         logits = tl.where(cols[None, :] < n_cols, logits, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(logits, 1))
@@ -106,7 +77,7 @@ def _grad_rows_kernel(Q, K, SCALE, COEF, LSE_ROW, LSE_COL, DQ, DSCALE,
         lse_col = tl.zeros([BLOCK_N], dtype=tl.float32)
         if SYMMETRIC:
             lse_col = tl.load(LSE_COL + cols, mask=cols < n_cols, other=0.0)
-        dots = _dots(Q, K, rows, cols, n_rows, n_cols, D, stride_q, stride_k,
+        dots = tile_dots(Q, K, rows, cols, n_rows, n_cols, D, stride_q, stride_k,
                      BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         grad = _softmax_minus_labels(dots, scale, rows, cols, lse_row, lse_col,
                                      n_rows, n_cols, offset, SYMMETRIC)
@@ -116,7 +87,7 @@ def _grad_rows_kernel(Q, K, SCALE, COEF, LSE_ROW, LSE_COL, DQ, DSCALE,
         k = tl.load(K + cols[:, None] * stride_k + out_dims[None, :],
                     mask=(cols[:, None] < n_cols) & (out_dims[None, :] < D), other=0.0)
         # grad lies in [-2, 1]: safe to round to fp16/bf16 for the tensor cores.
-        acc = _mma(grad.to(k.dtype), k, acc, PRECISION, UPCAST)
+        acc = mma(grad.to(k.dtype), k, acc, PRECISION, UPCAST)
     acc *= tl.load(COEF)
     tl.store(DQ + rows[:, None] * stride_dq + out_dims[None, :], acc.to(DQ.dtype.element_ty),
              mask=(rows[:, None] < n_rows) & (out_dims[None, :] < D))
@@ -141,13 +112,13 @@ def _grad_cols_kernel(Q, K, SCALE, COEF, LSE_ROW, LSE_COL, DK,
     for r0 in range(0, n_rows, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         lse_row = tl.load(LSE_ROW + rows, mask=rows < n_rows, other=0.0)
-        dots = _dots(Q, K, rows, cols, n_rows, n_cols, D, stride_q, stride_k,
+        dots = tile_dots(Q, K, rows, cols, n_rows, n_cols, D, stride_q, stride_k,
                      BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         grad = _softmax_minus_labels(dots, scale, rows, cols, lse_row, lse_col,
                                      n_rows, n_cols, offset, SYMMETRIC)
         q = tl.load(Q + rows[:, None] * stride_q + out_dims[None, :],
                     mask=(rows[:, None] < n_rows) & (out_dims[None, :] < D), other=0.0)
-        acc = _mma(tl.trans(grad.to(q.dtype)), q, acc, PRECISION, UPCAST)
+        acc = mma(tl.trans(grad.to(q.dtype)), q, acc, PRECISION, UPCAST)
     acc *= tl.load(COEF)
     tl.store(DK + cols[:, None] * stride_dk + out_dims[None, :], acc.to(DK.dtype.element_ty),
              mask=(cols[:, None] < n_cols) & (out_dims[None, :] < D))
@@ -157,44 +128,13 @@ def _grad_cols_kernel(Q, K, SCALE, COEF, LSE_ROW, LSE_COL, DK,
 INTERPRETED = isinstance(_lse_kernel, InterpretedFunction)
 
 
-class _Blocks(NamedTuple):
-    m: int      # rows per tile
-    n: int      # columns per tile
-    d: int      # embedding dimensions per step of the tile's product
-    out: int    # gradient dimensions per program: D / out programs recompute the same tiles
-    warps: int
-    stages: int
-
-
-def _blocks(D: int, backward: bool) -> _Blocks:
-    if INTERPRETED:
-        # Small tiles so small test shapes still cross tile edges and split the gradient.
-        return _Blocks(16, 16, 64, 128, 1, 1)
-    # Measured on an H100 (bf16, B = 16384, D = 512) among a few shapes: the forward's best
-    # reached 288 TFLOP/s; in backward one program accumulates a [64, 256] slice of the
-    # gradient (a [64, 512] one, 8 warps, ran 12% slower than splitting D = 512 over 2
-    # programs that each recompute the tiles).
-    if not backward:
-        return _Blocks(64, 128, 64, 0, 4, 3)
-    return _Blocks(64, 64, 64, min(256, max(16, triton.next_power_of_2(D))), 4, 3)
-
-
-def _dot_options(dtype: torch.dtype) -> dict:
-    # fp32 operands: TF32 where torch's matmul would use it, else three TF32 products
-    # (Triton's "tf32x3", about fp32's accuracy): plain fp32 ("ieee") ran at 6-21 TFLOP/s on
-    # an H100, a tenth of its TF32 rate. Half types ignore the option.
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    return dict(PRECISION="tf32" if tf32 else "tf32x3",
-                UPCAST=INTERPRETED and dtype == torch.bfloat16)
-
-
 def _lse(q, k, scale):
     n, D = q.shape
     lse = torch.empty(n, device=q.device, dtype=torch.float32)
-    blocks = _blocks(D, backward=False)
+    blocks = tile_blocks(D, False, INTERPRETED)
     _lse_kernel[(triton.cdiv(n, blocks.m),)](
         q, k, scale, lse, n, k.shape[0], D, q.stride(0), k.stride(0),
-        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d, **_dot_options(q.dtype),
+        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d, **dot_options(q.dtype, INTERPRETED),
         num_warps=blocks.warps, num_stages=blocks.stages)
     return lse
 
@@ -203,14 +143,14 @@ def _grads(q, k, scale, coef, lse_row, lse_col, offset):
     """(dq, dk, dscale / weight) of the loss terms of logits scale * q @ k.T: the row
     log-sum-exps minus the labels (i, offset + i), plus the columns' when lse_col is given."""
     (n, D), N = q.shape, k.shape[0]
-    blocks = _blocks(D, backward=True)
+    blocks = tile_blocks(D, True, INTERPRETED)
     symmetric = lse_col is not None
     lse_col = lse_row if lse_col is None else lse_col
     splits = triton.cdiv(D, blocks.out)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dscale = torch.empty(n, device=q.device, dtype=torch.float32)
     common = dict(SYMMETRIC=symmetric, BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d,
-                  BLOCK_OUT=blocks.out, **_dot_options(q.dtype),
+                  BLOCK_OUT=blocks.out, **dot_options(q.dtype, INTERPRETED),
                   num_warps=blocks.warps, num_stages=blocks.stages)
     _grad_rows_kernel[(triton.cdiv(n, blocks.m), splits)](
         q, k, scale, coef, lse_row, lse_col, dq, dscale, n, N, D, offset,
@@ -226,7 +166,7 @@ def matmul_flops(rows: int, columns: int, D: int, symmetric: bool) -> int:
     forward, one tile product per direction; backward, per pass, each kernel recomputes the
     tiles once per output split and multiplies them into the embeddings once."""
     tile = 2 * rows * columns * D
-    splits = triton.cdiv(D, _blocks(D, backward=True).out)
+    splits = triton.cdiv(D, tile_blocks(D, True, INTERPRETED).out)
     per_pass = 2 * (splits * tile + tile)
     return 2 * tile + (1 if symmetric else 2) * per_pass
 

@@ -14,47 +14,16 @@ inputs' dtypes and the loss in fp32.
 fp32 inputs multiply in TF32 only when torch.backends.cuda.matmul.allow_tf32 is set, as
 torch's own matmul; otherwise in three TF32 products per product (about fp32's accuracy).
 Under TRITON_INTERPRET=1 (set before triton is imported) the kernels run on CPU tensors
-through NumPy: slow, for tests only. The tile shapes are kernels/contrastive/triton.py's,
-measured there on an H100 for the same [n, D] x [D, N] products; not re-measured for this loss.
+through NumPy: slow, for tests only. The tile product and shapes are shared with InfoNCE's
+kernels (kernels/triton_tiles.py), measured there on an H100; not re-measured for this loss.
 """
-import contextlib
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from kernels.siglip.reference import check_inputs
-
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def _mma(x, y, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + x @ y. UPCAST is for the interpreter, which multiplies bf16 tiles as their raw
-    uint16 bits (triton-lang/triton#11584); bf16 -> fp32 is exact, so the products and fp32
-    sums are what the GPU computes."""
-    if UPCAST:
-        x = x.to(tl.float32)
-        y = y.to(tl.float32)
-    return tl.dot(x, y, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _dots(A, B, rows, cols, n_rows, n_cols, D, stride_a, stride_b,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-          PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_N] tile of a[rows] . b[cols], zero outside the matrices."""
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        a = tl.load(A + rows[:, None] * stride_a + dims[None, :],
-                    mask=(rows[:, None] < n_rows) & (dims[None, :] < D), other=0.0)
-        b = tl.load(B + cols[:, None] * stride_b + dims[None, :],
-                    mask=(cols[:, None] < n_cols) & (dims[None, :] < D), other=0.0)
-        acc = _mma(a, tl.trans(b), acc, PRECISION, UPCAST)
-    return acc
+from kernels.triton_tiles import DTYPES, blocks as tile_blocks, dot_options, mma, on_device, tile_dots
 
 
 @triton.jit
@@ -82,7 +51,7 @@ def _loss_kernel(A, B, SCALE, BIAS, ROW_LOSS, n_rows, n_cols, D, offset, stride_
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        z = scale * _dots(A, B, rows, cols, n_rows, n_cols, D, stride_a, stride_b,
+        z = scale * tile_dots(A, B, rows, cols, n_rows, n_cols, D, stride_a, stride_b,
                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST) + bias
         minus_lz = tl.where(cols[None, :] == rows[:, None] + offset, -z, z)
         total += tl.sum(tl.where(cols[None, :] < n_cols, _softplus(minus_lz), 0.0), 1)
@@ -114,7 +83,7 @@ def _grad_rows_kernel(A, B, SCALE, BIAS, COEF, DA, DSCALE, DBIAS,
     dbias = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        dots = _dots(A, B, rows, cols, n_rows, n_cols, D, stride_a, stride_b,
+        dots = tile_dots(A, B, rows, cols, n_rows, n_cols, D, stride_a, stride_b,
                      BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         grad = _grad_tile(dots, scale, bias, rows, cols, n_rows, n_cols, offset)
         # From the fp32 tile: the scale's and the bias's gradients are sums in which the
@@ -124,7 +93,7 @@ def _grad_rows_kernel(A, B, SCALE, BIAS, COEF, DA, DSCALE, DBIAS,
         b = tl.load(B + cols[:, None] * stride_b + out_dims[None, :],
                     mask=(cols[:, None] < n_cols) & (out_dims[None, :] < D), other=0.0)
         # grad lies in [-1, 1]: safe to round to fp16/bf16 for the tensor cores.
-        acc = _mma(grad.to(b.dtype), b, acc, PRECISION, UPCAST)
+        acc = mma(grad.to(b.dtype), b, acc, PRECISION, UPCAST)
     acc *= tl.load(COEF)
     tl.store(DA + rows[:, None] * stride_da + out_dims[None, :], acc.to(DA.dtype.element_ty),
              mask=(rows[:, None] < n_rows) & (out_dims[None, :] < D))
@@ -147,12 +116,12 @@ def _grad_cols_kernel(A, B, SCALE, BIAS, COEF, DB,
     acc = tl.zeros([BLOCK_N, BLOCK_OUT], dtype=tl.float32)
     for r0 in range(0, n_rows, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
-        dots = _dots(A, B, rows, cols, n_rows, n_cols, D, stride_a, stride_b,
+        dots = tile_dots(A, B, rows, cols, n_rows, n_cols, D, stride_a, stride_b,
                      BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         grad = _grad_tile(dots, scale, bias, rows, cols, n_rows, n_cols, offset)
         a = tl.load(A + rows[:, None] * stride_a + out_dims[None, :],
                     mask=(rows[:, None] < n_rows) & (out_dims[None, :] < D), other=0.0)
-        acc = _mma(tl.trans(grad.to(a.dtype)), a, acc, PRECISION, UPCAST)
+        acc = mma(tl.trans(grad.to(a.dtype)), a, acc, PRECISION, UPCAST)
     acc *= tl.load(COEF)
     tl.store(DB + cols[:, None] * stride_db + out_dims[None, :], acc.to(DB.dtype.element_ty),
              mask=(cols[:, None] < n_cols) & (out_dims[None, :] < D))
@@ -160,37 +129,6 @@ def _grad_cols_kernel(A, B, SCALE, BIAS, COEF, DB,
 
 # How Triton built the kernels (it decides at decoration time, from TRITON_INTERPRET).
 INTERPRETED = isinstance(_loss_kernel, InterpretedFunction)
-
-
-class _Blocks(NamedTuple):
-    m: int      # rows per tile
-    n: int      # columns per tile
-    d: int      # embedding dimensions per step of the tile's product
-    out: int    # gradient dimensions per program: D / out programs recompute the same tiles
-    warps: int
-    stages: int
-
-
-def _blocks(D: int, backward: bool) -> _Blocks:
-    if INTERPRETED:
-        # Small tiles so small test shapes still cross tile edges and split the gradient.
-        return _Blocks(16, 16, 64, 128, 1, 1)
-    if not backward:
-        return _Blocks(64, 128, 64, 0, 4, 3)
-    return _Blocks(64, 64, 64, min(256, max(16, triton.next_power_of_2(D))), 4, 3)
-
-
-def _dot_options(dtype: torch.dtype) -> dict:
-    # fp32 operands: TF32 where torch's matmul would use it, else Triton's "tf32x3" (about
-    # fp32's accuracy; plain "ieee" fp32 runs at a tenth of the TF32 rate). Half types ignore it.
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    return dict(PRECISION="tf32" if tf32 else "tf32x3",
-                UPCAST=INTERPRETED and dtype == torch.bfloat16)
-
-
-def _on_device(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device; a rank's tensors may live on another one.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 class _TritonLoss(torch.autograd.Function):
@@ -201,12 +139,12 @@ class _TritonLoss(torch.autograd.Function):
         a, b = a_local.contiguous(), b_all.contiguous()
         s, c = (x.detach().to(device=a.device, dtype=torch.float32).contiguous() for x in (scale, bias))
         (n, D), N = a.shape, b.shape[0]
-        blocks = _blocks(D, backward=False)
+        blocks = tile_blocks(D, False, INTERPRETED)
         row_loss = torch.empty(n, device=a.device, dtype=torch.float32)
-        with _on_device(a):
+        with on_device(a):
             _loss_kernel[(triton.cdiv(n, blocks.m),)](
                 a, b, s, c, row_loss, n, N, D, offset, a.stride(0), b.stride(0),
-                BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d, **_dot_options(a.dtype),
+                BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d, **dot_options(a.dtype, INTERPRETED),
                 num_warps=blocks.warps, num_stages=blocks.stages)
         ctx.save_for_backward(a, b, scale, bias)
         ctx.offset = offset
@@ -220,14 +158,14 @@ class _TritonLoss(torch.autograd.Function):
         (n, D), N = a.shape, b.shape[0]
         weight = grad_loss.to(device=a.device, dtype=torch.float32) / n
         coef = (weight * s).contiguous()
-        blocks = _blocks(D, backward=True)
+        blocks = tile_blocks(D, True, INTERPRETED)
         splits = triton.cdiv(D, blocks.out)
         da, db = torch.empty_like(a), torch.empty_like(b)
         dscale = torch.empty(n, device=a.device, dtype=torch.float32)
         dbias = torch.empty(n, device=a.device, dtype=torch.float32)
         common = dict(BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d, BLOCK_OUT=blocks.out,
-                      **_dot_options(a.dtype), num_warps=blocks.warps, num_stages=blocks.stages)
-        with _on_device(a):
+                      **dot_options(a.dtype, INTERPRETED), num_warps=blocks.warps, num_stages=blocks.stages)
+        with on_device(a):
             _grad_rows_kernel[(triton.cdiv(n, blocks.m), splits)](
                 a, b, s, c, coef, da, dscale, dbias, n, N, D, ctx.offset,
                 a.stride(0), b.stride(0), da.stride(0), **common)

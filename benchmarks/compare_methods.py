@@ -1,10 +1,11 @@
-"""CLIP vs DeCLIP vs CLIP-Lite on the built-in digits, on 10% and 100% of the training split.
+"""Every built-in method (CLIP, DeCLIP, CLIP-Lite, SigLIP) on the built-in digits, on 10% and 100% of
+the training split.
 
 Every run uses the same number of optimizer steps, global batch, seed and held-out split;
 only --method and --data-fraction change. Each run is the plain launcher command a user
 would type (printed), so any row can be reproduced on its own.
 
-    python benchmarks/compare_methods.py                      # 6 runs, one rank each
+    python benchmarks/compare_methods.py                      # 8 runs, one rank each
     python benchmarks/compare_methods.py --steps 20 --fractions 0.1   # a quick look
 """
 import argparse
@@ -16,7 +17,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("clip", "declip", "clip-lite")
+sys.path.insert(0, str(ROOT))
+
+from engine.objectives.registry import method_names  # noqa: E402
 
 
 def command(method: str, fraction: float, steps: int, seed: int, out: Path) -> list[str]:
@@ -34,10 +37,10 @@ def final_metrics(run_dir: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=117,
-                        help="optimizer steps per run (default: the README's 117, 10.6 epochs of the full split at batch 128)")
+    parser.add_argument("--steps", type=int, default=110,
+                        help="optimizer steps per run (default: the smoke run's 110, 10 epochs of the full split at batch 128)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=method_names())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", default="runs/compare", help="where the run directories go")
     parser.add_argument("--out", default="benchmarks/results/compare_methods_cpu.json")

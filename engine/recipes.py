@@ -77,7 +77,7 @@ def clip_recipe(preset: ModelPreset, **changes) -> "Recipe":
 
 def smoke_recipe(**changes) -> "Recipe":
     """The CPU smoke run's numbers (`changes` override any, e.g. an objective's crop scale)."""
-    return Recipe(method="", model="", micro_batch_80gb=0, source=SMOKE_SOURCE, **{**_DEBUG_SMOKE_RUN, **changes})
+    return Recipe(method="", model="", micro_batch_80gb=0, **{**_DEBUG_SMOKE_RUN, "source": SMOKE_SOURCE, **changes})
 
 
 def get_recipe(method: str, model: str) -> Recipe:

@@ -1,7 +1,8 @@
 """DeCLIP and CLIP-Lite through the real launcher: every term logged, ZeRO stages, resume.
 
-ZeRO-1 with one rank is covered by the resume test; SGD + Lookahead at every ZeRO stage by
-tests/unit/test_lookahead.py (through DeepSpeed, without the launcher)."""
+ZeRO-1 with one rank is covered by the resume test; SGD + Lookahead (CLIP-Lite's paper recipe,
+not its smoke run) at every ZeRO stage by tests/unit/test_lookahead.py (through DeepSpeed,
+without the launcher)."""
 import json
 
 import pytest
@@ -35,9 +36,8 @@ def test_two_ranks_log_every_term(method, stage, extra, tmp_path, cache_env):
     scalars = tensorboard_scalars(out)
     assert set(TERMS[method]) <= set(scalars) and "zeroshot_top1" in scalars
     assert "tflops_per_s" in scalars and "mfu" not in scalars  # no peak known for a CPU
-    if method == "clip-lite":
-        assert plan["optimizer"] == "sgd_lookahead"
-        assert dict(map(tuple, plan["group_lrs"])).keys() == {"image", "text", "heads"}
+    if method == "clip-lite":  # the smoke recipe trains with AdamW (engine/objectives/clip_lite.py)
+        assert plan["optimizer"] == "torch" and plan["group_lrs"] == []
     _check_charts(out, image_views=2 if method == "declip" else 1, micro_batch=4)
 
 

@@ -86,7 +86,6 @@ def test_missing_wordnet_is_stated_once_in_the_plan():
     ("declip", dict(queue_size=0), "at least 1"),
     ("declip", dict(queue_size="many"), "--queue-size 'many': not a int"),
     ("siglip", dict(prior="off"), "--prior is an option of --method clip-lite, not siglip"),
-    ("clip-lite", dict(optimizer="torch"), "SGD + Lookahead"),
     ("clip", dict(optimizer="sgd_lookahead"), "tuned for AdamW"),
     ("clip", dict(data_fraction=0.0), "(0, 1]"),
     ("clip", dict(data_fraction=1.5), "(0, 1]"),
@@ -98,9 +97,17 @@ def test_bad_method_options_fail_naming_the_fix(method, dial_values, fix):
         plan_for(CPU_ONLY, method, "debug", dataset_size=1500, **dial_values)
 
 
-def test_clip_lite_refuses_offload():
+def test_clip_lite_paper_recipe_refuses_offload_and_adamw():
     with pytest.raises(UserError, match="drop --offload"):
         plan_for(H100_X8, "clip-lite", "rn50", dataset_size=COCO, offload=True)
+    with pytest.raises(UserError, match="SGD \\+ Lookahead"):
+        plan_for(H100_X8, "clip-lite", "rn50", dataset_size=COCO, optimizer="torch")
+
+
+def test_clip_lite_smoke_run_takes_adamw_and_says_why():
+    plan = plan_for(CPU_ONLY, "clip-lite", "debug", dataset_size=1497)
+    assert (plan.optimizer, plan.lr, plan.group_lrs, plan.momentum) == ("torch", 5e-3, (), None)
+    assert "SGD + Lookahead does not learn" in {d.name: d.reason for d in plan.decisions}["lr"]
 
 
 def test_data_fraction_is_shown_with_the_subset_size():

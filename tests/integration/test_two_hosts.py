@@ -82,13 +82,16 @@ def test_a_lost_node_ends_the_other_within_the_collective_timeout(two_hosts, tmp
                           text=True).stdout.split()
     subprocess.run(["kill", "-9", *pids])
     try:
-        code = ranks[0].wait(timeout=TIMEOUT_S + 30)
+        code = ranks[0].wait(timeout=TIMEOUT_S + 40)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"rank 0 still ran {TIMEOUT_S + 30} s after its peer's node was lost")
+        pytest.fail(f"rank 0 still ran {TIMEOUT_S + 40} s after its peer's node was lost")
     finally:
         subprocess.run(["ip", "-n", two_hosts.namespaces[1], "link", "set", two_hosts.interfaces[1], "up"])
     elapsed = time.monotonic() - lost_at
     log = (tmp_path / "logs" / "rank0.log").read_text()
     assert code != 0, log[-3000:]
-    assert elapsed < TIMEOUT_S + 15, (elapsed, log[-3000:])
+    # The collective times out after TIMEOUT_S; the process's teardown after the error (DALI and
+    # loader workers, DeepSpeed, the interpreter) takes seconds more, several times more on a
+    # loaded machine. What matters is an end soon after the stated timeout, not NCCL's 30 minutes.
+    assert elapsed < TIMEOUT_S + 30, (elapsed, log[-3000:])
     assert len(losses(out)) < 400

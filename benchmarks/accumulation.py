@@ -2,7 +2,7 @@
 (clip, declip, clip-lite), in three modes on the same global batch B:
 
   full           one micro-batch of B, plain forward + backward (the reference);
-  feature_cache  k micro-batches of B/k through engine.train.gradcache.accumulate_step
+  gradcache  k micro-batches of B/k through engine.train.gradcache.accumulate_step
                  (GradCache: embeddings without gradients, the cross terms over all B rows,
                  then a recompute with gradients per micro-batch);
   plain          k micro-batches of B/k, each loss backpropagated on its own (the training
@@ -22,12 +22,12 @@ of the timed steps. The default B = 256 (not 64) makes the activations, not allo
 dominate at 32 px. The whole run takes about 2 minutes on 2 cores.
 
 Read the table per method: "mem x" and "time x" are ratios to that method's full step.
-feature_cache should hold about 1/k of full's activation memory (plus the step's embeddings)
+gradcache should hold about 1/k of full's activation memory (plus the step's embeddings)
 for about 4/3 of its time (one extra forward per micro-batch; more where micro-batches are so
-small that per-call overhead dominates); plain needs about as much memory as feature_cache,
+small that per-call overhead dominates); plain needs about as much memory as gradcache,
 for less time, but trains on a different (B/k-sized) loss. "loss" is the first full-size step's.
 The gradient check ("grad diff") builds the tasks as tests/unit/test_gradcache.py does (towers
-in eval mode on calibrated BatchNorm statistics, batch terms off), where feature_cache must
+in eval mode on calibrated BatchNorm statistics, batch terms off), where gradcache must
 equal full to fp32 rounding and plain must not.
 
     python benchmarks/accumulation.py [--batch 256 --accum 4 --repeats 3 --model debug]
@@ -48,7 +48,7 @@ from benchmarks.loss import _cpu_name, _status_kib  # noqa: E402
 from benchmarks.step_gpu import synthetic_batch  # noqa: E402
 
 METHODS = ("clip", "declip", "clip-lite")
-MODES = ("full", "feature_cache", "plain")
+MODES = ("full", "gradcache", "plain")
 SOT, EOT = 49406, 49407
 CPU = "cpu"
 
@@ -83,7 +83,7 @@ def build_task(method: str, model_name: str, batch: int, exact: bool = False):
     from engine.objectives.clip import ClipObjective
     from engine.objectives.clip_lite import ClipLiteObjective
     from engine.objectives.declip import DeclipObjective
-    from engine.recipes import get_recipe
+    from engine.plan.recipes import get_recipe
     from engine.task import Task
 
     torch.manual_seed(0)  # the same weights and batch in every mode
@@ -119,7 +119,7 @@ def train_step(mode: str, task, batch: dict, k: int) -> dict:
     if mode == "full":
         return _accumulate(engine, iter([batch]), 1, StepTimer(), engine.device)
     micro_batches = [dict(zip(batch, parts)) for parts in zip(*(v.chunk(k) for v in batch.values()))]
-    if mode == "feature_cache":
+    if mode == "gradcache":
         return accumulate_step(engine, micro_batches)
     return _accumulate(engine, iter(micro_batches), k, StepTimer(), engine.device)
 
@@ -153,7 +153,7 @@ def run_case(method: str, mode: str, model_name: str, batch: int, k: int, repeat
 
 
 def gradient_agreement(method: str, model_name: str, batch: int, k: int) -> dict:
-    """Max over parameters of max |g - g_full| / max |g_full| for feature_cache and plain, in
+    """Max over parameters of max |g - g_full| / max |g_full| for gradcache and plain, in
     the exact setup (see build_task); a tensor that is zero but for rounding is measured
     against a thousandth of the largest gradient, as tests/unit/test_gradcache.py does."""
     grads = {}
@@ -234,7 +234,7 @@ def main():
               f"{row['loss_first_step']:7.3f} {'' if diff is None else f'{diff:10.1e}'}")
     print("* max relative gradient difference from full, with the towers in eval mode on calibrated "
           "BatchNorm\n  statistics and the batch terms off (DeCLIP's SimSiam and MLM, CLIP-Lite's prior): "
-          "there feature_cache\n  equals full by design and plain does not. The measured runs train as "
+          "there gradcache\n  equals full by design and plain does not. The measured runs train as "
           "configured, where BatchNorm\n  and the batch terms see one micro-batch at a time, so their "
           f"first-step losses differ.\nwrote {args.out} in {report['seconds']:.0f} s")
 

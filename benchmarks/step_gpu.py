@@ -3,7 +3,7 @@
 For each method x model: resolve the plan on this machine (precision, optimizer, ZeRO stage,
 the micro-batch the recipe's 80 GB anchor gives), build Task + DeepSpeed exactly as
 `engine.pretrain` does, and time optimizer steps at a ladder of micro-batches, recording
-peak memory. Shows whether the anchors in engine/recipes.py fit and how much room is left.
+peak memory. Shows whether the anchors in engine/plan/recipes.py fit and how much room is left.
 Data loading (DALI, streaming) is left out: the batches are random tensors on the device.
 
     python benchmarks/step_gpu.py --out benchmarks/results/step_gpu.json
@@ -48,12 +48,13 @@ def measure(method: str, model_name: str, micro: int, steps: int, adam: str | No
     import deepspeed
 
     from engine.data.text import ClipTokenizer
-    from engine.ds_config import render
-    from engine.hardware import probe
+    from engine.plan.deepspeed_config import render
+    from engine.plan.hardware import probe
     from engine.models.presets import for_method, get_preset
     from engine.models.two_tower import TwoTower, count_parameters
-    from engine.plan import Dials, probe_optimizer_support, resolve
-    from engine.recipes import get_recipe
+    from engine.plan.dials import Dials
+    from engine.plan.resolve import probe_optimizer_support, resolve
+    from engine.plan.recipes import get_recipe
     from engine.task import Task, align_buffer_dtypes, build_objective
     from engine.train.optim import optimizer_for_plan
 

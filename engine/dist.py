@@ -23,6 +23,17 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
 
 
+def local_device(rank_on_node: int | None = None) -> torch.device:
+    """This process's device: GPU `rank_on_node % visible GPUs` (default: local_rank()), else the CPU.
+
+    The modulo covers both launches: one GPU visible per process (SLURM binding) or all of a
+    node's GPUs visible to every rank (deepspeed launcher, torchrun)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = local_rank() if rank_on_node is None else rank_on_node
+    return torch.device("cuda", index % torch.cuda.device_count())
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """Concatenate every rank's [n, D] block; backward sums the gradients all ranks computed
     for this rank's block (each rank's loss touches every column) and returns that slice.

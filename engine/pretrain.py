@@ -23,11 +23,12 @@ from engine.data.mds import cache_root, describe_mds
 from engine.data.spec import DataSpec
 from engine.data.streams import data_facts
 from engine.data.text import ClipTokenizer, strip_punctuation
-from engine.ds_config import apply_overrides, render
+from engine.plan.deepspeed_config import apply_overrides, render
 from engine.errors import UserError
+from engine.files import write_atomic
 from engine.eval.evaluate import evaluate
 from engine.eval.periodic import PeriodicEval, TrainedModel, open_periodic_evals, run_periodic_evals
-from engine.hardware import probe
+from engine.plan.hardware import probe
 from engine.launch import Launch
 from engine.data.wordnet import find_wordnet
 from engine.models.presets import ModelPreset, for_method, get_preset
@@ -37,8 +38,10 @@ from engine.observe.charts import Charts, HeldOutProbe
 from engine.observe.flops import count_model_flops, views_encoded
 from engine.observe.metrics import MetricsWriter
 from engine.observe.progress import Progress
-from engine.plan import Dials, RunPlan, probe_optimizer_support, resolve
-from engine.recipes import get_recipe
+from engine.plan.dials import Dials
+from engine.plan.resolve import RunPlan, probe_optimizer_support, resolve
+from engine.plan.resume import check_resumable, describe_reshape
+from engine.plan.recipes import get_recipe
 from engine.task import (Task, align_buffer_dtypes, build_objective, objective_class,
                          register_zero3_external_parameters)
 from engine.train import checkpoint, faults
@@ -56,6 +59,7 @@ class Prepared:
     eval_data: str | None
     launch: Launch | None
     evals: list[PeriodicEval]   # --eval sets, checked (engine/eval/periodic.py)
+    wordnet: Path | None        # the WordNet planned with, for EDA's synonyms (None: none found or no EDA)
 
 
 @dataclass(frozen=True)
@@ -98,83 +102,13 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
                    image_size=preset.image_size, text_layers=preset.text_layers,
                    wordnet=None if wordnet is None else str(wordnet), launch=launch, data=facts)
     ds_config = apply_overrides(render(plan), dials.ds, world_size=plan.world_size)
-    return Prepared(plan, ds_config, preset, data, eval_data, launch, evals)
-
-
-# Values a resumed run must share with the run it continues (else the checkpoint is wrong for it).
-# The number of ranks and the micro-batch split of the global batch may change (the states are
-# resharded, engine/train/reshard.py; the data order continues, engine/data/loader.py), as long
-# as the step trains the same objective: see _batch_semantics.
-RESUME_MUST_MATCH = ("method", "model", "seed", "global_batch", "total_steps", "dataset_size",
-                     "data_fraction", "text_layers", "objective_options")
-
-
-def _batch_semantics(plan: dict) -> str:
-    """What one optimizer step's loss spans: the whole global batch (one micro-batch, or cached
-    features), or each micro-batch on its own (plain accumulation over k)."""
-    if plan["grad_accum"] == 1 or plan["accumulation"] == "feature_cache":
-        return "the whole global batch"
-    return f"each of {plan['grad_accum']} micro-batches on its own (--accumulation plain)"
-
-
-def check_resumable(run_dir: Path, plan: RunPlan) -> dict | None:
-    """The saved plan of the run `run_dir` holds, when this command would resume it; refuses
-    dials that the checkpoint cannot continue."""
-    saved_path = run_dir / "plan.json"
-    if not (run_dir / "checkpoints" / "latest").exists() or not saved_path.exists():
-        return None
-    saved = json.loads(saved_path.read_text())
-    now = plan.to_dict()
-    for key in RESUME_MUST_MATCH:
-        before, after = saved.get(key), now[key]
-        if key == "objective_options":   # the dials only: a decision like WordNet's presence may change
-            dialled = {o.name for o in objective_class(plan.method).options if o.dial}
-            before = {k: v for k, v in (before or {}).items() if k in dialled}
-            after = {k: v for k, v in after.items() if k in dialled}
-        if before != after:
-            raise UserError(
-                f"{run_dir} holds a run with {key}={before!r} but this command gives "
-                f"{key}={after!r}: resume with the same dials, or choose a new --out")
-    if "grad_accum" in saved and _batch_semantics(saved) != _batch_semantics(now):
-        raise UserError(
-            f"{run_dir} trained each step's loss over {_batch_semantics(saved)}, this command over "
-            f"{_batch_semantics(now)}: give --accumulation {saved['accumulation']} and --micro-batch "
-            f"{saved['micro_batch']}, or choose a new --out")
-    # A mixture's weights set the data order as much as the seed does, and may change it without
-    # changing the epoch's size. Where the data lives may change (a local copy of a bucket).
-    shares = [tuple(stream[1:]) for stream in saved.get("data_streams", [])]
-    if shares and shares != [tuple(stream[1:]) for stream in now["data_streams"]]:
-        raise UserError(
-            f"{run_dir} drew its data as (proportion, samples per epoch) {shares}, this command as "
-            f"{[tuple(stream[1:]) for stream in now['data_streams']]}: resume with the same --data weights, "
-            f"or choose a new --out")
-    return saved
-
-
-def describe_reshape(saved: dict | None, plan: RunPlan) -> str | None:
-    """A line for the log when this run resumes on another layout than the one it continues."""
-    if saved is None:
-        return None
-    before = (saved["world_size"], saved["micro_batch"], saved["grad_accum"])
-    after = (plan.world_size, plan.micro_batch, plan.grad_accum)
-    if before == after:
-        return None
-    return (f"resuming on another layout: the checkpoint's run had {before[0]} rank(s) x micro-batch "
-            f"{before[1]} x {before[2]} accumulated, this one {after[0]} x {after[1]} x {after[2]} "
-            f"(re-planned for {plan.world_size} rank(s), see micro_batch and grad_accum above); "
-            f"the global batch stays {plan.global_batch}")
+    return Prepared(plan, ds_config, preset, data, eval_data, launch, evals, wordnet)
 
 
 def default_run_dir(plan: RunPlan, job_id: str | None) -> Path:
     """Keyed by the SLURM job when there is one, so that a requeued job finds its own run."""
     suffix = f"job{job_id}" if job_id else time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{plan.method}-{plan.model}-{suffix}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def data_spec(objective, plan: RunPlan) -> DataSpec:
@@ -195,7 +129,7 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if torch.cuda.is_available():
         # Before any collective: NCCL's object broadcast and barriers use the current device.
-        torch.cuda.set_device(dist.local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(dist.local_device())
     dist.init_distributed(plan.collective_timeout_s)
     stop = faults.StopSignals(plan.collective_timeout_s)
     try:
@@ -247,7 +181,7 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
                          decode_device=plan.decode_device, tokenizer=tokenizer,
                          rank=dist.rank(), world_size=dist.world_size(), grad_accum=plan.grad_accum,
                          cache_limit=plan.cache_limit,
-                         wordnet=find_wordnet() if objective.text_aug and plan.objective_options.get("eda_synonyms") else None)
+                         wordnet=prepared.wordnet if plan.objective_options.get("eda_synonyms") else None)
     checkpoint_dir = run_dir / "checkpoints"
     start_step, eval_pending = 0, False
     restored = checkpoint.load(engine, checkpoint_dir)
@@ -283,7 +217,7 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
     cadence = Cadence(total_steps=plan.total_steps, stop_step=stop_step, grad_accum=plan.grad_accum,
                       log_every=plan.log_every, eval_every=plan.eval_every,
                       checkpoint_every=plan.checkpoint_every,
-                      feature_cache=plan.accumulation == "feature_cache",
+                      gradcache=plan.accumulation == "gradcache",
                       max_skipped_in_a_row=plan.max_skipped_in_a_row,
                       nonfinite_advice=nonfinite_advice(plan))
     writer = MetricsWriter(run_dir, enabled=is_main, resume_step=start_step)

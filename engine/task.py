@@ -3,7 +3,7 @@
 The training loop calls `task(batch)` and gets "loss" (the weighted sum it backpropagates),
 each named term as "loss/<name>", and the temperature; it never knows which objective runs.
 `task(batch, embed_only=True)` stops that forward after the objective's `embed`, for the
-cached-feature accumulation of engine/train/gradcache.py.
+GradCache accumulation of engine/train/gradcache.py.
 `rank_state()` / `load_rank_state()` carry what an objective keeps per rank outside its
 parameters (DeCLIP's queue) through checkpoints.
 """

@@ -45,7 +45,7 @@ class Eda:
     """One EDA edit per caption, reproducible from (seed, *sample_key).
 
     Without a WordNet database only swap and deletion are drawn from (each with probability
-    1/2 instead of 1/3); `uses_synonyms` says which, so the run plan can state it.
+    1/2 instead of 1/3).
     """
 
     def __init__(self, wordnet: WordNet | None, seed: int):
@@ -53,8 +53,7 @@ class Eda:
             raise ValueError(f"EDA seed must be a non-negative integer, got {seed}")
         self.wordnet = wordnet
         self.seed = int(seed)
-        self.uses_synonyms = wordnet is not None
-        self._edits = ((self._replace_synonym,) if self.uses_synonyms else ()) + (self._swap, self._delete)
+        self._edits = ((self._replace_synonym,) if wordnet is not None else ()) + (self._swap, self._delete)
 
     def __call__(self, caption: str, sample_key: tuple[int, ...]) -> str:
         """The caption after one edit; a caption with no words comes back as it was."""

@@ -3,7 +3,8 @@
     StreamingDataset (shuffled, partitioned by rank, micro-batch aware; a bad record replaced by a
                       stand-in of its shard, engine/data/records.py)
       -> torch DataLoader workers: read samples, read image headers, draw each view's crop
-         window and augmentation, tokenise (EDA copy, MLM masking: whatever the DataSpec asks)
+         window and augmentation, tokenise (EDA copy, MLM masking: whatever the DataSpec asks;
+         collate.py)
       -> DALI: decode (nvJPEG on GPU), crop each view, resize, augment, normalise
       -> {"image", ["image2"], "text", ["mlm_labels"], ["text_aug"], "sample_id"} (see spec.py)
 
@@ -35,31 +36,27 @@ batch stay. Only positions between optimizer steps can be loaded (the loop saves
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
 import os
 import weakref
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from engine.data.augment import ViewBatch, draw_view
-from engine.data.dali import PLACEHOLDER_PNG, DecodedBatches, HostBatch, train_pipeline
+from engine import dist
+from engine.data.collate import PrepareBatch, TrainPayload, assemble_batch
+from engine.data.dali import DecodedBatches, HostBatch, train_pipeline
 from engine.data.eda import Eda
-from engine.data.mlm import MASK_ID, mask_rows
-from engine.data.records import (BAD_RECORDS_KEY, DECODER_REJECTED, IMAGE_SIZE_KEY, NO_SUBSTITUTE, SAMPLE_ID_KEY,
-                                 StreamingDatasetWithIds)
+from engine.data.records import DECODER_REJECTED, NO_SUBSTITUTE, StreamingDatasetWithIds
 from engine.data.shared_memory import remove_stale_streaming_memory
 from engine.data.spec import DataSpec
 from engine.data.streams import CANONICAL_NODES, describe_streams, fetches_in_flight, streaming_arguments
-from engine.data.text import ClipTokenizer, strip_punctuation
+from engine.data.text import ClipTokenizer
 from engine.data.wordnet import WordNet
 from engine.data.workers import start_workers, worker_dies_with_its_rank
 from engine.errors import UserError
@@ -70,69 +67,6 @@ logger = logging.getLogger(__name__)
 # taken enough of them for the share to mean something.
 MAX_BAD_SHARE, MIN_SAMPLES_FOR_VERDICT = 0.5, 256
 WARNED_BATCHES = 10  # batches whose bad records are named in a warning
-# The random streams of one sample are keyed (seed, epoch, sample id, stream); image views use
-# their index (0, 1) as the stream. Separate streams keep, say, an EDA edit from correlating
-# with a crop.
-TEXT_AUG_STREAM, MLM_STREAM = 16, 17
-
-
-@dataclass
-class TrainPayload:
-    """What travels beside the images through DALI."""
-
-    text: torch.Tensor       # [B, context] token ids (MLM-masked when the spec asks)
-    sample_id: torch.Tensor  # [B] index of each sample in the dataset
-    epoch: int
-    batch_in_epoch: int = -1  # set by the main process, which alone knows the position
-    mlm_labels: torch.Tensor | None = None  # [B, context]
-    text_aug: torch.Tensor | None = None    # [B, context]
-    bad_records: list[list[str]] = dataclasses.field(default_factory=list)  # per sample: reasons replaced
-
-
-@dataclass(frozen=True)
-class PrepareBatch:
-    """DataLoader collate step, run in the worker processes: everything but decoding."""
-
-    tokenizer: ClipTokenizer
-    spec: DataSpec
-    seed: int
-    epoch: int
-    eda: Eda | None = None  # given when spec.text_aug
-
-    def __call__(self, samples: list[dict]) -> HostBatch:
-        ids = [int(sample[SAMPLE_ID_KEY]) for sample in samples]
-        encoded, replaced = [], []
-        draws = [[] for _ in range(self.spec.image_views)]
-        for sample, sample_id in zip(samples, ids):
-            image = np.frombuffer(sample["jpg"], dtype=np.uint8)
-            size = sample[IMAGE_SIZE_KEY]
-            replaced.append(size is None)
-            if size is None:  # no good stand-in found: the last resort, see dali._placeholder_png
-                image, size = PLACEHOLDER_PNG, (16, 16)
-            encoded.append(image)
-            for view, view_draws in enumerate(draws):
-                view_draws.append(draw_view(*size, self.spec.augment, self.spec.crop_scale,
-                                            self.seed, self.epoch, sample_id, view))
-        captions = [sample["txt"] for sample in samples]
-        if self.spec.strip_punctuation:
-            captions = [strip_punctuation(caption) for caption in captions]
-        payload = TrainPayload(text=self.tokenizer(captions), sample_id=torch.tensor(ids, dtype=torch.long),
-                               epoch=self.epoch, bad_records=[sample[BAD_RECORDS_KEY] for sample in samples])
-        if self.spec.text_aug:
-            payload.text_aug = self.tokenizer([self.eda(caption, (self.epoch, sample_id, TEXT_AUG_STREAM))
-                                               for caption, sample_id in zip(captions, ids)])
-        if self.spec.mlm:
-            payload.text, payload.mlm_labels = mask_rows(
-                payload.text, seeds=[_stream_seed(self.seed, self.epoch, i, MLM_STREAM) for i in ids],
-                vocab_size=self.tokenizer.vocab_size, mask_id=MASK_ID,
-                special_ids=(self.tokenizer.sot_id, self.tokenizer.eot_id), pad_id=self.tokenizer.pad_id)
-        return HostBatch(encoded=encoded, payload=payload, replaced=np.array(replaced),
-                         views=tuple(ViewBatch.stack(view_draws, self.spec.augment) for view_draws in draws))
-
-
-def _stream_seed(seed: int, epoch: int, sample_id: int, stream: int) -> int:
-    """A 64-bit torch seed for one of a sample's random streams."""
-    return int(np.random.SeedSequence((seed, epoch, sample_id, stream)).generate_state(1, np.uint64)[0])
 
 
 class TrainLoader:
@@ -160,7 +94,6 @@ class TrainLoader:
         self.decode_device = decode_device
         self.tokenizer = tokenizer
         self.eda = Eda(WordNet(wordnet) if wordnet else None, seed) if spec.text_aug else None
-        self.uses_synonyms = self.eda is not None and self.eda.uses_synonyms  # for the run plan to state
         self.world_size = world_size
         self.rank = rank
         # Bad records met in the batches yielded so far, by reason (engine/data/records.py), and
@@ -174,7 +107,7 @@ class TrainLoader:
         # A killed run leaves streaming's shared memory behind, and the next run on the same
         # local directory is then refused as "in use". One rank per node removes what no live
         # process maps (the node's other ranks wait in streaming's own barrier meanwhile).
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        if dist.local_rank() == 0:
             remove_stale_streaming_memory()
         arguments = streaming_arguments(streams, micro_batch=micro_batch, seed=seed, cache_limit=cache_limit,
                                         in_flight=fetches_in_flight(ranks_on_node, workers))
@@ -196,39 +129,29 @@ class TrainLoader:
                 f"{self.global_batch} ({world_size} ranks x {grad_accum} accumulated x micro-batch "
                 f"{micro_batch}); lower the global batch or use more data.")
         self.batches_per_epoch = self.steps_per_epoch * grad_accum  # micro-batches, on every rank
-        self.samples_per_epoch = self.steps_per_epoch * self.global_batch
         self._samples_per_batch = micro_batch * world_size  # all ranks' micro-batch b: F[b*this, (b+1)*this)
         self._epoch = 0
         self._batch_in_epoch = 0
-        self._device = _decode_torch_device(decode_device)
+        self._device = dist.local_device() if decode_device == "gpu" else torch.device("cpu")
         self._active: weakref.ref | None = None
 
     # ---- position ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Position after the batches yielded so far, with the values it is only valid for.
-
-        The samples of the epoch that all ranks together have taken: between optimizer steps, a
-        whole number of global batches, the same on every rank and loadable by any world."""
-        return {"epoch": self._epoch, "sample_in_epoch": self._batch_in_epoch * self._samples_per_batch,
-                "seed": self.seed, "global_batch": self.global_batch, "dataset_size": self.dataset_size}
+        """Position after the batches yielded so far: the samples of the epoch that all ranks
+        together have taken. Between optimizer steps, a whole number of global batches, the same
+        on every rank and loadable by any world. It is valid only for the same seed, global batch
+        and data: the run's plan holds those, and a resume that changes them is refused before
+        the loader exists (engine/plan/resume.py)."""
+        return {"epoch": self._epoch, "sample_in_epoch": self._batch_in_epoch * self._samples_per_batch}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`, taken between optimizer steps by a run with any number of ranks or
         nodes and any micro-batch split of the same global batch."""
         if "sample_in_epoch" not in state and "batch_in_epoch" in state:  # saved before 2026-12
-            state = {**state, "sample_in_epoch": state["batch_in_epoch"] * state["micro_batch"] * state["world_size"],
-                     "global_batch": self.global_batch}
-        fixes = {"seed": (self.seed, "--seed {}"), "global_batch": (self.global_batch, "--global-batch {}"),
-                 "dataset_size": (self.dataset_size, "the checkpoint's data of {} samples (same --data and "
-                                                     "--data-fraction)")}
-        changed = [f"{key} was {state.get(key)}, now {now}: resume with {fix.format(state.get(key))}"
-                   for key, (now, fix) in fixes.items() if state.get(key) != now]
-        if changed:
-            raise UserError(f"cannot resume the data order: {'; '.join(changed)}; or start a new run in a fresh "
-                            f"output directory.")
-        sample = state["sample_in_epoch"]
-        if not 0 <= sample < self.samples_per_epoch:
-            raise UserError(f"data position {sample} is outside an epoch of {self.samples_per_epoch} samples; "
+            state = {**state, "sample_in_epoch": state["batch_in_epoch"] * state["micro_batch"] * state["world_size"]}
+        sample, samples_per_epoch = state["sample_in_epoch"], self.steps_per_epoch * self.global_batch
+        if not 0 <= sample < samples_per_epoch:
+            raise UserError(f"data position {sample} is outside an epoch of {samples_per_epoch} samples; "
                             f"the checkpoint does not belong to this data.")
         if sample % self.global_batch:
             # Only a step boundary means the same on every layout: inside a step, which samples
@@ -262,7 +185,7 @@ class TrainLoader:
                 self._epoch, self._batch_in_epoch = payload.epoch, payload.batch_in_epoch + 1
                 if self._batch_in_epoch == self.batches_per_epoch:
                     self._epoch, self._batch_in_epoch = self._epoch + 1, 0
-                yield _batch(images, payload)
+                yield assemble_batch(images, payload)
         finally:
             decoded.close()  # stops the DataLoader workers as soon as the caller drops us
             if audit is not None:
@@ -345,20 +268,6 @@ def _sample_log(rank: int):
     return open(Path(folder) / f"rank{rank}.jsonl", "a", buffering=1)
 
 
-def _batch(images: tuple[torch.Tensor, ...], payload: TrainPayload) -> dict:
-    """The batch dict, with the keys DataSpec.batch_keys names, in that order."""
-    batch = {"image": images[0]}
-    if len(images) == 2:
-        batch["image2"] = images[1]
-    batch["text"] = payload.text
-    if payload.mlm_labels is not None:
-        batch["mlm_labels"] = payload.mlm_labels
-    if payload.text_aug is not None:
-        batch["text_aug"] = payload.text_aug
-    batch["sample_id"] = payload.sample_id
-    return batch
-
-
 def _check_arguments(micro_batch, grad_accum, image_size, seed, workers, decode_device) -> None:
     if micro_batch < 1 or grad_accum < 1 or image_size < 1 or workers < 0 or seed < 0:
         raise UserError(f"micro_batch ({micro_batch}), grad_accum ({grad_accum}) and image_size ({image_size}) "
@@ -389,13 +298,6 @@ def _streaming_world(rank: int, world_size: int) -> int:
     if world_size % local_world_size:
         raise RuntimeError(f"WORLD_SIZE {world_size} is not a multiple of LOCAL_WORLD_SIZE {local_world_size}.")
     return local_world_size
-
-
-def _decode_torch_device(decode_device: str) -> torch.device:
-    if decode_device == "cpu":
-        return torch.device("cpu")
-    # One GPU visible per process (SLURM binding) or all of them (deepspeed launcher).
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
 
 
 def _dali_threads() -> int:

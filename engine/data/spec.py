@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.errors import UserError
-
 # "crop": random resized crop only (CLIP). "moco_v2": crop + colour jitter + grayscale + blur +
 # flip (DeCLIP's image views). "crop_jitter": crop + colour jitter (CLIP-Lite). See augment.py.
 AUGMENTS = ("crop", "moco_v2", "crop_jitter")
@@ -41,9 +39,10 @@ class DataSpec:
         if self.augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
         low, high = (float(value) for value in self.crop_scale)
-        # The crop scale can come from a command-line override, hence a UserError.
+        # The crop scale comes from a recipe (engine/plan/recipes.py), never from the command
+        # line: a bad one is a mistake in the recipe's code, not in the user's input.
         if not 0 < low <= high <= 1:
-            raise UserError(f"crop scale {tuple(self.crop_scale)} must satisfy 0 < low <= high <= 1.")
+            raise ValueError(f"crop scale {tuple(self.crop_scale)} must satisfy 0 < low <= high <= 1.")
         object.__setattr__(self, "crop_scale", (low, high))
 
     @property

@@ -29,7 +29,7 @@ class NotClipLayout(UserError):
         super().__init__(
             f"--format {fmt} writes CLIP's native towers, which this model does not have: {why}. "
             f"The formats open_clip and hf take a timm CLIP-layout ViT with a linear projection and CLIP's "
-            f"text transformer: presets {', '.join(MAPPED_PRESETS)} trained with --method clip or declip. "
+            f"text transformer: presets {', '.join(MAPPED_PRESETS)} with a method that keeps that text tower. "
             f"Use --format safetensors (any model): model.safetensors + model_card.json, loaded back with "
             f"engine.export.plain.load_exported(OUT).")
 

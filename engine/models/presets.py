@@ -74,7 +74,7 @@ PRESETS = {
 }
 
 
-# The presets small enough to train on a CPU: they take the smoke-run recipes (engine/recipes.py)
+# The presets small enough to train on a CPU: they take the smoke-run recipes (engine/plan/recipes.py)
 # and CLIP-Lite's debug critic.
 DEBUG_PRESETS = ("debug", "vit-debug")
 

@@ -13,7 +13,7 @@ fp32 loss terms, in two parts:
       it gathers other ranks' rows itself, with gradients.
 
 `forward` is the two in sequence. engine/train/gradcache.py calls them separately: cross terms
-once on every micro-batch's cached embeddings (the whole global batch), batch terms once per
+once on the embeddings GradCache keeps of every micro-batch (the whole global batch), batch terms once per
 micro-batch, averaged, as plain accumulation would.
 
 The class attributes tell the loader what each sample must carry; the defaults are CLIP's
@@ -45,7 +45,7 @@ from engine.models.two_tower import TwoTower
 @dataclass(frozen=True)
 class OptionContext:
     """What an option's default may depend on."""
-    recipe: object                 # engine.recipes.Recipe: its `options` hold per-recipe defaults
+    recipe: object                 # engine.plan.recipes.Recipe: its `options` hold per-recipe defaults
     dataset_size: int
     wordnet: str | None            # where WordNet was found, if anywhere
 
@@ -85,9 +85,9 @@ class Objective(nn.Module, ABC):
 
     @classmethod
     def recipe(cls, model: str, preset: ModelPreset, smoke: bool):
-        """The recipe (engine/recipes.Recipe) for `model`; `smoke`: a preset small enough for a
+        """The recipe (engine/plan/recipes.Recipe) for `model`; `smoke`: a preset small enough for a
         CPU. Override where the paper's numbers depend on the towers."""
-        from engine import recipes
+        from engine.plan import recipes
         if smoke:
             return recipes.smoke_recipe(**cls.smoke_changes)
         if cls.paper_recipe is None:

@@ -23,7 +23,8 @@ import math
 import torch
 from torch import nn
 
-from engine import dist, recipes
+from engine import dist
+from engine.plan import recipes
 from engine.models.presets import ModelPreset
 from engine.models.two_tower import TwoTower
 from engine.objectives.base import Objective

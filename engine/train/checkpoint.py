@@ -33,6 +33,7 @@ import torch.distributed as torch_dist
 
 from engine import dist
 from engine.errors import UserError
+from engine.files import write_atomic
 from engine.train import reshard
 
 KEEP_LAST = 2  # older complete checkpoints are deleted once a newer one is complete
@@ -71,12 +72,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save(engine, checkpoint_dir: Path, step: int, rank_state: dict, *,
          eval_pending: bool = False, before_complete=None) -> None:
     """Every rank calls this (DeepSpeed shards optimizer states across ranks). `rank_state` is
@@ -87,7 +82,7 @@ def save(engine, checkpoint_dir: Path, step: int, rank_state: dict, *,
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False,
                            client_state={"step": step, "eval_pending": eval_pending})
     own = {"rng": rng_state(), "state": rank_state}
-    _atomic_write(checkpoint_dir / tag / f"rank{dist.rank()}.pt", lambda p: torch.save(own, p))
+    write_atomic(checkpoint_dir / tag / f"rank{dist.rank()}.pt", lambda p: torch.save(own, p))
     if before_complete is not None:
         before_complete()
     _barrier()
@@ -95,8 +90,8 @@ def save(engine, checkpoint_dir: Path, step: int, rank_state: dict, *,
         folder = checkpoint_dir / tag
         files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
                  if p.is_file() and p.name != MANIFEST and ".tmp" not in p.name}
-        _atomic_write(folder / MANIFEST, lambda p: p.write_text(json.dumps({"files": files}, indent=1)))
-        _atomic_write(checkpoint_dir / "latest", lambda p: p.write_text(tag))
+        write_atomic(folder / MANIFEST, json.dumps({"files": files}, indent=1))
+        write_atomic(checkpoint_dir / "latest", tag)
         _prune(checkpoint_dir, keep=tag)
     _barrier()
 
@@ -209,7 +204,7 @@ def _set_aside(checkpoint_dir: Path, tag: str) -> None:
         os.replace(checkpoint_dir / tag, damaged)
     previous = _complete_before(checkpoint_dir, tag)
     if previous:  # else `latest` keeps naming the damaged tag: every later resume says so
-        _atomic_write(checkpoint_dir / "latest", lambda p: p.write_text(previous[-1]))
+        write_atomic(checkpoint_dir / "latest", previous[-1])
 
 
 def _load_resharded(engine, checkpoint_dir: Path, tag: str, saved_ranks: int) -> Restored:

@@ -27,7 +27,7 @@ class Cadence:
     log_every: int
     eval_every: int
     checkpoint_every: int
-    feature_cache: bool = False  # accumulate with cached embeddings (engine/train/gradcache.py)
+    gradcache: bool = False  # accumulate by GradCache (engine/train/gradcache.py)
     max_skipped_in_a_row: int = 5  # non-finite steps in a row that stop the run
     nonfinite_advice: str = ""     # what the stop message suggests
 
@@ -100,7 +100,7 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
         done = step + 1
         skipped_before = engine.skipped_steps
         engine.module.nonfinite_drill = drills.poison(done)
-        if cadence.feature_cache:
+        if cadence.gradcache:
             with timer.waiting_for_data():
                 micro_batches = [_to(device, next(batches)) for _ in range(cadence.grad_accum)]
             step_losses = gradcache.accumulate_step(engine, micro_batches)

@@ -10,7 +10,7 @@ import torch
 
 from launching import check, launch, read_metrics, tensorboard_scalars
 
-# 8 pairs per rank as 2 micro-batches: accumulation with cached embeddings (GradCache).
+# 8 pairs per rank as 2 micro-batches: GradCache accumulation.
 SHORT = ["--steps", "4", "--global-batch", "16", "--micro-batch", "4", "--log-every", "1",
          "--eval-every", "4"]
 TERMS = {"declip": ("loss/clip", "loss/simsiam", "loss/mlm", "loss/nn"),
@@ -27,7 +27,7 @@ def test_two_ranks_log_every_term(method, stage, extra, tmp_path, cache_env):
                  cache_env, ranks=2))
     plan = json.loads((out / "plan.json").read_text())
     assert (plan["method"], plan["zero_stage"], plan["world_size"]) == (method, stage, 2)
-    assert (plan["grad_accum"], plan["accumulation"]) == (2, "feature_cache")
+    assert (plan["grad_accum"], plan["accumulation"]) == (2, "gradcache")
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert len(rows) == 4
     for row in rows:
@@ -76,7 +76,7 @@ def _rows_by_step(run_dir):
 
 
 def test_declip_resume_restores_the_queue_and_continues_exactly(tmp_path, cache_env):
-    # Two micro-batches per step: the queue is filled once per step, from the cached embeddings.
+    # Two micro-batches per step: the queue is filled once per step, from the embeddings GradCache keeps.
     common = ["--method", "declip", "--steps", "6", "--global-batch", "16", "--micro-batch", "8",
               "--log-every", "1",
               "--checkpoint-every", "3", "--eval-every", "6", "--queue-size", "40", "--seed", "5"]

@@ -63,11 +63,11 @@ def test_resume_continues_the_same_data_and_loss(tmp_path, cache_env):
 def test_accumulated_clip_keeps_the_global_batch_loss(tmp_path, cache_env):
     # 32 pairs as 4 micro-batches of 8 on one rank: the embeddings are cached and the loss spans
     # all 32 (tests/unit/test_gradcache.py checks the gradients equal one 32-pair step's).
-    out = tmp_path / "feature_cache"
+    out = tmp_path / "gradcache"
     check(launch(["--steps", "3", "--global-batch", "32", "--micro-batch", "8", "--log-every", "1",
                   "--eval-every", "100", "--out", str(out)], cache_env))
     plan = json.loads((out / "plan.json").read_text())
-    assert (plan["grad_accum"], plan["accumulation"]) == (4, "feature_cache")
+    assert (plan["grad_accum"], plan["accumulation"]) == (4, "gradcache")
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert len(rows) == 3 and all(torch.isfinite(torch.tensor([r["loss"] for r in rows])))
     assert all(r["loss"] == pytest.approx(r["loss/clip"]) for r in rows)

@@ -12,7 +12,6 @@ from engine.data.augment import (BLUR_SIGMA, PHOTOMETRIC_FIELDS, ViewBatch, View
                                  random_resized_crop)
 from engine.data.dali import CLIP_MEAN, CLIP_STD, DecodedBatches, HostBatch, train_pipeline
 from engine.data.spec import DataSpec
-from engine.errors import UserError
 
 CPU = torch.device("cpu")
 SIZE = 48  # output side; the source picture is 64 x 80, so the full-image window is a real resize
@@ -175,7 +174,7 @@ def test_data_spec_checks_and_batch_keys():
     declip = DataSpec(image_views=2, augment="moco_v2", crop_scale=(0.2, 1), text_aug=True, mlm=True)
     assert declip.batch_keys == ("image", "image2", "text", "mlm_labels", "text_aug", "sample_id")
     assert declip.crop_scale == (0.2, 1.0)
-    with pytest.raises(UserError, match="crop scale"):
+    with pytest.raises(ValueError, match="crop scale"):
         DataSpec(crop_scale=(0.0, 1.0))
     with pytest.raises(ValueError, match="augment"):
         DataSpec(augment="simclr")

@@ -4,9 +4,9 @@ import copy
 import pytest
 from deepspeed.runtime import config as deepspeed_config
 
-from engine.ds_config import apply_overrides, render
+from engine.plan.deepspeed_config import apply_overrides, render
 from engine.errors import UserError
-from engine.plan import Dials
+from engine.plan.dials import Dials
 from tests.unit.test_plan import A100_40GB_X4, CPU_ONLY, H100_X8, V100_X1, plan_for
 
 PLANS = {

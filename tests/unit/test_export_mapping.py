@@ -17,7 +17,7 @@ from engine.export.publish import ExportNotVerified, export
 from engine.export.verify import TOLERANCE
 from engine.models.presets import PRESETS, ModelPreset, for_method, get_preset
 from engine.models.two_tower import TwoTower
-from engine.recipes import get_recipe
+from engine.plan.recipes import get_recipe
 
 TOKENIZER = ClipTokenizer()
 

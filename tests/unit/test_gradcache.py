@@ -1,4 +1,4 @@
-"""Gradient accumulation with cached embeddings (engine/train/gradcache.py), for every method:
+"""GradCache accumulation (engine/train/gradcache.py), for every method:
 k micro-batches give the gradients of one step on the whole batch where the objective's terms
 allow it (CLIP; DeCLIP's clip and nn; CLIP-Lite's JSD), in one process and over 2 gloo ranks;
 batch terms (SimSiam, MLM, the prior) are the mean over micro-batches; random draws replay."""

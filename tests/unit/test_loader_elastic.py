@@ -231,12 +231,6 @@ def test_resume_refuses_what_cannot_continue(reference, digits, tokenizer):
                              world_size=1, **OPTIONS)
         state = reference.state_after_step(2)
         loader.load_state_dict(state)  # the same setup loads
-        with pytest.raises(UserError, match="global_batch was 256, now 128: resume with --global-batch 256"):
-            loader.load_state_dict({**state, "global_batch": 256})
-        with pytest.raises(UserError, match="seed was 6, now 5: resume with --seed 6"):
-            loader.load_state_dict({**state, "seed": 6})
-        with pytest.raises(UserError, match="dataset_size was 1500, now 1497: resume with the checkpoint's data"):
-            loader.load_state_dict({**state, "dataset_size": 1500})
         with pytest.raises(UserError, match="inside an optimizer step"):
             loader.load_state_dict(reference.after[0][2 * 4 + 1])  # after 2 of a step's 4 micro-batches
         with pytest.raises(UserError, match="outside an epoch of 1408 samples"):

@@ -12,9 +12,10 @@ from engine.data.spec import DataSpec
 from engine.data.streams import DataSource, data_facts, parse_data
 from engine.data.text import ClipTokenizer
 from engine.errors import UserError
-from engine.plan import Dials, resolve
-from engine.pretrain import check_resumable
-from engine.recipes import get_recipe
+from engine.plan.dials import Dials
+from engine.plan.resolve import resolve
+from engine.plan.resume import check_resumable
+from engine.plan.recipes import get_recipe
 from tests.unit.test_loader import _assert_same_batches, _loader, _take
 from tests.unit.test_plan import CPU_ONLY, NO_FUSED
 
@@ -139,7 +140,7 @@ def test_other_weights_are_another_order_that_a_run_directory_refuses_to_resume(
     (tmp_path / "checkpoints" / "latest").write_text("step00000004")
     (tmp_path / "plan.json").write_text(json.dumps(plan(mixture).to_dict()))
     check_resumable(tmp_path, plan(mixture))
-    with pytest.raises(UserError, match=r"drew its data as \(proportion, samples per epoch\) \[\(0.7, 280\), "
-                                        r"\(0.3, 120\)\], this command as \[\(0.5, 200\), \(0.5, 200\)\]: resume "
+    with pytest.raises(UserError, match=r"data drawn as \(proportion, samples per epoch\) \[\(0.7, 280\), "
+                                        r"\(0.3, 120\)\] but this command gives \[\(0.5, 200\), \(0.5, 200\)\]: resume "
                                         r"with the same --data weights"):
         check_resumable(tmp_path, plan(f"{alpha}:0.5,{beta}:0.5"))

@@ -13,14 +13,15 @@ from PIL import Image
 from engine.data.dali import CLIP_MEAN, CLIP_STD
 from engine.data.mlm import IGNORE_INDEX, MASK_ID
 from engine.data.text import ClipTokenizer
-from engine.hardware import Hardware
+from engine.plan.hardware import Hardware
 from engine.models.presets import for_method, get_preset
 from engine.models.two_tower import TwoTower
 from engine.observe.charts import Charts, HeldOutProbe
 from engine.observe.metrics import MetricsWriter
 from engine.observe.visuals import CELL, GAP, heatmap
-from engine.plan import Dials, OptimizerSupport, resolve
-from engine.recipes import get_recipe
+from engine.plan.dials import Dials
+from engine.plan.resolve import OptimizerSupport, resolve
+from engine.plan.recipes import get_recipe
 
 
 def _events(run_dir):

@@ -6,10 +6,11 @@ import math
 import pytest
 
 from engine.errors import UserError
-from engine.hardware import Hardware, probe
-from engine.plan import (MODEL_STATE_BUDGET_FRACTION, REFERENCE_DEVICE_BYTES, Dials,
-                         OptimizerSupport, probe_optimizer_support, resolve)
-from engine.recipes import get_recipe
+from engine.plan.hardware import Hardware, probe
+from engine.plan.dials import Dials
+from engine.plan.memory import MODEL_STATE_BUDGET_FRACTION
+from engine.plan.resolve import REFERENCE_DEVICE_BYTES, OptimizerSupport, probe_optimizer_support, resolve
+from engine.plan.recipes import get_recipe
 
 GIB = 2**30
 H100_X8 = Hardware("cuda", "NVIDIA H100 80GB HBM3", 80 * GIB, (9, 0), True,

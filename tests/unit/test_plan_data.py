@@ -1,4 +1,4 @@
-"""The data part of the planner (engine/plan_data.py): streams, the shard cache limit, the order."""
+"""The data part of the planner (engine/plan/data.py): streams, the shard cache limit, the order."""
 import dataclasses
 import io
 from pathlib import Path
@@ -10,9 +10,10 @@ from streaming import MDSWriter
 from engine.data.mds import MdsInfo
 from engine.data.streams import SHUFFLE_ALGO, SHUFFLE_BLOCK, DataFacts, StreamFacts, data_facts, streaming_arguments
 from engine.errors import UserError
-from engine.plan import Dials, resolve
-from engine.plan_data import CACHE_DISK_SHARE, data_decisions
-from engine.recipes import get_recipe
+from engine.plan.dials import Dials
+from engine.plan.resolve import resolve
+from engine.plan.data import CACHE_DISK_SHARE, data_decisions
+from engine.plan.recipes import get_recipe
 from tests.unit.test_plan import CPU_ONLY, NO_FUSED
 
 MB, GB = 2**20, 2**30

@@ -1,4 +1,4 @@
-"""The planner's fault decisions (engine/plan_faults.py): where the ranks meet, the collective
+"""The planner's fault decisions (engine/plan/faults.py): where the ranks meet, the collective
 timeout, the requeue cap and the non-finite steps allowed in a row, each with its reason."""
 import dataclasses
 
@@ -6,8 +6,9 @@ import pytest
 
 from engine.errors import UserError
 from engine.launch import from_environment
-from engine.plan import Dials, resolve
-from engine.recipes import get_recipe
+from engine.plan.dials import Dials
+from engine.plan.resolve import resolve
+from engine.plan.recipes import get_recipe
 from tests.unit.test_launch import SRUN_2X4
 from tests.unit.test_plan import CPU_ONLY, H100_X8, NO_FUSED, V100_X1, plan_for, reason
 

@@ -11,7 +11,7 @@ from engine.models.presets import for_method, get_preset
 from engine.models.two_tower import TwoTower
 from engine.objectives.registry import objective_class
 from engine.objectives.siglip import SiglipObjective
-from engine.recipes import get_recipe
+from engine.plan.recipes import get_recipe
 
 SOT, EOT = 49406, 49407
 

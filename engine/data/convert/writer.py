@@ -55,6 +55,7 @@ from engine.data.convert.report import EXAMPLES_PER_REASON, Progress, Report, Ti
 from engine.data.convert.samples import SampleRules
 from engine.data.convert.sources import Pair
 from engine.errors import UserError
+from engine.files import write_atomic
 
 ENTRIES_PER_BLOCK = 1024  # the most pairs a kill loses per worker, and the most samples in one shard
 RECORD, JOB, STAGING = "record.json", "job.json", ".staging-"
@@ -129,7 +130,7 @@ def resume_state(work: Path, fingerprint: dict, overwrite: bool) -> dict[int, di
             _empty(work)
     elif any(work.iterdir()):
         _empty(work)  # no job recorded: nothing worth keeping
-    _write_json_atomic(job_file, fingerprint)
+    write_atomic(job_file, json.dumps(fingerprint, indent=1))
     for staging in work.glob(f"part-*/{STAGING}*"):  # blocks cut short: done again from scratch
         shutil.rmtree(staging)
     return collect_records(work)
@@ -375,9 +376,3 @@ def _publish(partial: Path, out: Path) -> None:
 def _empty(folder: Path) -> None:
     for child in folder.iterdir():
         shutil.rmtree(child) if child.is_dir() else child.unlink()
-
-
-def _write_json_atomic(path: Path, content: dict) -> None:
-    partial = path.with_name(f"{path.name}.partial")
-    partial.write_text(json.dumps(content, indent=1))
-    os.replace(partial, path)

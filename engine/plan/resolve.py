@@ -11,53 +11,20 @@ from dataclasses import dataclass
 
 from engine.data.streams import DataFacts
 from engine.errors import UserError
-from engine.ds_config import fp16_scale_search_steps
-from engine.hardware import Hardware
+from engine.plan.deepspeed_config import fp16_scale_search_steps
+from engine.plan.hardware import Hardware
 from engine.launch import Launch
-from engine.plan_data import data_decisions, dataset_reason
-from engine.plan_faults import fault_decisions
-from engine.plan_memory import GB, MODEL_STATE_BUDGET_FRACTION, zero_setting
+from engine.plan.dials import DECODE_DEVICES, OPTIMIZERS, PRECISIONS, Dials
+from engine.plan.data import data_decisions, dataset_reason
+from engine.plan.faults import fault_decisions
+from engine.plan.memory import GB, gb, zero_setting
 from engine.objectives.base import OptionContext
-from engine.objectives.registry import DEFAULT_METHOD
-from engine.plan_methods import accumulation, check_micro_batch, objective_options
-from engine.recipes import Recipe
+from engine.plan.objective_options import accumulation, check_micro_batch, objective_options
+from engine.plan.recipes import Recipe
+from engine.plan.resume import must_match, same_batch_semantics, same_dialled_options, same_stream_shares
 
 # The device size that Recipe.micro_batch_80gb was sized for.
 REFERENCE_DEVICE_BYTES = 80 * GB
-
-PRECISIONS = ("bf16", "fp16", "fp32")
-OPTIMIZERS = ("apex_fused", "deepspeed_fused", "torch_fused", "torch", "deepspeed_cpu_adam",
-              "sgd_lookahead")
-DECODE_DEVICES = ("gpu", "cpu")
-
-
-@dataclass(frozen=True)
-class Dials:
-    method: str = DEFAULT_METHOD; model: str = "debug"
-    data: str | None = None; out: str | None = None
-    steps: int | None = None; epochs: float | None = None; global_batch: int | None = None
-    seed: int = 0
-    # Overrides of single decisions (None = the engine decides).
-    micro_batch: int | None = None
-    accumulation: str | None = None     # "feature_cache" or "plain" (plan_methods.accumulation)
-    precision: str | None = None        # one of PRECISIONS
-    zero_stage: int | None = None; offload: bool | None = None
-    optimizer: str | None = None        # one of OPTIMIZERS
-    lr: float | None = None; warmup_steps: int | None = None
-    workers: int | None = None
-    decode_device: str | None = None    # one of DECODE_DEVICES
-    checkpoint_every: int | None = None; eval_every: int | None = None
-    log_every: int | None = None
-    evals: tuple[str, ...] = ()         # --eval TASK:PATH[,options] (engine/eval/periodic.py)
-    ds: tuple[str, ...] = ()            # raw DeepSpeed overrides "key.path=value"
-    data_fraction: float = 1.0          # train on a fixed subset of the data
-    cache_limit: str | None = None      # remote shards' disk per node, e.g. "20gb" (plan_data.py)
-    text_layers: int | None = None      # text tower depth (CLIP-Lite's ablation: 2/4/6/12)
-    # The objective's own options given, by name (engine/objectives/base.Option); an option the
-    # method does not declare is refused.
-    objective_options: dict = dataclasses.field(default_factory=dict)
-    # Faults (plan_faults.py).
-    collective_timeout: int | None = None; max_requeues: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,22 +51,31 @@ def probe_optimizer_support(hw: Hardware) -> OptimizerSupport:
 
 @dataclass(frozen=True)
 class RunPlan:
-    method: str; model: str; seed: int
+    """Fields marked must_match are what a resumed run must share with the run it continues
+    (else the checkpoint is wrong for it). The number of ranks and the micro-batch split may
+    change: the states are resharded (engine/train/reshard.py) and the data order continues
+    (engine/data/loader.py), as long as each step's loss spans the same samples."""
+    method: str = must_match(); model: str = must_match(); seed: int = must_match()
     world_size: int; nodes: int; rendezvous: str; accelerator: str; device_name: str
-    global_batch: int; micro_batch: int; grad_accum: int; accumulation: str
+    global_batch: int = must_match(); micro_batch: int; grad_accum: int
+    accumulation: str = must_match(same_batch_semantics)
     precision: str; zero_stage: int; offload_optimizer: bool; optimizer: str
     lr: float; group_lrs: tuple[tuple[str, float], ...]; min_lr: float
     weight_decay: float; betas: tuple[float, float] | None; eps: float | None
     momentum: float | None; grad_clip: float | None
-    warmup_steps: int; warmup_start_lr: float; total_steps: int; epochs: float
-    crop_scale: tuple[float, float]; image_size: int; text_layers: int
+    warmup_steps: int; warmup_start_lr: float; total_steps: int = must_match(); epochs: float
+    crop_scale: tuple[float, float]; image_size: int; text_layers: int = must_match()
     workers: int; decode_device: str
     checkpoint_every: int; eval_every: int; evaluations: tuple[str, ...]; log_every: int
     collective_timeout_s: int; max_requeues: int; max_skipped_in_a_row: int
-    dataset_size: int; data_fraction: float; n_params: int
-    data_streams: tuple[tuple[str, float, int], ...]; cache_limit: int | None
+    dataset_size: int = must_match(); data_fraction: float = must_match(); n_params: int
+    # Where the data lives may change (a local copy of a bucket), not how much of each stream
+    # an epoch draws: a mixture's weights set the data order as much as the seed does.
+    data_streams: tuple[tuple[str, float, int], ...] = must_match(same_stream_shares)
+    cache_limit: int | None
     shuffle_algo: str; shuffle_seed: int; shuffle_block: int; canonical_nodes: int
-    objective_options: dict             # the method's own options, resolved (name -> value)
+    # The method's own options, resolved (name -> value); the dialled ones must match.
+    objective_options: dict = must_match(same_dialled_options)
     decisions: tuple[Decision, ...]     # one per field above in field order, then one per objective option
 
     def table(self) -> str:
@@ -156,8 +132,8 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
     decide("accelerator", hw.accelerator,
            "CUDA device found" if hw.accelerator == "cuda" else "no CUDA device: CPU run")
     decide("device_name", hw.device_name,
-           f"{_sm(hw)}, {_gb(hw.device_memory_bytes)} GB" if hw.accelerator == "cuda"
-           else f"{_gb(hw.device_memory_bytes)} GB usable RAM per rank")
+           f"{_sm(hw)}, {gb(hw.device_memory_bytes)} GB" if hw.accelerator == "cuda"
+           else f"{gb(hw.device_memory_bytes)} GB usable RAM per rank")
     decide("n_params", n_params, "counted in the built model")
     decide("image_size", image_size, "the model's input size")
     decide("text_layers", text_layers, "--text-layers given" if dials.text_layers is not None
@@ -239,10 +215,6 @@ def _sm(hw: Hardware) -> str:
     return f"sm_{major}{minor}"
 
 
-def _gb(n_bytes: float) -> str:
-    return f"{n_bytes / GB:.3g}"
-
-
 def _divisors(n: int) -> list[int]:
     small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
     return sorted(set(small + [n // d for d in small]))
@@ -300,7 +272,7 @@ def _micro_batch(dials: Dials, hw: Hardware, recipe: Recipe, precision: str, per
     cap = max(1, int(cap / 2 if precision == "fp32" else cap))
     micro = max(d for d in _divisors(per_rank) if d <= cap)
     return micro, (f"largest divisor of {per_rank} per rank within {cap}: {recipe.micro_batch_80gb} "
-                   f"fit 80 GB in bf16, scaled to {_gb(hw.device_memory_bytes)} GB"
+                   f"fit 80 GB in bf16, scaled to {gb(hw.device_memory_bytes)} GB"
                    + (" and halved for fp32" if precision == "fp32" else ""))
 
 

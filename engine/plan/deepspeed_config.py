@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from engine.errors import UserError
 
 if typing.TYPE_CHECKING:  # engine.plan reads fp16_scale_search_steps() from here
-    from engine.plan import RunPlan
+    from engine.plan.resolve import RunPlan
 
 # DeepSpeed prints a progress line every `steps_per_print` steps; the engine logs its own.
 _STEPS_PER_PRINT_NEVER = 2**31 - 1

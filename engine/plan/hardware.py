@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.dist import local_device
 from engine.launch import Launch, env_int, from_environment
 
 
@@ -33,7 +34,7 @@ def probe(launch: Launch | None = None) -> Hardware:
     ranks_from = launch.describe_ranks()
     cpus_per_node = _cpus_per_node(os.environ)
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(launch.local_rank % torch.cuda.device_count())
+        props = torch.cuda.get_device_properties(local_device(launch.local_rank))
         capability = (props.major, props.minor)
         return Hardware(
             accelerator="cuda", device_name=props.name,

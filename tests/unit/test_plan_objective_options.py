@@ -3,8 +3,9 @@
 import pytest
 
 from engine.errors import UserError
-from engine.plan import Dials, resolve
-from engine.recipes import get_recipe
+from engine.plan.dials import Dials
+from engine.plan.resolve import resolve
+from engine.plan.recipes import get_recipe
 from tests.unit.test_plan import ALL_FUSED, CPU_ONLY, H100_X8, NO_FUSED
 
 YFCC15M, COCO = 15_000_000, 591_753
@@ -122,7 +123,7 @@ def test_accumulation_keeps_the_global_batch_for_every_method(method):
     # 64 per rank on one CPU as micro-batches of 16: the plan caches features, and says why.
     plan = plan_for(CPU_ONLY, method, "debug", dataset_size=1500, global_batch=64, micro_batch=16)
     reasons = {d.name: d.reason for d in plan.decisions}
-    assert (plan.grad_accum, plan.accumulation) == (4, "feature_cache")
+    assert (plan.grad_accum, plan.accumulation) == (4, "gradcache")
     assert "whole global batch" in reasons["accumulation"]
     plain = plan_for(CPU_ONLY, method, "debug", dataset_size=1500, global_batch=64, micro_batch=16,
                      accumulation="plain")

@@ -6,12 +6,7 @@ methods that do.
 from engine.errors import UserError
 from engine.objectives.base import Option, OptionContext
 from engine.objectives.registry import BUILT_IN, objective_class
-
-ACCUMULATIONS = ("feature_cache", "plain")
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+from engine.plan.dials import ACCUMULATIONS, flag_name as flag
 
 
 def parse_option(option: Option, raw) -> object:
@@ -67,14 +62,12 @@ def check_micro_batch(method: str, micro: int, per_rank: int) -> None:
 
 
 def accumulation(given: str | None, grad_accum: int) -> tuple[str, str]:
-    """How micro-batches of one step accumulate: "feature_cache" keeps the global-batch loss
-    (engine/train/gradcache.py), "plain" contrasts each micro-batch within itself."""
+    """How micro-batches of one step accumulate (ACCUMULATIONS)."""
     if given is not None and given not in ACCUMULATIONS:
         raise UserError(f"--accumulation {given!r} is unknown: use one of {', '.join(ACCUMULATIONS)}")
     if given is not None:
         return given, "--accumulation given"
     if grad_accum == 1:
         return "plain", "one micro-batch per step: nothing to accumulate"
-    return "feature_cache", ("embeddings of every micro-batch cached, then recomputed with "
-                             "gradients: the terms that compare samples span the whole global "
-                             "batch (GradCache)")
+    return "gradcache", ("embeddings of every micro-batch cached, then recomputed with gradients: "
+                         "the terms that compare samples span the whole global batch (GradCache)")

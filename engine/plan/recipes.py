@@ -2,7 +2,7 @@
 as typed Python. The planner turns a recipe into a run on whatever hardware is present. Every
 number carries its provenance in `Recipe.source`, which the plan table shows as the reason.
 
-    from engine.recipes import get_recipe
+    from engine.plan.recipes import get_recipe
     get_recipe("clip", "vit-b-32").lr    # 5e-4
 
 Each objective declares its own recipes (engine/objectives/<method>.py, `recipe()`); what is

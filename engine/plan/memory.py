@@ -16,7 +16,7 @@ MODEL_STATE_BUDGET_FRACTION = 0.5
 ADAM_STATE_BYTES_PER_PARAM = 12
 
 
-def _gb(n_bytes: float) -> str:
+def gb(n_bytes: float) -> str:
     return f"{n_bytes / GB:.3g}"
 
 
@@ -60,13 +60,13 @@ def zero_setting(dials, hw, precision: str, n_params: int):
     if not fitting and dials.zero_stage is None and dials.offload is None:
         stage, offload = ladder[-1]
         raise UserError(
-            f"{n_params / 1e6:,.0f}M parameters need {_gb(need(stage, offload))} GB of model states "
+            f"{n_params / 1e6:,.0f}M parameters need {gb(need(stage, offload))} GB of model states "
             f"per device even with ZeRO-{stage}{' and CPU offload' if offload else ''}, over the "
-            f"{_gb(budget)} GB budget ({MODEL_STATE_BUDGET_FRACTION:.0%} of each device): "
+            f"{gb(budget)} GB budget ({MODEL_STATE_BUDGET_FRACTION:.0%} of each device): "
             "use more devices or a smaller --model")
     # Overrides win even when nothing fits: then take the setting that needs least memory.
     stage, offload = fitting[0] if fitting else min(ladder, key=lambda s: need(*s))
-    usage = f"{_gb(need(stage, offload))} of {_gb(budget)} GB model-state budget per device"
+    usage = f"{gb(need(stage, offload))} of {gb(budget)} GB model-state budget per device"
     position = ladder.index((stage, offload))
     if dials.zero_stage is not None:
         stage_reason = f"--zero-stage given ({usage})"
@@ -75,14 +75,14 @@ def zero_setting(dials, hw, precision: str, n_params: int):
     else:
         below = ladder[position - 1]
         stage_reason = (f"{stage}: ZeRO-{below[0]}{' + offload' if below[1] else ''} needs "
-                        f"{_gb(need(*below))} GB per device, over the budget; {usage}")
+                        f"{gb(need(*below))} GB per device, over the budget; {usage}")
     if dials.offload is not None:
         offload_reason = f"--offload given ({usage})"
     elif hw.accelerator == "cpu":
         offload_reason = "no: a CPU run keeps Adam states in RAM already"
     elif offload:
-        offload_reason = (f"yes: on-device Adam states need {_gb(need(stage, False))} GB per "
-                          f"device, over the {_gb(budget)} GB budget")
+        offload_reason = (f"yes: on-device Adam states need {gb(need(stage, False))} GB per "
+                          f"device, over the {gb(budget)} GB budget")
     elif need(stage, offload) <= budget:
         offload_reason = "no: Adam states fit on the device"
     else:

@@ -10,7 +10,7 @@ import math
 
 from engine.errors import UserError
 from engine.launch import Launch
-from engine.plan_memory import GB
+from engine.plan.memory import GB
 
 MIN_TIMEOUT_S = 300
 # Bytes a checkpoint holds per parameter with AdamW: fp32 weights, two moments, and the

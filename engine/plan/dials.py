@@ -1,0 +1,156 @@
+"""The dials: everything a user may set, declared once.
+
+Each field of `Dials` carries its command-line flag in its metadata (help, allowed values, how
+it parses), so the launcher's parser is built from these declarations and read back into
+`Dials` by the same ones. A field left at None lets the planner decide (engine/plan/resolve.py).
+The objectives' own options are declared by each objective (engine/objectives/base.Option) and
+join the parser in a group of their own.
+"""
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+from engine.errors import UserError
+from engine.objectives.registry import DEFAULT_METHOD, method_names, objective_class
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+OPTIMIZERS = ("apex_fused", "deepspeed_fused", "torch_fused", "torch", "deepspeed_cpu_adam",
+              "sgd_lookahead")
+DECODE_DEVICES = ("gpu", "cpu")
+# How micro-batches of one step accumulate: "gradcache" keeps the global-batch loss
+# (engine/train/gradcache.py), "plain" contrasts each micro-batch within itself.
+ACCUMULATIONS = ("gradcache", "plain")
+
+DIALS = "dials"
+OVERRIDES = "overrides of single decisions (default: derived, see the plan)"
+OBJECTIVE_OPTIONS = "objective options, declared by each method (default: its recipe)"
+
+
+def dial(default=None, help: str = "", *, group: str = DIALS, kind: type = str, choices=None,
+         metavar: str | None = None, repeatable: bool = False, switch: bool = False, flag: str | None = None):
+    """A Dials field and its flag (--field-name unless `flag` is given): `kind` parses the
+    text, `repeatable` collects every use into a tuple, `switch` makes --name / --no-name."""
+    return dataclasses.field(default=default, metadata={
+        "flag": {"help": help, "group": group, "kind": kind, "choices": choices, "metavar": metavar,
+                 "repeatable": repeatable, "switch": switch, "flag": flag}})
+
+
+@dataclass(frozen=True)
+class Dials:
+    method: str = dial(DEFAULT_METHOD, "{methods}, or your own objective as package.module:Class "
+                       "(default: {default})")
+    model: str = dial("debug", "debug | vit-debug | rn50 | vit-b-32 | vit-b-16 | any timm image model name")
+    data: str | None = dial(None, "MDS directory or remote URL (s3://, gs://, ...), or a weighted mixture "
+                            "of them, e.g. s3://bucket/a:0.7,/data/b:0.3 (default: built-in digits)")
+    evals: tuple[str, ...] = dial(
+        (), "also evaluate on this set at every evaluation (repeatable): zeroshot:DIR (an ImageFolder; "
+        "options classnames=imagenet|FILE, templates=openai|simple|FILE) or retrieval:FILE|MDS (a Karpathy "
+        ".json or MDS directory; options split=, image_root=)",
+        metavar="TASK:PATH[,OPTION=VALUE]", repeatable=True, flag="--eval")
+    out: str | None = dial(None, "run directory (default runs/<method>-<model>-<time>); an existing one "
+                           "is resumed from its latest checkpoint")
+    steps: int | None = dial(None, "optimizer steps (default: from epochs)", kind=int)
+    epochs: float | None = dial(None, "passes over the data (default: recipe)", kind=float)
+    global_batch: int | None = dial(None, "pairs per optimizer step, all ranks", kind=int)
+    seed: int = dial(0, kind=int)
+    data_fraction: float = dial(1.0, "train on a fixed subset of this fraction of the data (e.g. 0.1)",
+                                kind=float)
+    ds: tuple[str, ...] = dial((), "raw DeepSpeed config override (repeatable)", metavar="KEY.PATH=VALUE",
+                               repeatable=True)
+    # Overrides of single decisions (None = the planner decides).
+    micro_batch: int | None = dial(None, group=OVERRIDES, kind=int)
+    accumulation: str | None = dial(None, "gradcache: negatives span the global batch however it is split "
+                                    "into micro-batches (GradCache); plain: each micro-batch contrasts "
+                                    "within itself", group=OVERRIDES, choices=ACCUMULATIONS)
+    precision: str | None = dial(None, group=OVERRIDES, choices=PRECISIONS)
+    zero_stage: int | None = dial(None, group=OVERRIDES, kind=int)
+    offload: bool | None = dial(None, group=OVERRIDES, switch=True)
+    optimizer: str | None = dial(None, group=OVERRIDES, choices=OPTIMIZERS)
+    lr: float | None = dial(None, group=OVERRIDES, kind=float)
+    warmup_steps: int | None = dial(None, group=OVERRIDES, kind=int)
+    workers: int | None = dial(None, "data workers per rank", group=OVERRIDES, kind=int)
+    cache_limit: str | None = dial(None, "disk that remote shards may take on each node, e.g. 20gb (the "
+                                   "least recently used are evicted); the cache lives under $CLIPZERO_CACHE",
+                                   group=OVERRIDES, metavar="SIZE")
+    decode_device: str | None = dial(None, group=OVERRIDES, choices=DECODE_DEVICES)
+    checkpoint_every: int | None = dial(None, group=OVERRIDES, kind=int)
+    eval_every: int | None = dial(None, group=OVERRIDES, kind=int)
+    log_every: int | None = dial(None, group=OVERRIDES, kind=int)
+    text_layers: int | None = dial(None, "text tower depth (CLIP-Lite: 2/4/6/12)", group=OVERRIDES, kind=int)
+    collective_timeout: int | None = dial(None, "a rank silent this long (dead, hung) ends the job",
+                                          group=OVERRIDES, kind=int, metavar="SECONDS")
+    max_requeues: int | None = dial(None, "SLURM: times a signalled job requeues itself before it stops "
+                                    "with its checkpoint", group=OVERRIDES, kind=int)
+    # The objective's own options given, by name (engine/objectives/base.Option): their flags
+    # come from the objectives' declarations; an option the method does not declare is refused.
+    objective_options: dict = dataclasses.field(default_factory=dict)
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_OPTION_DEST = "objective_option__"   # argparse dest prefix of the objectives' own options
+
+
+def add_dial_arguments(parser: argparse.ArgumentParser, method: str | None) -> None:
+    """Every dial as a flag, in groups, then the options declared by the registered methods
+    and by `method` (a plug-in given as package.module:Class)."""
+    groups = {DIALS: parser.add_argument_group(DIALS)}
+    for field in dataclasses.fields(Dials):
+        if "flag" not in field.metadata:
+            continue
+        spec = field.metadata["flag"]
+        if spec["group"] not in groups:
+            groups[spec["group"]] = parser.add_argument_group(spec["group"])
+        help_text = spec["help"].format(methods=" | ".join(method_names()), default=field.default) or None
+        flag, common = spec["flag"] or flag_name(field.name), {"dest": field.name, "help": help_text}
+        if spec["switch"]:
+            groups[spec["group"]].add_argument(flag, action=argparse.BooleanOptionalAction,
+                                               default=field.default, **common)
+        elif spec["repeatable"]:
+            groups[spec["group"]].add_argument(flag, action="append", default=[], metavar=spec["metavar"], **common)
+        else:
+            groups[spec["group"]].add_argument(flag, type=spec["kind"], default=field.default,
+                                               choices=spec["choices"], metavar=spec["metavar"], **common)
+    options = parser.add_argument_group(OBJECTIVE_OPTIONS)
+    for name, (option, owners) in declared_options(method).items():
+        options.add_argument(flag_name(name), dest=_OPTION_DEST + name,
+                             metavar=(option.kind.__name__.upper() if option.choices is None
+                                      else "{" + ",".join(map(str, option.choices)) + "}"),
+                             help=f"{', '.join(owners)}: {option.help}")
+
+
+def dials_from_args(args: argparse.Namespace) -> Dials:
+    """The Dials a parser built by add_dial_arguments read."""
+    given = {}
+    for field in dataclasses.fields(Dials):
+        if "flag" in field.metadata:
+            value = getattr(args, field.name)
+            given[field.name] = tuple(value) if field.metadata["flag"]["repeatable"] else value
+    options = {key[len(_OPTION_DEST):]: value for key, value in vars(args).items()
+               if key.startswith(_OPTION_DEST) and value is not None}
+    return Dials(**given, objective_options=options)
+
+
+def method_in(argv) -> str:
+    """--method alone, read before the full parser is built (its options depend on it)."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--method", default=DEFAULT_METHOD)
+    return early.parse_known_args(argv)[0].method
+
+
+def declared_options(method: str | None) -> dict:
+    """name -> (Option, [methods declaring it]) over every registered method and `method`; a
+    method that does not import is left to the planner, which says why."""
+    methods = method_names() + ([method] if method and method not in method_names() else [])
+    declared: dict = {}
+    for name in methods:
+        try:
+            cls = objective_class(name)
+        except UserError:
+            continue
+        for option in cls.options:
+            if option.dial:
+                declared.setdefault(option.name, (option, []))[1].append(name)
+    return declared

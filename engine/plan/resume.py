@@ -1,0 +1,86 @@
+"""Whether a run directory's checkpoint can continue under this command's plan.
+
+The RunPlan fields a resumed run must share with the run it continues are marked where they
+are declared (`must_match` in engine/plan/resolve.py); this module compares them against the
+plan.json the run wrote, and refuses what the checkpoint cannot continue before any heavy work.
+"""
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+from engine.errors import UserError
+from engine.objectives.registry import objective_class
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeRule:
+    """`seen(plan)` is the part of a plan (as plan.json holds it) that must be equal, shown as
+    `label`; `hint(saved)` says which dials continue the saved run."""
+    seen: Callable[[dict], object]
+    label: str | None = None
+    hint: Callable[[dict], str] = lambda saved: "resume with the same dials"
+
+
+def must_match(rule: ResumeRule | None = None) -> dataclasses.Field:
+    """Marks a RunPlan field that a resumed run must share (by `rule`, else its whole value)."""
+    return dataclasses.field(metadata={"resume": rule})
+
+
+def _batch_semantics(plan: dict) -> str:
+    """What one optimizer step's loss spans: the whole global batch (one micro-batch, or
+    GradCache), or each micro-batch on its own (plain accumulation over k)."""
+    if plan["grad_accum"] == 1 or plan["accumulation"] != "plain":
+        return "the whole global batch"
+    return f"each of {plan['grad_accum']} micro-batches on its own (--accumulation plain)"
+
+
+same_batch_semantics = ResumeRule(
+    _batch_semantics, label="each step's loss over",
+    hint=lambda saved: f"give --accumulation {saved['accumulation']} and --micro-batch {saved['micro_batch']}")
+
+same_stream_shares = ResumeRule(
+    lambda plan: [tuple(stream[1:]) for stream in plan.get("data_streams", [])],
+    label="data drawn as (proportion, samples per epoch)", hint=lambda saved: "resume with the same --data weights")
+
+
+def _dialled_options(plan: dict) -> dict:
+    # Only what the user dialled: a decision such as WordNet's presence may change between runs.
+    dialled = {option.name for option in objective_class(plan["method"]).options if option.dial}
+    return {name: value for name, value in (plan.get("objective_options") or {}).items() if name in dialled}
+
+
+same_dialled_options = ResumeRule(_dialled_options, label="objective options")
+
+
+def check_resumable(run_dir: Path, plan) -> dict | None:
+    """The saved plan of the run `run_dir` holds, when this command (`plan`, a RunPlan) would
+    resume it; refuses dials that the checkpoint cannot continue."""
+    saved_path = run_dir / "plan.json"
+    if not (run_dir / "checkpoints" / "latest").exists() or not saved_path.exists():
+        return None
+    saved, now = json.loads(saved_path.read_text()), plan.to_dict()
+    for field in dataclasses.fields(plan):
+        if "resume" not in field.metadata:
+            continue
+        rule = field.metadata["resume"] or ResumeRule(lambda p, name=field.name: p.get(name))
+        before, after = rule.seen(saved), rule.seen(now)
+        if before != after:
+            label = rule.label or field.name
+            raise UserError(f"{run_dir} holds a run with {label} {before!r} but this command gives "
+                            f"{after!r}: {rule.hint(saved)}, or choose a new --out")
+    return saved
+
+
+def describe_reshape(saved: dict | None, plan) -> str | None:
+    """A line for the log when this run resumes on another layout than the one it continues."""
+    if saved is None:
+        return None
+    before = (saved["world_size"], saved["micro_batch"], saved["grad_accum"])
+    after = (plan.world_size, plan.micro_batch, plan.grad_accum)
+    if before == after:
+        return None
+    return (f"resuming on another layout: the checkpoint's run had {before[0]} rank(s) x micro-batch "
+            f"{before[1]} x {before[2]} accumulated, this one {after[0]} x {after[1]} x {after[2]} "
+            f"(re-planned for {plan.world_size} rank(s), see micro_batch and grad_accum above); "
+            f"the global batch stays {plan.global_batch}")

@@ -37,6 +37,7 @@ from engine.observe.bad_records import BadRecordTally
 from engine.observe.charts import Charts, HeldOutProbe
 from engine.observe.flops import count_model_flops, views_encoded
 from engine.observe.metrics import MetricsWriter
+from engine.observe.profile import StepProfiler
 from engine.observe.progress import Progress
 from engine.plan.dials import Dials
 from engine.plan.resolve import RunPlan, probe_optimizer_support, resolve
@@ -230,16 +231,22 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
              if eval_set is not None else None)
     charts = Charts(writer, flops=flops, model=engine.module.model, probe=probe, device=engine.device)
     progress = Progress(plan.total_steps, start_step, enabled=is_main)
+    profiler = StepProfiler(run_dir, plan.profile_steps, start_step, dist.rank()) if plan.profile_steps else None
     started = time.perf_counter()
     try:
         end = train(engine, loader, cadence=cadence, start_step=start_step, device=engine.device,
                     checkpoint_dir=checkpoint_dir, evaluate=evaluator, writer=writer,
                     progress=progress, stop=stop, eval_pending=eval_pending, drills=drills,
                     bad_records=BadRecordTally(restored.rank_state.get("bad_records") if restored else None),
-                    charts=charts)
+                    charts=charts, profiler=profiler)
     finally:
         progress.close()
         writer.close()
+        if profiler is not None:
+            profiler.close()
+    if profiler is not None and profiler.written is not None and is_main:
+        print(f"profile of {plan.profile_steps} step(s): {profiler.written} (open in https://ui.perfetto.dev), "
+              f"top operators in {profiler.written.with_suffix('.txt')}", flush=True)
     if end.stopped_at is not None:
         return _after_stop(end, stop, prepared.launch, plan)
     if is_main:

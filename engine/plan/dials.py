@@ -57,6 +57,9 @@ class Dials:
                                 kind=float)
     ds: tuple[str, ...] = dial((), "raw DeepSpeed config override (repeatable)", metavar="KEY.PATH=VALUE",
                                repeatable=True)
+    profile: int | None = dial(None, "trace this many training steps with torch.profiler, after two steps of "
+                               "warm-up, into RUN/profile/ (Chrome/Perfetto JSON, one file per rank)",
+                               kind=int, metavar="STEPS")
     # Overrides of single decisions (None = the planner decides).
     micro_batch: int | None = dial(None, group=OVERRIDES, kind=int)
     accumulation: str | None = dial(None, "gradcache: negatives span the global batch however it is split "

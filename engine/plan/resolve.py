@@ -20,6 +20,7 @@ from engine.plan.faults import fault_decisions
 from engine.plan.memory import GB, gb, zero_setting
 from engine.objectives.base import OptionContext
 from engine.plan.objective_options import accumulation, check_micro_batch, objective_options
+from engine.observe.profile import first_traced_step
 from engine.plan.recipes import Recipe
 from engine.plan.resume import must_match, same_batch_semantics, same_dialled_options, same_stream_shares
 
@@ -66,7 +67,7 @@ class RunPlan:
     warmup_steps: int; warmup_start_lr: float; total_steps: int = must_match(); epochs: float
     crop_scale: tuple[float, float]; image_size: int; text_layers: int = must_match()
     workers: int; decode_device: str
-    checkpoint_every: int; eval_every: int; evaluations: tuple[str, ...]; log_every: int
+    checkpoint_every: int; eval_every: int; evaluations: tuple[str, ...]; log_every: int; profile_steps: int
     collective_timeout_s: int; max_requeues: int; max_skipped_in_a_row: int
     dataset_size: int = must_match(); data_fraction: float = must_match(); n_params: int
     # Where the data lives may change (a local copy of a bucket), not how much of each stream
@@ -203,6 +204,7 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
     log_every = min(10, max(1, total_steps // 10))
     decide("log_every", *_every(dials.log_every, "--log-every", log_every, "every 10 steps"
                                 if log_every == 10 else f"about 10 lines for a {total_steps}-step run"))
+    decide("profile_steps", *_profile(dials, total_steps))
     # The table lists the decisions in RunPlan's field order, whatever order they were made in.
     ordered = tuple(decisions[f.name] for f in dataclasses.fields(RunPlan)
                     if f.name not in ("objective_options", "decisions"))
@@ -385,6 +387,18 @@ def _decode_device(dials: Dials, hw: Hardware):
     if hw.accelerator == "cuda":
         return "gpu", "DALI mixed decode: JPEGs decoded on the GPU, CPUs stay free"
     return "cpu", "DALI CPU pipeline: no GPU"
+
+
+def _profile(dials: Dials, total_steps: int):
+    if dials.profile is None:
+        return 0, "off (--profile N traces N steps with torch.profiler)"
+    steps = _given(dials.profile, "--profile")[0]
+    first = first_traced_step(0)
+    if first + steps - 1 > total_steps:
+        raise UserError(f"--profile {steps}: the trace starts at step {first} of this {total_steps:,}-step run; "
+                        f"use --profile {max(1, total_steps - first + 1)} or fewer, or more --steps")
+    return steps, (f"--profile given: steps {first}..{first + steps - 1} of those this process runs, traced "
+                   "into RUN/profile/ (Chrome/Perfetto JSON)")
 
 
 def _every(given: int | None, flag: str, default: int, reason: str):

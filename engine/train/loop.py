@@ -11,6 +11,7 @@ from engine.eval.evaluate import EvaluationInterrupted
 from engine.observe.bad_records import BadRecordTally
 from engine.observe.charts import Charts
 from engine.observe.metrics import MetricsWriter
+from engine.observe.profile import StepProfiler
 from engine.observe.progress import Progress
 from engine.observe.throughput import StepTimer, memory_gb
 from engine.train import checkpoint, gradcache
@@ -73,13 +74,15 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
           checkpoint_dir: Path, evaluate: Callable[[Callable[[], bool] | None], dict[str, float]],
           writer: MetricsWriter, progress: Progress, stop: StopSignals | None = None,
           eval_pending: bool = False, drills: Drills = Drills(),
-          bad_records: BadRecordTally | None = None, charts: Charts | None = None) -> LoopEnd:
+          bad_records: BadRecordTally | None = None, charts: Charts | None = None,
+          profiler: StepProfiler | None = None) -> LoopEnd:
     """Run optimizer steps start_step .. cadence.stop_step - 1, or until a stop signal.
 
     `evaluate(interrupted)` asks `interrupted()` between batches (engine/eval/evaluate.py).
     `eval_pending`: the checkpoint resumed from was written when a stop cut its evaluation
     short; that evaluation runs first. `bad_records`: the totals the resumed checkpoint carried.
-    `charts`: what is shown beyond scalars (engine/observe/charts.py; default: the first batch's views)."""
+    `charts`: what is shown beyond scalars (engine/observe/charts.py; default: the first batch's views).
+    `profiler`: told of every step (--profile, engine/observe/profile.py)."""
     charts = charts or Charts(writer)
     batches = charts.watch_first(iter(loader), start_step + 1)
     bad_records = bad_records or BadRecordTally()
@@ -163,6 +166,8 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
             progress.write(f"step {done}: stopped by {' and '.join(sorted(stop.agreed_names))}"
                            + (", evaluation left for the resumed run" if eval_cut else ""))
             return LoopEnd(metrics, stopped_at=done, bad_records=bad_records)
+        if profiler is not None:
+            profiler.step()
     return LoopEnd(metrics, stopped_at=None, bad_records=bad_records)
 
 

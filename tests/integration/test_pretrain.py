@@ -12,8 +12,16 @@ SHORT = ["--steps", "6", "--global-batch", "32", "--log-every", "1", "--eval-eve
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_ranks_train_at_each_zero_stage(stage, tmp_path, cache_env):
     out = tmp_path / f"zero{stage}"
-    result = launch([*SHORT, "--zero-stage", str(stage), "--out", str(out)], cache_env, ranks=2)
+    profile = ["--profile", "2"] if stage == 2 else []   # one case also traces two steps on each rank
+    result = launch([*SHORT, *profile, "--zero-stage", str(stage), "--out", str(out)], cache_env, ranks=2)
     check(result)
+    if profile:
+        for rank in (0, 1):
+            trace = json.loads((out / "profile" / f"rank{rank}-steps3-4.json").read_text())
+            steps = [e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")]
+            assert steps == ["ProfilerStep#2", "ProfilerStep#3"], steps   # the profiler counts from 0
+            assert "aten::mm" in (out / "profile" / f"rank{rank}-steps3-4.txt").read_text()
+        assert "profile of 2 step(s)" in result.stdout
     plan = json.loads((out / "plan.json").read_text())
     assert plan["zero_stage"] == stage and plan["world_size"] == 2
     ds_config = json.loads((out / "ds_config.json").read_text())

@@ -349,3 +349,12 @@ def test_probe_rejects_a_malformed_launcher_variable(monkeypatch):
 
 def reason(plan, name):
     return next(d.reason for d in plan.decisions if d.name == name)
+
+
+def test_profile_is_off_by_default_and_must_fit_in_the_run():
+    assert plan_for(CPU_ONLY, global_batch=64, steps=10).profile_steps == 0
+    assert plan_for(CPU_ONLY, global_batch=64, steps=10, profile=8).profile_steps == 8   # steps 3..10
+    with pytest.raises(UserError, match="--profile 9: the trace starts at step 3 of this 10-step run; use --profile 8"):
+        plan_for(CPU_ONLY, global_batch=64, steps=10, profile=9)
+    with pytest.raises(UserError, match="--profile 0 must be at least 1"):
+        plan_for(CPU_ONLY, global_batch=64, steps=10, profile=0)

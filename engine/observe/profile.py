@@ -1,0 +1,56 @@
+"""--profile N: a torch.profiler trace of N training steps, to see where a step's time goes.
+
+The trace is Chrome's trace-event JSON (open it in https://ui.perfetto.dev or chrome://tracing),
+one file per rank, under RUN/profile/, beside a table of the operators that took the most time.
+The first two steps of the process are left out (allocator growth, kernel autotuning, lazy
+initialisation): the trace shows steady-state steps. Every rank records its own steps, so a
+straggler or a collective that waits shows on the rank where it happens.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, schedule
+
+from engine.files import write_atomic
+
+SKIPPED_STEPS = 1   # the process's first step: not recorded
+WARMUP_STEPS = 1    # profiled but dropped: the profiler's own start-up cost lands here
+TABLE_ROWS = 30
+
+
+def first_traced_step(start_step: int) -> int:
+    """The first step (1-based, as logged) a process starting after `start_step` traces."""
+    return start_step + SKIPPED_STEPS + WARMUP_STEPS + 1
+
+
+class StepProfiler:
+    """Call step() after every optimizer step; close() when the loop ends (a run that stops
+    before the last traced step writes nothing)."""
+
+    def __init__(self, run_dir: Path, steps: int, start_step: int, rank: int):
+        first = first_traced_step(start_step)
+        self.name = f"rank{rank}-steps{first}-{first + steps - 1}"
+        self.folder = run_dir / "profile"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self._profiler = profile(activities=activities,
+                                 schedule=schedule(wait=SKIPPED_STEPS, warmup=WARMUP_STEPS, active=steps, repeat=1),
+                                 on_trace_ready=self._write, record_shapes=True)
+        self._profiler.start()
+        self.written: Path | None = None
+
+    def step(self) -> None:
+        self._profiler.step()
+
+    def close(self) -> None:
+        self._profiler.stop()
+
+    def _write(self, profiler) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        trace = self.folder / f"{self.name}.json"
+        write_atomic(trace, lambda path: profiler.export_chrome_trace(str(path)))
+        by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        write_atomic(self.folder / f"{self.name}.txt",
+                     profiler.key_averages().table(sort_by=by, row_limit=TABLE_ROWS) + "\n")
+        self.written = trace

@@ -8,13 +8,18 @@ every prefix on the machine, those of runs that are alive included (another job 
 node loses its state), and it probes names by creating them, which makes a run starting at
 the same moment fail with FileExistsError (seen with two runs on one machine). Here a prefix
 is stale only when no process maps any of its segments (/proc/<pid>/maps): a live dataset
-maps its own for as long as it exists.
+maps its own for as long as it exists. A segment is created a moment before its creator maps
+it, so a prefix is removed only when it is still unmapped a second later: a run starting at the
+same time on a loaded machine keeps its memory (seen: a rank of such a run then failed to find
+its leader's segment).
 """
 import re
+import time
 from collections import defaultdict
 from pathlib import Path
 
 SHM = Path("/dev/shm")
+RECHECK_AFTER_S = 1.0
 _STREAMING_NAME = re.compile(r"(\d{6})_[a-z_]+")
 
 
@@ -45,13 +50,12 @@ def remove_stale_streaming_memory() -> list[str]:
         match = _STREAMING_NAME.fullmatch(path.name)
         if match:
             groups[match.group(1)].append(path)
-    if not groups:
-        return []
-    in_use = mapped_shared_memory()
+    unmapped = _unmapped(groups.values())
+    if unmapped:
+        time.sleep(RECHECK_AFTER_S)
+        unmapped = _unmapped(unmapped)
     removed = []
-    for paths in groups.values():
-        if any(path.name in in_use for path in paths):
-            continue
+    for paths in unmapped:
         for path in paths:
             try:
                 path.unlink()
@@ -61,3 +65,12 @@ def remove_stale_streaming_memory() -> list[str]:
             except PermissionError:  # another user's: theirs to clean
                 break
     return sorted(removed)
+
+
+def _unmapped(groups) -> list[list[Path]]:
+    """The groups of which no segment is mapped by any process now."""
+    groups = list(groups)
+    if not groups:
+        return []
+    in_use = mapped_shared_memory()
+    return [paths for paths in groups if not any(path.name in in_use for path in paths)]

@@ -1,8 +1,10 @@
 """Stale streaming shared memory goes; a live run's stays (engine/data/shared_memory.py)."""
+import mmap
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -50,3 +52,27 @@ def test_only_segments_no_process_maps_are_removed():
         live.unlink()
         for name in (f"{STALE}_locals", f"{STALE}_barrier", f"{KILLED}_locals"):
             Path(SHM / name).unlink(missing_ok=True)
+
+
+STARTING = "987653"
+
+
+def test_a_segment_mapped_just_after_the_first_look_is_kept():
+    # What a run starting at the same moment holds: its leader created the segment and maps it
+    # a moment later (a loaded machine can delay that between the two system calls).
+    path = SHM / f"{STARTING}_locals"
+    descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    os.ftruncate(descriptor, 64)
+    mapped = []
+    late = threading.Timer(0.3, lambda: mapped.append(mmap.mmap(descriptor, 64)))
+    late.start()
+    try:
+        assert f"{STARTING}_locals" not in mapped_shared_memory()
+        assert f"{STARTING}_locals" not in remove_stale_streaming_memory()
+        assert mapped and path.exists()
+    finally:
+        late.join()
+        for view in mapped:
+            view.close()
+        os.close(descriptor)
+        path.unlink(missing_ok=True)

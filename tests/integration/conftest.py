@@ -16,7 +16,7 @@ def cache_env(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def two_rank_reference(tmp_path_factory, cache_env):
-    """REFERENCE_DIALS on 2 ranks of one host (deepspeed launcher), never interrupted: its run
+    """REFERENCE_DIALS on 2 ranks of one host (torchrun), never interrupted: its run
     directory, and the samples each rank took (CLIPZERO_SAMPLE_LOG) under run/samples."""
     from launching import REFERENCE_DIALS, check, launch
 

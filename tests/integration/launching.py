@@ -9,23 +9,35 @@ from engine.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "launchers" / "pretrain.py"
-# The `deepspeed` command of the interpreter running the tests, so that a suite started as
-# `venv/bin/python -m pytest` without activating the venv launches that venv's DeepSpeed.
-_BESIDE = Path(sys.executable).with_name("deepspeed")
-DEEPSPEED = str(_BESIDE) if _BESIDE.exists() else "deepspeed"
+def _beside_python(name: str) -> str:
+    """The command `name` of the interpreter running the tests, so that a suite started as
+    `venv/bin/python -m pytest` without activating the venv launches that venv's."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else name
 
 
-def command(args, ranks=None, port=None) -> list[str]:
-    """`deepspeed --num_gpus N --master_port P launchers/pretrain.py ARGS`, or plain python."""
+DEEPSPEED, TORCHRUN = _beside_python("deepspeed"), _beside_python("torchrun")
+
+
+def command(args, ranks=None, port=None, launcher="torchrun") -> list[str]:
+    """`ranks` processes of launchers/pretrain.py ARGS, or one plain python process (None).
+
+    launcher "deepspeed" is the README's `deepspeed --num_gpus N launchers/pretrain.py`;
+    "torchrun" starts the same ranks with the same environment (engine/launch.py reads both
+    alike) without the two interpreters importing DeepSpeed that the deepspeed launcher starts
+    first. Tests of what the user's command does use "deepspeed"; the others save the seconds."""
     if ranks is None:
         return [sys.executable, str(LAUNCHER), *args]
-    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), str(LAUNCHER), *args]
+    if launcher == "deepspeed":
+        return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), str(LAUNCHER), *args]
+    return [TORCHRUN, "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1", "--master_port", str(port),
+            str(LAUNCHER), *args]
 
 
-def launch(args, env, ranks=None, timeout=600, port=None) -> subprocess.CompletedProcess:
-    """Run the launcher to its end, as a user does (`ranks`: through the deepspeed launcher)."""
+def launch(args, env, ranks=None, timeout=600, port=None, launcher="torchrun") -> subprocess.CompletedProcess:
+    """Run the launcher to its end (`ranks`: that many processes, started by `launcher`)."""
     port = port or free_port()
-    result = subprocess.run(command(args, ranks, port), cwd=ROOT, env=env, capture_output=True,
+    result = subprocess.run(command(args, ranks, port, launcher), cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=timeout)
     if ranks is not None:
         check_shared_memory_given_back(port)

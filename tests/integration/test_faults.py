@@ -45,7 +45,7 @@ def rank_process(out: Path, rank: int) -> psutil.Process:
 
 def start(out: Path, env: dict, port: int, log: Path, drill: str = "") -> subprocess.Popen:
     env = {**env, "CLIPZERO_DRILL": drill}
-    return subprocess.Popen(command([*DIALS, "--out", str(out)], ranks=2, port=port), cwd=ROOT,
+    return subprocess.Popen(command([*DIALS, "--out", str(out)], ranks=2, port=port, launcher="deepspeed"), cwd=ROOT,
                             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -75,7 +75,7 @@ def ended_cleanly_after_kill(job: subprocess.Popen, killed_at: float, out: Path,
 
 def rerun_matches(out: Path, env: dict, port: int, uninterrupted: dict[int, float], resumed_from: int) -> None:
     """The same command, on the same port, resumes and ends like the uninterrupted run."""
-    result = launch([*DIALS, "--out", str(out)], env, ranks=2, port=port)
+    result = launch([*DIALS, "--out", str(out)], env, ranks=2, port=port, launcher="deepspeed")
     check(result)
     if resumed_from:
         assert f"resuming from step {resumed_from} " in result.stdout, result.stdout[-3000:]

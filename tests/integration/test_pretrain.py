@@ -13,7 +13,8 @@ SHORT = ["--steps", "6", "--global-batch", "32", "--log-every", "1", "--eval-eve
 def test_two_ranks_train_at_each_zero_stage(stage, tmp_path, cache_env):
     out = tmp_path / f"zero{stage}"
     profile = ["--profile", "2"] if stage == 2 else []   # one case also traces two steps on each rank
-    result = launch([*SHORT, *profile, "--zero-stage", str(stage), "--out", str(out)], cache_env, ranks=2)
+    result = launch([*SHORT, *profile, "--zero-stage", str(stage), "--out", str(out)], cache_env, ranks=2,
+                    launcher="deepspeed")   # the README's command
     check(result)
     if profile:
         for rank in (0, 1):

@@ -1,0 +1,304 @@
+"""open_clip's training step and ours, side by side, on the same architecture.
+
+For each case: open_clip's model config and our preset with the same towers (parameter counts
+and forward FLOPs are counted and printed side by side), the same global batch and precision,
+the same synthetic batches already on the device, and only steady-state steps timed.
+- open_clip's step is the one `open_clip_train` runs: CLIP's forward, `ClipLoss`, backward,
+  AdamW over its two parameter groups (no decay on gains, biases and the temperature), the
+  logit scale clamped after the step; autocast to bf16 on a GPU (its `--precision amp_bf16`).
+- Ours is the planner's choices (ZeRO stage, optimizer implementation, precision) built into a
+  DeepSpeed engine exactly as engine/pretrain.py does, stepped as engine/train/loop.py steps it.
+Each side runs in a process of its own, in alternating rounds (the machines are shared and
+noisy; a fresh process also gives each side its own peak memory). Reported per side: samples/s
+(median step), peak memory (GPU: allocated; CPU: the process's resident set) and achieved
+TFLOP/s and MFU from counted FLOPs (engine/observe/flops.py), with ours/open_clip ratios.
+
+    python benchmarks/vs_openclip.py                                   # CPU, fp32: the default cases
+    python benchmarks/vs_openclip.py --cases vit-b-32:256 rn50:256 --precision bf16   # a GPU
+    python benchmarks/vs_openclip.py --cases vit-debug:64 --steps 3 --rounds 1        # a quick look
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+# Our preset -> open_clip's model: a name of its registry, or the config of the same towers.
+# vit-debug is timm's CLIP ViT at the debug size (engine/models/presets.py): open_clip's
+# VisionTransformer with the same width, depth, heads and patches, and CLIP's text tower.
+OPEN_CLIP_MODEL = {
+    "vit-b-32": "ViT-B-32",
+    "vit-b-16": "ViT-B-16",
+    "rn50": "RN50",
+    "vit-debug": {"embed_dim": 64,
+                  "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}},
+}
+DEFAULT_CASES = ("vit-debug:64", "vit-b-32:16")
+
+
+def build_open_clip(preset: str):
+    import open_clip
+
+    spec = OPEN_CLIP_MODEL[preset]
+    if isinstance(spec, str):
+        return open_clip.create_model(spec)
+    return open_clip.CLIP(**spec)
+
+
+def synthetic_batches(count: int, batch: int, image_size: int, context: int, device) -> list[dict]:
+    """Random images and token rows framed as ClipTokenizer frames them, the same for both sides."""
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(count):
+        tokens = torch.zeros(batch, context, dtype=torch.long)
+        lengths = torch.randint(3, context - 1, (batch,), generator=generator)
+        for row, n in enumerate(lengths.tolist()):
+            tokens[row, 0], tokens[row, n] = 49406, 49407
+            tokens[row, 1:n] = torch.randint(1, 49000, (n - 1,), generator=generator)
+        images = torch.randn(batch, 3, image_size, image_size, generator=generator)
+        batches.append({"image": images.to(device), "text": tokens.to(device)})
+    return batches
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed_steps(step, batches: list[dict], device: torch.device, warmup: int) -> list[float]:
+    times = []
+    for index, batch in enumerate(batches):
+        _sync(device)
+        started = time.perf_counter()
+        step(batch)
+        _sync(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def run_open_clip(preset: str, batch: int, steps: int, precision: str, lr: float, betas, eps: float,
+                  weight_decay: float, device: torch.device) -> dict:
+    from open_clip.loss import ClipLoss
+
+    torch.manual_seed(0)
+    model = build_open_clip(preset).to(device).train()
+    # open_clip_train's groups: no weight decay on gains, biases, norms and the temperature.
+    exclude = [p for n, p in model.named_parameters()
+               if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n]
+    excluded = {id(p) for p in exclude}
+    optimizer = torch.optim.AdamW([{"params": exclude, "weight_decay": 0.0},
+                                   {"params": [p for p in model.parameters() if id(p) not in excluded],
+                                    "weight_decay": weight_decay}], lr=lr, betas=betas, eps=eps)
+    loss_fn = ClipLoss()
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else torch.autocast(device.type, enabled=False))
+
+    def step(data):
+        optimizer.zero_grad()
+        with autocast:
+            image_features, text_features, logit_scale = model(data["image"], data["text"])
+            loss = loss_fn(image_features, text_features, logit_scale)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, tuple) else image_size
+    batches = synthetic_batches(steps + 2, batch, image_size, model.context_length, device)
+    return {"step_s": _timed_steps(step, batches, device, warmup=2),
+            "n_params": sum(p.numel() for p in model.parameters())}
+
+
+def plan_for(preset_name: str, batch: int, steps: int, precision: str | None):
+    from engine.data.text import ClipTokenizer
+    from engine.models.presets import for_method, get_preset
+    from engine.models.two_tower import count_parameters
+    from engine.plan.dials import Dials
+    from engine.plan.hardware import probe
+    from engine.plan.recipes import get_recipe
+    from engine.plan.resolve import probe_optimizer_support, resolve
+
+    preset = for_method(get_preset(preset_name), "clip")
+    tokenizer = ClipTokenizer(preset.context_length)
+    hw = probe()
+    plan = resolve(Dials(method="clip", model=preset_name, global_batch=batch, micro_batch=batch,
+                         steps=steps + 10, precision=precision), hw, get_recipe("clip", preset_name),
+                   n_params=count_parameters(preset, tokenizer.eot_id, tokenizer.sot_id), dataset_size=10**7,
+                   optimizer_support=probe_optimizer_support(hw), image_size=preset.image_size,
+                   text_layers=preset.text_layers)
+    return plan, preset, tokenizer
+
+
+def run_ours(preset_name: str, batch: int, steps: int, precision: str, device: torch.device) -> dict:
+    import deepspeed
+
+    from engine import dist
+    from engine.models.two_tower import TwoTower
+    from engine.plan.deepspeed_config import render
+    from engine.task import Task, align_buffer_dtypes, build_objective
+    from engine.train.optim import optimizer_for_plan
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(dist.free_port()))
+    dist.init_distributed(600)
+    plan, preset, tokenizer = plan_for(preset_name, batch, steps, precision)
+    torch.manual_seed(0)
+    model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
+    task = Task(model, build_objective(plan, model))
+    engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer_for_plan(task, plan), config=render(plan))
+    align_buffer_dtypes(engine.module)
+
+    def step(data):
+        losses = engine(data)
+        engine.backward(losses["loss"])
+        engine.step()
+
+    batches = synthetic_batches(steps + 2, batch, preset.image_size, preset.context_length, engine.device)
+    return {"step_s": _timed_steps(step, batches, engine.device, warmup=2),
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "plan": {k: getattr(plan, k) for k in ("precision", "zero_stage", "optimizer", "micro_batch")}}
+
+
+def worker(args) -> None:
+    """One side of one case in this process: JSON on stdout's last line."""
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    preset, batch = args.case.split(":")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if args.worker == "ours":
+        out = run_ours(preset, int(batch), args.steps, args.precision, device)
+    else:
+        plan, _, _ = plan_for(preset, int(batch), args.steps, args.precision)
+        out = run_open_clip(preset, int(batch), args.steps, plan.precision, plan.lr, plan.betas, plan.eps,
+                            plan.weight_decay, device)
+    out["peak_memory_gb"] = (torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda"
+                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)  # KiB on Linux
+    print(json.dumps(out), flush=True)
+
+
+def counted_flops(module: torch.nn.Module, *inputs) -> int:
+    """FLOPs of one forward per sample, counted with gradients on and the module in training
+    mode: in eval mode without gradients torch's MultiheadAttention (open_clip's towers) takes
+    a fused path whose matrix multiplies the counter does not see."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module.train()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        module(*inputs)
+    return counter.get_total_flops() // inputs[0].shape[0]
+
+
+def forward_flops(preset_name: str) -> dict:
+    """Forward FLOPs of one sample through each side's towers, counted the same way."""
+    from engine.models.two_tower import TwoTower
+
+    _, preset, tokenizer = plan_for(preset_name, 1, 1, None)
+    ours = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
+    theirs = build_open_clip(preset_name)
+    images = torch.zeros(2, 3, preset.image_size, preset.image_size)
+    tokens = torch.zeros(2, preset.context_length, dtype=torch.long)
+    tokens[:, 0], tokens[:, -1] = tokenizer.sot_id, tokenizer.eot_id
+    return {"ours": {"image": counted_flops(ours.image, images), "text": counted_flops(ours.text, tokens)},
+            "open_clip": {"image": counted_flops(theirs.visual, images),
+                          "text": counted_flops(_TextOnly(theirs), tokens)}}
+
+
+class _TextOnly(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens):
+        return self.model.encode_text(tokens)
+
+
+def side(case: str, name: str, args) -> dict:
+    command = [sys.executable, __file__, "--worker", name, "--case", case, "--steps", str(args.steps)]
+    if args.precision:
+        command += ["--precision", args.precision]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} {case} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare(case: str, args) -> dict:
+    from engine.observe.flops import TRAINING_PER_FORWARD, peak_tflops
+
+    preset, batch = case.split(":")
+    flops = forward_flops(preset)
+    rounds = {"ours": [], "open_clip": []}
+    for index in range(args.rounds):   # alternate which side goes first
+        for name in (("open_clip", "ours") if index % 2 == 0 else ("ours", "open_clip")):
+            rounds[name].append(side(case, name, args))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    row = {"case": case, "device": device, "forward_flops_per_sample": flops}
+    for name, runs in rounds.items():
+        step_s = statistics.median(t for run in runs for t in run["step_s"])
+        samples_per_s = int(batch) / step_s
+        training_flops = TRAINING_PER_FORWARD * (flops[name]["image"] + flops[name]["text"])
+        tflops = training_flops * samples_per_s / 1e12
+        precision = runs[0].get("plan", {}).get("precision", args.precision or "fp32")
+        peak = peak_tflops(device, args.precision or precision)
+        row[name] = {"n_params": runs[0]["n_params"], "step_s_median": step_s, "samples_per_s": samples_per_s,
+                     "peak_memory_gb": max(run["peak_memory_gb"] for run in runs), "tflops_per_s": tflops,
+                     "mfu": None if peak is None else tflops / peak,
+                     "step_s_all": [t for run in runs for t in run["step_s"]],
+                     **({"plan": runs[0]["plan"]} if "plan" in runs[0] else {})}
+    row["ratio_samples_per_s"] = row["ours"]["samples_per_s"] / row["open_clip"]["samples_per_s"]
+    row["ratio_peak_memory"] = row["ours"]["peak_memory_gb"] / row["open_clip"]["peak_memory_gb"]
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES),
+                        help=f"PRESET:GLOBAL_BATCH, PRESET one of {', '.join(OPEN_CLIP_MODEL)}")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], help="default: the planner's (fp32 on a CPU)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process (after 2 warm-up steps)")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per side, alternating")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/vs_openclip_{cpu,cuda}.json")
+    parser.add_argument("--worker", choices=["ours", "open_clip"], help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    out = Path(args.out or f"benchmarks/results/vs_openclip_{'cuda' if torch.cuda.is_available() else 'cpu'}.json")
+    rows = []
+    for case in args.cases:
+        if case.split(":")[0] not in OPEN_CLIP_MODEL or ":" not in case:
+            parser.error(f"--cases {case}: give PRESET:GLOBAL_BATCH with PRESET one of {', '.join(OPEN_CLIP_MODEL)}")
+        row = compare(case, args)
+        rows.append(row)
+        print(f"{case}: params ours {row['ours']['n_params']:,} open_clip {row['open_clip']['n_params']:,}; "
+              f"forward GFLOPs/sample ours {sum(row['forward_flops_per_sample']['ours'].values()) / 1e9:.4g} "
+              f"open_clip {sum(row['forward_flops_per_sample']['open_clip'].values()) / 1e9:.4g}; samples/s ours "
+              f"{row['ours']['samples_per_s']:.3g} open_clip {row['open_clip']['samples_per_s']:.3g} "
+              f"(x{row['ratio_samples_per_s']:.2f}); peak memory x{row['ratio_peak_memory']:.2f}", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                   "steps": args.steps, "rounds": args.rounds, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from engine.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,6 +19,7 @@ def _beside_python(name: str) -> str:
 
 
 DEEPSPEED, TORCHRUN = _beside_python("deepspeed"), _beside_python("torchrun")
+DEFAULT_THREADS = torch.get_num_threads()   # read before any test changes it
 
 
 def command(args, ranks=None, port=None, launcher="torchrun") -> list[str]:
@@ -34,11 +37,21 @@ def command(args, ranks=None, port=None, launcher="torchrun") -> list[str]:
             str(LAUNCHER), *args]
 
 
+def rank_environment(env: dict, launcher: str) -> dict:
+    """torchrun gives each rank one OpenMP thread unless told otherwise; the deepspeed launcher,
+    srun and a plain process leave torch's default. Runs that tests compare to within 1e-5 must
+    multiply with the same threads (another count rounds matrix products differently), so
+    torchrun's ranks get torch's default too."""
+    if launcher != "torchrun" or "OMP_NUM_THREADS" in env:
+        return env
+    return {**env, "OMP_NUM_THREADS": str(DEFAULT_THREADS)}
+
+
 def launch(args, env, ranks=None, timeout=600, port=None, launcher="torchrun") -> subprocess.CompletedProcess:
     """Run the launcher to its end (`ranks`: that many processes, started by `launcher`)."""
     port = port or free_port()
-    result = subprocess.run(command(args, ranks, port, launcher), cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(command(args, ranks, port, launcher), cwd=ROOT, env=rank_environment(env, launcher),
+                            capture_output=True, text=True, timeout=timeout)
     if ranks is not None:
         check_shared_memory_given_back(port)
     return result

@@ -41,7 +41,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -164,14 +163,9 @@ def timed(command: list[str], log: Path) -> float:
     return wall
 
 
-def free_port() -> int:
-    """A port no one listens on now: the launcher's default (29500) may be another job's."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def our_command(args, run_dir: Path) -> list[str]:
+    from engine.dist import free_port   # the launcher's default port may be another job's
+
     launcher = Path(sys.executable).with_name("deepspeed")
     return [str(launcher) if launcher.exists() else "deepspeed", "--num_gpus", "1",
             "--master_port", str(free_port()), "launchers/pretrain.py",

@@ -80,8 +80,9 @@ NOT_MATCHED = (
     "steady-state samples/s leave these pauses out on both sides",
     "logging: open_clip_train logs every step (its per-step times are read from those lines), ours every "
     "plan log_every steps",
-    "optimizer step: ours is DeepSpeed's ZeRO stage 1 engine around torch AdamW (foreach); open_clip_train "
-    "calls torch AdamW with its defaults (on the CPU, the per-tensor loop)",
+    "optimizer step: ours is DeepSpeed's engine at the plan's ZeRO stage around the plan's AdamW "
+    "implementation (both in the JSON's plan); open_clip_train calls torch AdamW with its defaults (on the "
+    "CPU, the per-tensor loop)",
     "weight decay on the class token: timm's ([1, 1, 64]) decays, open_clip's (1-D) is in the no-decay group",
     "the towers are the same layout and parameter count in different code (timm and transformers against "
     "open_clip's own modules)",

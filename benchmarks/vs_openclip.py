@@ -16,6 +16,7 @@ TFLOP/s and MFU from counted FLOPs (engine/observe/flops.py), with ours/open_cli
     python benchmarks/vs_openclip.py                                   # CPU, fp32: the default cases
     python benchmarks/vs_openclip.py --cases vit-b-32:256 rn50:256 --precision bf16   # a GPU
     python benchmarks/vs_openclip.py --cases vit-debug:64 --steps 3 --rounds 1        # a quick look
+    python benchmarks/vs_openclip.py --cases vit-b-32:16 --ours plan zero1:zero_stage=1   # a lever on and off
 """
 import argparse
 import json
@@ -123,7 +124,30 @@ def run_open_clip(preset: str, batch: int, steps: int, precision: str, lr: float
             "n_params": sum(p.numel() for p in model.parameters())}
 
 
-def plan_for(preset_name: str, batch: int, steps: int, precision: str | None):
+# Not a dial: a variant with keep_one_rank_allreduce=true keeps DeepSpeed's all-reduce over a
+# group of one (engine/dist.skip_reduction_alone), to measure that lever off.
+ONE_RANK_ALLREDUCE = "keep_one_rank_allreduce"
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """LABEL or LABEL:dial=value,dial=value -> (label, Dials overrides): one setting of ours."""
+    import dataclasses
+
+    from engine.plan.dials import Dials
+
+    label, _, settings = text.partition(":")
+    kinds = {f.name: f.metadata.get("flag", {}).get("kind", str) for f in dataclasses.fields(Dials)}
+    kinds[ONE_RANK_ALLREDUCE] = lambda value: value.lower() in ("1", "true", "yes")
+    overrides = {}
+    for setting in filter(None, settings.split(",")):
+        name, _, value = setting.partition("=")
+        if name not in kinds or not value:
+            raise SystemExit(f"--ours {text}: {setting!r} is not dial=value with a dial of {', '.join(kinds)}")
+        overrides[name] = kinds[name](value)
+    return label, overrides
+
+
+def plan_for(preset_name: str, batch: int, steps: int, precision: str | None, overrides: dict | None = None):
     from engine.data.text import ClipTokenizer
     from engine.models.presets import for_method, get_preset
     from engine.models.two_tower import count_parameters
@@ -136,14 +160,15 @@ def plan_for(preset_name: str, batch: int, steps: int, precision: str | None):
     tokenizer = ClipTokenizer(preset.context_length)
     hw = probe()
     plan = resolve(Dials(method="clip", model=preset_name, global_batch=batch, micro_batch=batch,
-                         steps=steps + 10, precision=precision), hw, get_recipe("clip", preset_name),
+                         steps=steps + 10, precision=precision, **(overrides or {})), hw, get_recipe("clip", preset_name),
                    n_params=count_parameters(preset, tokenizer.eot_id, tokenizer.sot_id), dataset_size=10**7,
                    optimizer_support=probe_optimizer_support(hw), image_size=preset.image_size,
                    text_layers=preset.text_layers)
     return plan, preset, tokenizer
 
 
-def run_ours(preset_name: str, batch: int, steps: int, precision: str, device: torch.device) -> dict:
+def run_ours(preset_name: str, batch: int, steps: int, precision: str, device: torch.device,
+             overrides: dict) -> dict:
     import deepspeed
 
     from engine import dist
@@ -155,12 +180,16 @@ def run_ours(preset_name: str, batch: int, steps: int, precision: str, device: t
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(dist.free_port()))
     dist.init_distributed(600)
-    plan, preset, tokenizer = plan_for(preset_name, batch, steps, precision)
+    overrides = dict(overrides)
+    keep_allreduce = overrides.pop(ONE_RANK_ALLREDUCE, False)
+    plan, preset, tokenizer = plan_for(preset_name, batch, steps, precision, overrides)
     torch.manual_seed(0)
     model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
     task = Task(model, build_objective(plan, model))
     engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer_for_plan(task, plan), config=render(plan))
     align_buffer_dtypes(engine.module)
+    if not keep_allreduce:
+        dist.skip_reduction_alone(engine)
 
     def step(data):
         losses = engine(data)
@@ -170,7 +199,8 @@ def run_ours(preset_name: str, batch: int, steps: int, precision: str, device: t
     batches = synthetic_batches(steps + 2, batch, preset.image_size, preset.context_length, engine.device)
     return {"step_s": _timed_steps(step, batches, engine.device, warmup=2),
             "n_params": sum(p.numel() for p in model.parameters()),
-            "plan": {k: getattr(plan, k) for k in ("precision", "zero_stage", "optimizer", "micro_batch")}}
+            "plan": {k: getattr(plan, k) for k in ("precision", "zero_stage", "optimizer", "micro_batch")},
+            "overrides": {**overrides, **({ONE_RANK_ALLREDUCE: True} if keep_allreduce else {})}}
 
 
 def worker(args) -> None:
@@ -183,7 +213,7 @@ def worker(args) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if args.worker == "ours":
-        out = run_ours(preset, int(batch), args.steps, args.precision, device)
+        out = run_ours(preset, int(batch), args.steps, args.precision, device, parse_variant(args.variant)[1])
     else:
         plan, _, _ = plan_for(preset, int(batch), args.steps, args.precision)
         out = run_open_clip(preset, int(batch), args.steps, plan.precision, plan.lr, plan.betas, plan.eps,
@@ -231,7 +261,11 @@ class _TextOnly(torch.nn.Module):
 
 
 def side(case: str, name: str, args) -> dict:
-    command = [sys.executable, __file__, "--worker", name, "--case", case, "--steps", str(args.steps)]
+    """One process of one side: `name` is open_clip or one of --ours' variants."""
+    worker = "open_clip" if name == "open_clip" else "ours"
+    command = [sys.executable, __file__, "--worker", worker, "--case", case, "--steps", str(args.steps)]
+    if worker == "ours":
+        command += ["--variant", next(v for v in args.ours if parse_variant(v)[0] == name)]
     if args.precision:
         command += ["--precision", args.precision]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -245,16 +279,18 @@ def compare(case: str, args) -> dict:
 
     preset, batch = case.split(":")
     flops = forward_flops(preset)
-    rounds = {"ours": [], "open_clip": []}
+    names = ["open_clip", *(parse_variant(v)[0] for v in args.ours)]
+    rounds = {name: [] for name in names}
     for index in range(args.rounds):   # alternate which side goes first
-        for name in (("open_clip", "ours") if index % 2 == 0 else ("ours", "open_clip")):
+        for name in (names if index % 2 == 0 else names[::-1]):
             rounds[name].append(side(case, name, args))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     row = {"case": case, "device": device, "forward_flops_per_sample": flops}
     for name, runs in rounds.items():
         step_s = statistics.median(t for run in runs for t in run["step_s"])
         samples_per_s = int(batch) / step_s
-        training_flops = TRAINING_PER_FORWARD * (flops[name]["image"] + flops[name]["text"])
+        counted = flops["open_clip" if name == "open_clip" else "ours"]
+        training_flops = TRAINING_PER_FORWARD * (counted["image"] + counted["text"])
         tflops = training_flops * samples_per_s / 1e12
         precision = runs[0].get("plan", {}).get("precision", args.precision or "fp32")
         peak = peak_tflops(device, args.precision or precision)
@@ -262,9 +298,13 @@ def compare(case: str, args) -> dict:
                      "peak_memory_gb": max(run["peak_memory_gb"] for run in runs), "tflops_per_s": tflops,
                      "mfu": None if peak is None else tflops / peak,
                      "step_s_all": [t for run in runs for t in run["step_s"]],
-                     **({"plan": runs[0]["plan"]} if "plan" in runs[0] else {})}
-    row["ratio_samples_per_s"] = row["ours"]["samples_per_s"] / row["open_clip"]["samples_per_s"]
-    row["ratio_peak_memory"] = row["ours"]["peak_memory_gb"] / row["open_clip"]["peak_memory_gb"]
+                     **({"plan": runs[0]["plan"], "overrides": runs[0]["overrides"]} if "plan" in runs[0] else {})}
+    # Each variant of ours against open_clip; the first variant is "ours" in the summary line.
+    for name in names[1:]:
+        row[name]["ratio_samples_per_s"] = row[name]["samples_per_s"] / row["open_clip"]["samples_per_s"]
+        row[name]["ratio_peak_memory"] = row[name]["peak_memory_gb"] / row["open_clip"]["peak_memory_gb"]
+    row["ours"] = row[names[1]]
+    row["ratio_samples_per_s"], row["ratio_peak_memory"] = row["ours"]["ratio_samples_per_s"], row["ours"]["ratio_peak_memory"]
     return row
 
 
@@ -275,14 +315,23 @@ def main() -> int:
     parser.add_argument("--precision", choices=["bf16", "fp32"], help="default: the planner's (fp32 on a CPU)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per process (after 2 warm-up steps)")
     parser.add_argument("--rounds", type=int, default=2, help="processes per side, alternating")
+    parser.add_argument("--ours", nargs="+", default=["plan"], metavar="LABEL[:DIAL=VALUE,...]",
+                        help="settings of ours to run, each against open_clip: the plan's own (a label alone) "
+                        "or with dials overridden, e.g. plan zero1:zero_stage=1 fused:optimizer=torch_fused "
+                        "(a lever measured on and off; keep_one_rank_allreduce=true, not a dial, keeps DeepSpeed's "
+                        "all-reduce over one rank); the first is the summary's 'ours'")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/vs_openclip_{cpu,cuda}.json")
     parser.add_argument("--worker", choices=["ours", "open_clip"], help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="plan", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return 0
     out = Path(args.out or f"benchmarks/results/vs_openclip_{'cuda' if torch.cuda.is_available() else 'cpu'}.json")
+    labels = [parse_variant(v)[0] for v in args.ours]
+    if len(set(labels)) != len(labels) or "open_clip" in labels:
+        parser.error(f"--ours: give each setting its own label (not open_clip): {', '.join(labels)}")
     rows = []
     for case in args.cases:
         if case.split(":")[0] not in OPEN_CLIP_MODEL or ":" not in case:
@@ -294,6 +343,10 @@ def main() -> int:
               f"open_clip {sum(row['forward_flops_per_sample']['open_clip'].values()) / 1e9:.4g}; samples/s ours "
               f"{row['ours']['samples_per_s']:.3g} open_clip {row['open_clip']['samples_per_s']:.3g} "
               f"(x{row['ratio_samples_per_s']:.2f}); peak memory x{row['ratio_peak_memory']:.2f}", flush=True)
+        for label in labels[1:]:
+            print(f"  {label} {args.ours[labels.index(label)]}: samples/s {row[label]['samples_per_s']:.3g} "
+                  f"(x{row[label]['ratio_samples_per_s']:.2f} open_clip), peak memory "
+                  f"x{row[label]['ratio_peak_memory']:.2f}", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
                                    "steps": args.steps, "rounds": args.rounds, "rows": rows}, indent=1) + "\n")

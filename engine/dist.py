@@ -34,6 +34,14 @@ def local_device(rank_on_node: int | None = None) -> torch.device:
     return torch.device("cuda", index % torch.cuda.device_count())
 
 
+def skip_reduction_alone(engine) -> None:
+    """One rank without ZeRO: DeepSpeed would still copy every gradient into buckets, all-reduce
+    them over a group of one and copy them back, each step. Its own switch for a gradient
+    reduction done elsewhere turns that off; the gradients are already the reduced ones."""
+    if world_size() == 1 and engine.zero_optimization_stage() == 0:
+        engine.enable_backward_allreduce = False
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """Concatenate every rank's [n, D] block; backward sums the gradients all ranks computed
     for this rank's block (each rank's loss touches every column) and returns that slice.

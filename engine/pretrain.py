@@ -174,6 +174,7 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=prepared.ds_config)
     align_buffer_dtypes(engine.module)
+    dist.skip_reduction_alone(engine)
     if plan.zero_stage == 3:
         register_zero3_external_parameters(engine.module)
 

@@ -12,8 +12,10 @@ GB = 10**9
 MODEL_STATE_BUDGET_FRACTION = 0.5
 # Adam keeps an fp32 master copy, m and v for every parameter (DeepSpeed's ZeRO optimizers
 # keep the fp32 copy even when training in fp32). SGD with momentum and Lookahead keeps the
-# same three: master copy, momentum and slow weights.
+# same three: master copy, momentum and slow weights. Without ZeRO in fp32 the optimizer steps
+# the weights themselves: no master copy.
 ADAM_STATE_BYTES_PER_PARAM = 12
+FP32_MASTER_BYTES_PER_PARAM = 4
 
 
 def gb(n_bytes: float) -> str:
@@ -27,17 +29,24 @@ def _model_state_bytes(n_params: int, precision: str, stage: int, offload: bool,
     weight_bytes = 4 if precision == "fp32" else 2
     weights = n_params * weight_bytes / (world_size if stage >= 3 else 1)
     grads = n_params * weight_bytes / (world_size if stage >= 2 else 1)
-    adam = 0 if offload else n_params * ADAM_STATE_BYTES_PER_PARAM / (world_size if stage >= 1 else 1)
+    adam_bytes = ADAM_STATE_BYTES_PER_PARAM - (FP32_MASTER_BYTES_PER_PARAM if stage == 0 and precision == "fp32" else 0)
+    adam = 0 if offload else n_params * adam_bytes / (world_size if stage >= 1 else 1)
     return weights + grads + adam
 
 
 # Cheapest first: each step partitions more, at the cost of more communication.
 _ZERO_LADDER = ((1, False), (2, False), (3, False), (3, True))
+# One rank in fp32: ZeRO has nothing to partition and would only add its flat fp32 copy of the
+# weights and gradients and a copy back after each step; without it the optimizer steps the
+# weights in place (benchmarks/vs_openclip.py measures the two). With bf16/fp16 weights an fp32
+# master copy is needed anyway, and ZeRO-1 is DeepSpeed's best-trodden way to keep one.
+_ONE_RANK_FP32_LADDER = ((0, False), *_ZERO_LADDER)
 
 
 def zero_setting(dials, hw, precision: str, n_params: int):
     """(stage, reason, offload, reason): the first ZeRO setting whose model states fit the
-    budget; ZeRO-1 is the floor because its partitioned Adam states cost no extra traffic."""
+    budget; ZeRO-1 is the floor because its partitioned Adam states cost no extra traffic,
+    except for one rank in fp32, where there is nothing to partition."""
     if dials.zero_stage is not None and dials.zero_stage not in (0, 1, 2, 3):
         raise UserError(f"--zero-stage {dials.zero_stage} is not a ZeRO stage: use 0, 1, 2 or 3")
     if dials.offload and dials.zero_stage == 0:
@@ -47,7 +56,8 @@ def zero_setting(dials, hw, precision: str, n_params: int):
         raise UserError("--offload moves Adam states from GPU to CPU memory; a CPU run keeps "
                         "them there already: drop --offload")
     ladder = ([(dials.zero_stage, False), (dials.zero_stage, True)] if dials.zero_stage is not None
-              else [(1, True), (2, True), (3, True)] if dials.offload else list(_ZERO_LADDER))
+              else [(1, True), (2, True), (3, True)] if dials.offload
+              else list(_ONE_RANK_FP32_LADDER if hw.world_size == 1 and precision == "fp32" else _ZERO_LADDER))
     ladder = [(stage, offload) for stage, offload in ladder
               if (dials.offload is None or offload == dials.offload)
               and not (offload and (stage == 0 or hw.accelerator != "cuda"))]
@@ -70,6 +80,9 @@ def zero_setting(dials, hw, precision: str, n_params: int):
     position = ladder.index((stage, offload))
     if dials.zero_stage is not None:
         stage_reason = f"--zero-stage given ({usage})"
+    elif position == 0 and stage == 0:
+        stage_reason = (f"0: one rank in fp32, nothing to partition; the optimizer steps the weights "
+                        f"in place, without ZeRO's flat copy ({usage})")
     elif position == 0:
         stage_reason = f"{stage}: model states fit with optimizer partitioning ({usage})"
     else:

@@ -39,9 +39,22 @@ class OptimizerSupport:
     apex_fused: bool; deepspeed_fused: bool; torch_fused: bool
 
 
+def _torch_fused_on_cpu() -> bool:
+    """torch's fused AdamW has a CPU kernel since torch 2.4; asked by stepping a tiny one."""
+    import torch
+
+    try:
+        param = torch.nn.Parameter(torch.zeros(2))
+        param.grad = torch.ones(2)
+        torch.optim.AdamW([param], fused=True).step()
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
 def probe_optimizer_support(hw: Hardware) -> OptimizerSupport:
     if hw.accelerator != "cuda":
-        return OptimizerSupport(apex_fused=False, deepspeed_fused=False, torch_fused=False)
+        return OptimizerSupport(apex_fused=False, deepspeed_fused=False, torch_fused=_torch_fused_on_cpu())
     # apex's FusedAdam needs apex's compiled extension (amp_C), not just the Python package.
     apex_fused = all(importlib.util.find_spec(m) is not None for m in ("apex", "amp_C"))
     from deepspeed.ops.op_builder import FusedAdamBuilder
@@ -314,7 +327,8 @@ def _optimizer(dials: Dials, hw: Hardware, offload: bool, support: OptimizerSupp
     if support.deepspeed_fused:
         return "deepspeed_fused", "DeepSpeed's fused AdamW builds here (no apex)"
     if support.torch_fused:
-        return "torch_fused", "torch's fused AdamW (no apex, DeepSpeed FusedAdam not buildable)"
+        return "torch_fused", ("torch's fused AdamW, one kernel per step (its CPU kernel)" if hw.accelerator == "cpu"
+                               else "torch's fused AdamW (no apex, DeepSpeed FusedAdam not buildable)")
     return "torch", f"torch AdamW (foreach): no fused kernel on {hw.device_name}"
 
 

@@ -80,7 +80,8 @@ def save(engine, checkpoint_dir: Path, step: int, rank_state: dict, *,
     checkpoint is declared complete (fault drills kill a rank there)."""
     tag = _tag(step)
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False,
-                           client_state={"step": step, "eval_pending": eval_pending})
+                           client_state={"step": step, "eval_pending": eval_pending,
+                                         **reshard.optimizer_param_names(engine)})
     own = {"rng": rng_state(), "state": rank_state}
     write_atomic(checkpoint_dir / tag / f"rank{dist.rank()}.pt", lambda p: torch.save(own, p))
     if before_complete is not None:
@@ -179,9 +180,9 @@ def load(engine, checkpoint_dir: Path) -> Restored | None:
             continue
         folder = checkpoint_dir / tag
         saved_ranks = len(list(folder.glob("rank*.pt")))
-        same_layout = saved_ranks == dist.world_size() and (
-            not reshard.has_zero_shards(folder)
-            or reshard.is_stage3(folder) == (engine.zero_optimization_stage() == 3))
+        stage = engine.zero_optimization_stage()
+        same_layout = (saved_ranks == dist.world_size() and reshard.has_zero_shards(folder) == (stage > 0)
+                       and reshard.is_stage3(folder) == (stage == 3))
         if not same_layout:
             return _load_resharded(engine, checkpoint_dir, tag, saved_ranks)
         _, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
@@ -214,15 +215,16 @@ def _load_resharded(engine, checkpoint_dir: Path, tag: str, saved_ranks: int) ->
     folder = checkpoint_dir / tag
     owns = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(saved_ranks)]
     states = [own["state"] for own in owns]
-    for key in states[0]:
+    same_ranks = saved_ranks == dist.world_size()  # another ZeRO layout only: each rank keeps its own
+    for key in [] if same_ranks else states[0]:
         if any(not _same(states[0][key], other[key]) for other in states[1:]):
             raise UserError(f"{folder}: the ranks kept different '{key}' state (e.g. DeCLIP's "
                             f"--enqueue rank keeps one queue per rank), which cannot move to "
                             f"another number of ranks: resume on {saved_ranks} rank(s)")
     if dist.rank() == 0:
-        print(f"resharding {folder}: written by {saved_ranks} rank(s), resumed on "
-              f"{dist.world_size()}", flush=True)
-    if reshard.has_zero_shards(folder):
+        print(f"resharding {folder}: written by {saved_ranks} rank(s) {_layout(folder)}, resumed on "
+              f"{dist.world_size()} {_layout(engine.zero_optimization_stage())}", flush=True)
+    if reshard.has_zero_shards(folder) or engine.zero_optimization_stage() > 0:
         if engine.zero_use_cpu_optimizer():
             raise UserError(f"{folder} was written by {saved_ranks} rank(s); resharding into an "
                             "optimizer offloaded to the CPU is not supported: resume on "
@@ -230,7 +232,7 @@ def _load_resharded(engine, checkpoint_dir: Path, tag: str, saved_ranks: int) ->
         full = reshard.read_full_state(folder)
         reshard.apply_full_state(engine, full)
         client_state = full["client_state"]
-    else:  # no ZeRO partitioning: DeepSpeed's files hold whole states
+    else:  # no ZeRO on either side: DeepSpeed's files hold whole states
         _, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
     # RNG streams are per rank: a rank that existed keeps its own; a new one starts from a
     # stream derived from rank 0's and its rank, the same on every rerun.
@@ -242,7 +244,15 @@ def _load_resharded(engine, checkpoint_dir: Path, tag: str, saved_ranks: int) ->
         random.seed(derived)
         np.random.seed(derived % 2**32)
         torch.manual_seed(derived)
-    return Restored(client_state["step"], states[0], tag, bool(client_state.get("eval_pending", False)))
+    return Restored(client_state["step"], states[dist.rank() if same_ranks else 0], tag,
+                    bool(client_state.get("eval_pending", False)))
+
+
+def _layout(where) -> str:
+    """How a checkpoint folder, or an engine's ZeRO stage, partitions the states."""
+    if isinstance(where, Path):  # the files tell ZeRO-3 apart, not stage 1 from 2
+        where = "3" if reshard.is_stage3(where) else "1/2" if reshard.has_zero_shards(where) else 0
+    return "without ZeRO" if where == 0 else f"at ZeRO-{where}"
 
 
 def _same(a, b) -> bool:

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from engine.train.lookahead import Lookahead
+from engine.train.nonfinite import SkipNonFinite
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     """open_clip's rule: no weight decay on tensors with fewer than 2 dimensions (biases, norm
@@ -69,9 +70,13 @@ def _groups(module: nn.Module, plan) -> list[dict]:
 
 def optimizer_for_plan(module: nn.Module, plan) -> torch.optim.Optimizer:
     """The optimizer the plan resolved, over `module` (engine/task.Task): SGD + Lookahead
-    (k=5, alpha=0.5, as CLIP-Lite's reference configs) or AdamW in the chosen implementation."""
+    (k=5, alpha=0.5, as CLIP-Lite's reference configs) or AdamW in the chosen implementation;
+    without ZeRO in fp32, inside the non-finite check DeepSpeed leaves out there."""
     groups = _groups(module, plan)
     if plan.optimizer == "sgd_lookahead":
         # Every group carries its own LR; SGD's default is never used.
-        return Lookahead(torch.optim.SGD(groups, momentum=plan.momentum), k=5, alpha=0.5)
-    return build_optimizer(groups, implementation=plan.optimizer, lr=plan.lr, betas=plan.betas, eps=plan.eps)
+        optimizer = Lookahead(torch.optim.SGD(groups, momentum=plan.momentum), k=5, alpha=0.5)
+    else:
+        optimizer = build_optimizer(groups, implementation=plan.optimizer, lr=plan.lr, betas=plan.betas,
+                                    eps=plan.eps)
+    return SkipNonFinite(optimizer) if plan.zero_stage == 0 and plan.precision == "fp32" else optimizer

@@ -9,7 +9,9 @@ convert a non-Adam optimizer state (SGD + Lookahead: KeyError 'exp_avg'). This m
 no conversion step and restores, bit for bit, the fp32 weights, every per-element optimizer
 state (Adam moments, momentum, Lookahead's slow weights), the per-group counters and
 hyperparameters, the LR scheduler, DeepSpeed's step counters and the module's buffers, at
-ZeRO 1, 2 and 3, from N ranks to M.
+ZeRO 1, 2 and 3, from N ranks to M, and between ZeRO and none (the planner runs one rank in
+fp32 without ZeRO, engine/plan/memory.py: such a run grown to more ranks, or an older ZeRO-1
+run of one rank, crosses over).
 
 It reads DeepSpeed's file layout and sets state through a few of its internals (named where
 used); setup.py pins deepspeed to the 0.19 series, and tests/unit/test_reshard.py checks
@@ -25,6 +27,9 @@ from engine.errors import UserError
 
 _STAGE3_MODEL = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 _MODEL = "mp_rank_00_model_states.pt"
+# Without ZeRO, DeepSpeed saves the client optimizer's torch state_dict, which numbers the
+# parameters; the checkpoint also keeps their names, group by group, under this key.
+OPTIMIZER_PARAM_NAMES = "optimizer_param_names"
 
 
 def _load(path: Path) -> dict:
@@ -46,9 +51,22 @@ def is_stage3(folder: Path) -> bool:
     return (folder / _STAGE3_MODEL).exists()
 
 
+def optimizer_param_names(engine) -> dict:
+    """What checkpoint.save adds without ZeRO: {OPTIMIZER_PARAM_NAMES: names per optimizer
+    group}. Empty under ZeRO (its files name the parameters) and where DeepSpeed's fp16/bf16
+    wrapper steps fp32 copies instead of the module's parameters (not resharded)."""
+    if engine.zero_optimization_stage() > 0:
+        return {}
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    groups = [[names.get(id(p)) for p in group["params"]] for group in engine.optimizer.param_groups]
+    return {} if any(None in group for group in groups) else {OPTIMIZER_PARAM_NAMES: groups}
+
+
 def read_full_state(folder: Path) -> dict:
     """Everything a resume needs, whole and keyed by parameter name, rebuilt without an engine
-    or a collective from a checkpoint written by any number of ranks at ZeRO 1, 2 or 3."""
+    or a collective from a checkpoint written by any number of ranks at ZeRO 0, 1, 2 or 3."""
+    if not has_zero_shards(folder):
+        return _read_unpartitioned(folder)
     optim_files = _optim_files(folder)
     ranks = len(optim_files)
     stage3 = is_stage3(folder)
@@ -99,6 +117,38 @@ def read_full_state(folder: Path) -> dict:
             "zero_global": zero_global, "saved_ranks": ranks}
 
 
+def _read_unpartitioned(folder: Path) -> dict:
+    """read_full_state of a checkpoint without ZeRO: the module file holds the whole weights and
+    the client optimizer's state, per parameter."""
+    model_states = _load(folder / _MODEL)
+    names, optimizer = model_states.get(OPTIMIZER_PARAM_NAMES), model_states.get("optimizer")
+    if names is None or optimizer is None:
+        raise UserError(f"{folder} was written without ZeRO in bf16/fp16 (or by an older clipzero): resume "
+                        f"it on {model_states['dp_world_size']} rank(s) with --zero-stage 0")
+    module = model_states["module"]
+    params, scalars, tensor_keys = OrderedDict(), {}, set()
+    for group_index, (group, group_names) in enumerate(zip(optimizer["param_groups"], names)):
+        for index, name in zip(group["params"], group_names):
+            state = optimizer["state"].get(index, {})
+            per_element = {k: v for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0}
+            tensor_keys.update(per_element)
+            counters = {k: v for k, v in state.items() if k not in per_element}
+            if counters:
+                scalars.setdefault(group_index, counters)
+            params[name] = {"fp32": module[name].detach().clone(),
+                            **{k: v.detach().clone() for k, v in per_element.items()}}
+    for entry in params.values():  # a parameter that never had a gradient has no state yet
+        for key in tensor_keys - entry.keys():
+            entry[key] = torch.zeros_like(entry["fp32"])
+    return {"params": params, "tensor_keys": sorted(tensor_keys), "scalars": scalars,
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer["param_groups"]],
+            "lr_scheduler": model_states["lr_scheduler"], "global_steps": model_states["global_steps"],
+            "global_samples": model_states.get("global_samples"), "skipped_steps": model_states["skipped_steps"],
+            "buffers": {n: model_states["module"][n] for n in model_states.get("buffer_names", [])},
+            "client_state": {k: model_states[k] for k in ("step", "eval_pending") if k in model_states},
+            "zero_global": None, "saved_ranks": model_states["dp_world_size"]}
+
+
 def _slices(saved: dict, shapes: list, index: int, rank: int, ranks: int, stage3: bool):
     """(parameter name, start, length) of each parameter's piece in flat group `index` of
     `rank`'s shard."""
@@ -116,8 +166,57 @@ def _slices(saved: dict, shapes: list, index: int, rank: int, ranks: int, stage3
 
 
 def apply_full_state(engine, full: dict) -> None:
-    """Put `full` (read_full_state) into a freshly initialised engine of any number of ranks.
-    Every rank calls it with the same `full`; ZeRO-1/2 all-gather the working weights."""
+    """Put `full` (read_full_state) into a freshly initialised engine of any number of ranks,
+    with or without ZeRO. Every rank calls it with the same `full`."""
+    if engine.zero_optimization_stage() == 0:
+        _set_unpartitioned(engine, full)
+        groups = engine.optimizer.param_groups
+    else:
+        _set_partitioned(engine, full)
+        groups = engine.optimizer.optimizer.param_groups
+        if full["zero_global"]:
+            stage3 = engine.zero_optimization_stage() == 3
+            zero = engine.optimizer
+            (zero._load_global_state_stage3 if stage3 else zero._load_global_state)(full["zero_global"])
+    # Hyperparameters (the current LR lives in the groups), scheduler, counters, buffers.
+    for group, saved in zip(groups, full["param_groups"]):
+        group.update(saved)
+    engine.lr_scheduler.load_state_dict(full["lr_scheduler"])
+    engine.global_steps = full["global_steps"]
+    engine.global_samples = (full["global_samples"] if full["global_samples"] is not None
+                             else full["global_steps"] * engine.train_batch_size())
+    engine.skipped_steps = full["skipped_steps"]
+    with torch.no_grad():
+        for name, buffer in engine.module.named_buffers():
+            if name in full["buffers"]:
+                buffer.copy_(full["buffers"][name].to(buffer.device, buffer.dtype))
+
+
+def _set_unpartitioned(engine, full: dict) -> None:
+    """Weights and optimizer state into an engine without ZeRO, whose client optimizer steps
+    the module's own fp32 parameters."""
+    if engine.fp16_enabled() or engine.bfloat16_enabled():
+        raise UserError("a checkpoint moves to another number of ranks without ZeRO only in fp32: resume it "
+                        "on its own number of ranks, or with --zero-stage 1")
+    optimizer = engine.optimizer
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    with torch.no_grad():
+        for index, group in enumerate(optimizer.param_groups):
+            for param in group["params"]:
+                entry = full["params"][names[id(param)]]
+                param.copy_(entry["fp32"].to(param.device, param.dtype))
+                state = optimizer.state[param]
+                for key in full["tensor_keys"]:
+                    state[key] = entry[key].to(param.device).clone()
+                for key, value in full["scalars"].get(index, {}).items():
+                    if torch.is_tensor(value):  # torch keeps `step` on the device only when fused/capturable
+                        on_device = group.get("fused") or group.get("capturable")
+                        value = value.to(param.device if on_device else "cpu")
+                    state[key] = value.clone() if torch.is_tensor(value) else value
+
+
+def _set_partitioned(engine, full: dict) -> None:
+    """Weights and optimizer state into a ZeRO engine; ZeRO-1/2 all-gather the working weights."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     stage = engine.zero_optimization_stage()
@@ -156,20 +255,6 @@ def apply_full_state(engine, full: dict) -> None:
             zero._reassign_or_swap_out_partitioned_parameters(sub_group)
         # Gathers again the parameters ZeRO-3 keeps whole ("persistent", under its size threshold).
         zero.checkpoint_event_epilogue()
-    # 4. Hyperparameters (the current LR lives in the groups), loss scaler, scheduler, counters.
-    for group, saved in zip(inner.param_groups, full["param_groups"]):
-        group.update(saved)
-    if full["zero_global"]:
-        (zero._load_global_state_stage3 if stage == 3 else zero._load_global_state)(full["zero_global"])
-    engine.lr_scheduler.load_state_dict(full["lr_scheduler"])
-    engine.global_steps = full["global_steps"]
-    engine.global_samples = (full["global_samples"] if full["global_samples"] is not None
-                             else full["global_steps"] * engine.train_batch_size())
-    engine.skipped_steps = full["skipped_steps"]
-    with torch.no_grad():
-        for name, buffer in engine.module.named_buffers():
-            if name in full["buffers"]:
-                buffer.copy_(full["buffers"][name].to(buffer.device, buffer.dtype))
 
 
 def _flat_partitions(engine) -> list[tuple[torch.Tensor, int]]:

@@ -37,7 +37,7 @@ def test_two_ranks_log_every_term(method, stage, extra, tmp_path, cache_env):
     assert set(TERMS[method]) <= set(scalars) and "zeroshot_top1" in scalars
     assert "tflops_per_s" in scalars and "mfu" not in scalars  # no peak known for a CPU
     if method == "clip-lite":  # the smoke recipe trains with AdamW (engine/objectives/clip_lite.py)
-        assert plan["optimizer"] == "torch" and plan["group_lrs"] == []
+        assert plan["optimizer"] == "torch_fused" and plan["group_lrs"] == []
     _check_charts(out, image_views=2 if method == "declip" else 1, micro_batch=4)
 
 

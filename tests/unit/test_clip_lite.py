@@ -179,7 +179,7 @@ def test_prior_off_gives_only_jsd(model):
 def test_optimizer_groups_follow_the_reference(model):
     task = Task(model, ClipLiteObjective(model))
     plan = SimpleNamespace(optimizer="sgd_lookahead", group_lrs=(("image", 0.2), ("text", 1e-3), ("heads", 5e-4)),
-                           momentum=0.9, weight_decay=1e-4)
+                           momentum=0.9, weight_decay=1e-4, zero_stage=1, precision="fp32")
     optimizer = optimizer_for_plan(task, plan)
     assert isinstance(optimizer, Lookahead) and (optimizer.k, optimizer.alpha) == (5, 0.5)
     assert optimizer.optimizer.defaults["momentum"] == 0.9

@@ -48,7 +48,8 @@ def states_per_device(n_params, precision, stage, offload, world_size):
     width = 4 if precision == "fp32" else 2
     weights = n_params * width / (world_size if stage == 3 else 1)
     grads = n_params * width / (world_size if stage >= 2 else 1)
-    adam = 0 if offload else n_params * 12 / (world_size if stage >= 1 else 1)
+    adam_bytes = 8 if stage == 0 and precision == "fp32" else 12  # no master copy of fp32 weights
+    adam = 0 if offload else n_params * adam_bytes / (world_size if stage >= 1 else 1)
     return weights + grads + adam
 
 
@@ -156,13 +157,34 @@ def test_model_too_large_even_with_offload_is_refused():
         plan_for(V100_X1, n_params=20_000_000_000)
 
 
-def test_cpu_run_is_fp32_stage_1_torch_adamw_and_dali_cpu():
+def test_one_cpu_rank_is_fp32_without_zero_fused_adamw_and_dali_cpu():
     plan = plan_for(CPU_ONLY, support=probe_optimizer_support(CPU_ONLY))
     assert plan.precision == "fp32"
-    assert (plan.zero_stage, plan.offload_optimizer) == (1, False)
-    assert plan.optimizer == "torch"
+    assert (plan.zero_stage, plan.offload_optimizer) == (0, False)
+    assert "nothing to partition" in reason(plan, "zero_stage")
+    assert plan.optimizer == "torch_fused" and "CPU kernel" in reason(plan, "optimizer")
     assert plan.decode_device == "cpu"
     assert (plan.micro_batch, plan.grad_accum) == (plan.global_batch // plan.world_size, 1)
+
+
+@pytest.mark.parametrize("hw, dials, stage", [
+    (dataclasses.replace(CPU_ONLY, world_size=2, local_world_size=2), {}, 1),  # states to partition
+    (dataclasses.replace(H100_X8, world_size=1, local_world_size=1), {}, 1),   # bf16: a master copy anyway
+    (dataclasses.replace(H100_X8, world_size=1, local_world_size=1), {"precision": "fp32"}, 0),
+    (CPU_ONLY, {"zero_stage": 1}, 1),
+])
+def test_only_one_rank_in_fp32_runs_without_zero(hw, dials, stage):
+    assert plan_for(hw, **dials).zero_stage == stage
+
+
+def test_without_zero_in_fp32_there_is_no_master_copy_to_count():
+    one_gpu = dataclasses.replace(H100_X8, world_size=1, local_world_size=1)
+    fp32 = plan_for(one_gpu, precision="fp32", n_params=VIT_L_PARAMS)
+    budget = one_gpu.device_memory_bytes * MODEL_STATE_BUDGET_FRACTION
+    assert f"{(4 + 4 + 8) * VIT_L_PARAMS / 1e9:.3g} of {budget / 1e9:.3g} GB" in reason(fp32, "zero_stage")
+    # Too large for one device without ZeRO: the ladder goes on to ZeRO with offload.
+    larger = plan_for(one_gpu, precision="fp32", n_params=3_000_000_000)
+    assert (larger.zero_stage, larger.offload_optimizer) == (3, True)
 
 
 @pytest.mark.parametrize("hw, dial, value", [

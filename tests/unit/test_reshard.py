@@ -1,7 +1,8 @@
 """A ZeRO checkpoint resumes on another number of ranks (engine/train/reshard.py): the state it
 restores is the saved one bit for bit, and the run then ends where an uninterrupted run on the
 new number of ranks ends (to the rounding of a reordered gradient reduction), at ZeRO 1, 2 and
-3, from 2 ranks to 1 and from 1 to 2, with AdamW and with SGD + Lookahead."""
+3, from 2 ranks to 1 and from 1 to 2, with AdamW and with SGD + Lookahead; and between no ZeRO
+on one rank (what the planner gives one rank in fp32) and ZeRO on two, both ways."""
 import os
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from torch import nn
 from engine.dist import free_port
 
 GLOBAL_BATCH, TOTAL, SAVED_AT = 4, 7, 3
-CASES = [(stage, "adamw") for stage in (1, 2, 3)] + [(2, "sgd_lookahead"), (3, "sgd_lookahead")]
+# (ZeRO stage on 1 rank, on 2 ranks, optimizer)
+CASES = ([(stage, stage, "adamw") for stage in (1, 2, 3)] + [(2, 2, "sgd_lookahead"), (3, 3, "sgd_lookahead")]
+         + [(0, 1, "adamw_fused"), (0, 3, "sgd_lookahead"), (0, 0, "adamw")])
 
 
 class Scale(nn.Module):  # a [1]-shaped parameter in a module of its own, as the temperature
@@ -47,6 +50,7 @@ def _engine(stage: int, optimizer: str):
     model = Net()
     groups = param_groups(model, weight_decay=0.1)
     inner = (torch.optim.AdamW(groups, lr=0.05, foreach=True) if optimizer == "adamw"
+             else torch.optim.AdamW(groups, lr=0.05, fused=True) if optimizer == "adamw_fused"
              else Lookahead(torch.optim.SGD(groups, lr=0.05, momentum=0.9), k=5, alpha=0.5))
     scheduler = warmup_cosine(inner, lr=0.05, min_lr=0.0, warmup_steps=2, total_steps=TOTAL)
     world = int(os.environ["WORLD_SIZE"])
@@ -73,7 +77,8 @@ def _train(engine, start: int, stop: int) -> None:
 def _weights(engine) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param
 
-    return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+    whole = engine.zero_optimization_stage() == 0  # the module's parameters are the fp32 weights
+    return {n: (p if whole else safe_get_full_fp32_param(p)).detach().clone() for n, p in engine.module.named_parameters()}
 
 
 def _worker(rank, world, port, root, role, out):
@@ -83,9 +88,9 @@ def _worker(rank, world, port, root, role, out):
     from engine.train import checkpoint, reshard
 
     dist.init_distributed(timeout_s=120)
-    for stage, optimizer in CASES:
-        case = Path(root) / f"{stage}-{optimizer}"
-        engine = _engine(stage, optimizer)
+    for *stages, optimizer in CASES:
+        case = Path(root) / f"{stages[0]}-{stages[1]}-{optimizer}"
+        engine = _engine(stages[world - 1], optimizer)
         if role == "save":  # the first run: stop at SAVED_AT with a checkpoint
             _train(engine, 0, SAVED_AT)
             checkpoint.save(engine, case / f"from{world}", SAVED_AT, {"loader": {"at": SAVED_AT}, "task": {}})
@@ -139,10 +144,11 @@ def _equal(a, b, where: str) -> None:
 
 
 @pytest.mark.parametrize("world", [1, 2], ids=["2-to-1", "1-to-2"])
-@pytest.mark.parametrize("stage, optimizer", CASES)
-def test_resumed_state_is_the_saved_one_and_the_run_ends_as_uninterrupted(runs, stage, optimizer, world):
+@pytest.mark.parametrize("one_rank_stage, two_rank_stage, optimizer", CASES)
+def test_resumed_state_is_the_saved_one_and_the_run_ends_as_uninterrupted(runs, one_rank_stage, two_rank_stage,
+                                                                         optimizer, world):
     root, out = runs
-    case = str(root / f"{stage}-{optimizer}")
+    case = str(root / f"{one_rank_stage}-{two_rank_stage}-{optimizer}")
     step, rank_state, weights = out[(case, "resumed", world)]
     assert step == SAVED_AT and rank_state == {"loader": {"at": SAVED_AT}, "task": {}}
     before, after = out[(case, "states", world)]

@@ -1,0 +1,33 @@
+"""benchmarks/vs_openclip.py's settings of ours: each --ours variant's dials parsed by the dials'
+own kinds and carried into the plan that variant runs, so that a lever measured on and off is
+the planner's decision with one dial changed."""
+import pytest
+
+from benchmarks import vs_openclip as bench
+
+
+def test_a_label_alone_is_the_plans_own_choices():
+    assert bench.parse_variant("plan") == ("plan", {})
+
+
+def test_dials_are_parsed_by_their_declared_kinds():
+    label, overrides = bench.parse_variant("zero1-foreach:zero_stage=1,optimizer=torch")
+    assert label == "zero1-foreach" and overrides == {"zero_stage": 1, "optimizer": "torch"}
+
+
+@pytest.mark.parametrize("text", ["x:stage=1", "x:zero_stage", "x:zero_stage="])
+def test_an_unknown_dial_or_a_missing_value_is_refused(text):
+    with pytest.raises(SystemExit, match="is not dial=value"):
+        bench.parse_variant(text)
+
+
+def test_the_overrides_reach_the_plan():
+    plain, _, _ = bench.plan_for("vit-debug", 8, 1, None)
+    changed, _, _ = bench.plan_for("vit-debug", 8, 1, None, {"zero_stage": 1, "optimizer": "torch"})
+    assert (changed.zero_stage, changed.optimizer) == (1, "torch")
+    assert (plain.zero_stage, plain.optimizer) != (1, "torch")  # one CPU rank: no ZeRO, fused AdamW
+
+
+def test_the_one_rank_all_reduce_switch_is_the_benchmarks_own():
+    assert bench.parse_variant("reduce:keep_one_rank_allreduce=true,zero_stage=0")[1] == {
+        bench.ONE_RANK_ALLREDUCE: True, "zero_stage": 0}

@@ -2,12 +2,15 @@
 
     python benchmarks/e2e_openclip.py                             # 110 steps of 128 pairs, one process each
     python benchmarks/e2e_openclip.py --steps 4 --global-batch 32 --keep   # a quick look
+    python benchmarks/e2e_openclip.py --user-defaults               # ours as the README runs it
 
 Each side is one command, timed from its process start to its exit (start-up, data, training,
-its checkpoints and, for ours, its evaluations included): ours is `deepspeed --num_gpus 1
-launchers/pretrain.py --model vit-debug`, open_clip's is `open_clip_train.main` run by a small
-wrapper that first registers the vit-debug towers as an open_clip model config. Ours runs
-first; its plan.json gives open_clip_train its hyperparameters.
+its checkpoints and, for ours, its evaluations included): ours is `python launchers/pretrain.py
+--model vit-debug` with one evaluation and one checkpoint at the end (`--user-defaults`: the
+README's `deepspeed launchers/pretrain.py` at the plan's evaluation and checkpoint cadence),
+open_clip's is `open_clip_train.main` run by a small wrapper that first registers the vit-debug
+towers as an open_clip model config, which checkpoints once at the end. Ours runs first; its
+plan.json gives open_clip_train its hyperparameters.
 
 Matched: the training pairs (the digits' training split, written as the same PNG bytes plus a
 CSV for open_clip_train), the towers (benchmarks/vs_openclip.py's OPEN_CLIP_MODEL["vit-debug"]:
@@ -40,6 +43,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -74,10 +78,10 @@ NOT_MATCHED = (
     "workers hand encoded bytes and crop windows to DALI's CPU pipeline (cubic, antialiased) in the training "
     "process, which runs its own threads. The crop distribution is the same (the plan's scale, aspect 3/4 to "
     "4/3), not the draws",
-    "work inside the wall time beyond training: ours starts through the deepspeed launcher, evaluates the "
-    "held-out set every plan eval_every steps and at the end, and writes a DeepSpeed checkpoint every plan "
-    "checkpoint_every steps; open_clip_train writes one checkpoint at the end and evaluates nothing. The "
-    "steady-state samples/s leave these pauses out on both sides",
+    "work inside the wall time beyond training: both sides are one process that writes one checkpoint at the "
+    "end; ours also evaluates the held-out set once at the end, open_clip_train evaluates nothing (with "
+    "--user-defaults ours starts through the deepspeed launcher and evaluates and checkpoints at the plan's "
+    "cadence). The steady-state samples/s leave these pauses out on both sides",
     "logging: open_clip_train logs every step (its per-step times are read from those lines), ours every "
     "plan log_every steps",
     "optimizer step: ours is DeepSpeed's engine at the plan's ZeRO stage around the plan's AdamW "
@@ -165,13 +169,20 @@ def timed(command: list[str], log: Path) -> float:
 
 
 def our_command(args, run_dir: Path) -> list[str]:
+    """One training process, as open_clip_train's, evaluating and checkpointing once at the end
+    as open_clip_train's command checkpoints once; with --user-defaults, the README's command
+    (the deepspeed launcher) at the plan's evaluation and checkpoint cadence."""
+    common = ["launchers/pretrain.py", "--model", OUR_PRESET, "--steps", str(args.steps),
+              "--global-batch", str(args.global_batch), "--workers", str(args.workers), "--seed", str(args.seed),
+              "--out", str(run_dir)]
+    common += shlex.split(args.our_flags)
+    if not args.user_defaults:
+        return [sys.executable, *common, "--eval-every", str(args.steps), "--checkpoint-every", str(args.steps)]
     from engine.dist import free_port   # the launcher's default port may be another job's
 
     launcher = Path(sys.executable).with_name("deepspeed")
     return [str(launcher) if launcher.exists() else "deepspeed", "--num_gpus", "1",
-            "--master_port", str(free_port()), "launchers/pretrain.py",
-            "--model", OUR_PRESET, "--steps", str(args.steps), "--global-batch", str(args.global_batch),
-            "--workers", str(args.workers), "--seed", str(args.seed), "--out", str(run_dir)]
+            "--master_port", str(free_port()), *common]
 
 
 def openclip_command(plan: dict, table: Path, logs: Path, config: Path, epochs: int, args) -> list[str]:
@@ -351,6 +362,11 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers, both sides")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (runs, CSV, logs)")
+    parser.add_argument("--our-flags", default="", metavar="'--DIAL VALUE ...'",
+                        help="more flags for our launcher, e.g. '--decode-threads 2' (a lever measured off)")
+    parser.add_argument("--user-defaults", action="store_true",
+                        help="run ours as the README's command: the deepspeed launcher, evaluations and "
+                        "checkpoints at the plan's cadence (default: one process, one of each at the end)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "e2e_openclip_cpu.json"))
     args = parser.parse_args()
     missing = missing_packages()

@@ -180,7 +180,7 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
 
     loader = TrainLoader(prepared.data, micro_batch=plan.micro_batch, image_size=plan.image_size,
                          spec=data_spec(objective, plan), seed=plan.seed, workers=plan.workers,
-                         decode_device=plan.decode_device, tokenizer=tokenizer,
+                         decode_device=plan.decode_device, decode_threads=plan.decode_threads, tokenizer=tokenizer,
                          rank=dist.rank(), world_size=dist.world_size(), grad_accum=plan.grad_accum,
                          cache_limit=plan.cache_limit,
                          wordnet=prepared.wordnet if plan.objective_options.get("eda_synonyms") else None)

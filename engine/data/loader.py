@@ -74,13 +74,15 @@ class TrainLoader:
 
     def __init__(self, data: str, *, micro_batch: int, image_size: int, spec: DataSpec, seed: int, workers: int,
                  decode_device: str, tokenizer: ClipTokenizer, rank: int, world_size: int, grad_accum: int = 1,
-                 wordnet: str | Path | None = None, local_cache: Path | None = None, cache_limit: int | None = None):
+                 wordnet: str | Path | None = None, local_cache: Path | None = None, cache_limit: int | None = None,
+                 decode_threads: int = 1):
         """`data` is one dataset or a weighted mixture (engine/data/streams.py); `grad_accum`
         micro-batches per rank make one optimizer step (epochs end at steps); `spec` says what each
         batch holds; `wordnet` is a WordNet 3.0 directory for EDA's synonym replacement
         (engine.data.wordnet.find_wordnet()), or None to edit by swaps and deletions only;
         `local_cache` holds remote shards (default under $CLIPZERO_CACHE), at most `cache_limit`
-        bytes of them on this node (the plan's cache_limit; None: no limit)."""
+        bytes of them on this node (the plan's cache_limit; None: no limit); `decode_threads` DALI
+        threads (the plan's decode_threads)."""
         _check_arguments(micro_batch, grad_accum, image_size, seed, workers, decode_device)
         ranks_on_node = _streaming_world(rank, world_size)
         streams = describe_streams(data, local_cache)  # fails early, with the fix, on any dataset not usable MDS
@@ -91,7 +93,7 @@ class TrainLoader:
         self.spec = spec
         self.seed = seed
         self.workers = workers
-        self.decode_device = decode_device
+        self.decode_device, self.decode_threads = decode_device, decode_threads
         self.tokenizer = tokenizer
         self.eda = Eda(WordNet(wordnet) if wordnet else None, seed) if spec.text_aug else None
         self.world_size = world_size
@@ -248,7 +250,8 @@ class TrainLoader:
     def _build_pipeline(self, source):
         return train_pipeline(source, batch_size=self.micro_batch, image_size=self.image_size,
                               device=self.decode_device, device_id=self._device.index,
-                              num_threads=_dali_threads(), augment=self.spec.augment, views=self.spec.image_views)
+                              num_threads=self.decode_threads, augment=self.spec.augment,
+                              views=self.spec.image_views)
 
     def _close_active(self) -> None:
         active = self._active() if self._active is not None else None
@@ -299,7 +302,3 @@ def _streaming_world(rank: int, world_size: int) -> int:
         raise RuntimeError(f"WORLD_SIZE {world_size} is not a multiple of LOCAL_WORLD_SIZE {local_world_size}.")
     return local_world_size
 
-
-def _dali_threads() -> int:
-    cpus = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, min(8, cpus))

@@ -76,6 +76,7 @@ class Dials:
                                    "least recently used are evicted); the cache lives under $CLIPZERO_CACHE",
                                    group=OVERRIDES, metavar="SIZE")
     decode_device: str | None = dial(None, group=OVERRIDES, choices=DECODE_DEVICES)
+    decode_threads: int | None = dial(None, "DALI threads per rank", group=OVERRIDES, kind=int)
     checkpoint_every: int | None = dial(None, group=OVERRIDES, kind=int)
     eval_every: int | None = dial(None, group=OVERRIDES, kind=int)
     log_every: int | None = dial(None, group=OVERRIDES, kind=int)

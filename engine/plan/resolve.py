@@ -14,8 +14,9 @@ from engine.errors import UserError
 from engine.plan.deepspeed_config import fp16_scale_search_steps
 from engine.plan.hardware import Hardware
 from engine.launch import Launch
-from engine.plan.dials import DECODE_DEVICES, OPTIMIZERS, PRECISIONS, Dials
+from engine.plan.dials import OPTIMIZERS, PRECISIONS, Dials
 from engine.plan.data import data_decisions, dataset_reason
+from engine.plan.decode import decode_decisions
 from engine.plan.faults import fault_decisions
 from engine.plan.memory import GB, gb, zero_setting
 from engine.objectives.base import OptionContext
@@ -79,7 +80,7 @@ class RunPlan:
     momentum: float | None; grad_clip: float | None
     warmup_steps: int; warmup_start_lr: float; total_steps: int = must_match(); epochs: float
     crop_scale: tuple[float, float]; image_size: int; text_layers: int = must_match()
-    workers: int; decode_device: str
+    workers: int; decode_device: str; decode_threads: int
     checkpoint_every: int; eval_every: int; evaluations: tuple[str, ...]; log_every: int; profile_steps: int
     collective_timeout_s: int; max_requeues: int; max_skipped_in_a_row: int
     dataset_size: int = must_match(); data_fraction: float = must_match(); n_params: int
@@ -202,7 +203,8 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
     for name, value, reason in data_decisions(dials, data, dataset_size=dataset_size, workers=workers,
                                               local_world_size=hw.local_world_size, seed=dials.seed):
         decide(name, value, reason)
-    decide("decode_device", *_decode_device(dials, hw))
+    for name, value, reason in decode_decisions(dials, hw):
+        decide(name, value, reason)
     decide("checkpoint_every", *_every(dials.checkpoint_every, "--checkpoint-every",
                                        min(1000, math.ceil(total_steps / 5)),
                                        "about 5 checkpoints per run, at least every 1,000 steps"))
@@ -389,18 +391,6 @@ def _workers(dials: Dials, hw: Hardware):
     workers = min(8, max(1, per_rank - 1))
     return workers, (f"{hw.cpus_per_node} CPUs / {hw.local_world_size} rank(s) per node, one left "
                      "for the training process (1 to 8)")
-
-
-def _decode_device(dials: Dials, hw: Hardware):
-    if dials.decode_device is not None:
-        if dials.decode_device not in DECODE_DEVICES:
-            raise UserError(f"--decode-device {dials.decode_device!r} is unknown: use gpu or cpu")
-        if dials.decode_device == "gpu" and hw.accelerator != "cuda":
-            raise UserError("--decode-device gpu needs a CUDA device: use --decode-device cpu")
-        return dials.decode_device, "--decode-device given"
-    if hw.accelerator == "cuda":
-        return "gpu", "DALI mixed decode: JPEGs decoded on the GPU, CPUs stay free"
-    return "cpu", "DALI CPU pipeline: no GPU"
 
 
 def _profile(dials: Dials, total_steps: int):

@@ -4,8 +4,10 @@ there are changed:
   the weights, optimizer state and LR stay where they were, the engine counts it, and the finite
   steps around it are exactly the plain optimizer's;
 - the all-reduce over a group of one is left out (engine/dist.skip_reduction_alone), which
-  changes no bit of the training."""
+  changes no bit of the training.
+And a run of one rank checkpointed at ZeRO-1 (the plan before) resumes without ZeRO."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,11 +37,11 @@ def _engine(stage: int, guarded: bool):
     return engine
 
 
-def _run(engine, poisoned: set[int] = frozenset()):
-    """Train STEPS steps, the loss of the `poisoned` ones multiplied by NaN; the weights, LR and
+def _run(engine, poisoned: set[int] = frozenset(), steps=range(STEPS)):
+    """Train `steps`, the loss of the `poisoned` ones multiplied by NaN; the weights, LR and
     skipped count after each step."""
     trace = []
-    for step in range(STEPS):
+    for step in steps:
         x = torch.randn(4, 5, generator=torch.Generator().manual_seed(step))
         loss = engine(x).pow(2).mean()
         engine.backward(loss * float("nan") if step in poisoned else loss)
@@ -49,7 +51,7 @@ def _run(engine, poisoned: set[int] = frozenset()):
     return trace
 
 
-def _worker(_, port, out):
+def _worker(_, port, root, out):
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import deepspeed
 
@@ -68,6 +70,17 @@ def _worker(_, port, out):
         calls = _count_calls(engine, "allreduce_gradients")
         out[f"reduction-{name}"] = (_run(engine), len(calls), engine.enable_backward_allreduce)
 
+    from engine.train import checkpoint
+
+    before = _engine(1, guarded=False)
+    _run(before, steps=range(3))
+    checkpoint.save(before, Path(root) / "zero1", 3, {"loader": {"at": 3}})
+    uninterrupted = _run(before, steps=range(3, STEPS))
+    after = _engine(0, guarded=True)
+    skip_reduction_alone(after)
+    restored = checkpoint.load(after, Path(root) / "zero1")
+    out["zero1-to-none"] = (restored.step, restored.rank_state, _run(after, steps=range(3, STEPS)), uninterrupted)
+
 
 def _count_calls(engine, method: str) -> list:
     """A list that grows by one at each call of engine.<method>."""
@@ -82,9 +95,9 @@ def _count_calls(engine, method: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def out():
+def out(tmp_path_factory):
     runs = mp.Manager().dict()
-    mp.spawn(_worker, args=(free_port(), runs), nprocs=1)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path_factory.mktemp("one-rank")), runs), nprocs=1)
     return dict(runs)
 
 
@@ -115,3 +128,12 @@ def test_one_rank_without_zero_skips_the_all_reduce_and_trains_the_same_bits(out
         for a, b in zip(got, want):
             assert torch.equal(a, b)
     assert out["reduction-zero1"][2] is True  # ZeRO reduces its own way: left as it is
+
+
+def test_a_one_rank_zero1_checkpoint_resumes_without_zero(out):
+    step, rank_state, resumed, uninterrupted = out["zero1-to-none"]
+    assert step == 3 and rank_state == {"loader": {"at": 3}}
+    for (got, got_lr, _), (want, want_lr, _) in zip(resumed, uninterrupted):
+        assert got_lr == want_lr
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

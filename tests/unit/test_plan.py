@@ -380,3 +380,18 @@ def test_profile_is_off_by_default_and_must_fit_in_the_run():
         plan_for(CPU_ONLY, global_batch=64, steps=10, profile=9)
     with pytest.raises(UserError, match="--profile 0 must be at least 1"):
         plan_for(CPU_ONLY, global_batch=64, steps=10, profile=0)
+
+
+@pytest.mark.parametrize("hw, threads", [
+    (CPU_ONLY, 2), (dataclasses.replace(CPU_ONLY, cpus_per_node=64), 8),   # the rank's CPUs, at most 8
+    (H100_X8, 8), (dataclasses.replace(H100_X8, cpus_per_node=32), 4),
+])
+def test_decode_threads_are_the_ranks_cpus_at_most_8(hw, threads):
+    plan = plan_for(hw)
+    assert plan.decode_threads == threads and "rank(s) per node" in reason(plan, "decode_threads")
+
+
+def test_decode_threads_given_win_and_below_one_is_refused():
+    assert plan_for(CPU_ONLY, decode_threads=3).decode_threads == 3
+    with pytest.raises(UserError, match="at least 1 thread"):
+        plan_for(CPU_ONLY, decode_threads=0)

@@ -299,12 +299,10 @@ def compare(case: str, args) -> dict:
                      "mfu": None if peak is None else tflops / peak,
                      "step_s_all": [t for run in runs for t in run["step_s"]],
                      **({"plan": runs[0]["plan"], "overrides": runs[0]["overrides"]} if "plan" in runs[0] else {})}
-    # Each variant of ours against open_clip; the first variant is "ours" in the summary line.
+    # Each variant of ours against open_clip; the first one is the summary's.
     for name in names[1:]:
         row[name]["ratio_samples_per_s"] = row[name]["samples_per_s"] / row["open_clip"]["samples_per_s"]
         row[name]["ratio_peak_memory"] = row[name]["peak_memory_gb"] / row["open_clip"]["peak_memory_gb"]
-    row["ours"] = row[names[1]]
-    row["ratio_samples_per_s"], row["ratio_peak_memory"] = row["ours"]["ratio_samples_per_s"], row["ours"]["ratio_peak_memory"]
     return row
 
 
@@ -330,19 +328,22 @@ def main() -> int:
         return 0
     out = Path(args.out or f"benchmarks/results/vs_openclip_{'cuda' if torch.cuda.is_available() else 'cpu'}.json")
     labels = [parse_variant(v)[0] for v in args.ours]
-    if len(set(labels)) != len(labels) or "open_clip" in labels:
-        parser.error(f"--ours: give each setting its own label (not open_clip): {', '.join(labels)}")
+    reserved = {"open_clip", "case", "device", "forward_flops_per_sample"}   # the other keys of a result row
+    if len(set(labels)) != len(labels) or reserved & set(labels):
+        parser.error(f"--ours: give each setting its own label (none of {', '.join(sorted(reserved))}): "
+                     f"{', '.join(labels)}")
     rows = []
     for case in args.cases:
         if case.split(":")[0] not in OPEN_CLIP_MODEL or ":" not in case:
             parser.error(f"--cases {case}: give PRESET:GLOBAL_BATCH with PRESET one of {', '.join(OPEN_CLIP_MODEL)}")
         row = compare(case, args)
         rows.append(row)
-        print(f"{case}: params ours {row['ours']['n_params']:,} open_clip {row['open_clip']['n_params']:,}; "
+        ours = row[labels[0]]
+        print(f"{case}: params ours {ours['n_params']:,} open_clip {row['open_clip']['n_params']:,}; "
               f"forward GFLOPs/sample ours {sum(row['forward_flops_per_sample']['ours'].values()) / 1e9:.4g} "
               f"open_clip {sum(row['forward_flops_per_sample']['open_clip'].values()) / 1e9:.4g}; samples/s ours "
-              f"{row['ours']['samples_per_s']:.3g} open_clip {row['open_clip']['samples_per_s']:.3g} "
-              f"(x{row['ratio_samples_per_s']:.2f}); peak memory x{row['ratio_peak_memory']:.2f}", flush=True)
+              f"({labels[0]}) {ours['samples_per_s']:.3g} open_clip {row['open_clip']['samples_per_s']:.3g} "
+              f"(x{ours['ratio_samples_per_s']:.2f}); peak memory x{ours['ratio_peak_memory']:.2f}", flush=True)
         for label in labels[1:]:
             print(f"  {label} {args.ours[labels.index(label)]}: samples/s {row[label]['samples_per_s']:.3g} "
                   f"(x{row[label]['ratio_samples_per_s']:.2f} open_clip), peak memory "

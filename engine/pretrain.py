@@ -28,13 +28,14 @@ from engine.errors import UserError
 from engine.files import write_atomic
 from engine.eval.evaluate import evaluate
 from engine.eval.periodic import PeriodicEval, TrainedModel, open_periodic_evals, run_periodic_evals
+from engine.eval.shard import Ranks, first_rows
 from engine.plan.hardware import probe
 from engine.launch import Launch
 from engine.data.wordnet import find_wordnet
 from engine.models.presets import ModelPreset, for_method, get_preset
 from engine.models.two_tower import TwoTower, count_parameters
 from engine.observe.bad_records import BadRecordTally
-from engine.observe.charts import Charts, HeldOutProbe
+from engine.observe.charts import PROBE_PAIRS, Charts, HeldOutProbe
 from engine.observe.flops import count_model_flops, views_encoded
 from engine.observe.metrics import MetricsWriter
 from engine.observe.profile import StepProfiler
@@ -202,7 +203,9 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
                   "(its numbers are in metrics.jsonl; choose a new --out to train again)")
         return RunEnd({}, None, False)
 
-    eval_set = load_eval_set(prepared.eval_data, plan.image_size) if prepared.eval_data else None
+    # Evaluation is split over the ranks: each holds and encodes its block of every set.
+    ranks = Ranks.current()
+    eval_set = load_eval_set(prepared.eval_data, plan.image_size, ranks) if prepared.eval_data else None
 
     clean_text = strip_punctuation if objective.strip_punctuation else None
 
@@ -228,8 +231,10 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
     if is_main:
         print(flops.describe(), flush=True)
     writer.text(start_step, "plan", f"{plan.table()}\n\n{flops.describe()}")
-    probe = (HeldOutProbe.first(eval_set.images, eval_set.captions, tokenizer, clean_text)
-             if eval_set is not None else None)
+    probe = None
+    if eval_set is not None:  # the set's first pairs, on every rank: rank 0's block may hold fewer
+        probe = HeldOutProbe.first(*first_rows(eval_set.images, eval_set.captions, PROBE_PAIRS, ranks, engine.device),
+                                   tokenizer, clean_text)
     charts = Charts(writer, flops=flops, model=engine.module.model, probe=probe, device=engine.device)
     progress = Progress(plan.total_steps, start_step, enabled=is_main)
     profiler = StepProfiler(run_dir, plan.profile_steps, start_step, dist.rank()) if plan.profile_steps else None

@@ -5,6 +5,11 @@ image found when ANY of its captions is (COCO and Flickr30k give five per image)
 The embeddings are computed as the in-training evaluation computes them (engine/eval/evaluate.py:
 the same batches, the same caption cleaning, the same metric functions), so a run's own held-out
 set scores here exactly what its last evaluation logged.
+
+During training (engine/eval/periodic.py) the scoring is split over the ranks (`ranks`,
+engine/eval/shard.py): each rank reads, decodes and encodes only its block of the images and
+of the texts, and the embeddings are all-gathered; the counts are the whole set's. Alone (this
+module's default, launchers/evaluate.py) one process does it all.
 """
 from __future__ import annotations
 
@@ -16,10 +21,11 @@ from typing import Callable, Protocol
 import torch
 
 from engine.errors import UserError
-from engine.data.eval_set import EvalDecoding
-from engine.eval.evaluate import encode_batched
+from engine.data.eval_set import DECODE_BATCH, EvalDecoding
+from engine.eval.evaluate import held_out_embeddings
 from engine.eval.images import CaptionedImages, ImageFolder, read_files, read_image_folder, read_karpathy
 from engine.eval.load_run import LoadedRun
+from engine.eval.shard import ALONE, Ranks, encode_in_step, encode_texts, gather_kept
 from engine.eval.zeroshot import class_prompts, classifier_from_prompts, topk_accuracy
 
 KS = (1, 5, 10)
@@ -146,17 +152,28 @@ def _tokens(run: ModelToScore, texts: list[str]) -> torch.Tensor:
 
 def encode_image_files(run: ModelToScore, files: list[Path], what: str, device,
                        interrupted: Callable[[], bool] | None = None,
-                       encode: Callable[[torch.Tensor], torch.Tensor] | None = None
-                       ) -> tuple[torch.Tensor, list[int], int]:
+                       encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       ranks: Ranks = ALONE) -> tuple[torch.Tensor, list[int], int]:
     """`encode` (default: the normalised image embedding) of `files`, decoded a batch at a time
     (memory bounded by a batch, not the set), the indices of the files kept, and how many were
-    left out (bad)."""
-    decoding = EvalDecoding(read_files(files), run.image_size, what)
-    parts, kept = [], []
-    for images, ids in decoding:
-        parts.append(encode_batched(encode or run.model.encode_image, images, device, interrupted))
-        kept.extend(ids)
-    return torch.cat(parts), kept, len(decoding.left_out)
+    left out (bad). Split over `ranks`: each rank reads and decodes its block of `files` only;
+    the results are the whole set's, on every rank."""
+    block = ranks.block(len(files))
+    decoding = EvalDecoding(read_files(files[block.start:block.stop]), run.image_size, what, block.start)
+    kept: list[int] = []
+
+    def decoded_images():
+        for images, ids in decoding:
+            kept.extend(ids)
+            yield images
+
+    side = run.image_size
+    rows = ranks.padded_rows(len(files))
+    encoded = encode_in_step(encode or run.model.encode_image, decoded_images(), rows=rows, window=DECODE_BATCH,
+                             filler=lambda: torch.zeros((1, 3, side, side)), device=device, interrupted=interrupted)
+    whole = decoding.settle(ranks)   # after the forwards: the ranks' streams end at different points
+    (encoded,), ids = gather_kept([encoded], torch.tensor(kept, dtype=torch.long), rows, ranks, device)
+    return encoded, ids.tolist(), whole.left_out
 
 
 @dataclass(frozen=True)
@@ -175,11 +192,12 @@ class ZeroShotSet:
 
 @torch.no_grad()
 def score_zeroshot(run: ModelToScore, data: ZeroShotSet, device: torch.device | str = "cpu",
-                   interrupted: Callable[[], bool] | None = None) -> Result:
-    image, kept, left_out = encode_image_files(run, data.folder.files, f"--images {data.path}", device, interrupted)
+                   interrupted: Callable[[], bool] | None = None, ranks: Ranks = ALONE) -> Result:
+    image, kept, left_out = encode_image_files(run, data.folder.files, f"--images {data.path}", device, interrupted,
+                                               ranks=ranks)
     labels = torch.tensor([data.folder.labels[i] for i in kept], dtype=torch.long)
-    prompts = encode_batched(run.model.encode_text, _tokens(run, class_prompts(data.classnames, data.templates)),
-                             device, interrupted)
+    prompts = encode_texts(run.model.encode_text, class_prompts(data.classnames, data.templates),
+                           lambda texts: _tokens(run, texts), ranks, device, interrupted)
     classifier = classifier_from_prompts(prompts, len(data.classnames))
     metrics = topk_accuracy(image, classifier, labels)
     metrics["zeroshot_mean_per_class_recall"] = mean_per_class_recall(image, classifier, labels)
@@ -216,21 +234,23 @@ class RetrievalSet:
 
 @torch.no_grad()
 def score_retrieval(run: ModelToScore, data: RetrievalSet, device: torch.device | str = "cpu",
-                    interrupted: Callable[[], bool] | None = None) -> Result:
+                    interrupted: Callable[[], bool] | None = None, ranks: Ranks = ALONE) -> Result:
     if data.karpathy is None:
         from engine.data.eval_set import load_eval_set
-        held_out = load_eval_set(data.path, run.image_size)  # one caption per image, bad records left out
-        image_embeddings = encode_batched(run.model.encode_image, held_out.images, device, interrupted)
-        captions, left_out = held_out.captions, None
-        image_of_text = torch.arange(len(captions))
+        held_out = load_eval_set(data.path, run.image_size, ranks)  # one caption per image, bad records left out
+        whole = held_out_embeddings(run.model, held_out, lambda texts: _tokens(run, texts), device, interrupted)
+        image_embeddings, text_embeddings = whole.image, whole.text
+        left_out = None
+        image_of_text = torch.arange(len(text_embeddings))
     else:
         image_embeddings, kept, left_out = encode_image_files(run, data.karpathy.files, f"--pairs {data.path}",
-                                                              device, interrupted)
+                                                              device, interrupted, ranks=ranks)
         kept_captions = [data.karpathy.captions[i] for i in kept]  # an image left out takes its captions
         captions = [c for per_image in kept_captions for c in per_image]
         image_of_text = torch.tensor([i for i, per_image in enumerate(kept_captions) for _ in per_image])
-    text_embeddings = encode_batched(run.model.encode_text, _tokens(run, captions), device, interrupted)
-    counts = {"images": len(image_embeddings), "captions": len(captions)}
+        text_embeddings = encode_texts(run.model.encode_text, captions, lambda texts: _tokens(run, texts), ranks,
+                                       device, interrupted)
+    counts = {"images": len(image_embeddings), "captions": len(text_embeddings)}
     if left_out is not None:
         counts["left_out"] = left_out
     return Result("retrieval", data.name, data.path,

@@ -7,9 +7,12 @@ The same scoring as `launchers/evaluate.py` (engine/eval/benchmark.py), on the m
 trained, at every evaluation step. Metrics are named `eval/<set>/<metric>`, e.g.
 `eval/val/zeroshot_top1`, in TensorBoard and metrics.jsonl.
 
-Every rank runs every evaluation (ZeRO-3 gathers parameters inside each forward, so all ranks
-must run the same forwards) and gets the same numbers; images are decoded a batch at a time at
-each evaluation, so a large folder costs time, not memory.
+Every evaluation is split over the ranks (engine/eval/shard.py): each rank reads, decodes and
+encodes only its block of the images and of the texts (class prompts, captions), in forwards
+padded to the same count and length on every rank (ZeRO-3 gathers parameters inside each
+forward, so all ranks must run the same forwards), and the embeddings are all-gathered; every
+rank gets the same numbers. Images are decoded a batch at a time at each evaluation, so a large
+folder costs time, not memory.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 
 from engine.errors import UserError
 from engine.eval.benchmark import RetrievalSet, ZeroShotSet, score_retrieval, score_zeroshot
+from engine.eval.shard import ALONE, Ranks
 
 # Options each task takes after its path, as launchers/evaluate.py names them.
 TASK_OPTIONS = {"zeroshot": ("classnames", "templates"), "retrieval": ("split", "image_root")}
@@ -83,16 +87,16 @@ class TrainedModel:
 
 @torch.no_grad()
 def run_periodic_evals(evals: list[PeriodicEval], model: TrainedModel, device: torch.device,
-                       interrupted: Callable[[], bool] | None = None) -> dict[str, float]:
+                       interrupted: Callable[[], bool] | None = None, ranks: Ranks = ALONE) -> dict[str, float]:
     """Every dialled evaluation on `model` (put in eval mode here and back after), its metrics
-    named eval/<set>/<metric>."""
+    named eval/<set>/<metric>; split over `ranks`, every one of which calls it."""
     metrics: dict[str, float] = {}
     was_training = model.model.training
     model.model.eval()
     try:
         for evaluation in evals:
             score = score_zeroshot if evaluation.task == "zeroshot" else score_retrieval
-            result = score(model, evaluation.data, device, interrupted)
+            result = score(model, evaluation.data, device, interrupted, ranks)
             metrics.update({f"eval/{evaluation.name}/{k}": v for k, v in result.metrics.items()})
     finally:
         model.model.train(was_training)

@@ -5,8 +5,10 @@
   step_done(losses)           keeps each step's logit scale for the next log
   rates(samples_per_s)        model TFLOP/s and MFU beside samples/s (engine/observe/flops.py)
   logged(step)                the logit scale's histogram over the steps since the last log
-  evaluated(step)             on a fixed batch of held-out pairs: the image-text cosine
-                              similarity heatmap and the embedding norms' histograms ("heldout/...")
+  evaluated(step)             on a fixed batch of held-out pairs (the set's first, the same on
+                              every rank though each holds only its block of the set:
+                              engine/eval/shard.first_rows): the image-text cosine similarity
+                              heatmap and the embedding norms' histograms ("heldout/...")
 
 Every rank calls every hook: `evaluated` runs forwards, which under ZeRO-3 gather parameters
 and so must run on all ranks; what is drawn and written, only rank 0 (the writer's) does.

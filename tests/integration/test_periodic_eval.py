@@ -2,7 +2,11 @@
 TensorBoard as eval/<set>/<metric>. The sets here hold the held-out split's own images (an
 ImageFolder written from it, and the MDS itself), so each must score exactly what the run's
 held-out evaluation logged at the same step, through other code (engine/eval/benchmark.py);
-and the standalone command must score the final checkpoint as the run logged it."""
+and the standalone command, one process, must score the final checkpoint as the run logged it.
+
+The run has two ranks at ZeRO-3: every evaluation is split over them (engine/eval/shard.py),
+each encoding its block, and a forward one rank skipped would hang the run. The folder's one
+broken file lies in rank 1's block, so that rank keeps one image fewer than rank 0."""
 import json
 
 from launching import check, launch, read_metrics, tensorboard_scalars
@@ -15,12 +19,15 @@ HELD_OUT = ["zeroshot_top1", "zeroshot_top5", "retrieval_i2t_r1", "retrieval_i2t
 def test_extra_sets_are_scored_at_every_evaluation(cache_env, tmp_path):
     held = heldout(cache_env)
     images = write_image_folder(held, tmp_path / "digits")
+    (images / "09" / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # the last file: left out
     classes = held / "classes.json"
     run = tmp_path / "run"
     result = launch(["--global-batch", "32", "--steps", "4", "--log-every", "2", "--eval-every", "2",
                      "--checkpoint-every", "4", "--eval", f"zeroshot:{images},classnames={classes}",
-                     "--eval", f"retrieval:{held}", "--out", run], cache_env)
+                     "--eval", f"retrieval:{held}", "--zero-stage", "3", "--out", run], cache_env, ranks=2)
     check(result)
+    plan = json.loads((run / "plan.json").read_text())
+    assert (plan["zero_stage"], plan["world_size"]) == (3, 2)
     assert "evaluations" in result.stdout and f"zeroshot:{images}" in result.stdout  # a plan row
 
     evaluations = [row for row in read_metrics(run) if "retrieval_i2t_r1" in row]
@@ -40,7 +47,9 @@ def test_extra_sets_are_scored_at_every_evaluation(cache_env, tmp_path):
 
     check(evaluate([run, "--task", "zeroshot", "--images", images, "--classnames", classes,
                     "--out", tmp_path / "zs.json"], cache_env))
-    standalone = json.loads((tmp_path / "zs.json").read_text())["metrics"]
+    written = json.loads((tmp_path / "zs.json").read_text())
+    standalone = written["metrics"]
+    assert written["counts"]["left_out"] == 1 and written["counts"]["images"] == 300
     assert {k: standalone[k] for k in standalone} == {k: evaluations[1][f"eval/digits/{k}"] for k in standalone}
 
 

@@ -25,7 +25,9 @@ training step waits for data.
      is reported apart), and split into the intervals that start an epoch (the loader forks
      new workers then) and those that do not.
   3. with a CUDA device only: images/s of the same TrainLoader decoding on the GPU (DALI's
-     "mixed" nvJPEG decoder), on the photos, for one GPU, and its ratio to the CPU path.
+     "mixed" nvJPEG decoder), on the photos, for one GPU, and its ratio to the CPU path; at
+     the plan's share of JPEGs for the hardware JPEG decoder (engine/plan/decode.py) and, as the
+     lever off and further on, at 0 (nvJPEG's CUDA decoder alone) and 0.9.
 
 Absolute figures depend on the machine and its load; the ratios are the result. The default
 run takes about 4 minutes on 2 shared cores.
@@ -89,13 +91,17 @@ def write_photos(out: Path, count: int, width: int, height: int) -> dict:
 
 # ---- one measurement, in its own process ----------------------------------------------------
 def our_batches(data: str, batch: int, workers: int, decode_device: str):
+    """`decode_device`: "cpu", "gpu", or "gpu@SHARE" with the hardware JPEG decoder's share."""
     from engine.data.loader import TrainLoader
     from engine.data.spec import DataSpec
     from engine.data.text import ClipTokenizer
+    from engine.plan.decode import MAX_DECODE_THREADS  # the plan's rule for one rank
 
+    device, _, share = decode_device.partition("@")
     loader = TrainLoader(data, micro_batch=batch, image_size=IMAGE_SIZE, spec=DataSpec(), seed=SEED,
-                         workers=workers, decode_device=decode_device, tokenizer=ClipTokenizer(),
-                         rank=0, world_size=1)
+                         workers=workers, decode_device=device, tokenizer=ClipTokenizer(),
+                         rank=0, world_size=1, decode_threads=min(MAX_DECODE_THREADS, len(os.sched_getaffinity(0))),
+                         hw_decoder_load=float(share) if share else None)
     for item in loader:
         yield item["image"]
 
@@ -323,13 +329,7 @@ def main():
             report["gpu"], report["gpu_reason"] = None, "no CUDA device visible"
             print("GPU decode: skipped, no CUDA device visible", flush=True)
         else:
-            runs = [in_subprocess("ours", photos, args, decode_device="gpu") for _ in range(args.repeats)]
-            median = statistics.median(r["images_per_s"] for r in runs)
-            cpu_path = report.get("images_per_s", {}).get("photos", {}).get("median_images_per_s", {}).get("ours")
-            report["gpu"] = dict(device=report["machine"]["gpu"], runs=runs, median_images_per_s=median,
-                                 ratio_over_cpu_path=median / cpu_path if cpu_path else None)
-            print(f"GPU decode (DALI mixed) on the photos: {report['gpu']['median_images_per_s']:.1f} images/s "
-                  f"on one GPU", flush=True)
+            report["gpu"] = gpu_decode(photos, args, report)
     if "wait" not in args.skip:
         print(f"data wait in a {args.ranks}-rank CPU training run of {args.steps} steps:", flush=True)
         report["data_wait"] = data_wait_share(args.steps, args.log_every, args.ranks)
@@ -339,6 +339,34 @@ def main():
     out.write_text(json.dumps(report, indent=1) + "\n")
     print_summary(report)
     print(f"wrote {out} in {report['seconds']:.0f} s")
+
+
+def gpu_decode(photos: Path, args, report: dict) -> dict:
+    """Ours decoding on the GPU, at the plan's hardware-decoder share and at 0 and 0.9, the
+    shares alternating within each repeat."""
+    from engine.plan.decode import HW_DECODER_LOAD, has_hw_jpeg_decoder
+    from engine.plan.hardware import probe
+
+    plan_share = HW_DECODER_LOAD if has_hw_jpeg_decoder(probe()) else 0.0
+    shares = list(dict.fromkeys((plan_share, 0.0, 0.9)))
+    runs = {share: [] for share in shares}
+    for repeat in range(args.repeats):
+        for share in shares:
+            row = in_subprocess("ours", photos, args, decode_device=f"gpu@{share}")
+            runs[share].append(row)
+            print(f"  GPU decode, hardware share {share}, repeat {repeat + 1}: {row['images_per_s']:.1f} images/s",
+                  flush=True)
+    medians = {share: statistics.median(r["images_per_s"] for r in rows) for share, rows in runs.items()}
+    cpu_path = report.get("images_per_s", {}).get("photos", {}).get("median_images_per_s", {}).get("ours")
+    median = medians[plan_share]
+    result = dict(device=report["machine"]["gpu"], plan_hw_decoder_load=plan_share, median_images_per_s=median,
+                  ratio_over_cpu_path=median / cpu_path if cpu_path else None,
+                  by_hw_decoder_load={str(share): dict(median_images_per_s=medians[share],
+                                                       ratio_over_plan=medians[share] / median, runs=runs[share])
+                                      for share in shares})
+    print(f"GPU decode (DALI mixed) on the photos: {median:.1f} images/s on one GPU at the plan's share "
+          f"{plan_share}; " + ", ".join(f"{share}: {medians[share] / median:.2f}x" for share in shares), flush=True)
+    return result
 
 
 def print_summary(report: dict) -> None:

@@ -181,7 +181,8 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
 
     loader = TrainLoader(prepared.data, micro_batch=plan.micro_batch, image_size=plan.image_size,
                          spec=data_spec(objective, plan), seed=plan.seed, workers=plan.workers,
-                         decode_device=plan.decode_device, decode_threads=plan.decode_threads, tokenizer=tokenizer,
+                         decode_device=plan.decode_device, decode_threads=plan.decode_threads,
+                         hw_decoder_load=plan.hw_decoder_load, tokenizer=tokenizer,
                          rank=dist.rank(), world_size=dist.world_size(), grad_accum=plan.grad_accum,
                          cache_limit=plan.cache_limit,
                          wordnet=prepared.wordnet if plan.objective_options.get("eda_synonyms") else None)
@@ -216,7 +217,7 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
                                clean_text=clean_text, interrupted=interrupted)
         if prepared.evals:
             trained = TrainedModel(engine.module.model, tokenizer, clean_text, plan.image_size)
-            metrics.update(run_periodic_evals(prepared.evals, trained, engine.device, interrupted))
+            metrics.update(run_periodic_evals(prepared.evals, trained, engine.device, interrupted, ranks))
         return metrics
 
     cadence = Cadence(total_steps=plan.total_steps, stop_step=stop_step, grad_accum=plan.grad_accum,

@@ -88,11 +88,13 @@ class HostBatch:
 
 
 def train_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: int, device: str,
-                   device_id: int | None, num_threads: int, augment: str = "crop", views: int = 1):
+                   device_id: int | None, num_threads: int, augment: str = "crop", views: int = 1,
+                   hw_decoder_load: float | None = None):
     """Each view: its crop window resized to image_size^2, augmented, normalised to CHW float.
 
     One view decodes its crop window only. Two views decode the whole image once and slice
-    both windows from it: decoding is the costly step.
+    both windows from it: decoding is the costly step. `hw_decoder_load`: on the GPU, the share
+    of JPEGs for the hardware JPEG decoder (None: DALI's default).
     """
     from nvidia.dali import fn, pipeline_def, types
 
@@ -103,13 +105,16 @@ def train_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: 
         encoded, *inputs = fn.external_source(source=source, num_outputs=1 + views * len(per_view), batch=True,
                                               dtype=[types.UINT8, *per_view * views])
         decoder = "mixed" if device == "gpu" else "cpu"
+        options = dict(device=decoder, output_type=types.RGB)
+        if device == "gpu" and hw_decoder_load is not None:
+            options["hw_decoder_load"] = hw_decoder_load
         view_inputs = [inputs[i * len(per_view):(i + 1) * len(per_view)] for i in range(views)]
         window = dict(normalized_anchor=True, normalized_shape=True)
         if views == 1:
             anchor, shape = view_inputs[0][:2]
-            crops = [fn.decoders.image_slice(encoded, anchor, shape, device=decoder, output_type=types.RGB, **window)]
+            crops = [fn.decoders.image_slice(encoded, anchor, shape, **options, **window)]
         else:
-            whole = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+            whole = fn.decoders.image(encoded, **options)
             crops = [fn.slice(whole, anchor, shape, **window) for anchor, shape, *_ in view_inputs]
         outputs = []
         for crop, (_, _, *photometric) in zip(crops, view_inputs):
@@ -210,13 +215,55 @@ class DecodedBatches:
             close_source()
 
     def _recover(self, error: Exception) -> None:
+        self._pipe = None  # failed for good: free it (on a GPU, its memory) before any trial pipeline
         replaced = sum(host.replace_undecodable() for host in self._held)
+        if not replaced:
+            # PIL read every image, yet the pipeline failed: a decoder stricter than PIL (nvJPEG on
+            # the GPU) may have rejected one. Ask the pipeline itself which.
+            replaced = sum(self._replace_what_the_pipeline_rejects(host) for host in self._held)
         if not replaced:
             raise error  # not an image DALI could not read: a real failure
         logger.warning("DALI failed on %d undecodable image(s); replaced them and rebuilt the pipeline", replaced)
         self._replay = deque([*self._held, *self._replay])
         self._held.clear()
-        self._pipe = None
+
+    def _fails(self, host: HostBatch, keep: list[int] | set[int]) -> bool:
+        """Whether a fresh pipeline fails on `host` with every image outside `keep` (and every
+        one already replaced) swapped for the placeholder."""
+        keep = set(keep)
+        trial = [image if i in keep and not host.replaced[i] else PLACEHOLDER_PNG
+                 for i, image in enumerate(host.encoded)]
+        inputs = HostBatch(trial, None, host.views).dali_inputs()
+        pipe = self._build(lambda: inputs)
+        try:
+            pipe.build()
+            pipe.run()
+        except Exception:  # DALI raises RuntimeError for a decode failure; any failure counts here
+            return True
+        finally:
+            del pipe
+        return False
+
+    def _replace_what_the_pipeline_rejects(self, host: HostBatch) -> int:
+        """Find, by halving, the images of `host` on which the pipeline fails, and replace them:
+        about 2 log2(batch) pipeline runs per such image. A batch that fails with no image of
+        its own (all placeholders) is not an image problem: nothing is replaced."""
+        candidates = [i for i in range(len(host.encoded)) if not host.replaced[i]]
+        if not candidates or self._fails(host, []) or not self._fails(host, candidates):
+            return 0
+
+        def rejected(indices: list[int]) -> list[int]:
+            if len(indices) == 1:
+                return indices
+            half = len(indices) // 2
+            return [bad for part in (indices[:half], indices[half:]) if self._fails(host, part)
+                    for bad in rejected(part)]
+
+        bad = rejected(candidates)
+        for i in bad:
+            host.encoded[i] = PLACEHOLDER_PNG
+            host.replaced[i] = True
+        return len(bad)
 
 
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:

@@ -75,14 +75,15 @@ class TrainLoader:
     def __init__(self, data: str, *, micro_batch: int, image_size: int, spec: DataSpec, seed: int, workers: int,
                  decode_device: str, tokenizer: ClipTokenizer, rank: int, world_size: int, grad_accum: int = 1,
                  wordnet: str | Path | None = None, local_cache: Path | None = None, cache_limit: int | None = None,
-                 decode_threads: int = 1):
+                 decode_threads: int = 1, hw_decoder_load: float | None = None):
         """`data` is one dataset or a weighted mixture (engine/data/streams.py); `grad_accum`
         micro-batches per rank make one optimizer step (epochs end at steps); `spec` says what each
         batch holds; `wordnet` is a WordNet 3.0 directory for EDA's synonym replacement
         (engine.data.wordnet.find_wordnet()), or None to edit by swaps and deletions only;
         `local_cache` holds remote shards (default under $CLIPZERO_CACHE), at most `cache_limit`
         bytes of them on this node (the plan's cache_limit; None: no limit); `decode_threads` DALI
-        threads (the plan's decode_threads)."""
+        threads and `hw_decoder_load` the hardware JPEG decoder's share on a GPU (the plan's
+        decisions; None: DALI's default)."""
         _check_arguments(micro_batch, grad_accum, image_size, seed, workers, decode_device)
         ranks_on_node = _streaming_world(rank, world_size)
         streams = describe_streams(data, local_cache)  # fails early, with the fix, on any dataset not usable MDS
@@ -93,7 +94,7 @@ class TrainLoader:
         self.spec = spec
         self.seed = seed
         self.workers = workers
-        self.decode_device, self.decode_threads = decode_device, decode_threads
+        self.decode_device, self.decode_threads, self.hw_decoder_load = decode_device, decode_threads, hw_decoder_load
         self.tokenizer = tokenizer
         self.eda = Eda(WordNet(wordnet) if wordnet else None, seed) if spec.text_aug else None
         self.world_size = world_size
@@ -251,7 +252,7 @@ class TrainLoader:
         return train_pipeline(source, batch_size=self.micro_batch, image_size=self.image_size,
                               device=self.decode_device, device_id=self._device.index,
                               num_threads=self.decode_threads, augment=self.spec.augment,
-                              views=self.spec.image_views)
+                              views=self.spec.image_views, hw_decoder_load=self.hw_decoder_load)
 
     def _close_active(self) -> None:
         active = self._active() if self._active is not None else None

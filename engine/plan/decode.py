@@ -1,4 +1,5 @@
-"""Part of the planner: where DALI decodes the training images, and with how many threads."""
+"""Part of the planner: where DALI decodes the training images, with how many threads, and on a
+GPU with a hardware JPEG decoder, the share of images it takes."""
 from engine.errors import UserError
 from engine.plan.dials import DECODE_DEVICES, Dials
 from engine.plan.hardware import Hardware
@@ -8,12 +9,25 @@ from engine.plan.hardware import Hardware
 # (benchmarks/e2e_openclip.py --our-flags '--decode-threads 1').
 MAX_DECODE_THREADS = 8
 
+# GPUs with nvJPEG's hardware JPEG decoder (NVJPG engines), by compute capability: the A100 and
+# A30 (8.0), the H100 and H200 (9.0), the B200 (10.0). The consumer and inference parts of those
+# generations (8.6, 8.9, 12.x) are left out: nvJPEG's documentation names only A100, A30 and
+# H100, and a wrong "yes" would only send JPEGs to an engine that is not there (DALI then uses
+# its CUDA decoder for all of them, as with 0).
+HW_DECODER_CAPABILITIES = frozenset({(8, 0), (9, 0), (10, 0)})
+# DALI's own default share for the hardware decoder, the rest going to the hybrid CPU+CUDA path.
+# DALI moved it to 0.9 and back (NVIDIA/DALI#6366, 2026): 0.9 trained 1.8% faster in their
+# ImageNet measurement but more than doubled the slowest batch's decode time. Ours until a
+# measurement of our pipeline (benchmarks/data.py on a GPU) says otherwise.
+HW_DECODER_LOAD = 0.65
+
 
 def decode_decisions(dials: Dials, hw: Hardware):
-    """(name, value, reason) for decode_device and decode_threads."""
+    """(name, value, reason) for decode_device, decode_threads and hw_decoder_load."""
     device, device_reason = _decode_device(dials, hw)
     yield "decode_device", device, device_reason
     yield ("decode_threads", *_decode_threads(dials, hw))
+    yield ("hw_decoder_load", *_hw_decoder_load(dials, hw, device))
 
 
 def _decode_device(dials: Dials, hw: Hardware):
@@ -36,3 +50,27 @@ def _decode_threads(dials: Dials, hw: Hardware):
     per_rank = max(1, hw.cpus_per_node // hw.local_world_size)
     return min(MAX_DECODE_THREADS, per_rank), (f"{hw.cpus_per_node} CPUs / {hw.local_world_size} rank(s) per "
                                                 f"node, at most {MAX_DECODE_THREADS}")
+
+
+def has_hw_jpeg_decoder(hw: Hardware) -> bool:
+    return hw.accelerator == "cuda" and hw.compute_capability in HW_DECODER_CAPABILITIES
+
+
+def _hw_decoder_load(dials: Dials, hw: Hardware, device: str):
+    """None on a CPU decode (no such decoder); else the share of JPEGs for the hardware decoder."""
+    given = dials.hw_decoder_load
+    if device != "gpu":
+        if given is not None:
+            raise UserError(f"--hw-decoder-load {given}: images are decoded on the CPU here; it applies to "
+                            "--decode-device gpu only")
+        return None, "CPU decode"
+    if given is not None:
+        if not 0 <= given <= 1:
+            raise UserError(f"--hw-decoder-load {given}: give the share of JPEGs for the hardware decoder, "
+                            "from 0 to 1")
+        return given, "--hw-decoder-load given"
+    if not has_hw_jpeg_decoder(hw):
+        return 0.0, (f"{hw.device_name} has no hardware JPEG decoder (A100, A30, H100 class have one): "
+                     "nvJPEG's CUDA decoder takes every image")
+    return HW_DECODER_LOAD, ("share of JPEGs for the hardware JPEG decoder, the rest decoded by nvJPEG's "
+                             "CPU+CUDA path (DALI's default)")

@@ -77,6 +77,8 @@ class Dials:
                                    group=OVERRIDES, metavar="SIZE")
     decode_device: str | None = dial(None, group=OVERRIDES, choices=DECODE_DEVICES)
     decode_threads: int | None = dial(None, "DALI threads per rank", group=OVERRIDES, kind=int)
+    hw_decoder_load: float | None = dial(None, "GPU decode: the share of JPEGs for the GPU's hardware JPEG "
+                                         "decoder, 0 to 1", group=OVERRIDES, kind=float, metavar="SHARE")
     checkpoint_every: int | None = dial(None, group=OVERRIDES, kind=int)
     eval_every: int | None = dial(None, group=OVERRIDES, kind=int)
     log_every: int | None = dial(None, group=OVERRIDES, kind=int)

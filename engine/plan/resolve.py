@@ -80,7 +80,7 @@ class RunPlan:
     momentum: float | None; grad_clip: float | None
     warmup_steps: int; warmup_start_lr: float; total_steps: int = must_match(); epochs: float
     crop_scale: tuple[float, float]; image_size: int; text_layers: int = must_match()
-    workers: int; decode_device: str; decode_threads: int
+    workers: int; decode_device: str; decode_threads: int; hw_decoder_load: float | None
     checkpoint_every: int; eval_every: int; evaluations: tuple[str, ...]; log_every: int; profile_steps: int
     collective_timeout_s: int; max_requeues: int; max_skipped_in_a_row: int
     dataset_size: int = must_match(); data_fraction: float = must_match(); n_params: int
@@ -108,8 +108,8 @@ class RunPlan:
         return dataclasses.asdict(self)
 
 
-# Decisions that only some optimizers have: the table leaves them out when unset.
-_SHOWN_ONLY_WHEN_SET = frozenset(("betas", "eps", "momentum"))
+# Decisions that only some optimizers (or GPU decoding) have: the table leaves them out when unset.
+_SHOWN_ONLY_WHEN_SET = frozenset(("betas", "eps", "momentum", "hw_decoder_load"))
 
 
 def _show(value: object) -> str:

@@ -40,12 +40,13 @@ def _pixels(chw: torch.Tensor) -> torch.Tensor:
     return chw * std + mean
 
 
-def _decode_views(encoded: np.ndarray, views: list[list[ViewDraw]], augment: str, device: str = "cpu"):
+def _decode_views(encoded: np.ndarray, views: list[list[ViewDraw]], augment: str, device: str = "cpu",
+                  hw_decoder_load: float | None = None):
     """Run one batch, the given views of one image, through the real training graph: 0..1 pixels per view."""
     batch = HostBatch([encoded] * len(views[0]), None, tuple(ViewBatch.stack(draws, augment) for draws in views))
     build = lambda source: train_pipeline(source, batch_size=len(views[0]), image_size=SIZE, device=device,
                                           device_id=0 if device == "gpu" else None, num_threads=2,
-                                          augment=augment, views=len(views))
+                                          augment=augment, views=len(views), hw_decoder_load=hw_decoder_load)
     torch_device = torch.device("cuda", 0) if device == "gpu" else CPU
     [(outputs, _)] = list(DecodedBatches(iter([batch]), build=build, device=torch_device))
     return [torch.stack([_pixels(image) for image in images.cpu()]) for images in outputs]
@@ -185,14 +186,16 @@ def test_data_spec_checks_and_batch_keys():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("augment, views", [("crop", 1), ("crop_jitter", 1), ("moco_v2", 1), ("moco_v2", 2)])
-def test_gpu_graph_matches_the_cpu_graph(augment, views):
+@pytest.mark.parametrize("hw_decoder_load", [None, 0.0, 1.0])   # DALI's default; all CUDA; all hardware
+def test_gpu_graph_matches_the_cpu_graph(augment, views, hw_decoder_load):
     # nvJPEG decoding and GPU operators against the CPU pipeline, on a JPEG with drawn views.
     buffer = io.BytesIO()
     Image.fromarray(_picture()).save(buffer, format="JPEG", quality=95)
     encoded = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
     draws = [[draw_view(80, 64, augment, (0.2, 1.0), 0, 0, sample, view) for sample in range(8)]
              for view in range(views)]
-    on_gpu, on_cpu = _decode_views(encoded, draws, augment, "gpu"), _decode_views(encoded, draws, augment)
+    on_gpu = _decode_views(encoded, draws, augment, "gpu", hw_decoder_load)
+    on_cpu = _decode_views(encoded, draws, augment)
     for gpu_view, cpu_view in zip(on_gpu, on_cpu):
         difference = (gpu_view - cpu_view).abs()
         assert difference.mean() < 0.01 and difference.max() < 0.15  # decoders and resamplers differ slightly

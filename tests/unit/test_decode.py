@@ -163,3 +163,60 @@ def test_load_eval_set_decodes_every_heldout_digit(digits):
     for index in (0, 137, 299):
         expected = _pil_decode(np.frombuffer(stored[index]["jpg"], dtype=np.uint8))[2:30, 2:30]
         np.testing.assert_allclose(_pixels(evalset.images[index]), expected, atol=1e-3)
+
+
+def test_image_only_the_pipeline_rejects_is_found_by_halving(monkeypatch):
+    # nvJPEG can reject an image PIL reads. PIL is made to accept everything here, so that the
+    # pipeline itself must say which images it fails on (the truncated PNGs, on the CPU).
+    import engine.data.dali as dali
+    monkeypatch.setattr(dali, "fully_decodable", lambda encoded: True)
+    good = [_encode(_picture(32, 32, seed=i), "PNG") for i in range(16)]
+    whole = lambda images, i: _crop_batch(images, np.zeros((8, 2), np.float32), np.ones((8, 2), np.float32), i)
+    clean = [whole(good[8 * i:8 * i + 8], i) for i in range(2)]
+    broken = [whole(good[8 * i:8 * i + 8], i) for i in range(2)]
+    for batch, index in ((0, 3), (0, 6), (1, 7)):
+        broken[batch].encoded[index] = good[8 * batch + index][:60]   # truncated: DALI fails on it
+
+    expected = _run_train(clean, image_size=32, batch_size=8)
+    outputs = _run_train(broken, image_size=32, batch_size=8)
+    assert [host.payload for _, host in outputs] == [0, 1]
+    assert [np.flatnonzero(host.replaced).tolist() for _, host in outputs] == [[3, 6], [7]]
+    for (images, host), (reference, _) in zip(outputs, expected):
+        kept = ~host.replaced
+        assert torch.equal(images[torch.from_numpy(kept)], reference[torch.from_numpy(kept)])
+
+
+def test_a_failure_that_is_no_image_is_raised(monkeypatch):
+    # Every image reads and the pipeline still fails (here: a crop window outside any image):
+    # nothing is replaced and the error reaches the caller.
+    import engine.data.dali as dali
+    monkeypatch.setattr(dali, "fully_decodable", lambda encoded: True)
+    images = [_encode(_picture(32, 32, seed=i), "PNG") for i in range(2)]
+    batch = _crop_batch(images, np.full((2, 2), 2.0, np.float32), np.ones((2, 2), np.float32), 0)
+    with pytest.raises(RuntimeError):
+        _run_train([batch], image_size=32, batch_size=2)
+    assert not batch.replaced.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("damage", ["truncated", "scrambled"])
+def test_gpu_decode_survives_a_broken_jpeg(damage):
+    # nvJPEG meets a broken JPEG in a mixed-decode batch: the job goes on, that image becomes the
+    # placeholder (found by PIL or, where PIL reads it, by the pipeline itself), the rest decode.
+    good = [_encode(_picture(64, 80, seed=i), "JPEG") for i in range(8)]
+    broken = good[5].copy()
+    if damage == "truncated":
+        broken = broken[: len(broken) // 3]
+    else:  # header kept, entropy-coded data overwritten
+        start = broken.tobytes().find(b"\xff\xda") + 20
+        broken[start:-2] = np.random.default_rng(0).integers(0, 256, len(broken) - start - 2, dtype=np.uint8)
+    batch = lambda images: _crop_batch(images, np.zeros((8, 2), np.float32), np.ones((8, 2), np.float32), 0)
+    build = lambda source: train_pipeline(source, batch_size=8, image_size=32, device="gpu", device_id=0,
+                                          num_threads=2)
+    gpu = torch.device("cuda", 0)
+    [((clean,), _)] = list(DecodedBatches(iter([batch(good)]), build=build, device=gpu))
+    [((images,), host)] = list(DecodedBatches(iter([batch([*good[:5], broken, *good[6:]])]), build=build, device=gpu))
+    others = torch.from_numpy(~host.replaced).to(gpu)
+    assert torch.equal(images[others], clean[others])
+    assert host.replaced.sum() <= 1   # nvJPEG may also decode the scrambled one, as garbage pixels

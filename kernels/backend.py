@@ -12,6 +12,7 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("reference", "chunked", "triton", "auto")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_backend(backend: str) -> None:
@@ -51,3 +52,21 @@ def auto_triton_module(name: str, tensor: torch.Tensor) -> ModuleType | None:
     if tensor.device.type != "cuda":
         return None
     return _import_triton_module(name)[0]
+
+
+def choose(backend: str, *, reference: ModuleType, chunked: ModuleType, triton_name: str, tensor: torch.Tensor,
+           logits: int, chunked_min_logits: int) -> ModuleType:
+    """The module that runs a tiled loss: the one `backend` names, or for "auto" the Triton
+    module (CUDA `tensor` of a Triton dtype, Triton importable), else the chunked one from
+    `chunked_min_logits` logits on, else the reference."""
+    check_backend(backend)
+    if backend == "reference":
+        return reference
+    if backend == "chunked":
+        return chunked
+    if backend == "triton":
+        return triton_module(triton_name, tensor)
+    fast = auto_triton_module(triton_name, tensor) if tensor.dtype in TRITON_DTYPES else None
+    if fast is not None:
+        return fast
+    return chunked if logits >= chunked_min_logits else reference

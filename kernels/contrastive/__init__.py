@@ -19,24 +19,12 @@ from kernels.contrastive import chunked, reference
 # equal time there, the tiles twice as fast at 4096 x 4096; below it the reference's full
 # matrix costs little memory and skips the block loop.
 CHUNKED_MIN_LOGITS = 1 << 22
-_TRITON_MODULE = "kernels.contrastive.triton"
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _implementation(backend, a_local, b_local, a_all, b_all):
-    _backend.check_backend(backend)
-    if backend == "reference":
-        return reference
-    if backend == "chunked":
-        return chunked
-    if backend == "triton":
-        return _backend.triton_module(_TRITON_MODULE, a_local)
-    fast = _backend.auto_triton_module(_TRITON_MODULE, a_local) if a_local.dtype in _TRITON_DTYPES else None
-    if fast is not None:
-        return fast
-    if a_local.shape[0] * a_all.shape[0] >= CHUNKED_MIN_LOGITS:
-        return chunked
-    return reference
+    return _backend.choose(backend, reference=reference, chunked=chunked, triton_name="kernels.contrastive.triton",
+                           tensor=a_local, logits=a_local.shape[0] * a_all.shape[0],
+                           chunked_min_logits=CHUNKED_MIN_LOGITS)
 
 
 def contrastive_loss_local(a_local: torch.Tensor, b_local: torch.Tensor,

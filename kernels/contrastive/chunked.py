@@ -9,21 +9,7 @@ FlashAttention, Dao et al. 2022) and folds the one-hot labels into them, so the 
 """
 import torch
 
-# Elements in one tile of logits. 2^24 (64 MiB in fp32; a few live at once) is far below the
-# reference's footprint from 8k columns on, and the tiles stay large enough for full speed;
-# rows per block are never fewer than _MIN_ROWS, because the gradient of the columns is a
-# [N, rows] @ [rows, D] product whose speed is bound by memory when rows is small.
-_TILE_ELEMENTS = 1 << 24
-_MIN_ROWS = 128
-
-
-def _block_rows(rows: int, columns: int) -> int:
-    return max(1, min(rows, max(_MIN_ROWS, _TILE_ELEMENTS // max(columns, 1))))
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 accumulation for half types; fp32 and fp64 stay as they are."""
-    return torch.promote_types(dtype, torch.float32)
+from kernels.row_blocks import block_rows as _block_rows, work_dtype as _work_dtype
 
 
 def _forward_pass(q, k, scale, offset, with_columns):

@@ -24,7 +24,6 @@ REFERENCE_MAX_SIMILARITIES = 1 << 16
 # slots) and drains a tile one entry per loop turn: sized for DeCLIP's k = 1 and small k.
 TRITON_MAX_K = 16
 _TRITON_MODULE = "kernels.knn.triton"
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def nearest_neighbors(q: torch.Tensor, bank: torch.Tensor, k: int = 1,
@@ -41,7 +40,7 @@ def nearest_neighbors(q: torch.Tensor, bank: torch.Tensor, k: int = 1,
     if backend == "triton":
         return _backend.triton_module(_TRITON_MODULE, q).nearest_neighbors(q, bank, k)
     fits_triton = (isinstance(k, int) and k <= TRITON_MAX_K
-                   and q.dtype in _TRITON_DTYPES and bank.dtype in _TRITON_DTYPES)
+                   and q.dtype in _backend.TRITON_DTYPES and bank.dtype in _backend.TRITON_DTYPES)
     fast = _backend.auto_triton_module(_TRITON_MODULE, q) if fits_triton else None
     if fast is not None:
         return fast.nearest_neighbors(q, bank, k)

@@ -23,24 +23,12 @@ from kernels.siglip import chunked, reference
 # backward: 2048^2 about 220-240 ms reference vs 255-270 ms tiled; at 4096^2 runs disagreed
 # (0.4-1.5 s either way) on the busy machine.
 CHUNKED_MIN_LOGITS = 1 << 22
-_TRITON_MODULE = "kernels.siglip.triton"
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _implementation(backend, a_local, b_all):
-    _backend.check_backend(backend)
-    if backend == "reference":
-        return reference
-    if backend == "chunked":
-        return chunked
-    if backend == "triton":
-        return _backend.triton_module(_TRITON_MODULE, a_local)
-    fast = _backend.auto_triton_module(_TRITON_MODULE, a_local) if a_local.dtype in _TRITON_DTYPES else None
-    if fast is not None:
-        return fast
-    if a_local.shape[0] * b_all.shape[0] >= CHUNKED_MIN_LOGITS:
-        return chunked
-    return reference
+    return _backend.choose(backend, reference=reference, chunked=chunked, triton_name="kernels.siglip.triton",
+                           tensor=a_local, logits=a_local.shape[0] * b_all.shape[0],
+                           chunked_min_logits=CHUNKED_MIN_LOGITS)
 
 
 def siglip_loss_local(a_local: torch.Tensor, b_all: torch.Tensor, offset: int,

@@ -10,22 +10,8 @@ on a positive, each computed directly (no "sigmoid(z) - 1", which would cancel).
 import torch
 import torch.nn.functional as F
 
+from kernels.row_blocks import block_rows as _block_rows, work_dtype as _work_dtype
 from kernels.siglip.reference import check_inputs
-
-# Elements in one tile of logits, and the fewest rows per block: as kernels/contrastive/chunked.py
-# (2^24 = 64 MiB in fp32, two live at once; the text gradient is a [N, rows] @ [rows, D]
-# product whose speed is bound by memory when rows is small).
-_TILE_ELEMENTS = 1 << 24
-_MIN_ROWS = 128
-
-
-def _block_rows(rows: int, columns: int) -> int:
-    return max(1, min(rows, max(_MIN_ROWS, _TILE_ELEMENTS // max(columns, 1))))
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 accumulation for half types; fp32 and fp64 stay as they are."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _logits(a_block, b, scale, bias, out):

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import kernels.contrastive as dispatch
 from engine import dist
 from engine.dist import free_port
-from kernels import contrastive_loss, contrastive_loss_local
+from kernels import contrastive_loss, contrastive_loss_local, row_blocks
 from kernels.contrastive import chunked, reference
 from tests.unit.contrastive_checks import (check_aliased, check_local, check_square, local_inputs,
                                            run_triton_cases, unit)
@@ -26,8 +26,9 @@ SQUARE_CASES = [(1, 3), (7, 5), (37, 300), (129, 64)]
 
 def _small_blocks(monkeypatch):
     """Blocks of 5 rows, so these small problems cross block edges, the last block partial."""
-    monkeypatch.setattr(chunked, "_TILE_ELEMENTS", 0)
-    monkeypatch.setattr(chunked, "_MIN_ROWS", 5)
+    monkeypatch.setattr(row_blocks, "TILE_ELEMENTS", 0)
+    monkeypatch.setattr(row_blocks, "MIN_ROWS", 5)
+    assert chunked._block_rows(12, 1 << 20) == 5
 
 
 @pytest.mark.parametrize("scale", SCALES)
@@ -136,7 +137,7 @@ def test_one_process_local_form_takes_the_symmetric_pass(monkeypatch):
 def _rank_worker(rank, world, port, a_full, b_full, scale_value, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch_dist.init_process_group("gloo", rank=rank, world_size=world)
-    chunked._TILE_ELEMENTS, chunked._MIN_ROWS = 0, 5  # cross block edges, as _small_blocks
+    row_blocks.TILE_ELEMENTS, row_blocks.MIN_ROWS = 0, 5  # cross block edges, as _small_blocks
     n = a_full.shape[0] // world
     a = a_full[rank * n:(rank + 1) * n].clone().requires_grad_()
     b = b_full[rank * n:(rank + 1) * n].clone().requires_grad_()

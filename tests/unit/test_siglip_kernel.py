@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import kernels.siglip as dispatch
 from engine import dist
 from engine.dist import free_port
+from kernels import row_blocks
 from kernels.siglip import chunked, reference, siglip_loss, siglip_loss_local
 from tests.unit.contrastive_checks import run_triton_cases, unit
 
@@ -81,8 +82,9 @@ def check_local(fn, n, N, d, offset, scale, bias, dtype, seed, device="cpu"):
 
 def _small_blocks(monkeypatch):
     """Blocks of 5 rows, so these small problems cross block edges, the last block partial."""
-    monkeypatch.setattr(chunked, "_TILE_ELEMENTS", 0)
-    monkeypatch.setattr(chunked, "_MIN_ROWS", 5)
+    monkeypatch.setattr(row_blocks, "TILE_ELEMENTS", 0)
+    monkeypatch.setattr(row_blocks, "MIN_ROWS", 5)
+    assert chunked._block_rows(12, 1 << 20) == 5
 
 
 # --- the reference -------------------------------------------------------------------------
@@ -182,8 +184,8 @@ def test_chunked_default_blocks_on_a_larger_batch():
 
 
 def test_chunked_gradcheck(monkeypatch):
-    monkeypatch.setattr(chunked, "_TILE_ELEMENTS", 0)
-    monkeypatch.setattr(chunked, "_MIN_ROWS", 2)
+    monkeypatch.setattr(row_blocks, "TILE_ELEMENTS", 0)
+    monkeypatch.setattr(row_blocks, "MIN_ROWS", 2)
     a, b = local_inputs(5, 11, 4, 3, 8, torch.float64)
     inputs = (a.requires_grad_(), b.requires_grad_(), torch.tensor(2.5, dtype=torch.float64, requires_grad=True),
               torch.tensor(-1.5, dtype=torch.float64, requires_grad=True))
@@ -268,7 +270,7 @@ def test_auto_takes_the_reference_for_small_batches_and_the_tiles_for_large(monk
 def _rank_worker(rank, world, port, a_full, b_full, scale_value, bias_value, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch_dist.init_process_group("gloo", rank=rank, world_size=world)
-    chunked._TILE_ELEMENTS, chunked._MIN_ROWS = 0, 5  # cross block edges, as _small_blocks
+    row_blocks.TILE_ELEMENTS, row_blocks.MIN_ROWS = 0, 5  # cross block edges, as _small_blocks
     n = a_full.shape[0] // world
     results = {}
     for backend in ("reference", "chunked"):

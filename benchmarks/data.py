@@ -27,7 +27,8 @@ training step waits for data.
   3. with a CUDA device only: images/s of the same TrainLoader decoding on the GPU (DALI's
      "mixed" nvJPEG decoder), on the photos, for one GPU, and its ratio to the CPU path; at
      the plan's share of JPEGs for the hardware JPEG decoder (engine/plan/decode.py) and, as the
-     lever off and further on, at 0 (nvJPEG's CUDA decoder alone) and 0.9.
+     lever off and further on, at 0 (nvJPEG's CUDA decoder alone) and 0.9; and at the plan's
+     share with whole images decoded instead of the crop window.
 
 Absolute figures depend on the machine and its load; the ratios are the result. The default
 run takes about 4 minutes on 2 shared cores.
@@ -91,17 +92,29 @@ def write_photos(out: Path, count: int, width: int, height: int) -> dict:
 
 # ---- one measurement, in its own process ----------------------------------------------------
 def our_batches(data: str, batch: int, workers: int, decode_device: str):
-    """`decode_device`: "cpu", "gpu", or "gpu@SHARE" with the hardware JPEG decoder's share."""
+    """`decode_device`: "cpu", "gpu", or "gpu@SHARE" with the hardware JPEG decoder's share,
+    and "+whole" to decode whole images and slice the crop from them (dali.train_pipeline)."""
+    from engine.data.dali import train_pipeline
     from engine.data.loader import TrainLoader
     from engine.data.spec import DataSpec
     from engine.data.text import ClipTokenizer
     from engine.plan.decode import MAX_DECODE_THREADS  # the plan's rule for one rank
 
+    decode_device, whole, _ = decode_device.partition("+whole")
+
+    class WholeDecodeLoader(TrainLoader):
+        def _build_pipeline(self, source):
+            return train_pipeline(source, batch_size=self.micro_batch, image_size=self.image_size,
+                                  device=self.decode_device, device_id=self._device.index,
+                                  num_threads=self.decode_threads, hw_decoder_load=self.hw_decoder_load,
+                                  whole_decode=True)
+
     device, _, share = decode_device.partition("@")
-    loader = TrainLoader(data, micro_batch=batch, image_size=IMAGE_SIZE, spec=DataSpec(), seed=SEED,
-                         workers=workers, decode_device=device, tokenizer=ClipTokenizer(),
-                         rank=0, world_size=1, decode_threads=min(MAX_DECODE_THREADS, len(os.sched_getaffinity(0))),
-                         hw_decoder_load=float(share) if share else None)
+    loader = (WholeDecodeLoader if whole else TrainLoader)(
+        data, micro_batch=batch, image_size=IMAGE_SIZE, spec=DataSpec(), seed=SEED, workers=workers,
+        decode_device=device, tokenizer=ClipTokenizer(), rank=0, world_size=1,
+        decode_threads=min(MAX_DECODE_THREADS, len(os.sched_getaffinity(0))),
+        hw_decoder_load=float(share) if share else None)
     for item in loader:
         yield item["image"]
 
@@ -342,13 +355,15 @@ def main():
 
 
 def gpu_decode(photos: Path, args, report: dict) -> dict:
-    """Ours decoding on the GPU, at the plan's hardware-decoder share and at 0 and 0.9, the
-    shares alternating within each repeat."""
+    """Ours decoding on the GPU, at the plan's hardware-decoder share and at 0 and 0.9, and at
+    the plan's share decoding whole images, the variants alternating within each repeat."""
     from engine.plan.decode import HW_DECODER_LOAD, has_hw_jpeg_decoder
     from engine.plan.hardware import probe
 
     plan_share = HW_DECODER_LOAD if has_hw_jpeg_decoder(probe()) else 0.0
-    shares = list(dict.fromkeys((plan_share, 0.0, 0.9)))
+    # Each share with the crop window decoded (as training does), and the plan's share with
+    # whole images decoded: whether a windowed decode keeps the hardware decoder out.
+    shares = [*dict.fromkeys((plan_share, 0.0, 0.9)), f"{plan_share}+whole"]
     runs = {share: [] for share in shares}
     for repeat in range(args.repeats):
         for share in shares:

@@ -89,12 +89,15 @@ class HostBatch:
 
 def train_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: int, device: str,
                    device_id: int | None, num_threads: int, augment: str = "crop", views: int = 1,
-                   hw_decoder_load: float | None = None):
+                   hw_decoder_load: float | None = None, whole_decode: bool = False):
     """Each view: its crop window resized to image_size^2, augmented, normalised to CHW float.
 
     One view decodes its crop window only. Two views decode the whole image once and slice
     both windows from it: decoding is the costly step. `hw_decoder_load`: on the GPU, the share
-    of JPEGs for the hardware JPEG decoder (None: DALI's default).
+    of JPEGs for the hardware JPEG decoder (None: DALI's default). `whole_decode`: one view
+    too is sliced from the whole image, the form the hardware decoder may need (an old DALI
+    note said windowed decoding bypassed it). On the CPU the window alone decoded faster, so
+    training keeps it; benchmarks/data.py measures both on a GPU.
     """
     from nvidia.dali import fn, pipeline_def, types
 
@@ -110,7 +113,7 @@ def train_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: 
             options["hw_decoder_load"] = hw_decoder_load
         view_inputs = [inputs[i * len(per_view):(i + 1) * len(per_view)] for i in range(views)]
         window = dict(normalized_anchor=True, normalized_shape=True)
-        if views == 1:
+        if views == 1 and not whole_decode:
             anchor, shape = view_inputs[0][:2]
             crops = [fn.decoders.image_slice(encoded, anchor, shape, **options, **window)]
         else:

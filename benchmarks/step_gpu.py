@@ -53,7 +53,8 @@ def measure(method: str, model_name: str, micro: int, steps: int, adam: str | No
     from engine.models.presets import for_method, get_preset
     from engine.models.two_tower import TwoTower, count_parameters
     from engine.plan.dials import Dials
-    from engine.plan.resolve import probe_optimizer_support, resolve
+    from engine.plan.optimizer import probe_optimizer_support
+    from engine.plan.resolve import resolve
     from engine.plan.recipes import get_recipe
     from engine.task import Task, align_buffer_dtypes, build_objective
     from engine.train.optim import optimizer_for_plan

@@ -154,7 +154,8 @@ def plan_for(preset_name: str, batch: int, steps: int, precision: str | None, ov
     from engine.plan.dials import Dials
     from engine.plan.hardware import probe
     from engine.plan.recipes import get_recipe
-    from engine.plan.resolve import probe_optimizer_support, resolve
+    from engine.plan.optimizer import probe_optimizer_support
+    from engine.plan.resolve import resolve
 
     preset = for_method(get_preset(preset_name), "clip")
     tokenizer = ClipTokenizer(preset.context_length)

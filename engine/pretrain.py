@@ -41,7 +41,8 @@ from engine.observe.metrics import MetricsWriter
 from engine.observe.profile import StepProfiler
 from engine.observe.progress import Progress
 from engine.plan.dials import Dials
-from engine.plan.resolve import RunPlan, probe_optimizer_support, resolve
+from engine.plan.optimizer import probe_optimizer_support
+from engine.plan.resolve import RunPlan, resolve
 from engine.plan.resume import check_resumable, describe_reshape
 from engine.plan.recipes import get_recipe
 from engine.task import (Task, align_buffer_dtypes, build_objective, objective_class,

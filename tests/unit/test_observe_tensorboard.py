@@ -20,7 +20,8 @@ from engine.observe.charts import Charts, HeldOutProbe
 from engine.observe.metrics import MetricsWriter
 from engine.observe.visuals import CELL, GAP, heatmap
 from engine.plan.dials import Dials
-from engine.plan.resolve import OptimizerSupport, resolve
+from engine.plan.optimizer import OptimizerSupport
+from engine.plan.resolve import resolve
 from engine.plan.recipes import get_recipe
 
 

@@ -36,6 +36,7 @@ run takes about 4 minutes on 2 shared cores.
     python benchmarks/data.py [--photos 512 --batch 32 --workers <cores> --timed 24 --repeats 3 --steps 40]
 """
 import argparse
+import functools
 import io
 import json
 import os
@@ -94,6 +95,7 @@ def write_photos(out: Path, count: int, width: int, height: int) -> dict:
 def our_batches(data: str, batch: int, workers: int, decode_device: str):
     """`decode_device`: "cpu", "gpu", or "gpu@SHARE" with the hardware JPEG decoder's share,
     and "+whole" to decode whole images and slice the crop from them (dali.train_pipeline)."""
+    from engine.data import loader as loader_module
     from engine.data.dali import train_pipeline
     from engine.data.loader import TrainLoader
     from engine.data.spec import DataSpec
@@ -101,16 +103,10 @@ def our_batches(data: str, batch: int, workers: int, decode_device: str):
     from engine.plan.decode import MAX_DECODE_THREADS  # the plan's rule for one rank
 
     decode_device, whole, _ = decode_device.partition("+whole")
-
-    class WholeDecodeLoader(TrainLoader):
-        def _build_pipeline(self, source):
-            return train_pipeline(source, batch_size=self.micro_batch, image_size=self.image_size,
-                                  device=self.decode_device, device_id=self._device.index,
-                                  num_threads=self.decode_threads, hw_decoder_load=self.hw_decoder_load,
-                                  whole_decode=True)
-
+    if whole:  # this process measures only this variant: the loader's pipeline, whole images decoded
+        loader_module.train_pipeline = functools.partial(train_pipeline, whole_decode=True)
     device, _, share = decode_device.partition("@")
-    loader = (WholeDecodeLoader if whole else TrainLoader)(
+    loader = TrainLoader(
         data, micro_batch=batch, image_size=IMAGE_SIZE, spec=DataSpec(), seed=SEED, workers=workers,
         decode_device=device, tokenizer=ClipTokenizer(), rank=0, world_size=1,
         decode_threads=min(MAX_DECODE_THREADS, len(os.sched_getaffinity(0))),

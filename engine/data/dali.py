@@ -80,11 +80,15 @@ class HostBatch:
 
     def replace_undecodable(self) -> int:
         """Swap every image PIL cannot decode for the placeholder; return how many."""
-        bad = [i for i, image in enumerate(self.encoded) if not self.replaced[i] and not fully_decodable(image)]
-        for i in bad:
+        return self.replace([i for i, image in enumerate(self.encoded)
+                             if not self.replaced[i] and not fully_decodable(image)])
+
+    def replace(self, indices: list[int]) -> int:
+        """Swap these images for the placeholder; return how many."""
+        for i in indices:
             self.encoded[i] = PLACEHOLDER_PNG
             self.replaced[i] = True
-        return len(bad)
+        return len(indices)
 
 
 def train_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: int, device: str,
@@ -96,8 +100,8 @@ def train_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: 
     both windows from it: decoding is the costly step. `hw_decoder_load`: on the GPU, the share
     of JPEGs for the hardware JPEG decoder (None: DALI's default). `whole_decode`: one view
     too is sliced from the whole image, the form the hardware decoder may need (an old DALI
-    note said windowed decoding bypassed it). On the CPU the window alone decoded faster, so
-    training keeps it; benchmarks/data.py measures both on a GPU.
+    note said windowed decoding bypassed it). Training decodes the window; benchmarks/data.py
+    measures both on a GPU.
     """
     from nvidia.dali import fn, pipeline_def, types
 
@@ -221,8 +225,8 @@ class DecodedBatches:
         self._pipe = None  # failed for good: free it (on a GPU, its memory) before any trial pipeline
         replaced = sum(host.replace_undecodable() for host in self._held)
         if not replaced:
-            # PIL read every image, yet the pipeline failed: a decoder stricter than PIL (nvJPEG on
-            # the GPU) may have rejected one. Ask the pipeline itself which.
+            # PIL read every image, yet the pipeline failed: its decoder (nvJPEG on the GPU) may
+            # refuse a file PIL reads. Ask the pipeline itself which.
             replaced = sum(self._replace_what_the_pipeline_rejects(host) for host in self._held)
         if not replaced:
             raise error  # not an image DALI could not read: a real failure
@@ -262,11 +266,7 @@ class DecodedBatches:
             return [bad for part in (indices[:half], indices[half:]) if self._fails(host, part)
                     for bad in rejected(part)]
 
-        bad = rejected(candidates)
-        for i in bad:
-            host.encoded[i] = PLACEHOLDER_PNG
-            host.replaced[i] = True
-        return len(bad)
+        return host.replace(rejected(candidates))
 
 
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 
 from kernels import contrastive_loss_local
 from tests.unit.contrastive_checks import check_aliased, check_local, check_square, unit
+from tests.unit.triton_support import triton_device
 
 triton_path = pytest.importorskip("kernels.contrastive.triton")
 
@@ -24,11 +25,7 @@ SQUARE_CASES = [(1, 3, 14.3), (21, 70, 100.0), (17, 300, 1.0)]
 
 @pytest.fixture(scope="module")
 def device():
-    if triton_path.INTERPRETED:
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    pytest.skip("compiled Triton needs CUDA: set TRITON_INTERPRET=1 to interpret on the CPU")
+    return triton_device(triton_path)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

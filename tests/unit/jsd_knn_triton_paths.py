@@ -13,6 +13,7 @@ from kernels.jsd import jsd_loss
 from kernels.knn import nearest_neighbors
 from tests.unit.kernel_checks import (JSD_CASES, JSD_DTYPES, KNN_CASES, KNN_DTYPES,
                                       KNN_INTERPRETED_CASES, check_jsd_path, check_knn_path, unit)
+from tests.unit.triton_support import triton_device
 
 triton_jsd = pytest.importorskip("kernels.jsd.triton")
 triton_knn = pytest.importorskip("kernels.knn.triton")
@@ -20,11 +21,7 @@ triton_knn = pytest.importorskip("kernels.knn.triton")
 
 @pytest.fixture(scope="module")
 def device():
-    if triton_jsd.INTERPRETED:
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    pytest.skip("compiled Triton needs CUDA: set TRITON_INTERPRET=1 to interpret on the CPU")
+    return triton_device(triton_jsd)
 
 
 def _jsd(a, b, scale, shift):

@@ -16,6 +16,7 @@ from kernels import contrastive_loss, contrastive_loss_local, row_blocks
 from kernels.contrastive import chunked, reference
 from tests.unit.contrastive_checks import (check_aliased, check_local, check_square, local_inputs,
                                            run_triton_cases, unit)
+from tests.unit.triton_support import compiled_triton
 
 TRITON_CASES = Path(__file__).with_name("contrastive_triton_paths.py")
 SCALES = [1.0, 14.3, 100.0]
@@ -101,9 +102,7 @@ def test_unknown_backend_is_refused():
 
 
 def test_triton_on_cpu_tensors_is_refused_unless_interpreted():
-    triton_path = pytest.importorskip("kernels.contrastive.triton")
-    if triton_path.INTERPRETED:
-        pytest.skip("this process interprets Triton (TRITON_INTERPRET=1)")
+    compiled_triton("kernels.contrastive.triton")
     a = unit(4, 8, 1, torch.float32)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         contrastive_loss(a, a, torch.tensor(1.0), backend="triton")
@@ -197,13 +196,6 @@ def test_triton_interpreted_on_the_cpu_matches_reference():
     run_triton_cases(TRITON_CASES, interpret=True)
 
 
-def _compiled_triton():
-    triton_path = pytest.importorskip("kernels.contrastive.triton")
-    if triton_path.INTERPRETED:
-        pytest.skip("this process interprets Triton (TRITON_INTERPRET=1)")
-    return triton_path
-
-
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -214,7 +206,7 @@ GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("N, d, scale", [(8192, 512, 100.0), (4097, 300, 14.3), (1, 512, 1.0)])
 def test_triton_on_cuda_square_matches_reference(N, d, scale, dtype):
-    check_square(_compiled_triton(), N, d, scale, dtype, seed=N + d, device="cuda")
+    check_square(compiled_triton("kernels.contrastive.triton"), N, d, scale, dtype, seed=N + d, device="cuda")
 
 
 @gpu
@@ -223,13 +215,13 @@ def test_triton_on_cuda_square_matches_reference(N, d, scale, dtype):
 @pytest.mark.parametrize("n, N, d, offset, scale", [(2048, 8192, 512, 6144, 14.3),
                                                     (1000, 3001, 300, 1000, 100.0)])
 def test_triton_on_cuda_local_matches_reference(n, N, d, offset, scale, dtype):
-    check_local(_compiled_triton(), n, N, d, offset, scale, dtype, seed=N + d, device="cuda")
+    check_local(compiled_triton("kernels.contrastive.triton"), n, N, d, offset, scale, dtype, seed=N + d, device="cuda")
 
 
 @gpu
 @needs_cuda
 def test_auto_takes_triton_on_cuda():
-    _compiled_triton()
+    compiled_triton("kernels.contrastive.triton")
     a, b = unit(8, 16, 1, torch.float32, "cuda").requires_grad_(), unit(8, 16, 2, torch.float32, "cuda")
     loss = contrastive_loss(a, b, torch.tensor(2.0, device="cuda"))
     assert type(loss.grad_fn).__name__ == "_TritonLossBackward"

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.accumulation import Engine  # DeepSpeed engine's accumulation interface, no optimizer
 from engine.data.mlm import MASK_ID, VOCAB_WITH_MASK, mask_tokens
 from engine.dist import free_port
 from engine.models.presets import for_method, get_preset
@@ -33,23 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class Engine:
-    """What accumulate_step uses of DeepSpeed's engine: its forward, a backward that divides by
-    the accumulation steps, and a step (a no-op here: the test reads the gradients)."""
-
-    def __init__(self, task: Task, accumulation_steps: int):
-        self.module, self.device, self.accumulation_steps = task, torch.device("cpu"), accumulation_steps
-
-    def __call__(self, batch, **kwargs):
-        return self.module(batch, **kwargs)
-
-    def backward(self, loss):
-        (loss / self.accumulation_steps).backward()
-
-    def step(self):
-        pass
 
 
 def _objective(method: str, model: TwoTower, batch_terms: bool) -> nn.Module:

@@ -6,6 +6,7 @@ import kernels.jsd as jsd
 from kernels.jsd import chunked, jsd_loss
 from tests.unit.kernel_checks import (JSD_CASES, JSD_DTYPES, check_jsd_path, gpu,
                                       run_triton_paths, unit)
+from tests.unit.triton_support import compiled_triton
 
 
 @pytest.mark.parametrize("block_rows", [None, 16])
@@ -67,9 +68,7 @@ def test_unknown_backend_raises():
 
 
 def test_triton_on_cpu_tensors_without_the_interpreter_raises():
-    module = pytest.importorskip("kernels.jsd.triton")
-    if module.INTERPRETED:
-        pytest.skip("this process interprets Triton kernels")
+    compiled_triton("kernels.jsd.triton")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         jsd_loss(torch.zeros(4, 3), torch.zeros(4, 3), torch.ones(()), backend="triton")
 

@@ -6,6 +6,7 @@ import kernels.knn as knn
 from kernels.knn import chunked, nearest_neighbors
 from tests.unit.kernel_checks import (KNN_CASES, gpu, check_knn_path, check_neighbors,
                                       run_triton_paths, unit)
+from tests.unit.triton_support import compiled_triton
 
 
 def _chunked(block_columns, block_elements):
@@ -69,9 +70,7 @@ def test_unknown_backend_raises():
 
 
 def test_triton_on_cpu_tensors_without_the_interpreter_raises():
-    module = pytest.importorskip("kernels.knn.triton")
-    if module.INTERPRETED:
-        pytest.skip("this process interprets Triton kernels")
+    compiled_triton("kernels.knn.triton")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         nearest_neighbors(torch.zeros(2, 4), torch.zeros(5, 4), backend="triton")
 

@@ -19,6 +19,7 @@ from engine.dist import free_port
 from kernels import row_blocks
 from kernels.siglip import chunked, reference, siglip_loss, siglip_loss_local
 from tests.unit.contrastive_checks import run_triton_cases, unit
+from tests.unit.triton_support import compiled_triton
 
 TRITON_CASES = Path(__file__).with_name("test_siglip_kernel_triton.py")
 
@@ -245,9 +246,7 @@ def test_unknown_backend_is_refused():
 
 
 def test_triton_on_cpu_tensors_is_refused_unless_interpreted():
-    triton_path = pytest.importorskip("kernels.siglip.triton")
-    if triton_path.INTERPRETED:
-        pytest.skip("this process interprets Triton (TRITON_INTERPRET=1)")
+    compiled_triton("kernels.siglip.triton")
     a = unit(4, 8, 1, torch.float32)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         siglip_loss(a, a, 10.0, -10.0, backend="triton")
@@ -318,17 +317,8 @@ def test_two_gloo_ranks_equal_one_process_on_the_global_batch():
 
 def test_triton_interpreted_on_the_cpu_matches_reference():
     """test_siglip_kernel_triton.py in a fresh interpreter with TRITON_INTERPRET=1."""
-    triton_path = pytest.importorskip("kernels.siglip.triton")
-    if triton_path.INTERPRETED:
-        pytest.skip("this process interprets Triton: test_siglip_kernel_triton.py runs its cases here")
+    compiled_triton("kernels.siglip.triton")
     run_triton_cases(TRITON_CASES, interpret=True)
-
-
-def _compiled_triton():
-    triton_path = pytest.importorskip("kernels.siglip.triton")
-    if triton_path.INTERPRETED:
-        pytest.skip("this process interprets Triton (TRITON_INTERPRET=1)")
-    return triton_path
 
 
 gpu = pytest.mark.gpu
@@ -342,14 +332,14 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
                                                           (2048, 8192, 512, 6144, 14.3, -5.0),
                                                           (1000, 3001, 300, 1000, 100.0, -10.0)])
 def test_triton_on_cuda_matches_reference(n, N, d, offset, scale, bias, dtype):
-    check_local(_compiled_triton().siglip_loss_local, n, N, d, offset, scale, bias, dtype,
-                seed=N + d, device="cuda")
+    triton_path = compiled_triton("kernels.siglip.triton")
+    check_local(triton_path.siglip_loss_local, n, N, d, offset, scale, bias, dtype, seed=N + d, device="cuda")
 
 
 @gpu
 @needs_cuda
 def test_auto_takes_triton_on_cuda():
-    _compiled_triton()
+    compiled_triton("kernels.siglip.triton")
     a, b = unit(8, 16, 1, torch.float32, "cuda").requires_grad_(), unit(8, 16, 2, torch.float32, "cuda")
     loss = siglip_loss(a, b, torch.tensor(10.0, device="cuda"), torch.tensor(-10.0, device="cuda"))
     assert type(loss.grad_fn).__name__ == "_TritonLossBackward"

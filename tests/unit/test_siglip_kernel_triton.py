@@ -12,6 +12,7 @@ import torch
 from kernels.siglip import siglip_loss, siglip_loss_local
 from tests.unit.contrastive_checks import unit
 from tests.unit.test_siglip_kernel import check_local
+from tests.unit.triton_support import triton_device
 
 triton_path = pytest.importorskip("kernels.siglip.triton")
 
@@ -26,11 +27,7 @@ LOCAL_CASES = [(1, 1, 3, 0, 10.0, -10.0), (9, 33, 130, 20, 100.0, -10.0), (5, 21
 
 @pytest.fixture(scope="module")
 def device():
-    if triton_path.INTERPRETED:
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    pytest.skip("compiled Triton needs CUDA: set TRITON_INTERPRET=1 to interpret on the CPU")
+    return triton_device(triton_path)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

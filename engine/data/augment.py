@@ -177,7 +177,16 @@ def augment_view(crop, inputs: dict, augment: str, image_size: int):
         return fn.resize(crop, size=[image_size, image_size], interp_type=types.INTERP_CUBIC, antialias=True), None
     images = fn.resize(crop, size=[image_size, image_size], interp_type=types.INTERP_CUBIC, antialias=True,
                        dtype=types.FLOAT)
-    images = _clamp(images)  # cubic filtering overshoots; the uint8 resize saturates the same way
+    # Cubic filtering overshoots; the uint8 resize saturates the same way.
+    return photometric_view(_clamp(images), inputs, augment)
+
+
+def photometric_view(images, inputs: dict, augment: str):
+    """The recipe's steps after the resize, on float HWC pixels in 0..255: (pixels, mirror or None)."""
+    from nvidia.dali import fn, types
+
+    if augment == "crop":
+        return images, None
     images = _color_jitter(images, inputs)
     if augment == "moco_v2":
         grey = fn.expand_dims(_luma(images), axes=[2])

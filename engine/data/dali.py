@@ -116,21 +116,28 @@ def train_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: 
         if device == "gpu" and hw_decoder_load is not None:
             options["hw_decoder_load"] = hw_decoder_load
         view_inputs = [inputs[i * len(per_view):(i + 1) * len(per_view)] for i in range(views)]
-        window = dict(normalized_anchor=True, normalized_shape=True)
-        if views == 1 and not whole_decode:
-            anchor, shape = view_inputs[0][:2]
-            crops = [fn.decoders.image_slice(encoded, anchor, shape, **options, **window)]
-        else:
-            whole = fn.decoders.image(encoded, **options)
-            crops = [fn.slice(whole, anchor, shape, **window) for anchor, shape, *_ in view_inputs]
+        crops = decode_windows(encoded, [view[:2] for view in view_inputs], options, whole_decode)
         outputs = []
         for crop, (_, _, *photometric) in zip(crops, view_inputs):
             names = PHOTOMETRIC_FIELDS[augment]
             images, mirror = augment_view(crop, dict(zip(names, photometric)), augment, image_size)
-            outputs.append(_normalise(images, fn, types, mirror=mirror))
+            outputs.append(normalise(images, fn, types, mirror=mirror))
         return tuple(outputs)
 
     return graph()
+
+
+def decode_windows(encoded, windows: list, options: dict, whole_decode: bool = False) -> list:
+    """DALI nodes of each view's crop window, given as (relative anchor, relative shape) nodes:
+    one view decodes its window only, two decode the whole image once and slice both."""
+    from nvidia.dali import fn
+
+    window = dict(normalized_anchor=True, normalized_shape=True)
+    if len(windows) == 1 and not whole_decode:
+        anchor, shape = windows[0]
+        return [fn.decoders.image_slice(encoded, anchor, shape, **options, **window)]
+    whole = fn.decoders.image(encoded, **options)
+    return [fn.slice(whole, anchor, shape, **window) for anchor, shape in windows]
 
 
 def eval_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: int, num_threads: int):
@@ -143,12 +150,12 @@ def eval_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: i
         images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
         images = fn.resize(images, resize_shorter=round(image_size * 256 / 224),
                            interp_type=types.INTERP_CUBIC, antialias=True)
-        return _normalise(images, fn, types, crop=(image_size, image_size))
+        return normalise(images, fn, types, crop=(image_size, image_size))
 
     return graph()
 
 
-def _normalise(images, fn, types, crop=None, mirror=None):
+def normalise(images, fn, types, crop=None, mirror=None):
     # CLIP's mean and std for every recipe: the evaluation pipeline normalises with them too.
     options = {} if mirror is None else {"mirror": mirror}
     return fn.crop_mirror_normalize(

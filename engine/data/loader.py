@@ -5,7 +5,8 @@
       -> torch DataLoader workers: read samples, read image headers, draw each view's crop
          window and augmentation, tokenise (EDA copy, MLM masking: whatever the DataSpec asks;
          collate.py)
-      -> DALI: decode (nvJPEG on GPU), crop each view, resize, augment, normalise
+      -> DALI: decode (nvJPEG on GPU), crop each view, resize, augment, normalise (on the CPU
+         the resize is torch's, between two DALI graphs: cpu_pipeline.py)
       -> {"image", ["image2"], "text", ["mlm_labels"], ["text_aug"], "sample_id"} (see spec.py)
 
 Determinism. The SET of samples in optimizer step t of an epoch is a function of (data, seed,
@@ -50,6 +51,7 @@ from torch.utils.data import DataLoader
 
 from engine import dist
 from engine.data.collate import PrepareBatch, TrainPayload, assemble_batch
+from engine.data.cpu_pipeline import SplitTrainPipeline
 from engine.data.dali import DecodedBatches, HostBatch, train_pipeline
 from engine.data.eda import Eda
 from engine.data.records import DECODER_REJECTED, NO_SUBSTITUTE, StreamingDatasetWithIds
@@ -249,6 +251,10 @@ class TrainLoader:
             epoch, batch = epoch + 1, 0
 
     def _build_pipeline(self, source):
+        if self.decode_device == "cpu":  # DALI's CPU resize is the slow step there: torch resizes
+            return SplitTrainPipeline(source, batch_size=self.micro_batch, image_size=self.image_size,
+                                      num_threads=self.decode_threads, augment=self.spec.augment,
+                                      views=self.spec.image_views)
         return train_pipeline(source, batch_size=self.micro_batch, image_size=self.image_size,
                               device=self.decode_device, device_id=self._device.index,
                               num_threads=self.decode_threads, augment=self.spec.augment,

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from engine.data.augment import CROP_ASPECT, ViewBatch, random_resized_crop, view_generator
+from engine.data.cpu_pipeline import SplitTrainPipeline
 from engine.data.dali import (CLIP_MEAN, CLIP_STD, PLACEHOLDER_PNG, DecodedBatches, HostBatch, eval_pipeline,
                               train_pipeline)
 
@@ -48,9 +49,20 @@ def _window(width, height, scale, seed, epoch, sample):
     return random_resized_crop(width, height, scale, view_generator(seed, epoch, sample, 0))
 
 
-def _run_train(batches, image_size, batch_size, num_threads=2):
-    build = lambda source: train_pipeline(source, batch_size=batch_size, image_size=image_size, device="cpu",
-                                          device_id=None, num_threads=num_threads)
+@pytest.fixture(params=["single", "split"])
+def graph(request) -> str:
+    """The CPU training graph: DALI's single graph (the reference, and the GPU's) or the one the
+    loader runs on the CPU, cut around a torch resize (engine/data/cpu_pipeline.py)."""
+    return request.param
+
+
+def _run_train(batches, image_size, batch_size, graph, num_threads=2):
+    if graph == "split":
+        build = lambda source: SplitTrainPipeline(source, batch_size=batch_size, image_size=image_size,
+                                                  num_threads=num_threads)
+    else:
+        build = lambda source: train_pipeline(source, batch_size=batch_size, image_size=image_size,
+                                              device="cpu", device_id=None, num_threads=num_threads)
     return [(images, host) for (images,), host in DecodedBatches(iter(batches), build=build, device=CPU)]
 
 
@@ -68,27 +80,27 @@ def test_eval_decode_equals_pil(fmt):
     np.testing.assert_allclose(_pixels(images[0]), _pil_decode(encoded)[16:240, 16:240], atol=1e-3)
 
 
-def test_train_crop_window_equals_pil_crop():
+def test_train_crop_window_equals_pil_crop(graph):
     picture = _picture(40, 50)
     encoded = _encode(picture, "PNG")
     # 30x30 windows at (x, y) = (10, 6) and (20, 10), output 30: no resize, so pixels must match.
     anchors = np.array([[10 / 50, 6 / 40], [20 / 50, 10 / 40]], dtype=np.float32)
     shapes = np.full((2, 2), [30 / 50, 30 / 40], dtype=np.float32)
     batch = _crop_batch([encoded, encoded], anchors, shapes)
-    [(windows, _)] = _run_train([batch], image_size=30, batch_size=2)
+    [(windows, _)] = _run_train([batch], image_size=30, batch_size=2, graph=graph)
     assert windows.shape == (2, 3, 30, 30)
     np.testing.assert_allclose(_pixels(windows[0]), picture[6:36, 10:40], atol=1e-3)
     np.testing.assert_allclose(_pixels(windows[1]), picture[10:40, 20:50], atol=1e-3)
     assert not np.allclose(_pixels(windows[0]), picture[6:36, 11:41], atol=1)  # x and y not swapped or shifted
 
 
-def test_train_pixels_do_not_depend_on_dali_thread_count():
+def test_train_pixels_do_not_depend_on_dali_thread_count(graph):
     sizes = [(40, 60), (90, 30), (64, 64), (200, 120)]
     encoded = [_encode(_picture(h, w, seed=i), "JPEG") for i, (h, w) in enumerate(sizes)]
     windows = [_window(w, h, (0.2, 1.0), 0, 0, i) for i, (h, w) in enumerate(sizes)]
     make = lambda: [_crop_batch(encoded, np.stack([a for a, _ in windows]), np.stack([s for _, s in windows]))]
-    [(one_thread, _)] = _run_train(make(), image_size=48, batch_size=4, num_threads=1)
-    [(three_threads, _)] = _run_train(make(), image_size=48, batch_size=4, num_threads=3)
+    [(one_thread, _)] = _run_train(make(), image_size=48, batch_size=4, graph=graph, num_threads=1)
+    [(three_threads, _)] = _run_train(make(), image_size=48, batch_size=4, graph=graph, num_threads=3)
     assert torch.equal(one_thread, three_threads)
 
 
@@ -123,7 +135,7 @@ def test_crop_windows_follow_scale_and_aspect():
     assert h == 1 and math.isclose(w * 400, 20 * CROP_ASPECT[1], abs_tol=1) and abs(x * 400 - (1 - w) * 200) <= 1
 
 
-def test_image_dali_rejects_is_replaced_and_batches_stay_in_order():
+def test_image_dali_rejects_is_replaced_and_batches_stay_in_order(graph):
     good = [_encode(_picture(32, 32, seed=i), "PNG") for i in range(8)]
     truncated = good[2][: len(good[2]) // 2]  # header intact, so only DALI notices
     assert Image.open(io.BytesIO(truncated.tobytes())).size == (32, 32)
@@ -132,8 +144,8 @@ def test_image_dali_rejects_is_replaced_and_batches_stay_in_order():
     broken = [whole(i) for i in range(4)]
     broken[1].encoded[0] = truncated  # DALI fails while later batches are already prefetched
 
-    expected = _run_train(clean, image_size=32, batch_size=2)
-    outputs = _run_train(broken, image_size=32, batch_size=2)
+    expected = _run_train(clean, image_size=32, batch_size=2, graph=graph)
+    outputs = _run_train(broken, image_size=32, batch_size=2, graph=graph)
     assert [host.payload for _, host in outputs] == [0, 1, 2, 3]
     replaced = [host.replaced.tolist() for _, host in outputs]
     assert replaced == [[False, False], [True, False], [False, False], [False, False]]
@@ -165,7 +177,7 @@ def test_load_eval_set_decodes_every_heldout_digit(digits):
         np.testing.assert_allclose(_pixels(evalset.images[index]), expected, atol=1e-3)
 
 
-def test_image_only_the_pipeline_rejects_is_found_by_halving(monkeypatch):
+def test_image_only_the_pipeline_rejects_is_found_by_halving(monkeypatch, graph):
     # nvJPEG can reject an image PIL reads. PIL is made to accept everything here, so that the
     # pipeline itself must say which images it fails on (the truncated PNGs, on the CPU).
     import engine.data.dali as dali
@@ -177,8 +189,8 @@ def test_image_only_the_pipeline_rejects_is_found_by_halving(monkeypatch):
     for batch, index in ((0, 3), (0, 6), (1, 7)):
         broken[batch].encoded[index] = good[8 * batch + index][:60]   # truncated: DALI fails on it
 
-    expected = _run_train(clean, image_size=32, batch_size=8)
-    outputs = _run_train(broken, image_size=32, batch_size=8)
+    expected = _run_train(clean, image_size=32, batch_size=8, graph=graph)
+    outputs = _run_train(broken, image_size=32, batch_size=8, graph=graph)
     assert [host.payload for _, host in outputs] == [0, 1]
     assert [np.flatnonzero(host.replaced).tolist() for _, host in outputs] == [[3, 6], [7]]
     for (images, host), (reference, _) in zip(outputs, expected):
@@ -186,7 +198,7 @@ def test_image_only_the_pipeline_rejects_is_found_by_halving(monkeypatch):
         assert torch.equal(images[torch.from_numpy(kept)], reference[torch.from_numpy(kept)])
 
 
-def test_a_failure_that_is_no_image_is_raised(monkeypatch):
+def test_a_failure_that_is_no_image_is_raised(monkeypatch, graph):
     # Every image reads and the pipeline still fails (here: a crop window outside any image):
     # nothing is replaced and the error reaches the caller.
     import engine.data.dali as dali
@@ -194,7 +206,7 @@ def test_a_failure_that_is_no_image_is_raised(monkeypatch):
     images = [_encode(_picture(32, 32, seed=i), "PNG") for i in range(2)]
     batch = _crop_batch(images, np.full((2, 2), 2.0, np.float32), np.ones((2, 2), np.float32), 0)
     with pytest.raises(RuntimeError):
-        _run_train([batch], image_size=32, batch_size=2)
+        _run_train([batch], image_size=32, batch_size=2, graph=graph)
     assert not batch.replaced.any()
 
 

@@ -18,7 +18,8 @@ from streaming import LocalDataset
 from engine.data.augment import ViewBatch, random_resized_crop
 from engine.data.collate import PrepareBatch
 from engine.data.eda import Eda
-from engine.data.dali import CLIP_MEAN, CLIP_STD, DecodedBatches, HostBatch, train_pipeline
+from engine.data.cpu_pipeline import SplitTrainPipeline
+from engine.data.dali import CLIP_MEAN, CLIP_STD, DecodedBatches, HostBatch
 from engine.data.loader import TrainLoader
 from engine.data.mlm import IGNORE_INDEX, MASK_ID
 from engine.data.records import BAD_RECORDS_KEY, IMAGE_SIZE_KEY, SAMPLE_ID_KEY
@@ -110,7 +111,8 @@ def test_different_seed_gives_different_order(reference, digits, tokenizer):
 
 def test_crop_path_is_the_clip_pipeline_of_before(reference, digits, tokenizer):
     # CLIP's batches must not change with DataSpec: windows drawn from (seed, epoch, sample id) by
-    # torchvision's rule, the crop window decoded, resized in uint8, normalised; captions as given.
+    # torchvision's rule, the crop window decoded, resized in uint8 (by torch on the CPU,
+    # cpu_pipeline.py), normalised; captions as given.
     batch = reference[0][0]
     stored = LocalDataset(local=str(digits.train))
     samples = [stored[i] for i in batch["sample_id"].tolist()]
@@ -118,8 +120,7 @@ def test_crop_path_is_the_clip_pipeline_of_before(reference, digits, tokenizer):
                for i in batch["sample_id"].tolist()]
     host = HostBatch([np.frombuffer(s["jpg"], np.uint8) for s in samples], None,
                      (ViewBatch(np.stack([a for a, _ in windows]), np.stack([s for _, s in windows]), {}),))
-    build = lambda source: train_pipeline(source, batch_size=MICRO_BATCH, image_size=24, device="cpu",
-                                          device_id=None, num_threads=1)
+    build = lambda source: SplitTrainPipeline(source, batch_size=MICRO_BATCH, image_size=24, num_threads=1)
     [((images,), _)] = list(DecodedBatches(iter([host]), build=build, device=torch.device("cpu")))
     assert torch.equal(batch["image"], images)
     assert torch.equal(batch["text"], tokenizer([s["txt"] for s in samples]))

@@ -90,7 +90,7 @@ def build_task(method: str, model_name: str, batch: int, exact: bool = False):
     preset = for_method(get_preset(model_name), method)
     model = TwoTower(preset, EOT, SOT)
     if method == "declip":
-        objective = DeclipObjective(model, queue_size=get_recipe(method, model_name).queue_size)
+        objective = DeclipObjective(model, queue_size=dict(get_recipe(method, model_name).options)["queue_size"])
         if exact:
             objective.weights = {**objective.weights, "simsiam": 0.0, "mlm": 0.0}
     elif method == "clip-lite":

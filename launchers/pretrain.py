@@ -1,11 +1,11 @@
 """Pretrain a CLIP model. Every setting not given here is derived and printed as a plan.
 
   deepspeed launchers/pretrain.py                                   # small CLIP on built-in digits
-  deepspeed launchers/pretrain.py --method declip                   # DeCLIP (or clip-lite)
+  deepspeed launchers/pretrain.py --method declip                   # DeCLIP (or clip-lite, siglip)
   deepspeed --num_gpus 2 launchers/pretrain.py --zero-stage 2       # two ranks
   deepspeed launchers/pretrain.py --model vit-b-32 --data /data/mds/pairs --epochs 32
   deepspeed launchers/pretrain.py --data s3://bucket/laion:0.7,/data/mds/cc3m:0.3   # a mixture, streamed
-  python launchers/pretrain.py --model rn50 --dry-run               # print the plan and exit
+  python launchers/pretrain.py --model rn50 --global-batch 1024 --dry-run   # print the plan and exit
 """
 import argparse
 import os

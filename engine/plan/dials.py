@@ -52,7 +52,7 @@ class Dials:
     steps: int | None = dial(None, "optimizer steps (default: from epochs)", kind=int)
     epochs: float | None = dial(None, "passes over the data (default: recipe)", kind=float)
     global_batch: int | None = dial(None, "pairs per optimizer step, all ranks", kind=int)
-    seed: int = dial(0, kind=int)
+    seed: int = dial(0, "everything random derives from it (default: 0)", kind=int)
     data_fraction: float = dial(1.0, "train on a fixed subset of this fraction of the data (e.g. 0.1)",
                                 kind=float)
     ds: tuple[str, ...] = dial((), "raw DeepSpeed config override (repeatable)", metavar="KEY.PATH=VALUE",

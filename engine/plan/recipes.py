@@ -64,7 +64,7 @@ _MICRO_BATCH_80GB_UNMEASURED = 128
 _DEBUG_SMOKE_RUN = dict(global_batch=128, epochs=10, lr=3e-3, min_lr=0.0, warmup_steps=20,
                         weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6, grad_clip=1.0,
                         crop_scale=(0.8, 1.0))
-SMOKE_SOURCE = "smoke-run recipe: debug towers, built-in digits, CPU"
+SMOKE_SOURCE = "smoke-run recipe of the debug towers (tuned on the built-in digits, CPU)"
 
 
 def clip_recipe(preset: ModelPreset, **changes) -> "Recipe":

@@ -242,3 +242,14 @@ def test_two_gloo_ranks_of_two_micro_batches_equal_one_process_on_the_global_bat
             _assert_close(grads, expected)
             if queue is not None:
                 assert torch.allclose(rank_queue, queue, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["clip", "declip", "clip-lite"])
+def test_the_accumulation_benchmark_builds_each_method(method):
+    # benchmarks/accumulation.py builds its tasks from the planner's recipes: a renamed recipe
+    # field must fail here, not only when someone runs the benchmark.
+    from benchmarks.accumulation import build_task
+
+    task, batch = build_task(method, "debug", 4)
+    loss = task(batch)["loss"]
+    assert torch.isfinite(loss)

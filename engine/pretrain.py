@@ -185,7 +185,7 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
                          decode_device=plan.decode_device, decode_threads=plan.decode_threads,
                          hw_decoder_load=plan.hw_decoder_load, tokenizer=tokenizer,
                          rank=dist.rank(), world_size=dist.world_size(), grad_accum=plan.grad_accum,
-                         cache_limit=plan.cache_limit,
+                         cache_limit=plan.cache_limit, batch_timeout_s=plan.collective_timeout_s,
                          wordnet=prepared.wordnet if plan.objective_options.get("eda_synonyms") else None)
     checkpoint_dir = run_dir / "checkpoints"
     start_step, eval_pending = 0, False

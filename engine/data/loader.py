@@ -55,7 +55,7 @@ from engine.data.cpu_pipeline import SplitTrainPipeline
 from engine.data.dali import DecodedBatches, HostBatch, train_pipeline
 from engine.data.eda import Eda
 from engine.data.records import DECODER_REJECTED, NO_SUBSTITUTE, StreamingDatasetWithIds
-from engine.data.shared_memory import remove_stale_streaming_memory
+from engine.data.shared_memory import live_streaming_locals, remove_stale_streaming_memory
 from engine.data.spec import DataSpec
 from engine.data.streams import CANONICAL_NODES, describe_streams, fetches_in_flight, streaming_arguments
 from engine.data.text import ClipTokenizer
@@ -77,7 +77,8 @@ class TrainLoader:
     def __init__(self, data: str, *, micro_batch: int, image_size: int, spec: DataSpec, seed: int, workers: int,
                  decode_device: str, tokenizer: ClipTokenizer, rank: int, world_size: int, grad_accum: int = 1,
                  wordnet: str | Path | None = None, local_cache: Path | None = None, cache_limit: int | None = None,
-                 decode_threads: int = 1, hw_decoder_load: float | None = None):
+                 decode_threads: int = 1, hw_decoder_load: float | None = None,
+                 batch_timeout_s: float | None = None):
         """`data` is one dataset or a weighted mixture (engine/data/streams.py); `grad_accum`
         micro-batches per rank make one optimizer step (epochs end at steps); `spec` says what each
         batch holds; `wordnet` is a WordNet 3.0 directory for EDA's synonym replacement
@@ -85,7 +86,9 @@ class TrainLoader:
         `local_cache` holds remote shards (default under $CLIPZERO_CACHE), at most `cache_limit`
         bytes of them on this node (the plan's cache_limit; None: no limit); `decode_threads` DALI
         threads and `hw_decoder_load` the hardware JPEG decoder's share on a GPU (the plan's
-        decisions; None: DALI's default)."""
+        decisions; None: DALI's default); a batch the data workers have not delivered within
+        `batch_timeout_s` (None: no limit) ends the run, rather than a stalled source hanging it
+        (with peers, their collective timeout would; alone, nothing would)."""
         _check_arguments(micro_batch, grad_accum, image_size, seed, workers, decode_device)
         ranks_on_node = _streaming_world(rank, world_size)
         streams = describe_streams(data, local_cache)  # fails early, with the fix, on any dataset not usable MDS
@@ -108,12 +111,17 @@ class TrainLoader:
         self._samples_replaced = 0
         self._batches_warned = 0
         self._data = data
+        self._batch_timeout_s = batch_timeout_s
 
         # A killed run leaves streaming's shared memory behind, and the next run on the same
         # local directory is then refused as "in use". One rank per node removes what no live
         # process maps (the node's other ranks wait in streaming's own barrier meanwhile).
+        # Two runs sharing a cache would evict each other's shards: refused, before any download.
+        caches = {os.path.abspath(s.local) for s in streams if s.remote}
         if dist.local_rank() == 0:
             remove_stale_streaming_memory()
+            if caches & live_streaming_locals():
+                raise UserError(_cache_in_use(data, caches))
         arguments = streaming_arguments(streams, micro_batch=micro_batch, seed=seed, cache_limit=cache_limit,
                                         in_flight=fetches_in_flight(ranks_on_node, workers))
         try:
@@ -121,11 +129,7 @@ class TrainLoader:
         except ValueError as error:
             if "Reused local directory" not in str(error):
                 raise
-            # A live process (another run on this node) streams a URL of ours into the same cache.
-            raise UserError(f"another live run on this machine streams part of {data} into the same cache "
-                            f"({', '.join(str(s.local) for s in streams if s.remote)}); give this run a cache "
-                            f"of its own with CLIPZERO_CACHE=<another directory>, or wait for that run to end."
-                            ) from error
+            raise UserError(_cache_in_use(data, caches)) from error  # streaming's own check caught it
         self.dataset_size = int(self._dataset.epoch_size)
         self.steps_per_epoch = self.dataset_size // self.global_batch
         if self.steps_per_epoch == 0:
@@ -236,11 +240,12 @@ class TrainLoader:
             loader = DataLoader(self._dataset, batch_size=self.micro_batch, num_workers=self.workers,
                                 collate_fn=PrepareBatch(self.tokenizer, self.spec, self.seed, epoch, self.eda),
                                 worker_init_fn=functools.partial(worker_dies_with_its_rank, os.getpid()),
-                                multiprocessing_context="fork" if self.workers else None)
+                                multiprocessing_context="fork" if self.workers else None,
+                                timeout=self._batch_timeout_s if self.workers and self._batch_timeout_s else 0)
             batches = start_workers(loader)
             try:
                 for index in range(batch, self.batches_per_epoch):
-                    host = next(batches, None)
+                    host = self._next_batch(batches)
                     if host is None or len(host.encoded) != self.micro_batch:
                         raise RuntimeError(f"streaming ended epoch {epoch} at batch {index} "
                                            f"of {self.batches_per_epoch}")
@@ -249,6 +254,18 @@ class TrainLoader:
             finally:
                 del batches  # stops this epoch's workers now, before the next epoch starts its own
             epoch, batch = epoch + 1, 0
+
+    def _next_batch(self, batches) -> HostBatch | None:
+        try:
+            return next(batches, None)
+        except RuntimeError as error:
+            if "timed out" not in str(error):
+                raise
+            raise RuntimeError(
+                f"no batch came from the data workers within {self._batch_timeout_s:g} s (the plan's "
+                f"collective_timeout_s): reading {self._data} stalled (a remote store that stopped answering, a "
+                f"full or vanished cache directory). The run ends so that it can resume from its last checkpoint; "
+                f"if the source is merely slow, raise --collective-timeout.") from error
 
     def _build_pipeline(self, source):
         if self.decode_device == "cpu":  # DALI's CPU resize is the slow step there: torch resizes
@@ -265,6 +282,11 @@ class TrainLoader:
         if active is not None:
             active.close()
         self._active = None
+
+
+def _cache_in_use(data: str, caches: set[str]) -> str:
+    return (f"another live run on this machine streams part of {data} into the same cache ({', '.join(sorted(caches))}); "
+            f"give this run a cache of its own with CLIPZERO_CACHE=<another directory>, or wait for that run to end.")
 
 
 def _sample_log(rank: int):

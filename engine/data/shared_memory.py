@@ -13,6 +13,7 @@ it, so a prefix is removed only when it is still unmapped a second later: a run 
 same time on a loaded machine keeps its memory (seen: a rank of such a run then failed to find
 its leader's segment).
 """
+import os
 import re
 import time
 from collections import defaultdict
@@ -74,3 +75,26 @@ def _unmapped(groups) -> list[list[Path]]:
         return []
     in_use = mapped_shared_memory()
     return [paths for paths in groups if not any(path.name in in_use for path in paths)]
+
+
+def live_streaming_locals() -> set[str]:
+    """The local directories (absolute) that live streaming datasets on this machine use: those
+    listed in a `<prefix>_locals` segment, streaming's registry, that some process maps.
+
+    streaming compares a new dataset's directories with this registry itself, but it passes
+    over every prefix whose file locks exist in the temp directory, and those locks outlive
+    their runs: a second run on a cache in use was let through, and the first then waited
+    forever for a shard the second had evicted.
+    """
+    from streaming.base.shared.prefix import _unpack_locals
+
+    found = set()
+    for name in mapped_shared_memory():
+        if not (name.endswith("_locals") and _STREAMING_NAME.fullmatch(name)):
+            continue
+        try:
+            directories, _ = _unpack_locals((SHM / name).read_bytes())
+        except (OSError, ValueError, UnicodeDecodeError):  # gone meanwhile, or not yet written
+            continue
+        found.update(os.path.abspath(directory) for directory in directories)
+    return found

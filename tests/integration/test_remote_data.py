@@ -95,29 +95,42 @@ def test_an_epoch_streams_through_a_cache_smaller_than_the_data(remote, s3_env, 
     assert (cache / f"{folder.name}.classes.json").is_file() and not (folder / "classes.json").exists()
 
 
-def test_a_run_killed_on_a_remote_mixture_leaves_shared_memory_the_next_run_clears(remote, s3_env, tmp_path):
-    cache, mixture = tmp_path / "cache", f"{remote['digits']}:0.6,{remote['other']}:0.4"
+def _streaming_elsewhere(data: str, cache: Path, take_batch: bool) -> subprocess.Popen:
+    """Another run on this machine: a process that builds a loader of `data` over `cache` (and,
+    with `take_batch`, takes a batch, so that streaming's file locks exist) and then waits. In
+    a session of its own, to be killed whole, as a scheduler or the OOM killer ends a job:
+    Python's resource tracker then dies with the run instead of unlinking its shared memory."""
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
         from engine.data.loader import TrainLoader
         from engine.data.spec import DataSpec
         from engine.data.text import ClipTokenizer
-        loader = TrainLoader({mixture!r}, micro_batch=8, image_size=16, spec=DataSpec(), seed=1, workers=0,
+        loader = TrainLoader({data!r}, micro_batch=8, image_size=16, spec=DataSpec(), seed=1, workers=0,
                              decode_device="cpu", tokenizer=ClipTokenizer(), rank=0, world_size=1,
                              local_cache={str(cache)!r})
+        if {take_batch!r}:
+            batches = iter(loader)
+            next(batches)
         print("streaming", flush=True)
         time.sleep(600)
     """)
-    # A session of its own, killed whole, as a scheduler or the OOM killer ends a job: Python's
-    # resource tracker dies with the run instead of unlinking the run's shared memory after it.
-    crashed = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env=os.environ.copy(), start_new_session=True)
     try:
-        _wait_for_line(crashed, "streaming")
-    finally:
-        os.killpg(crashed.pid, signal.SIGKILL)
-        crashed.wait()
+        _wait_for_line(process, "streaming")
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    return process
+
+
+def test_a_run_killed_on_a_remote_mixture_leaves_shared_memory_the_next_run_clears(remote, s3_env, tmp_path):
+    cache, mixture = tmp_path / "cache", f"{remote['digits']}:0.6,{remote['other']}:0.4"
+    crashed = _streaming_elsewhere(mixture, cache, take_batch=False)
+    os.killpg(crashed.pid, signal.SIGKILL)
+    crashed.wait()
     left = _unmapped_streaming_memory()
     assert any(name.endswith("_locals") for name in left), left  # streaming's registry of the cache dirs
 
@@ -127,6 +140,24 @@ def test_a_run_killed_on_a_remote_mixture_leaves_shared_memory_the_next_run_clea
     counts = Counter("digits" if i < SAMPLES else "other" for i in next(iter(loader))["sample_id"].tolist())
     assert sum(counts.values()) == 8
     assert not left & _unmapped_streaming_memory()  # gone, or (the same prefix taken again) live
+
+
+def test_a_second_run_on_a_cache_in_use_is_refused(remote, s3_env, tmp_path):
+    # The live run has taken a batch, so streaming's file locks exist: streaming's own check then
+    # passes over that run's registry, and the two runs would evict each other's shards.
+    cache = tmp_path / "cache"
+    live = _streaming_elsewhere(remote["digits"], cache, take_batch=True)
+    try:
+        with pytest.raises(UserError, match="another live run on this machine.*CLIPZERO_CACHE"):
+            _loader(remote["digits"], cache, workers=0)
+        other = _loader(remote["digits"], tmp_path / "another", workers=0)  # its own cache: fine
+        assert next(iter(other))["image"].shape[0] == 8
+        del other
+    finally:
+        os.killpg(live.pid, signal.SIGKILL)
+        live.wait()
+    # The run gone, its registry is stale: the same cache is free again.
+    assert next(iter(_loader(remote["digits"], cache, workers=0)))["image"].shape[0] == 8
 
 
 def _unmapped_streaming_memory() -> set[str]:

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from streaming import LocalDataset
 
 from engine.data.augment import ViewBatch, random_resized_crop
 from engine.data.collate import PrepareBatch
-from engine.data.eda import Eda
 from engine.data.cpu_pipeline import SplitTrainPipeline
+from engine.data.eda import Eda
 from engine.data.dali import CLIP_MEAN, CLIP_STD, DecodedBatches, HostBatch
 from engine.data.loader import TrainLoader
 from engine.data.mlm import IGNORE_INDEX, MASK_ID
@@ -308,3 +309,17 @@ def test_workers_never_collect_the_parents_dead_dali_pipelines(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0 and "batches 4" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_stalled_source_ends_the_run_after_the_batch_timeout(digits, tokenizer, monkeypatch):
+    # The data workers' reads stop answering (each one here sleeps past the limit, as a remote
+    # store that accepts a connection and never replies): the loader raises, naming the limit and
+    # what to check, instead of waiting forever. Forked workers inherit the patched read.
+    import engine.data.records as records
+
+    monkeypatch.setattr(records.StreamingDatasetWithIds, "get_item", lambda self, *args, **kwargs: time.sleep(20))
+    loader = _loader(digits.train, tokenizer, workers=1, batch_timeout_s=2)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="no batch came from the data workers within 2 s.*collective-timeout"):
+        next(iter(loader))
+    assert time.monotonic() - start < 15

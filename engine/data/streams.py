@@ -67,14 +67,24 @@ class DataSource:
 
 def parse_data(data: str) -> tuple[DataSource, ...]:
     """The datasets --data names, in order; a single one has no weight."""
+    if not str(data).strip():
+        raise UserError("--data is empty: give an MDS directory, a URL, or a weighted mixture such as "
+                        f"{MIXTURE_EXAMPLE} (or leave --data out for the built-in digits).")
     items = [_split_weight(item.strip()) for item in str(data).split(",")]
     weighted = [item for item in items if item.weight is not None]
     if not weighted:
+        if len(items) > 1 and not Path(str(data)).exists() and all(_exists(item.location) for item in items):
+            raise UserError(f"--data {data}: {len(items)} datasets without weights; a mixture gives each one, "
+                            f"e.g. {MIXTURE_EXAMPLE}.")
         return (DataSource(str(data), None),)
     if len(weighted) < len(items):
         bare = [item.location or "(empty)" for item in items if item.weight is None]
-        raise UserError(f"--data {data}: {', '.join(bare)} has no weight; in a mixture give each dataset "
-                        f"one, e.g. {MIXTURE_EXAMPLE}.")
+        tails = [item.location.removeprefix(_scheme(item.location)).rpartition(":") for item in items
+                 if item.weight is None]
+        unreadable = [f"'{tail}'" for _, colon, tail in tails if colon and tail and "/" not in tail]
+        raise UserError(f"--data {data}: {', '.join(bare)} has no weight"
+                        + (f" ({', '.join(unreadable)} is not a number)" if unreadable else "")
+                        + f"; in a mixture give each dataset one, e.g. {MIXTURE_EXAMPLE}.")
     for item in items:
         if not item.location:
             raise UserError(f"--data {data}: a weight without a dataset before it; write LOCATION:WEIGHT, "
@@ -90,6 +100,16 @@ def parse_data(data: str) -> tuple[DataSource, ...]:
     if len(items) == 1:  # one dataset is all of the epoch, whatever its weight
         return (DataSource(items[0].location, None),)
     return tuple(items)
+
+
+def _scheme(location: str) -> str:
+    """The URL scheme with its '://' ('' for a path)."""
+    scheme, found, _ = location.partition("://")
+    return scheme + found if found else ""
+
+
+def _exists(location: str) -> bool:
+    return bool(_scheme(location)) or Path(location).exists()
 
 
 def _split_weight(item: str) -> DataSource:
@@ -143,7 +163,12 @@ def data_facts(data: str, seed: int, local_cache: Path | None = None) -> DataFac
     streams = describe_streams(data, local_cache)
     cache_dir = Path(local_cache) if local_cache is not None else cache_root() / "mds"
     cached = sum(bytes_under(stream.local) for stream in streams if stream.remote)
-    return DataFacts(streams=streams, per_epoch=_per_epoch(streams, seed), cache_dir=cache_dir,
+    per_epoch = _per_epoch(streams, seed)
+    unused = [stream.location for stream, count in zip(streams, per_epoch) if count == 0]
+    if unused:
+        raise UserError(f"--data {data}: the weight of {', '.join(unused)} draws no sample in an epoch of "
+                        f"{sum(per_epoch):,}; raise it, or leave the dataset out.")
+    return DataFacts(streams=streams, per_epoch=per_epoch, cache_dir=cache_dir,
                      cache_free_bytes=shutil.disk_usage(_existing_ancestor(cache_dir)).free + cached)
 
 

@@ -42,10 +42,27 @@ def test_each_location_takes_the_number_after_its_last_colon_as_its_weight(data,
     ("/data/a:0,/data/b:1", r"the weight of /data/a is 0; give each dataset a positive weight"),
     ("/data/a:nan,/data/b:1", r"the weight of /data/a is nan"),
     ("/data/a:0.5,/data/a/:0.5", r"/data/a appears more than once"),
+    ("/data/a:x,/data/b:1", r"/data/a:x has no weight \('x' is not a number\)"),
+    (" ", r"--data is empty"),
+    ("s3://bucket/a,s3://bucket/b", r"2 datasets without weights; a mixture gives each one"),
 ])
 def test_a_malformed_mixture_says_how_to_write_it(data, message):
     with pytest.raises(UserError, match=message):
         parse_data(data)
+
+
+def test_local_datasets_listed_without_weights_are_called_a_mixture(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    with pytest.raises(UserError, match="2 datasets without weights"):
+        parse_data(f"{tmp_path / 'a'},{tmp_path / 'b'}")
+    (tmp_path / "a,b").mkdir()  # a path that holds a comma is one dataset
+    assert parse_data(str(tmp_path / "a,b")) == (DataSource(str(tmp_path / "a,b"), None),)
+
+
+def test_a_weight_that_draws_nothing_in_an_epoch_is_refused(mixture):
+    alpha, beta = (item.rpartition(":")[0] for item in mixture.split(","))
+    with pytest.raises(UserError, match=r"the weight of .*beta draws no sample in an epoch of 400"):
+        data_facts(f"{alpha}:1,{beta}:1e-300", seed=0)
 
 
 # ---- a mixture read by the loader -----------------------------------------------------------

@@ -1,27 +1,32 @@
-"""The training graph on the CPU, cut around the resize: DALI decodes, torch resizes, DALI augments.
+"""The CPU's DALI graphs, cut around the resize: DALI decodes, torch resizes, DALI finishes.
 
-Why the cut: on the CPU, DALI's antialiased cubic resize of a large crop (a ~500 px photo to
+Why the cut: on the CPU, DALI's antialiased cubic resize of a large image (a ~500 px photo to
 224 px) costs several times DALI's own decode of it, where torch's uint8 antialiased bicubic
-resize (the same a = -0.5 cubic kernel as DALI's and PIL's, widened for a downscale) costs a
-small part of it. benchmarks/data.py measures the whole data path against open_clip's.
+resize (the a = -0.5 cubic kernel of DALI and PIL, widened for a downscale) costs a small part
+of it. benchmarks/data.py measures the training path against open_clip's.
 
+Training (`cpu_train_pipeline`, what the loader runs for a CPU decode):
     stage 1, DALI (its threads, running ahead): each view's crop window decoded, as
              dali.train_pipeline does; the view's photometric inputs pass through untouched
     stage 2, torch (the caller's thread, when stage 3 asks for a batch): each crop resized to
              image_size x image_size uint8
     stage 3, DALI (its threads, running ahead): the recipe's photometric steps, normalisation
-
 The single graph (dali.train_pipeline) stays the reference, and the GPU's graph: the two agree
 to within rounding and the resamplers' edge handling (tests/unit/test_cpu_pipeline.py). One
 difference by design: the photometric recipes start from the uint8 resize here (float in the
-single graph), at most half a level apart. A stage-1 failure (an image DALI cannot decode)
-reaches the caller from `run()`, as from the single graph, so dali.DecodedBatches recovers
-the same way.
+single graph), at most half a level apart.
+
+Evaluation (`eval_pipeline`): the whole image decoded, its shorter side resized to
+image_size * 256 / 224 and the centre square cut as transformers' CLIPImageProcessor does
+(the processor an hf export writes), then normalised.
+
+A stage-1 failure (an image DALI cannot decode) reaches the caller from `run()`, as from a
+single graph, so dali.DecodedBatches recovers the same way.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -36,12 +41,35 @@ def resize_crops(crops, image_size: int) -> np.ndarray:
     out = torch.empty(len(crops), image_size, image_size, 3, dtype=torch.uint8)
     with _one_torch_thread():
         for i in range(len(crops)):
-            hwc = torch.from_numpy(np.asarray(crops[i]))
-            # Viewed as NCHW with channels-last strides: torch's vectorised uint8 path.
-            nchw = hwc.permute(2, 0, 1).unsqueeze(0)
-            resized = F.interpolate(nchw, size=(image_size, image_size), mode="bicubic", antialias=True)
-            out[i] = resized[0].permute(1, 2, 0)
+            out[i] = _resize(torch.from_numpy(np.asarray(crops[i])), (image_size, image_size))
     return out.numpy()
+
+
+def resize_and_centre_crop(images, image_size: int) -> np.ndarray:
+    """[B, image_size, image_size, 3] uint8: each HWC uint8 image's shorter side resized to
+    round(image_size * 256 / 224), the longer in proportion (truncated), then the centre square
+    (offsets floored): the sizes transformers' CLIPImageProcessor computes."""
+    shorter = round(image_size * 256 / 224)
+    out = torch.empty(len(images), image_size, image_size, 3, dtype=torch.uint8)
+    with _one_torch_thread():
+        for i in range(len(images)):
+            hwc = torch.from_numpy(np.asarray(images[i]))
+            height, width = hwc.shape[:2]
+            size = ((shorter, int(shorter * width / height)) if height <= width
+                    else (int(shorter * height / width), shorter))
+            resized = _resize(hwc, size)
+            top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+            out[i] = resized[top:top + image_size, left:left + image_size]
+    return out.numpy()
+
+
+def _resize(hwc: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """An HWC uint8 image resized to (height, width), antialiased bicubic; as it is at its size."""
+    if tuple(hwc.shape[:2]) == size:
+        return hwc
+    # Viewed as NCHW with channels-last strides: torch's vectorised uint8 path.
+    nchw = hwc.permute(2, 0, 1).unsqueeze(0)
+    return F.interpolate(nchw, size=size, mode="bicubic", antialias=True)[0].permute(1, 2, 0)
 
 
 @contextlib.contextmanager
@@ -59,28 +87,51 @@ def _one_torch_thread():
             torch.set_num_threads(threads)
 
 
-class SplitTrainPipeline:
-    """dali.train_pipeline's outputs for a CPU decode, built and run like a DALI pipeline."""
+class SplitPipeline:
+    """Two DALI graphs with a torch step between them, built and run like one DALI pipeline."""
 
-    def __init__(self, source: Callable[[], tuple], *, batch_size: int, image_size: int, num_threads: int,
-                 augment: str = "crop", views: int = 1, whole_decode: bool = False):
-        self._image_size, self._views = image_size, views
-        self._decode = _decode_graph(source, batch_size=batch_size, num_threads=num_threads, augment=augment,
-                                     views=views, whole_decode=whole_decode)
-        self._augment = _augment_graph(self._resized_batch, batch_size=batch_size, num_threads=num_threads,
-                                       augment=augment, views=views)
+    def __init__(self, first, between: Callable[[tuple], tuple], last: Callable[[Callable[[], tuple]], Any]):
+        self._first, self._between = first, between
+        self._last = last(lambda: between(self._first.run()))
 
     def build(self) -> None:
-        self._decode.build()
-        self._augment.build()
+        self._first.build()
+        self._last.build()
 
     def run(self) -> tuple:
-        return self._augment.run()
+        return self._last.run()
 
-    def _resized_batch(self) -> tuple:
-        outputs = self._decode.run()
-        crops, passed = outputs[:self._views], outputs[self._views:]
-        return (*(resize_crops(view, self._image_size) for view in crops), *(list(p.as_array()) for p in passed))
+
+def cpu_train_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: int, num_threads: int,
+                       augment: str = "crop", views: int = 1, whole_decode: bool = False) -> SplitPipeline:
+    """dali.train_pipeline's outputs for a CPU decode."""
+
+    def resized(outputs: tuple) -> tuple:
+        crops, passed = outputs[:views], outputs[views:]
+        return (*(resize_crops(view, image_size) for view in crops), *(list(p.as_array()) for p in passed))
+
+    decode = _decode_graph(source, batch_size=batch_size, num_threads=num_threads, augment=augment, views=views,
+                           whole_decode=whole_decode)
+    return SplitPipeline(decode, resized, lambda feed: _augment_graph(
+        feed, batch_size=batch_size, num_threads=num_threads, augment=augment, views=views))
+
+
+def eval_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: int, num_threads: int) -> SplitPipeline:
+    """CLIP's evaluation transform, normalised: shorter side to image_size * 256 / 224, centre crop."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None)
+    def decode():
+        encoded = fn.external_source(source=source, num_outputs=1, batch=True, dtype=[types.UINT8])[0]
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None)
+    def finish(feed):
+        images = fn.external_source(source=feed, num_outputs=1, batch=True, dtype=[types.UINT8])[0]
+        return normalise(images, fn, types)
+
+    return SplitPipeline(decode(), lambda outputs: (resize_and_centre_crop(outputs[0], image_size),),
+                         lambda feed: finish(feed))
 
 
 def _decode_graph(source, *, batch_size: int, num_threads: int, augment: str, views: int, whole_decode: bool):

@@ -1,9 +1,9 @@
 """NVIDIA DALI graphs that turn encoded image bytes into normalised CHW float batches.
 
-Two graphs: training (decode the crop window of each image view, resize, augment, normalise)
-and evaluation (CLIP's eval transform: resize the shorter side, centre crop, normalise). Both
-run on the CPU (`device_id=None`) or, for training, decode with nvJPEG (`device="mixed"`) and
-augment on the GPU.
+The training graph: decode the crop window of each image view, resize, augment, normalise,
+on the CPU (`device_id=None`) or decoding with nvJPEG (`device="mixed"`) and augmenting on the
+GPU. On the CPU the loader runs it cut around a torch resize (cpu_pipeline.py, which also
+holds the evaluation transform); this single graph is the reference for that cut.
 
 Exact resume needs every crop and augmentation to be a function of (seed, epoch, sample id,
 view) alone, so they are drawn in Python (augment.py) and fed to DALI as per-sample inputs;
@@ -138,21 +138,6 @@ def decode_windows(encoded, windows: list, options: dict, whole_decode: bool = F
         return [fn.decoders.image_slice(encoded, anchor, shape, **options, **window)]
     whole = fn.decoders.image(encoded, **options)
     return [fn.slice(whole, anchor, shape, **window) for anchor, shape in windows]
-
-
-def eval_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: int, num_threads: int):
-    """CLIP's eval transform on the CPU: shorter side to image_size*256/224, centre crop."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None)
-    def graph():
-        encoded = fn.external_source(source=source, num_outputs=1, batch=True, dtype=[types.UINT8])[0]
-        images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
-        images = fn.resize(images, resize_shorter=round(image_size * 256 / 224),
-                           interp_type=types.INTERP_CUBIC, antialias=True)
-        return normalise(images, fn, types, crop=(image_size, image_size))
-
-    return graph()
 
 
 def normalise(images, fn, types, crop=None, mirror=None):

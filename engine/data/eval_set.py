@@ -21,7 +21,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from engine.data.dali import DecodedBatches, HostBatch, eval_pipeline
+from engine.data.cpu_pipeline import eval_pipeline
+from engine.data.dali import DecodedBatches, HostBatch
 from engine.data.mds import describe_mds, is_remote
 from engine.data.records import caption_problem, image_problem
 from engine.errors import UserError

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader
 
 from engine import dist
 from engine.data.collate import PrepareBatch, TrainPayload, assemble_batch
-from engine.data.cpu_pipeline import SplitTrainPipeline
+from engine.data.cpu_pipeline import cpu_train_pipeline
 from engine.data.dali import DecodedBatches, HostBatch, train_pipeline
 from engine.data.eda import Eda
 from engine.data.records import DECODER_REJECTED, NO_SUBSTITUTE, StreamingDatasetWithIds
@@ -269,7 +269,7 @@ class TrainLoader:
 
     def _build_pipeline(self, source):
         if self.decode_device == "cpu":  # DALI's CPU resize is the slow step there: torch resizes
-            return SplitTrainPipeline(source, batch_size=self.micro_batch, image_size=self.image_size,
+            return cpu_train_pipeline(source, batch_size=self.micro_batch, image_size=self.image_size,
                                       num_threads=self.decode_threads, augment=self.spec.augment,
                                       views=self.spec.image_views)
         return train_pipeline(source, batch_size=self.micro_batch, image_size=self.image_size,

@@ -64,7 +64,7 @@ def evaluate_results(run_dir: Path) -> dict[str, dict]:
 
 
 def preprocessing(image_size: int) -> dict:
-    """engine/data/dali.eval_pipeline: the transform every logged evaluation used."""
+    """engine/data/cpu_pipeline.eval_pipeline: the transform every logged evaluation used."""
     return {"image_size": image_size, "resize_shorter_side_to": round(image_size * 256 / 224),
             "interpolation": "bicubic (antialiased)", "centre_crop": image_size,
             "mean": list(CLIP_MEAN), "std": list(CLIP_STD), "layout": "RGB, CHW, values in [0, 1] before normalising",

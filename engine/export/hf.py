@@ -111,7 +111,7 @@ def write_tokenizer(folder: Path, context_length: int) -> None:
 
 
 def write_image_processor(folder: Path, image_size: int) -> None:
-    """engine/data/dali.eval_pipeline's transform: shorter side to image_size*256/224 (bicubic),
+    """engine/data/cpu_pipeline.eval_pipeline's transform: shorter side to image_size*256/224 (bicubic),
     centre crop, CLIP's mean and std."""
     from transformers import CLIPImageProcessor
 

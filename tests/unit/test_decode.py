@@ -8,9 +8,8 @@ import torch
 from PIL import Image
 
 from engine.data.augment import CROP_ASPECT, ViewBatch, random_resized_crop, view_generator
-from engine.data.cpu_pipeline import SplitTrainPipeline
-from engine.data.dali import (CLIP_MEAN, CLIP_STD, PLACEHOLDER_PNG, DecodedBatches, HostBatch, eval_pipeline,
-                              train_pipeline)
+from engine.data.cpu_pipeline import cpu_train_pipeline, eval_pipeline
+from engine.data.dali import CLIP_MEAN, CLIP_STD, PLACEHOLDER_PNG, DecodedBatches, HostBatch, train_pipeline
 
 CPU = torch.device("cpu")
 
@@ -58,7 +57,7 @@ def graph(request) -> str:
 
 def _run_train(batches, image_size, batch_size, graph, num_threads=2):
     if graph == "split":
-        build = lambda source: SplitTrainPipeline(source, batch_size=batch_size, image_size=image_size,
+        build = lambda source: cpu_train_pipeline(source, batch_size=batch_size, image_size=image_size,
                                                   num_threads=num_threads)
     else:
         build = lambda source: train_pipeline(source, batch_size=batch_size, image_size=image_size,

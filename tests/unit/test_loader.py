@@ -18,7 +18,7 @@ from streaming import LocalDataset
 
 from engine.data.augment import ViewBatch, random_resized_crop
 from engine.data.collate import PrepareBatch
-from engine.data.cpu_pipeline import SplitTrainPipeline
+from engine.data.cpu_pipeline import cpu_train_pipeline
 from engine.data.eda import Eda
 from engine.data.dali import CLIP_MEAN, CLIP_STD, DecodedBatches, HostBatch
 from engine.data.loader import TrainLoader
@@ -121,7 +121,7 @@ def test_crop_path_is_the_clip_pipeline_of_before(reference, digits, tokenizer):
                for i in batch["sample_id"].tolist()]
     host = HostBatch([np.frombuffer(s["jpg"], np.uint8) for s in samples], None,
                      (ViewBatch(np.stack([a for a, _ in windows]), np.stack([s for _, s in windows]), {}),))
-    build = lambda source: SplitTrainPipeline(source, batch_size=MICRO_BATCH, image_size=24, num_threads=1)
+    build = lambda source: cpu_train_pipeline(source, batch_size=MICRO_BATCH, image_size=24, num_threads=1)
     [((images,), _)] = list(DecodedBatches(iter([host]), build=build, device=torch.device("cpu")))
     assert torch.equal(batch["image"], images)
     assert torch.equal(batch["text"], tokenizer([s["txt"] for s in samples]))
@@ -281,7 +281,8 @@ def test_two_ranks_see_disjoint_samples(digits, tmp_path):
 DEAD_PIPELINE_SCRIPT = textwrap.dedent("""
     import gc, torch
     from torch.utils.data import DataLoader, Dataset
-    from engine.data.dali import PLACEHOLDER_PNG, eval_pipeline
+    from engine.data.cpu_pipeline import eval_pipeline
+    from engine.data.dali import PLACEHOLDER_PNG
     from engine.data.workers import start_workers
 
     for _ in range(3):

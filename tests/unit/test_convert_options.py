@@ -127,6 +127,39 @@ def test_max_side_reencodes_only_large_images(tmp_path):
         assert np.asarray(image).min() > 245  # white, not the hidden red
 
 
+def _dali_decode(encoded: bytes) -> np.ndarray:
+    """The image as the training loader's DALI decoder (CPU) gives it."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def decode():
+        return fn.decoders.image(fn.external_source(name="encoded"), device="cpu", output_type=types.RGB)
+
+    pipe = decode()
+    pipe.build()
+    pipe.feed_input("encoded", [np.frombuffer(encoded, np.uint8)])
+    return np.array(pipe.run()[0][0])
+
+
+def test_16_bit_grey_is_scaled_to_8_bits_as_the_loader_decodes_it(tmp_path):
+    ramp = io.BytesIO()  # black to white across 256 columns, in 16-bit grey
+    Image.fromarray(np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (32, 1))).save(ramp, format="PNG")
+    (tmp_path / "ramp.png").write_bytes(ramp.getvalue())
+    source = _csv(tmp_path, [{"image": "ramp.png", "caption": "a grey ramp"}])
+    convert(source, tmp_path / "kept", log=lambda line: None)
+    convert(source, tmp_path / "shrunk", max_side=128, log=lambda line: None)
+
+    kept = _read(tmp_path / "kept")[0]["jpg"]
+    assert kept == ramp.getvalue()  # small enough: stored as is, and DALI scales 16 bits to 8 itself
+    assert np.abs(_dali_decode(kept)[16, :, 0].astype(int) - np.linspace(0, 255, 256)).max() <= 1
+    with Image.open(io.BytesIO(_read(tmp_path / "shrunk")[0]["jpg"])) as image:
+        assert (image.format, image.size) == ("JPEG", (128, 16))
+        row = np.asarray(image.convert("L"))[8].astype(int)
+    # the same ramp, not clipped to white: re-encoded, it looks to the loader as the original does
+    assert np.all(np.diff(row) >= 0) and row[0] <= 2 and row[-1] >= 253
+    assert np.abs(row - np.linspace(0, 255, 128)).max() <= 3
+
+
 def test_compressed_shards_read_back_through_streaming(tmp_path):
     from streaming import StreamingDataset
 

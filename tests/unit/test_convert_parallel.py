@@ -2,6 +2,7 @@
 import fcntl
 import io
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -180,3 +181,25 @@ def test_killed_conversion_resumes_without_duplicates_or_losses(tmp_path, monkey
     convert(tmp_path / "src", tmp_path / "reference", workers=2, log=lambda line: None)
     assert _files(tmp_path / "out") == _files(tmp_path / "reference")
     assert describe_mds(str(tmp_path / "out")).num_samples == 200
+
+
+def test_workers_are_capped_at_the_blocks_to_convert(tmp_path, monkeypatch):
+    import engine.data.convert as package
+
+    pairs = _write_folder(tmp_path / "src", 10)
+    monkeypatch.setattr(writer, "ENTRIES_PER_BLOCK", 4)  # 3 blocks
+    running = []
+
+    class Counted(package.Progress):  # made once the workers run: counts them, then works as usual
+        def __init__(self, *args, **kwargs):
+            running.append(len(multiprocessing.active_children()))
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(package, "Progress", Counted)
+    asked = max(8, len(os.sched_getaffinity(0)) + 1)
+    lines = []
+    report = convert(tmp_path / "src", tmp_path / "out", workers=asked, log=lines.append)
+    assert running == [3] and report.workers == 3 and _samples(tmp_path / "out") == pairs
+    assert any(line.startswith(f"warning: --workers {asked} is more than the ") for line in lines)
+    assert "3 worker(s) ran: only 3 block(s) of 4 pairs were left to convert" in lines
+    convert(tmp_path / "src", tmp_path / "three", workers=3, log=lambda line: None)
+    assert _files(tmp_path / "out") == _files(tmp_path / "three")  # block b still goes to part b mod workers

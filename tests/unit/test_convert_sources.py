@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from streaming import LocalDataset
 
-from engine.data.convert import convert, parquet
+from engine.data.convert import convert, parquet, writer
 from engine.data.mds import describe_mds
 from engine.errors import UserError
 
@@ -216,3 +216,65 @@ def test_tar_members_outside_the_tar_are_skipped(tmp_path):
     assert sorted(report.examples["unsafe tar member path"]) == [
         "00000.tar:../secret.jpg ('..' in the path)", "00000.tar:../secret.txt ('..' in the path)",
         "00000.tar:/etc/evil.jpg (absolute path)"]
+
+
+def test_a_list_of_captions_gives_one_sample_per_caption_and_other_data_is_not_text(tmp_path, monkeypatch):
+    pairs = _pairs(6)
+    images = [e for e, _ in pairs]
+    # parquet list<string> cells: COCO-style several captions per image, as Karpathy files have
+    captions = [["a", "b"], ["c"], None, [], ["x y", ""], [None, "z"]]
+    _write_parquet(tmp_path / "lists.parquet", {"jpg": images, "caption": captions})
+    # three pairs a block: the expansion happens in the listing, so blocks hold listed pairs
+    monkeypatch.setattr(writer, "ENTRIES_PER_BLOCK", 3)
+    report, written = _converted(tmp_path / "lists.parquet", tmp_path / "pq", workers=2)
+    assert written == [(images[0], "a"), (images[0], "b"), (images[1], "c"), (images[4], "x y"), (images[5], "z")]
+    assert report.skipped == {"empty caption": 4}  # None, [], "" and a null in a list
+    assert "lists.parquet:3 (an empty list of captions)" in report.examples["empty caption"]
+    assert report.blocks == 3  # 9 listed pairs: 2 + 1 + 1 (None) + 1 ([]) + 2 + 2
+
+    # JSONL: arrays too; an object or a nested list is not text; numbers are kept as text
+    for i, encoded in enumerate(images):
+        (tmp_path / f"{i}.jpg").write_bytes(encoded)
+    rows = [{"image": "0.jpg", "caption": ["first", "second"]}, {"image": "1.jpg", "caption": {"en": "x"}},
+            {"image": "2.jpg", "caption": 1984}, {"image": "3.jpg", "caption": [["nested"], "kept"]},
+            {"image": "4.jpg", "caption": True}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report, written = _converted(tmp_path / "rows.jsonl", tmp_path / "jsonl")
+    assert written == [(images[0], "first"), (images[0], "second"), (images[2], "1984"), (images[3], "kept")]
+    reason = "caption is not text: name a text column with --caption-column"
+    assert report.skipped == {reason: 3}
+    assert report.examples[reason] == ["rows.jsonl:2 1.jpg (dict {'en': 'x'})",
+                                       "rows.jsonl:4 3.jpg#0 (list ['nested'])", "rows.jsonl:5 4.jpg (bool True)"]
+
+
+def test_repeated_keys_links_and_compressed_tars_are_counted(tmp_path):
+    pairs = _pairs(3)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    _write_tar(folder / "00000.tar", [
+        ("000000000.jpg", pairs[0][0]), ("000000000.txt", pairs[0][1].encode()),
+        ("000000000.jpg", pairs[1][0]), ("000000000.txt", b"a repeated caption"),
+        ("000000001.png", pairs[1][0]), ("000000001.txt", pairs[1][1].encode())])
+    with tarfile.open(folder / "00000.tar", "a") as tar:
+        link = tarfile.TarInfo("000000002.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "000000000.jpg"
+        tar.addfile(link)
+        text = tarfile.TarInfo("000000002.txt")
+        text.size = 4
+        tar.addfile(text, io.BytesIO(b"link"))
+    with tarfile.open(tmp_path / "gz.tar", "w:gz") as tar:  # compressed, named like a plain tar
+        member = tarfile.TarInfo("000000003.jpg")
+        member.size = len(pairs[2][0])
+        tar.addfile(member, io.BytesIO(pairs[2][0]))
+    (folder / "00001.tar").write_bytes((tmp_path / "gz.tar").read_bytes())
+    report, written = _converted(folder, tmp_path / "out")
+    assert written == pairs[:2]  # each key's first members
+    compressed = "compressed tar (gzip): decompress it into a plain .tar and convert that"
+    assert report.skipped == {"repeated key in the tar, later member not read": 2,
+                              "link in the tar, not read": 1, compressed: 1}
+    assert report.examples["link in the tar, not read"] == ["00000.tar:000000002.jpg (-> 000000000.jpg)"]
+    assert report.examples["repeated key in the tar, later member not read"][0] == \
+        "00000.tar:000000000.jpg (000000000.jpg is used)"
+    (tmp_path / "gz.tar").rename(tmp_path / "gz.tar.gz")
+    with pytest.raises(UserError, match=r"gz.tar.gz: a compressed tar; .* decompress it"):
+        convert(tmp_path / "gz.tar.gz", tmp_path / "gz")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from engine.data.convert import writer
+from engine.data.convert import failures, writer
 from engine.data.convert.report import Progress, Report
 from engine.data.convert.samples import SampleRules
 from engine.data.convert.sources import SUPPORTED_SOURCES, Columns, open_source, sorted_classnames
@@ -33,7 +33,7 @@ __all__ = ["convert", "Report", "SUPPORTED_SOURCES"]
 MDS_COLUMNS = {"jpg": "bytes", "txt": "str"}
 LABEL_COLUMN = {"cls": "int"}  # the name engine/data/eval_set.py and the built-in held-out set use
 DEFAULT_TEMPLATES = ["a photo of a {}."]
-FORMAT_VERSION = 1  # bump when a change to the converter changes what a job writes: old work is not resumed
+FORMAT_VERSION = 2  # bump when a change to the converter changes what a job writes: old work is not resumed
 
 
 def _stderr(line: str) -> None:
@@ -50,9 +50,13 @@ def convert(source: str | Path | None, out: str | Path, *, workers: int | None =
     out = Path(out)
     if not 1 <= shard_size_mb < 4096:  # MDS stores offsets in a shard as uint32
         raise UserError(f"--shard-size {shard_size_mb}: give 1 to 4095 MiB (64 is the usual size)")
-    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    cpus = _usable_cpus()
+    workers = workers if workers is not None else min(8, cpus)
     if workers < 1:
         raise UserError(f"--workers {workers}: give at least 1")
+    if workers > cpus:
+        log(f"warning: --workers {workers} is more than the {cpus} CPU(s) this process may use: the extra workers "
+            f"only share those CPUs and add memory; --workers {cpus} converts as fast")
     if max_side is not None and max_side < 1:
         raise UserError(f"--max-side {max_side}: give the longest side in pixels an image may keep, e.g. 512")
     compression = _checked_compression(compression)
@@ -82,30 +86,44 @@ def convert(source: str | Path | None, out: str | Path, *, workers: int | None =
                     classes=len(classes_json["classnames"]) if rules.label_ids is not None else None)
 
     work = writer.work_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with writer.locked(work):
-        done = writer.resume_state(work, fingerprint, overwrite)
-        blocks = writer.Blocks(pairs.pairs(), done, writer.ENTRIES_PER_BLOCK)
-        if done:
-            log(f"resuming the interrupted conversion in {work}: {len(done)} block(s) of "
-                f"{writer.ENTRIES_PER_BLOCK} pairs are done")
-        try:
-            writer.write_blocks(work, blocks, job, workers, lambda: Progress(log, total=synthetic))
-            records = writer.collect_records(work)
-            report.blocks, report.resumed_blocks = blocks.count, len(done)
-            for block_id in sorted(records):
-                report.add_block(records[block_id])
-                report.processed += records[block_id]["entries"] if block_id not in done else 0
-            if report.written == 0:
-                reasons = ", ".join(f"{n} {reason}" for reason, n in report.skipped.most_common()) or "none listed"
-                raise UserError(f"{source}: no usable image-caption pair ({reasons}); expected {SUPPORTED_SOURCES}")
-            report.seconds = time.monotonic() - started
-            writer.finish(work, out, records, blocks.count, classes_json, report)
-        except UserError:
-            if not done:  # the input must change before a rerun, so this run's blocks are of no use
-                shutil.rmtree(work, ignore_errors=True)
-            raise
+    with failures.write_errors(work):  # a full disk, a read-only OUT: a message, the work kept for a rerun
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with writer.locked(work):
+            done = writer.resume_state(work, fingerprint, overwrite)
+            blocks = writer.Blocks(pairs.pairs(), done, writer.ENTRIES_PER_BLOCK)
+            if done:
+                log(f"resuming the interrupted conversion in {work}: {len(done)} block(s) of "
+                    f"{writer.ENTRIES_PER_BLOCK} pairs are done")
+            try:
+                report.workers = writer.write_blocks(work, blocks, job, workers, lambda: Progress(log, total=synthetic))
+                if report.workers < workers:
+                    log(f"{report.workers} worker(s) ran: only {blocks.count - len(done)} block(s) of "
+                        f"{writer.ENTRIES_PER_BLOCK} pairs were left to convert")
+                records = writer.collect_records(work)
+                report.blocks, report.resumed_blocks = blocks.count, len(done)
+                for block_id in sorted(records):
+                    report.add_block(records[block_id])
+                    report.processed += records[block_id]["entries"] if block_id not in done else 0
+                if report.written == 0:
+                    reasons = ", ".join(f"{n} {reason}" for reason, n in report.skipped.most_common()) or "none listed"
+                    raise UserError(f"{source}: no usable image-caption pair ({reasons}); expected {SUPPORTED_SOURCES}")
+                report.seconds = time.monotonic() - started
+                writer.finish(work, out, records, blocks.count, classes_json, report)
+            except failures.Interrupted:
+                raise  # nothing wrong with the input: the finished blocks are kept for the rerun
+            except UserError:
+                if not done:  # the input must change before a rerun, so this run's blocks are of no use
+                    shutil.rmtree(work, ignore_errors=True)
+                raise
     return report
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (a job's allocation or a container's), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _source(source, columns: Columns, split, image_root, synthetic: int | None, seed: int, synthetic_size: int):

@@ -6,12 +6,14 @@ writes in `jpg`), a struct with a `bytes` field (Hugging Face's Image feature:
 Rows are read with `ParquetFile.iter_batches` over only the needed columns, so memory stays
 bounded by a batch whatever the file's size. img2dataset's parquet output also has a `status`
 column: rows whose download failed are skipped with img2dataset's error message as the detail.
+A caption cell holding a list (list<string>) gives a pair per caption (`captions.caption_pairs`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterator
 
+from engine.data.convert.captions import caption_pairs
 from engine.data.convert.sources import (CAPTION_COLUMNS, IMAGE_COLUMNS, Blob, Columns, Pair, Source,
                                          bad_image_path, resolve_column)
 from engine.errors import UserError
@@ -80,7 +82,8 @@ def parquet_source(files: list[Path], columns: Columns, image_root: Path | None,
                     yield Pair(name, problem=("download failed (img2dataset status)",
                                               f"{row[status]}: {row.get('error_message') or 'no message'}"))
                     continue
-                yield _pair(name, row[image], kind, base, row[caption], row[label] if label else None)
+                pair = _pair(name, row[image], kind, base, row[label] if label else None)
+                yield from (caption_pairs(pair, row[caption]) if pair.problem is None else (pair,))
 
     def labels() -> Iterator:
         for path in files:
@@ -107,22 +110,17 @@ def _rows(path: Path, wanted: list[str]) -> Iterator[tuple[int, dict]]:
                 number += 1
 
 
-def _pair(name: str, value: object, kind: str, base: Path, caption: object, label: object) -> Pair:
-    if isinstance(caption, bytes):  # a binary caption column: text in bytes, decoded as the .txt files are
-        try:
-            caption = caption.decode("utf-8")
-        except UnicodeDecodeError:
-            return Pair(name, problem=("caption not UTF-8", ""))
-    caption = None if caption is None else str(caption)
+def _pair(name: str, value: object, kind: str, base: Path, label: object) -> Pair:
+    """The row's image (or its problem); its caption cell comes next, through `caption_pairs`."""
     if kind == "struct" and isinstance(value, dict):
         # Hugging Face's Image feature keeps bytes, or only a path when the data was not embedded
         value, kind = (value["bytes"], "bytes") if value.get("bytes") is not None else (value.get("path"), "path")
     if kind in ("bytes", "struct"):
         if not value:
             return Pair(name, problem=("no image bytes", "the image cell is empty"))
-        return Pair(name, image=bytes(value), caption=caption, label=label)
+        return Pair(name, image=bytes(value), label=label)
     bad = bad_image_path(name, value)
     if bad is not None:
         return bad
     path = str(value).strip()
-    return Pair(f"{name} {path}", image=Blob(str(base / path)), caption=caption, label=label)
+    return Pair(f"{name} {path}", image=Blob(str(base / path)), label=label)

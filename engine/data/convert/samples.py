@@ -12,6 +12,7 @@ import io
 from dataclasses import dataclass
 from typing import Mapping
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from engine.data.convert.sources import Blob, Pair, label_text
@@ -105,7 +106,7 @@ def _checked_image(encoded: bytes, max_side: int | None) -> tuple[bytes, Problem
 def _shrunk(image: Image.Image, max_side: int) -> bytes:
     # DALI applies the EXIF orientation of the stored bytes; the re-encoding drops EXIF, so the
     # pixels are turned upright first and the image looks the same to the loader as before.
-    image = ImageOps.exif_transpose(image)
+    image = _eight_bit(ImageOps.exif_transpose(image))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -117,3 +118,20 @@ def _shrunk(image: Image.Image, max_side: int) -> bytes:
     out = io.BytesIO()
     image.resize(size, Image.Resampling.LANCZOS).save(out, format="JPEG", quality=REENCODE_QUALITY)
     return out.getvalue()
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """Grey of more than 8 bits as 8-bit grey, scaled as DALI decodes the original file.
+
+    PIL's convert("RGB") clips such values at 255 instead of scaling them, which turns a 16-bit
+    PNG almost white. DALI maps 16-bit values 0..65535 and float values 0..1 onto 0..255; mode I
+    (32-bit integers) is read as 16-bit data, the range PIL gives it when it stands for such a file.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        top = 65535.0
+    elif image.mode == "F":
+        top = 1.0
+    else:
+        return image
+    pixels = np.clip(np.asarray(image, dtype=np.float64), 0.0, top)
+    return Image.fromarray(np.rint(pixels * (255.0 / top)).astype(np.uint8), "L")

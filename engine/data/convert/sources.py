@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator
 
+from engine.data.convert.captions import caption_pairs, captioned
 from engine.errors import UserError
 
 SUPPORTED_SOURCES = (
@@ -113,6 +114,9 @@ def open_source(path: Path, columns: Columns, split: str | None, image_root: Pat
         source = _karpathy_source(path, split, image_root)
     elif path.is_dir():
         source = _folder_source(path, columns, image_root)
+    elif path.name.lower().endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")):
+        raise UserError(f"source {path}: a compressed tar; image spans are read straight from a plain tar, so "
+                        f"decompress it (e.g. tar's -z/-j/-J/--zstd, or gzip -dc) into a .tar and convert that")
     else:
         raise UserError(f"source {path}: not a supported source; give {SUPPORTED_SOURCES}")
     _check_options_apply(source, columns, split, image_root)
@@ -223,9 +227,9 @@ def _table_source(path: Path, columns: Columns, image_root: Path | None) -> Sour
                     yield bad
                     continue
                 image = str(image).strip()
-                yield Pair(f"{name} {image}", image=Blob(str(base / image)),
-                           caption=None if caption is None else str(caption),
-                           label=record.get(label_key) if label_key is not None else None)
+                yield from caption_pairs(Pair(f"{name} {image}", image=Blob(str(base / image)),
+                                              label=record.get(label_key) if label_key is not None else None),
+                                         caption)
 
     def labels() -> Iterator:
         with _listing_errors(path):
@@ -293,16 +297,23 @@ def _tar_pairs(tars: list[Path]) -> Iterator[Pair]:
                         continue
                     folder, base = os.path.split(member.name)
                     stem, dot, extension = base.partition(".")  # webdataset keys end at the first dot
-                    if not member.isfile() or not dot:
+                    kind = images if f".{extension.lower()}" in IMAGE_SUFFIXES else (
+                        captions if extension.lower() == "txt" else None)
+                    if not dot or kind is None or member.isdir():
+                        continue
+                    shown = f"{tar_path.name}:{member.name}"
+                    if not member.isfile():  # a link's data is elsewhere: not a span to read
+                        unsafe.append(Pair(shown, problem=("link in the tar, not read", f"-> {member.linkname}")))
                         continue
                     key = os.path.join(folder, stem)
-                    if f".{extension.lower()}" in IMAGE_SUFFIXES:
-                        images[key] = member
-                    elif extension.lower() == "txt":
-                        captions[key] = member
+                    if key in kind:  # the first member of a key is its pair, as it comes first in the tar
+                        unsafe.append(Pair(shown, problem=("repeated key in the tar, later member not read",
+                                                           f"{kind[key].name} is used")))
+                        continue
+                    kind[key] = member
         except (tarfile.TarError, OSError) as error:
             # Pairs listed before the damage are still used; the reader checks each span's length.
-            unsafe.append(Pair(tar_path.name, problem=("unreadable tar", str(error))))
+            unsafe.append(Pair(tar_path.name, problem=_tar_problem(tar_path, error)))
         yield from unsafe
         for key, image in images.items():  # keys without an image (a failed download's .json) are no pair
             name = f"{tar_path.name}:{key}"
@@ -311,6 +322,24 @@ def _tar_pairs(tars: list[Path]) -> Iterator[Pair]:
                 continue
             yield Pair(name, image=Blob(str(tar_path), image.offset_data, image.size),
                        caption=Blob(str(tar_path), captions[key].offset_data, captions[key].size))
+
+
+COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def _tar_problem(tar_path: Path, error: Exception) -> tuple[str, str]:
+    """Why a tar cannot be listed. Pairs are read as byte spans of the tar file itself, which a
+    compressed tar does not have: such a tar must be decompressed, and the message says so."""
+    try:
+        with open(tar_path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        head = b""
+    for magic, name in COMPRESSION_MAGIC.items():
+        if head.startswith(magic):
+            return (f"compressed tar ({name}): decompress it into a plain .tar and convert that",
+                    f"{tar_path.name} is {name}-compressed")
+    return "unreadable tar", str(error)
 
 
 def _karpathy_source(path: Path, split: str | None, image_root: Path | None) -> Source:
@@ -344,6 +373,6 @@ def _karpathy_source(path: Path, split: str | None, image_root: Path | None) -> 
                 caption = sentence.get("raw") if isinstance(sentence, dict) else None
                 if caption is None and isinstance(sentence, dict) and sentence.get("tokens"):
                     caption = " ".join(map(str, sentence["tokens"]))
-                yield Pair(f"{relative}#{number}", image=Blob(str(root / relative)), caption=caption)
+                yield captioned(Pair(f"{relative}#{number}", image=Blob(str(root / relative))), caption)
 
     return Source("karpathy", path, (path,), pairs)

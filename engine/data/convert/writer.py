@@ -11,7 +11,9 @@ absent (a staging folder at most, deleted on the next run), never half there.
 Workers. With W > 1 workers, block b goes to worker b mod W, a process that reads, decodes and
 writes it into its own part folder, `part-{b mod W}/`; the main process only lists the source
 and hands out blocks through one small queue per worker (two blocks in flight per worker bound
-the memory, parquet images included). With one worker all of it runs in this process.
+the memory, parquet images included). With one worker all of it runs in this process. A worker
+that fails or is killed ends the run: the others are stopped, and the queues are not waited for
+at exit (a block queued for a dead worker is never read). Disk errors: `failures.py`.
 
 Merge. The top-level `index.json` lists every block's shards in block order, their basenames
 prefixed with `part-NNNNN/block-BBBBBB/` (streaming's `merge_index` prefixes the part folder the
@@ -46,12 +48,12 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Callable, Iterator
 
-from engine.data.convert import samples
-from engine.data.convert.report import EXAMPLES_PER_REASON, Progress, Report, Ticker
+from engine.data.convert import failures, samples
+from engine.data.convert.report import EXAMPLES_PER_REASON, REPORT_NAME, Progress, Report, Ticker
 from engine.data.convert.samples import SampleRules
 from engine.data.convert.sources import Pair
 from engine.errors import UserError
@@ -72,7 +74,7 @@ class Job:
 
 
 def work_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.converting"
+    return out.parent / f".{out.name}{failures.WORK_SUFFIX}"
 
 
 def part_name(worker: int) -> str:
@@ -168,8 +170,18 @@ class Blocks:
 
 def write_block(part: Path, block_id: int, pairs: list[Pair], job: Job, tick: Callable[[bool], None]) -> None:
     """Check and write one block, then publish it into `part` with a single rename."""
-    part.mkdir(parents=True, exist_ok=True)
     staging = part / f"{STAGING}{block_id:06d}"
+    with failures.write_errors(part.parent):
+        try:
+            _write_block(part, staging, block_id, pairs, job, tick)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # redone from scratch anyway: give its room back now
+            raise
+
+
+def _write_block(part: Path, staging: Path, block_id: int, pairs: list[Pair], job: Job,
+                 tick: Callable[[bool], None]) -> None:
+    part.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(staging, ignore_errors=True)
     record = {"block": block_id, "entries": len(pairs), "names": names_digest(pairs),
               "written": 0, "reencoded": 0, "skipped": {}, "examples": {}}
@@ -212,51 +224,66 @@ def block_writer_class():
     return BlockWriter
 
 
-def write_blocks(work: Path, blocks: Blocks, job: Job, workers: int, progress: Callable[[], Progress]) -> None:
-    """Write every block `blocks` hands out, in this process or in `workers` processes."""
-    if workers == 1:
+def write_blocks(work: Path, blocks: Blocks, job: Job, workers: int, progress: Callable[[], Progress]) -> int:
+    """Write every block `blocks` hands out, in this process or in worker processes; returns how many ran.
+
+    At most `workers` processes, and none without a block: when fewer blocks than that are left
+    to do, only the workers they go to (block b to worker b mod `workers`) are started."""
+    todo = iter(blocks)
+    first = list(islice(todo, workers))  # fewer than `workers`: these are all the blocks to do
+    numbers = sorted({block_id % workers for block_id, _ in first}) if len(first) < workers else list(range(workers))
+    todo = chain(first, todo)
+    if len(numbers) <= 1:  # one worker's blocks (or none): no process to start
+        part = work / part_name(numbers[0] if numbers else 0)
         bar = progress()
         ticker = Ticker(bar.add)
         try:
-            for block_id, pairs in blocks:
-                write_block(work / part_name(0), block_id, pairs, job, ticker)
+            for block_id, pairs in todo:
+                write_block(part, block_id, pairs, job, ticker)
             ticker.flush()
         finally:
             bar.close()
-        return
+        return len(numbers)
     # fork: the workers inherit the source's code as loaded (and a test's patches); they start
     # before any thread (the progress bar's, the queues' feeders) that could hold a lock at the fork.
     block_writer_class()  # streaming takes seconds to import: once here, not once in every worker
     context = multiprocessing.get_context("fork")
     results = context.Queue()
-    tasks = [context.Queue(maxsize=1) for _ in range(workers)]
-    processes = [context.Process(target=_worker, name=f"convert-{n}", daemon=True,
-                                 args=(n, work / part_name(n), job, tasks[n], results, os.getpid()))
-                 for n in range(workers)]
-    for process in processes:
+    tasks = {n: context.Queue(maxsize=1) for n in numbers}
+    processes = {n: context.Process(target=_worker, name=f"convert-{n}", daemon=True,
+                                    args=(n, work / part_name(n), job, tasks[n], results, os.getpid()))
+                 for n in numbers}
+    for process in processes.values():
         process.start()
     bar = progress()
-    pump = _Pump(processes, results, bar)
+    pump = _Pump(processes, results, bar, work)
     try:
-        for block_id, pairs in blocks:
+        for block_id, pairs in todo:
             pump.send(tasks[block_id % workers], (block_id, pairs))
-        for task_queue in tasks:
+        for task_queue in tasks.values():
             pump.send(task_queue, None)
-        while pump.finished < workers:
+        while pump.finished < len(processes):
             pump.drain(wait=True)
     finally:
         bar.close()
-        for process in processes:
+        for process in processes.values():
             if process.is_alive():
                 process.kill()
             process.join()
+        # After a failure a queue's feeder thread may be stuck writing a block (larger than the
+        # pipe's buffer) for a worker that is gone; multiprocessing joins feeder threads at exit,
+        # which would then never come. After success nothing is left in them to wait for.
+        for task_queue in (*tasks.values(), results):
+            task_queue.cancel_join_thread()
+            task_queue.close()
+    return len(processes)
 
 
 class _Pump:
     """The main process's side of the workers: hand out blocks, take in their news, notice a failure."""
 
-    def __init__(self, processes, results, bar: Progress):
-        self.processes, self.results, self.bar = processes, results, bar
+    def __init__(self, processes: dict, results, bar: Progress, work: Path):
+        self.processes, self.results, self.bar, self.work = processes, results, bar, work
         self.finished = 0
 
     def send(self, task_queue, task) -> None:
@@ -272,16 +299,17 @@ class _Pump:
             try:
                 message = self.results.get(timeout=0.2) if wait else self.results.get_nowait()
             except queue.Empty:
-                for number, process in enumerate(self.processes):
+                for number, process in self.processes.items():
                     if process.exitcode not in (None, 0):
-                        raise RuntimeError(f"convert worker {number} died (exit code {process.exitcode}); "
-                                           f"rerun the same command to resume")
+                        raise failures.worker_died(number, process.exitcode, self.work)
                 return
             wait = False
             if message[0] == "tick":
                 self.bar.add(message[1], message[2])
             elif message[0] == "done":
                 self.finished += 1
+            elif message[0] == "interrupted":  # a full disk, say: the worker's message says what to do
+                raise failures.Interrupted(message[2])
             else:
                 raise RuntimeError(f"convert worker {message[1]} failed (rerun the same command to resume):\n"
                                    f"{message[2]}")
@@ -304,6 +332,8 @@ def _worker(number: int, part: Path, job: Job, tasks, results, parent: int) -> N
             write_block(part, task[0], task[1], job, ticker)
             ticker.flush()
         results.put(("done", number))
+    except failures.Interrupted as error:
+        results.put(("interrupted", number, str(error)))
     except BaseException:
         results.put(("error", number, traceback.format_exc()))
 
@@ -354,11 +384,14 @@ def finish(work: Path, out: Path, records: dict[int, dict], count: int, classes:
         (work / part / "index.json").write_text(json.dumps({"version": 2, "shards": shards}, sort_keys=True))
     if classes is not None:
         (work / "classes.json").write_text(json.dumps(classes, indent=1))
+    # Every write comes before the bookkeeping goes: a full disk up to here leaves a work folder
+    # that a rerun finishes, not one it cannot recognise and empties.
+    report.bytes = sum(path.stat().st_size for path in work.rglob("*")
+                       if path.is_file() and path.name not in (RECORD, JOB, REPORT_NAME))
+    report.write(work)
     for record in records.values():
         (work / record["dir"] / RECORD).unlink()
     (work / JOB).unlink()
-    report.bytes = sum(path.stat().st_size for path in work.rglob("*") if path.is_file())
-    report.write(work)
     _publish(work, out)
 
 

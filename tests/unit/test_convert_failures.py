@@ -1,7 +1,6 @@
 """Failures from outside the input: a worker killed (as the OOM killer does), a full disk, a
 read-only output. Each ends the conversion promptly with one line saying what to do, keeps the
 finished blocks, and the same command run again resumes to what an uninterrupted run writes."""
-import io
 import json
 import os
 import signal
@@ -10,14 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-from streaming import LocalDataset
 
 from engine.data.convert import convert, writer
 from engine.errors import UserError
 from launchers.convert import main as convert_main
+from tests.unit.test_convert_parallel import _samples, _write_folder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,25 +49,6 @@ def _finish(process: subprocess.Popen, within_s: float) -> tuple[int, str]:
         _, stderr = process.communicate()
         pytest.fail(f"the conversion did not exit within {within_s} s after the failure; stderr:\n{stderr}")
     return process.returncode, stderr
-
-
-def _write_folder(root: Path, n: int, side: int) -> list[tuple[bytes, str]]:
-    pairs = []
-    for i in range(n):
-        buffer = io.BytesIO()
-        pixels = np.random.default_rng(i).integers(0, 256, (side, side, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(buffer, "JPEG")
-        folder = root / f"{i // 500:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{i:06d}.jpg").write_bytes(buffer.getvalue())
-        (folder / f"{i:06d}.txt").write_text(f"caption {i}")
-        pairs.append((buffer.getvalue(), f"caption {i}"))
-    return pairs
-
-
-def _samples(out) -> list[tuple[bytes, str]]:
-    dataset = LocalDataset(local=str(out))
-    return [(dataset[i]["jpg"], dataset[i]["txt"]) for i in range(len(dataset))]
 
 
 def _children(pid: int) -> list[int]:

@@ -23,11 +23,12 @@ from launchers.convert import main as convert_main
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _write_folder(root, n) -> list[tuple[bytes, str]]:
+def _write_folder(root, n, side: int = 16) -> list[tuple[bytes, str]]:
+    """n noise JPEGs with their captions, 50 per sub-folder; returns the pairs in listing order."""
     pairs = []
     for i in range(n):
         buffer = io.BytesIO()
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buffer, "JPEG")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "JPEG")
         folder = root / f"{i // 50:05d}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{i:06d}.jpg").write_bytes(buffer.getvalue())

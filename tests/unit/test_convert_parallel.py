@@ -93,8 +93,15 @@ def test_resume_with_other_workers_and_refusal_of_other_options(tmp_path, monkey
     assert len(list(work.glob("part-*/block-*"))) == 3 and list(work.glob("part-*/.staging-*"))
     monkeypatch.setattr(samples, "make_sample", make_sample)
 
-    with pytest.raises(UserError, match=r"interrupted conversion with another max_side.*--overwrite"):
+    with pytest.raises(UserError, match=r"interrupted conversion with another max_side: rerun that command "
+                                         r"to resume it; pass --overwrite"):
         convert(tmp_path / "src", tmp_path / "out", max_side=64, log=lambda line: None)
+    import engine.data.convert as converter
+    with monkeypatch.context() as patched:  # a later converter, which writes its blocks otherwise
+        patched.setattr(converter, "FORMAT_VERSION", converter.FORMAT_VERSION + 1)
+        with pytest.raises(UserError, match=r"another format: it was written by another version of the converter "
+                                             r"and cannot be resumed; pass --overwrite"):
+            convert(tmp_path / "src", tmp_path / "out", log=lambda line: None)
     assert len(list(work.glob("part-*/block-*"))) == 3  # refused: the work is kept
 
     lines = []

@@ -11,9 +11,8 @@ absent (a staging folder at most, deleted on the next run), never half there.
 Workers. With W > 1 workers, block b goes to worker b mod W, a process that reads, decodes and
 writes it into its own part folder, `part-{b mod W}/`; the main process only lists the source
 and hands out blocks through one small queue per worker (two blocks in flight per worker bound
-the memory, parquet images included). With one worker all of it runs in this process. A worker
-that fails or is killed ends the run: the others are stopped, and the queues are not waited for
-at exit (a block queued for a dead worker is never read). Disk errors: `failures.py`.
+the memory, parquet images included; `processes.py`). With one worker all of it runs in this
+process. Disk errors and a killed worker: `failures.py`.
 
 Merge. The top-level `index.json` lists every block's shards in block order, their basenames
 prefixed with `part-NNNNN/block-BBBBBB/` (streaming's `merge_index` prefixes the part folder the
@@ -34,25 +33,20 @@ loss may need --overwrite.
 """
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import functools
 import hashlib
 import json
-import multiprocessing
 import os
-import queue
 import shutil
-import signal
 import time
-import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
 from typing import Callable, Iterator
 
-from engine.data.convert import failures, samples
+from engine.data.convert import failures, processes, samples
 from engine.data.convert.report import EXAMPLES_PER_REASON, REPORT_NAME, Progress, Report, Ticker
 from engine.data.convert.samples import SampleRules
 from engine.data.convert.sources import Pair
@@ -127,8 +121,11 @@ def resume_state(work: Path, fingerprint: dict, overwrite: bool) -> dict[int, di
             changed = sorted(key for key in set(previous) | set(fingerprint)
                              if previous.get(key) != fingerprint.get(key))
             if not overwrite:
-                raise UserError(f"{work} holds an interrupted conversion with another {', '.join(changed)}: rerun "
-                                f"that command to resume it, or pass --overwrite to drop it and start over")
+                # A converter that writes differently (format, block size) cannot go on with old work.
+                how = ("it was written by another version of the converter and cannot be resumed"
+                       if {"format", "entries_per_block"} & set(changed) else "rerun that command to resume it")
+                raise UserError(f"{work} holds an interrupted conversion with another {', '.join(changed)}: {how}; "
+                                f"pass --overwrite to drop it and start over")
             _empty(work)
     elif any(work.iterdir()):
         _empty(work)  # no job recorded: nothing worth keeping
@@ -244,108 +241,9 @@ def write_blocks(work: Path, blocks: Blocks, job: Job, workers: int, progress: C
         finally:
             bar.close()
         return len(numbers)
-    # fork: the workers inherit the source's code as loaded (and a test's patches); they start
-    # before any thread (the progress bar's, the queues' feeders) that could hold a lock at the fork.
     block_writer_class()  # streaming takes seconds to import: once here, not once in every worker
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    tasks = {n: context.Queue(maxsize=1) for n in numbers}
-    processes = {n: context.Process(target=_worker, name=f"convert-{n}", daemon=True,
-                                    args=(n, work / part_name(n), job, tasks[n], results, os.getpid()))
-                 for n in numbers}
-    for process in processes.values():
-        process.start()
-    bar = progress()
-    pump = _Pump(processes, results, bar, work)
-    try:
-        for block_id, pairs in todo:
-            pump.send(tasks[block_id % workers], (block_id, pairs))
-        for task_queue in tasks.values():
-            pump.send(task_queue, None)
-        while pump.finished < len(processes):
-            pump.drain(wait=True)
-    finally:
-        bar.close()
-        for process in processes.values():
-            if process.is_alive():
-                process.kill()
-            process.join()
-        # After a failure a queue's feeder thread may be stuck writing a block (larger than the
-        # pipe's buffer) for a worker that is gone; multiprocessing joins feeder threads at exit,
-        # which would then never come. After success nothing is left in them to wait for.
-        for task_queue in (*tasks.values(), results):
-            task_queue.cancel_join_thread()
-            task_queue.close()
-    return len(processes)
-
-
-class _Pump:
-    """The main process's side of the workers: hand out blocks, take in their news, notice a failure."""
-
-    def __init__(self, processes: dict, results, bar: Progress, work: Path):
-        self.processes, self.results, self.bar, self.work = processes, results, bar, work
-        self.finished = 0
-
-    def send(self, task_queue, task) -> None:
-        while True:
-            try:
-                task_queue.put(task, timeout=0.2)
-                return
-            except queue.Full:
-                self.drain(wait=False)
-
-    def drain(self, wait: bool) -> None:
-        while True:
-            try:
-                message = self.results.get(timeout=0.2) if wait else self.results.get_nowait()
-            except queue.Empty:
-                for number, process in self.processes.items():
-                    if process.exitcode not in (None, 0):
-                        raise failures.worker_died(number, process.exitcode, self.work)
-                return
-            wait = False
-            if message[0] == "tick":
-                self.bar.add(message[1], message[2])
-            elif message[0] == "done":
-                self.finished += 1
-            elif message[0] == "interrupted":  # a full disk, say: the worker's message says what to do
-                raise failures.Interrupted(message[2])
-            else:
-                raise RuntimeError(f"convert worker {message[1]} failed (rerun the same command to resume):\n"
-                                   f"{message[2]}")
-
-
-def _worker(number: int, part: Path, job: Job, tasks, results, parent: int) -> None:
-    _die_with(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process, which stops us
-    ticker = Ticker(lambda processed, written: results.put(("tick", processed, written)))
-    try:
-        while True:
-            try:
-                task = tasks.get(timeout=1.0)
-            except queue.Empty:
-                if os.getppid() != parent:  # orphaned where PR_SET_PDEATHSIG is missing
-                    return
-                continue
-            if task is None:
-                break
-            write_block(part, task[0], task[1], job, ticker)
-            ticker.flush()
-        results.put(("done", number))
-    except failures.Interrupted as error:
-        results.put(("interrupted", number, str(error)))
-    except BaseException:
-        results.put(("error", number, traceback.format_exc()))
-
-
-def _die_with(parent: int) -> None:
-    """Ask Linux to kill this worker when the main process dies (kill -9 included)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the worker notices the orphaning between tasks instead
-    if os.getppid() != parent:  # the main process died before the request took effect
-        os._exit(1)
+    write = lambda n, block_id, pairs, tick: write_block(work / part_name(n), block_id, pairs, job, tick)
+    return processes.write_in_workers(todo, numbers, workers, write, progress, work)
 
 
 def merged_index(work: Path, records: dict[int, dict], count: int) -> dict:

@@ -100,12 +100,38 @@ def init_distributed(timeout_s: float) -> None:
     c10d.default_pg_timeout = timeout
     if hasattr(c10d, "default_pg_nccl_timeout"):
         c10d.default_pg_nccl_timeout = timeout
+    if int(os.environ.get("RANK", "0")) == 0:  # rank() says 0 on every rank until init
+        check_rendezvous_port()
     deepspeed.init_distributed(verbose=False, timeout=timeout)
     if get_accelerator().device_name() != "cpu":
         return
     if world_size() > 1:
         dist.barrier()
     cpu_allreduce_workspace(os.environ["MASTER_PORT"], rank()).unlink(missing_ok=True)
+
+
+def check_rendezvous_port() -> None:
+    """On rank 0, before torch listens on MASTER_PORT: a port another process holds (another job,
+    a run left behind) is refused with the flag to change, rather than torch's traceback.
+
+    Not under torchrun's agent, which listens there itself and lends its store to the ranks."""
+    import errno
+
+    from engine.errors import UserError
+
+    port = os.environ.get("MASTER_PORT")
+    if not port or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed run's TIME_WAIT is no owner
+        try:
+            probe.bind(("", int(port)))
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+            raise UserError(f"port {port} (MASTER_PORT, where rank 0 meets the others) is in use on this machine, "
+                            f"by another job or a run left behind: start with another, e.g. "
+                            f"`deepspeed --master_port {free_port()} launchers/pretrain.py ...`") from error
 
 
 def cpu_allreduce_workspace(port: str | int, rank: int) -> Path:

@@ -78,3 +78,24 @@ def test_setup_exports_one_convention():
 def test_several_ranks_without_a_port_are_refused():
     with pytest.raises(UserError, match="MASTER_PORT"):
         setup({"RANK": "0", "WORLD_SIZE": "2"})
+
+
+def test_a_rendezvous_port_in_use_is_refused_with_the_flag_to_change(monkeypatch):
+    import socket
+
+    from engine.dist import check_rendezvous_port, free_port
+    from engine.errors import UserError
+
+    with socket.socket() as holder:  # another job listening on the port
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+        with pytest.raises(UserError, match=rf"port {port} \(MASTER_PORT.*is in use.*--master_port \d+"):
+            check_rendezvous_port()
+        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # torchrun's agent holds it itself
+        check_rendezvous_port()
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    check_rendezvous_port()  # a free port passes

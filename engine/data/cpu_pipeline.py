@@ -91,8 +91,9 @@ class SplitPipeline:
     """Two DALI graphs with a torch step between them, built and run like one DALI pipeline."""
 
     def __init__(self, first, between: Callable[[tuple], tuple], last: Callable[[Callable[[], tuple]], Any]):
-        self._first, self._between = first, between
-        self._last = last(lambda: between(self._first.run()))
+        """`last` builds the second graph from its source: `between` of the first graph's outputs."""
+        self._first = first
+        self._last = last(lambda: between(first.run()))
 
     def build(self) -> None:
         self._first.build()
@@ -103,15 +104,14 @@ class SplitPipeline:
 
 
 def cpu_train_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: int, num_threads: int,
-                       augment: str = "crop", views: int = 1, whole_decode: bool = False) -> SplitPipeline:
+                       augment: str = "crop", views: int = 1) -> SplitPipeline:
     """dali.train_pipeline's outputs for a CPU decode."""
 
     def resized(outputs: tuple) -> tuple:
         crops, passed = outputs[:views], outputs[views:]
         return (*(resize_crops(view, image_size) for view in crops), *(list(p.as_array()) for p in passed))
 
-    decode = _decode_graph(source, batch_size=batch_size, num_threads=num_threads, augment=augment, views=views,
-                           whole_decode=whole_decode)
+    decode = _decode_graph(source, batch_size=batch_size, num_threads=num_threads, augment=augment, views=views)
     return SplitPipeline(decode, resized, lambda feed: _augment_graph(
         feed, batch_size=batch_size, num_threads=num_threads, augment=augment, views=views))
 
@@ -130,11 +130,10 @@ def eval_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: i
         images = fn.external_source(source=feed, num_outputs=1, batch=True, dtype=[types.UINT8])[0]
         return normalise(images, fn, types)
 
-    return SplitPipeline(decode(), lambda outputs: (resize_and_centre_crop(outputs[0], image_size),),
-                         lambda feed: finish(feed))
+    return SplitPipeline(decode(), lambda outputs: (resize_and_centre_crop(outputs[0], image_size),), finish)
 
 
-def _decode_graph(source, *, batch_size: int, num_threads: int, augment: str, views: int, whole_decode: bool):
+def _decode_graph(source, *, batch_size: int, num_threads: int, augment: str, views: int):
     from nvidia.dali import fn, pipeline_def, types
 
     per_view = view_input_types(augment)
@@ -144,8 +143,7 @@ def _decode_graph(source, *, batch_size: int, num_threads: int, augment: str, vi
         encoded, *inputs = fn.external_source(source=source, num_outputs=1 + views * len(per_view), batch=True,
                                               dtype=[types.UINT8, *per_view * views])
         view_inputs = [inputs[i * len(per_view):(i + 1) * len(per_view)] for i in range(views)]
-        crops = decode_windows(encoded, [view[:2] for view in view_inputs],
-                               dict(device="cpu", output_type=types.RGB), whole_decode)
+        crops = decode_windows(encoded, [view[:2] for view in view_inputs], dict(device="cpu", output_type=types.RGB))
         return (*crops, *(node for view in view_inputs for node in view[2:]))
 
     return graph()

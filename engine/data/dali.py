@@ -140,11 +140,11 @@ def decode_windows(encoded, windows: list, options: dict, whole_decode: bool = F
     return [fn.slice(whole, anchor, shape, **window) for anchor, shape in windows]
 
 
-def normalise(images, fn, types, crop=None, mirror=None):
-    # CLIP's mean and std for every recipe: the evaluation pipeline normalises with them too.
+def normalise(images, fn, types, mirror=None):
+    """HWC pixels in 0..255 to CHW floats with CLIP's mean and std (every recipe, and evaluation)."""
     options = {} if mirror is None else {"mirror": mirror}
     return fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT, output_layout="CHW", crop=crop,
+        images, dtype=types.FLOAT, output_layout="CHW",
         mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD], **options)
 
 

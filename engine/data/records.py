@@ -60,6 +60,7 @@ _ROTATED_QUARTER_TURN = frozenset({5, 6, 7, 8})
 # (0xD0-0xD7) or another 0xFF (fill); anything else is the next marker.
 _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TIFF_BITS_PER_SAMPLE, _TIFF_SAMPLE_FORMAT = 258, 339
 
 
 class StreamingDatasetWithIds(StreamingDataset):
@@ -114,6 +115,8 @@ def image_problem(encoded: bytes) -> tuple[str | None, tuple[int, int] | None]:
                 width, height = height, width
             if min(width, height) < MIN_IMAGE_SIDE:
                 return TOO_SMALL, None
+            if image_format == "TIFF" and not _dali_reads_tiff(image):
+                return UNSUPPORTED, None
             if image_format not in ("JPEG", "PNG"):
                 image.load()  # rare formats: a full decode is the only structural check PIL offers
     except Exception:  # PIL raises many types for bad data; all mean "cannot decode"
@@ -123,6 +126,19 @@ def image_problem(encoded: bytes) -> tuple[str | None, tuple[int, int] | None]:
     if image_format == "PNG" and not _png_is_whole(encoded):
         return TRUNCATED, None
     return None, (width, height)
+
+
+def _dali_reads_tiff(image: Image.Image) -> bool:
+    """False for the TIFF kinds that PIL reads and DALI's decoder refuses (test_records.py asks
+    DALI about each): no BitsPerSample tag (TIFF lets bilevel images leave it out, DALI's parser
+    requires it), and 32-bit integer samples. 16-bit and float samples DALI scales to 8 bits."""
+    tags = image.tag_v2
+    bits = tags.get(_TIFF_BITS_PER_SAMPLE)
+    if bits is None:
+        return False
+    sample_format = tags.get(_TIFF_SAMPLE_FORMAT, (1,))
+    integer = (sample_format[0] if isinstance(sample_format, tuple) else sample_format) in (1, 2)
+    return not (integer and max(bits if isinstance(bits, tuple) else (bits,)) > 16)
 
 
 def caption_problem(caption: object) -> str | None:

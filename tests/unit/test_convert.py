@@ -147,21 +147,25 @@ def test_bad_pairs_are_skipped_and_counted(tmp_path):
     truncated = _image(99)
     (tmp_path / "truncated.jpg").write_bytes(truncated[: len(truncated) // 2])
     (tmp_path / "anim.gif").write_bytes(_image(98, "GIF"))
+    deep = io.BytesIO()  # 32-bit integer samples: PIL reads them, DALI's decoder does not
+    Image.fromarray(np.arange(40 * 56, dtype=np.int32).reshape(40, 56) * 30).save(deep, format="TIFF")
+    (tmp_path / "deep.tif").write_bytes(deep.getvalue())
     rows = [{"image": name, "caption": caption} for name, (_, caption) in zip(names, pairs)]
     rows[1]["caption"] = "   "
     rows[2]["image"] = "gone.jpg"
     rows[3]["image"] = "truncated.jpg"
     rows[4]["image"] = "anim.gif"
     rows[5]["image"] = "https://example.com/a.jpg"
+    rows[6]["image"] = "deep.tif"
     with open(tmp_path / "pairs.jsonl", "w") as f:
         f.write("\n".join(json.dumps(row) for row in rows) + "\n{not json\n")
     report, written = _converted(tmp_path / "pairs.jsonl", tmp_path / "out", workers=2)
-    assert written == [pairs[i] for i in (0, 6, 7)]
+    assert written == [pairs[i] for i in (0, 7)]
     assert report.skipped == {"empty caption": 1, "missing image file": 1, "undecodable image": 1,
-                              "unsupported image format": 1, "image is a URL": 1, "malformed JSON line": 1}
+                              "unsupported image format": 2, "image is a URL": 1, "malformed JSON line": 1}
     assert "gone.jpg" in report.examples["missing image file"][0]
     summary = report.summary()
-    assert "wrote 3 samples" in summary and "1 undecodable image, e.g. pairs.jsonl:4 truncated.jpg" in summary
+    assert "wrote 2 samples" in summary and "1 undecodable image, e.g. pairs.jsonl:4 truncated.jpg" in summary
 
 
 def test_folder_without_caption_sidecar_is_counted(tmp_path):

@@ -91,6 +91,46 @@ def test_empty_random_tiny_and_unsupported_images_get_their_reason():
     assert image_problem(gif.getvalue()) == (UNSUPPORTED, None)
 
 
+def _tiff(pixels: np.ndarray, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="TIFF", **options)
+    return buffer.getvalue()
+
+
+def _dali_decodes(encoded: bytes) -> bool:
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def graph():
+        images = fn.external_source(source=lambda: [np.frombuffer(encoded, np.uint8)], batch=True, dtype=types.UINT8)
+        return fn.decoders.image(images, device="cpu", output_type=types.RGB)
+
+    pipe = graph()
+    try:
+        pipe.build()
+        pipe.run()
+        return True
+    except RuntimeError:
+        return False
+
+
+def test_tiffs_pass_exactly_when_dalis_decoder_reads_them():
+    rng = np.random.default_rng()
+    kinds = {
+        "rgb": _tiff(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)),
+        "rgb, lzw": _tiff(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8), compression="tiff_lzw"),
+        "16-bit grey": _tiff(rng.integers(0, 65536, (20, 24)).astype(np.uint16)),
+        "float grey": _tiff(rng.random((20, 24)).astype(np.float32)),
+        "bilevel, packbits": _tiff(rng.integers(0, 2, (20, 24)).astype(bool), compression="packbits"),
+        "bilevel, no BitsPerSample": _tiff(rng.integers(0, 2, (20, 24)).astype(bool)),
+        "32-bit integer grey": _tiff(rng.integers(0, 70_000, (20, 24)).astype(np.int32)),
+    }
+    verdicts = {kind: (image_problem(encoded)[0] is None, _dali_decodes(encoded)) for kind, encoded in kinds.items()}
+    assert all(ours == dali for ours, dali in verdicts.values()), verdicts
+    assert not verdicts["32-bit integer grey"][0] and verdicts["16-bit grey"][0]  # both kinds are exercised
+    assert image_problem(kinds["32-bit integer grey"]) == (UNSUPPORTED, None)
+
+
 def test_captions():
     assert caption_problem("a dog on a sofa") is None
     assert caption_problem("") == caption_problem("  \n ") == caption_problem(None) == EMPTY_CAPTION

@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loss import _cpu_name  # noqa: E402
+from benchmarks.versions import versions  # noqa: E402
 
 PIPELINES = ("ours", "open_clip")
 IMAGE_SIZE = 224
@@ -276,17 +277,6 @@ def wait_summary(name: str, intervals: list[dict]) -> dict:
 
 
 # ---- main -----------------------------------------------------------------------------------
-def versions() -> dict:
-    import PIL
-    import nvidia.dali
-    import open_clip
-    import streaming
-    import torch
-
-    return dict(python=sys.version.split()[0], torch=torch.__version__, dali=nvidia.dali.__version__,
-                open_clip=open_clip.__version__, streaming=streaming.__version__, pillow=PIL.__version__)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, default=512, help="synthetic JPEGs in the photos set")
@@ -319,7 +309,8 @@ def main():
     out = Path(args.out or ROOT / f"benchmarks/results/data_{'gpu' if has_gpu else 'cpu'}.json")
     started = time.perf_counter()
     report = dict(machine=dict(cpu=_cpu_name(), cores=os.cpu_count(), load_average_before=os.getloadavg(),
-                               gpu=torch.cuda.get_device_name(0) if has_gpu else None, **versions()),
+                               gpu=torch.cuda.get_device_name(0) if has_gpu else None,
+                               **versions("torch", "dali", "open_clip", "streaming", "pillow")),
                   arguments={k: v for k, v in vars(args).items() if k not in ("case", "out")},
                   image_size=IMAGE_SIZE)
     print(f"{report['machine']['cpu']}, {report['machine']['cores']} cores, load average "

@@ -53,6 +53,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.versions import versions  # noqa: E402
 
 OPEN_CLIP_NAME = "clipzero-vit-debug"   # the name the towers are registered under in open_clip
 OUR_PRESET = "vit-debug"
@@ -263,16 +264,6 @@ def read_our_metrics(run_dir: Path) -> tuple[list[float], dict | None]:
     return rates, (evaluations[-1] if evaluations else None)
 
 
-def versions() -> dict:
-    import deepspeed
-    import nvidia.dali
-    import open_clip
-    import torch
-
-    return dict(python=platform.python_version(), torch=torch.__version__, deepspeed=deepspeed.__version__,
-                dali=nvidia.dali.__version__, open_clip=open_clip.__version__)
-
-
 def ratio(a, b):
     return a / b if a is not None and b else None
 
@@ -378,7 +369,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="e2e_openclip-"))
     print(f"working in {work}", flush=True)
     machine = dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
-                   load_average_before=os.getloadavg(), **versions())
+                   load_average_before=os.getloadavg(), **versions("torch", "deepspeed", "dali", "open_clip"))
     results = run_both(args, work)
     machine["load_average_after"] = os.getloadavg()
     report = dict(machine=machine, arguments=vars(args), **results, **summarise(results),

@@ -26,6 +26,7 @@ from engine.data.spec import DataSpec
 from engine.data.streams import bytes_under
 from engine.data.text import ClipTokenizer
 from engine.errors import UserError
+from tests.unit.test_loader import _assert_same_batches, _take
 from launching import ROOT, check, launch, read_metrics, samples_by_step
 from s3_server import s3_server  # noqa: F401  (the session fixture)
 
@@ -93,6 +94,26 @@ def test_an_epoch_streams_through_a_cache_smaller_than_the_data(remote, s3_env, 
     assert 4 <= kept < shards  # shards were evicted and fetched again as the epoch went on
     # classes.json lies beside the cache, not in it: streaming would not count it against the limit.
     assert (cache / f"{folder.name}.classes.json").is_file() and not (folder / "classes.json").exists()
+
+
+def test_a_remote_mixture_resumes_exactly_mid_epoch_on_a_fresh_cache(remote, s3_env, tmp_path):
+    # As a restart on other nodes: the resumed loader starts from an empty cache, with fewer data
+    # workers, under a cache limit that makes both evict shards. Its batches must be those the
+    # first loader went on to give, across the epoch's end: no sample replayed, none skipped.
+    mixture = f"{remote['digits']}:0.6,{remote['other']}:0.4"
+    infos = [describe_mds(remote[name], tmp_path / "probe") for name in ("digits", "other")]
+    limit = sum(info.index_bytes for info in infos) + 10 * max(info.largest_shard_bytes for info in infos)
+    first = _loader(mixture, tmp_path / "first", cache_limit=limit)
+    assert first.batches_per_epoch == (SAMPLES + OTHER) // 8
+    take, resume_at = first.batches_per_epoch + 4, first.batches_per_epoch - 6
+    batches, states = [], []
+    for batch in islice(iter(first), take):
+        batches.append({key: value.clone() for key, value in batch.items()})
+        states.append(first.state_dict())
+    del first
+    resumed = _loader(mixture, tmp_path / "second", cache_limit=limit, workers=1)
+    resumed.load_state_dict(json.loads(json.dumps(states[resume_at - 1])))
+    _assert_same_batches(_take(resumed, take - resume_at), batches[resume_at:])
 
 
 def _streaming_elsewhere(data: str, cache: Path, take_batch: bool) -> subprocess.Popen:

@@ -59,17 +59,24 @@ def _barrier() -> None:
 
 
 def rng_state() -> dict:
+    # CUDA: this rank's own device only. Every visible device's state would not restore on a
+    # node that sees fewer GPUs, and a rank would take another device's stream after a restart
+    # on another layout.
+    device = dist.local_device()
     return {"python": random.getstate(), "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    device, cuda = dist.local_device(), state["cuda"]
+    if isinstance(cuda, (list, tuple)):  # saved before 2026-12-02: one state per visible device
+        cuda = cuda[device.index] if device.type == "cuda" and device.index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def save(engine, checkpoint_dir: Path, step: int, rank_state: dict, *,
@@ -161,7 +168,8 @@ def _agree_intact(problem: str | None) -> str | None:
     own words, or a pointer to the rank that saw it) or None together."""
     if dist.world_size() == 1:
         return problem
-    flag = torch.tensor([0 if problem is None else 1], dtype=torch.int32)
+    # On the rank's device: NCCL, the default group on GPUs, takes no CPU tensor.
+    flag = torch.tensor([0 if problem is None else 1], dtype=torch.int32, device=dist.local_device())
     torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
     return problem or ("another rank found this checkpoint damaged" if flag.item() else None)
 

@@ -10,8 +10,10 @@ from engine.plan.recipes import Recipe
 
 @dataclass(frozen=True)
 class OptimizerSupport:
-    """Which fused AdamW implementations can run on this machine."""
+    """Which fused AdamW implementations can run on this machine. `deepspeed_fused_prebuilt`:
+    DeepSpeed's FusedAdam was compiled when DeepSpeed was installed, so it costs nothing at start."""
     apex_fused: bool; deepspeed_fused: bool; torch_fused: bool
+    deepspeed_fused_prebuilt: bool = True
 
 
 def _torch_fused_on_cpu() -> bool:
@@ -32,10 +34,29 @@ def probe_optimizer_support(hw: Hardware) -> OptimizerSupport:
         return OptimizerSupport(apex_fused=False, deepspeed_fused=False, torch_fused=_torch_fused_on_cpu())
     # apex's FusedAdam needs apex's compiled extension (amp_C), not just the Python package.
     apex_fused = all(importlib.util.find_spec(m) is not None for m in ("apex", "amp_C"))
-    from deepspeed.ops.op_builder import FusedAdamBuilder
-    return OptimizerSupport(apex_fused=apex_fused,
-                            deepspeed_fused=bool(FusedAdamBuilder().is_compatible()),
-                            torch_fused=True)
+    prebuilt, compiles = _deepspeed_fused_adam()
+    return OptimizerSupport(apex_fused=apex_fused, deepspeed_fused=prebuilt or compiles, torch_fused=True,
+                            deepspeed_fused_prebuilt=prebuilt)
+
+
+def _deepspeed_fused_adam() -> tuple[bool, bool]:
+    """(installed prebuilt, can be compiled at start-up) for DeepSpeed's FusedAdam.
+
+    Its builder's is_compatible() says yes on any CUDA machine, but unless DeepSpeed was
+    installed with the op built, FusedAdam() compiles it at start-up: that needs nvcc of torch's
+    CUDA major version and ninja, which GPU images often lack, and takes minutes on every fresh
+    machine. So only a prebuilt op is chosen by default."""
+    import torch
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.ops.op_builder.builder import installed_cuda_version
+    from torch.utils.cpp_extension import is_ninja_available
+
+    prebuilt = bool(installed_ops.get("fused_adam"))
+    try:
+        nvcc_major, _ = installed_cuda_version()
+    except Exception:  # no CUDA_HOME, or no nvcc there (DeepSpeed raises its own exception types)
+        return prebuilt, False
+    return prebuilt, is_ninja_available() and str(nvcc_major) == (torch.version.cuda or "").split(".")[0]
 
 
 def optimizer_decision(dials: Dials, hw: Hardware, offload: bool, support: OptimizerSupport,
@@ -72,9 +93,11 @@ def optimizer_decision(dials: Dials, hw: Hardware, offload: bool, support: Optim
         return "deepspeed_cpu_adam", "Adam states live on the CPU: DeepSpeed's CPU Adam steps them"
     if support.apex_fused:
         return "apex_fused", "apex is installed: its fused AdamW is the fastest"
-    if support.deepspeed_fused:
-        return "deepspeed_fused", "DeepSpeed's fused AdamW builds here (no apex)"
+    if support.deepspeed_fused and support.deepspeed_fused_prebuilt:
+        return "deepspeed_fused", "DeepSpeed's fused AdamW is installed prebuilt (no apex)"
     if support.torch_fused:
+        why = ("DeepSpeed's FusedAdam would compile at start-up" if support.deepspeed_fused
+               else "DeepSpeed's FusedAdam neither prebuilt nor compilable here")
         return "torch_fused", ("torch's fused AdamW, one kernel per step (its CPU kernel)" if hw.accelerator == "cpu"
-                               else "torch's fused AdamW (no apex, DeepSpeed FusedAdam not buildable)")
+                               else f"torch's fused AdamW (no apex; {why})")
     return "torch", f"torch AdamW (foreach): no fused kernel on {hw.device_name}"

@@ -95,6 +95,9 @@ def test_h100_node_trains_bf16_stage1_with_the_fastest_optimizer():
 
 @pytest.mark.parametrize("support, expected", [
     (OptimizerSupport(apex_fused=False, deepspeed_fused=True, torch_fused=True), "deepspeed_fused"),
+    # compilable but not prebuilt: not worth minutes of compiling at every fresh start
+    (OptimizerSupport(apex_fused=False, deepspeed_fused=True, torch_fused=True, deepspeed_fused_prebuilt=False),
+     "torch_fused"),
     (OptimizerSupport(apex_fused=False, deepspeed_fused=False, torch_fused=True), "torch_fused"),
     (NO_FUSED, "torch"),
 ])
@@ -311,6 +314,11 @@ def test_bad_dials_fail_naming_the_fix(hw, dials, fix):
     with pytest.raises(UserError) as error:
         plan_for(hw, **dials)
     assert fix in str(error.value)
+
+
+def test_a_compilable_deepspeed_fused_adam_is_taken_when_asked_for():
+    support = OptimizerSupport(apex_fused=False, deepspeed_fused=True, torch_fused=True, deepspeed_fused_prebuilt=False)
+    assert plan_for(H100_X8, support=support, optimizer="deepspeed_fused").optimizer == "deepspeed_fused"
 
 
 def test_unsupported_optimizer_override_is_refused():

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from engine.errors import UserError
+
 
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -24,14 +26,27 @@ def local_rank() -> int:
 
 
 def local_device(rank_on_node: int | None = None) -> torch.device:
-    """This process's device: GPU `rank_on_node % visible GPUs` (default: local_rank()), else the CPU.
-
-    The modulo covers both launches: one GPU visible per process (SLURM binding) or all of a
-    node's GPUs visible to every rank (deepspeed launcher, torchrun)."""
+    """This process's device: GPU `rank_on_node` (default: local_rank()), else the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     index = local_rank() if rank_on_node is None else rank_on_node
-    return torch.device("cuda", index % torch.cuda.device_count())
+    return torch.device("cuda", gpu_index(index, torch.cuda.device_count()))
+
+
+def gpu_index(rank_on_node: int, visible: int) -> int:
+    """GPU `rank_on_node` of the `visible` ones, or a UserError saying how to launch.
+
+    DeepSpeed picks a rank's GPU by LOCAL_RANK alone (set_device(LOCAL_RANK) in its engine, and
+    init_process_group's device_id), so local rank k needs GPU k to be visible. One GPU bound per
+    task (srun --gpus-per-task 1, --gpu-bind) shows local rank 3 a single GPU, numbered 0; more
+    ranks than GPUs would put two ranks on one GPU, which NCCL refuses."""
+    if rank_on_node < visible:
+        return rank_on_node
+    visible_list = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = f" (CUDA_VISIBLE_DEVICES={visible_list})" if visible_list is not None else ""
+    raise UserError(f"local rank {rank_on_node} sees {visible} GPU(s){shown}, and DeepSpeed gives local rank k "
+                    "GPU k: start at most one rank per GPU, each seeing all of its node's GPUs (under SLURM "
+                    "drop --gpus-per-task and --gpu-bind; with deepspeed, --num_gpus at most the GPU count)")
 
 
 def skip_reduction_alone(engine) -> None:

@@ -55,11 +55,16 @@ step() {  # step NAME SECONDS_AT_MOST COMMAND...: run it if the budget allows, w
   echo "== $name: exit $rc after $(($(date +%s) - t0)) s"
 }
 
-step "tests under the gpu marker" 300 "$python" -m pytest -m gpu tests -q -rs -p no:cacheprovider
+# A test module that fails to import (a package the image lacks) must not stop the others.
+step "tests under the gpu marker" 300 "$python" -m pytest -m gpu tests -q -rs -p no:cacheprovider \
+  --continue-on-collection-errors
 if ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "no CUDA device: the GPU benchmarks are not run"; exit 0
 fi
-step "DALI decode on the GPU" 150 "$python" benchmarks/data.py --skip wait --repeats 3 --out "$OUT/data_gpu.json"
+# GPU decode only: the CPU comparison (12 processes) would take most of this step's budget,
+# and the JSON is written at the end.
+step "DALI decode on the GPU" 150 "$python" benchmarks/data.py --skip wait images --repeats 2 \
+  --out "$OUT/data_gpu.json"
 step "step against open_clip, bf16" 150 "$python" benchmarks/vs_openclip.py --cases vit-b-32:256 rn50:256 \
   --precision bf16 --rounds 1 --out "$OUT/vs_openclip_cuda.json"
 step "loss kernels" 90 "$python" benchmarks/loss_gpu.py --total-budget-s 60 --out "$OUT/loss_gpu.json"

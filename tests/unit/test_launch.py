@@ -2,6 +2,7 @@
 torchrun set, read into one Launch with the source of each value."""
 import pytest
 
+from engine.dist import gpu_index
 from engine.errors import UserError
 from engine.launch import JOB_PORT_BASE, first_host, from_environment, job_port, ranks_per_node, setup
 
@@ -99,3 +100,13 @@ def test_a_rendezvous_port_in_use_is_refused_with_the_flag_to_change(monkeypatch
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     check_rendezvous_port()  # a free port passes
+
+
+def test_local_rank_k_takes_gpu_k_and_a_rank_without_its_gpu_is_refused(monkeypatch):
+    assert [gpu_index(k, 8) for k in range(8)] == list(range(8))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # srun --gpus-per-task 1: rank 3 sees its GPU as GPU 0
+    with pytest.raises(UserError, match=r"local rank 3 sees 1 GPU\(s\) \(CUDA_VISIBLE_DEVICES=3\).*"
+                                        r"drop --gpus-per-task and --gpu-bind"):
+        gpu_index(3, 1)
+    with pytest.raises(UserError, match="at most one rank per GPU"):
+        gpu_index(8, 8)

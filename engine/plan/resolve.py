@@ -287,7 +287,8 @@ def _total_steps(dials: Dials, recipe: Recipe, global_batch: int, dataset_size: 
     if epochs <= 0:
         raise UserError(f"--epochs {epochs} must be positive")
     steps_per_epoch = dataset_size // global_batch  # whole steps: the loader drops each epoch's tail
-    steps = math.ceil(epochs * steps_per_epoch)
+    # Rounded before the ceiling: 1.1 x 100 is 110.00000000000001 in floating point, not 111 steps.
+    steps = math.ceil(round(epochs * steps_per_epoch, 6))
     return steps, (f"{epochs:g} epochs ({origin}) of {steps_per_epoch:,} whole steps "
                    f"({dataset_size:,} pairs at batch {global_batch:,})")
 

@@ -240,12 +240,13 @@ def test_run_length_from_epochs_and_effective_epochs():
     assert plan.epochs == pytest.approx(plan.total_steps / steps_per_epoch)
 
 
-@pytest.mark.parametrize("dataset_size, global_batch, epochs", [(1_497, 128, 10), (1_497, 96, 3), (1_000, 100, 2)])
+@pytest.mark.parametrize("dataset_size, global_batch, epochs", [(1_497, 128, 10), (1_497, 96, 3), (1_000, 100, 2),
+                                                                (10_000, 100, 1.1)])  # 1.1 x 100 is not 111 steps
 def test_epochs_are_counted_in_the_loaders_whole_steps(dataset_size, global_batch, epochs):
     # 1,497 pairs at batch 128 are 11 whole steps an epoch (the loader leaves 89 out of each),
     # not 11.7: 10 epochs are 110 steps, and the plan says 10 epochs, not 9.4.
     plan = plan_for(CPU_ONLY, dataset_size=dataset_size, global_batch=global_batch, epochs=epochs)
-    assert plan.total_steps == epochs * (dataset_size // global_batch)
+    assert plan.total_steps == round(epochs * (dataset_size // global_batch))
     assert plan.epochs == pytest.approx(epochs)
     assert f"leaves out the last {dataset_size % global_batch:,}" in reason(plan, "epochs")
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("jpg", "txt")
 # The loader hands raw image bytes to DALI; streaming's image encodings would decode on the CPU.
@@ -119,7 +122,8 @@ def _fetch_small_files(url: str, local: Path) -> None:
     """Fetch index.json (required) and classes.json (optional) unless the cache has them.
 
     An index already in the cache is kept, as streaming itself keeps it: the run must read
-    the same index that describe_mds() reported on.
+    the same index that describe_mds() reported on. A missing classes.json is asked for again
+    at each start, so that one failed request does not leave a labelled set unlabelled for good.
     """
     if not (local / "index.json").is_file():
         try:
@@ -128,10 +132,16 @@ def _fetch_small_files(url: str, local: Path) -> None:
             raise UserError(
                 f"dataset {url}: could not download index.json ({type(error).__name__}: {error}). "
                 f"Check the URL and your storage credentials, or {CONVERT_HINT}.") from error
-        try:
-            _download(f"{url.rstrip('/')}/classes.json", _classes_file(url, local))
-        except Exception:  # classes.json is optional: without it the dataset serves retrieval only
-            pass
+    classes = _classes_file(url, local)
+    if classes.is_file():
+        return
+    try:
+        _download(f"{url.rstrip('/')}/classes.json", classes)
+    except FileNotFoundError:  # streaming's clients say so for a missing object: a retrieval-only set
+        pass
+    except Exception as error:  # another failure: say so, since zero-shot on this set is then left out
+        logger.warning("dataset %s: could not download classes.json (%s: %s); zero-shot evaluation on it is "
+                       "left out this run", url, type(error).__name__, error)
 
 
 def _download(url: str, destination: Path) -> None:

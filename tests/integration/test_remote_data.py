@@ -207,6 +207,16 @@ def test_an_unreachable_dataset_names_the_url_and_what_to_check(s3_env, tmp_path
         describe_mds("s3://clipzero-test/missing", tmp_path / "cache")
 
 
+def test_a_classes_file_missing_from_the_cache_is_fetched_again(remote, s3_env, tmp_path):
+    # As after a failed request: the index is cached, classes.json is not. The next start asks
+    # for it again, so a labelled set does not stay retrieval-only.
+    cache = tmp_path / "cache"
+    classes = cache / f"{local_copy_dir(remote['digits'], cache).name}.classes.json"
+    assert describe_mds(remote["digits"], cache).classes is not None and classes.is_file()
+    classes.unlink()
+    assert describe_mds(remote["digits"], cache).classes is not None and classes.is_file()
+
+
 def test_the_launcher_trains_from_a_bucket_within_its_cache_limit(remote, s3_server, s3_env, tmp_path):  # noqa: F811
     cache, out = tmp_path / "cache", tmp_path / "run"
     # Limit: 10 of the largest shards, as a --cache-limit in kb (2 ranks x 1 worker need 9).

@@ -21,7 +21,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from kernels.contrastive.chunked import check_inputs
-from kernels.triton_tiles import DTYPES, blocks as tile_blocks, dot_options, mma, tile_dots
+from kernels.triton_tiles import DTYPES, blocks as tile_blocks, dot_options, mma, on_device, tile_dots
 
 
 @triton.jit
@@ -132,10 +132,11 @@ def _lse(q, k, scale):
     n, D = q.shape
     lse = torch.empty(n, device=q.device, dtype=torch.float32)
     blocks = tile_blocks(D, False, INTERPRETED)
-    _lse_kernel[(triton.cdiv(n, blocks.m),)](
-        q, k, scale, lse, n, k.shape[0], D, q.stride(0), k.stride(0),
-        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d, **dot_options(q.dtype, INTERPRETED),
-        num_warps=blocks.warps, num_stages=blocks.stages)
+    with on_device(q):
+        _lse_kernel[(triton.cdiv(n, blocks.m),)](
+            q, k, scale, lse, n, k.shape[0], D, q.stride(0), k.stride(0),
+            BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d, **dot_options(q.dtype, INTERPRETED),
+            num_warps=blocks.warps, num_stages=blocks.stages)
     return lse
 
 
@@ -152,12 +153,13 @@ def _grads(q, k, scale, coef, lse_row, lse_col, offset):
     common = dict(SYMMETRIC=symmetric, BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d,
                   BLOCK_OUT=blocks.out, **dot_options(q.dtype, INTERPRETED),
                   num_warps=blocks.warps, num_stages=blocks.stages)
-    _grad_rows_kernel[(triton.cdiv(n, blocks.m), splits)](
-        q, k, scale, coef, lse_row, lse_col, dq, dscale, n, N, D, offset,
-        q.stride(0), k.stride(0), dq.stride(0), **common)
-    _grad_cols_kernel[(triton.cdiv(N, blocks.n), splits)](
-        q, k, scale, coef, lse_row, lse_col, dk, n, N, D, offset,
-        q.stride(0), k.stride(0), dk.stride(0), **common)
+    with on_device(q):
+        _grad_rows_kernel[(triton.cdiv(n, blocks.m), splits)](
+            q, k, scale, coef, lse_row, lse_col, dq, dscale, n, N, D, offset,
+            q.stride(0), k.stride(0), dq.stride(0), **common)
+        _grad_cols_kernel[(triton.cdiv(N, blocks.n), splits)](
+            q, k, scale, coef, lse_row, lse_col, dk, n, N, D, offset,
+            q.stride(0), k.stride(0), dk.stride(0), **common)
     return dq, dk, dscale.sum()
 
 

@@ -9,13 +9,13 @@ every row of grad_a and grad_b written once, in the input dtype.
 Accumulation is float32 (float64 for float64 inputs, as in the reference); inputs may be
 float16, bfloat16, float32 or float64, and a and b may differ.
 """
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.jsd.reference import check_inputs
+from kernels.triton_tiles import on_device
 
 _ACCUMULATOR = {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -111,11 +111,6 @@ def _blocks(d: int) -> tuple[int, int]:
     return min(128, 4096 // block_d), block_d
 
 
-def _on_device(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device; a rank's tensors may live on another one.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 class _JSDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, scale, shift, dtype):
@@ -127,7 +122,7 @@ class _JSDLoss(torch.autograd.Function):
         positive = torch.empty(n, dtype=dtype, device=a.device)
         negative = torch.empty(n, dtype=dtype, device=a.device)
         partial = torch.empty(grid[0], 2, dtype=dtype, device=a.device)
-        with _on_device(a):
+        with on_device(a):
             _jsd_forward[grid](a, b, s, positive, negative, partial, n, d, shift,
                                BLOCK_N=block_n, BLOCK_D=block_d, ACC=_ACCUMULATOR[dtype])
         sums = partial.sum(dim=0) / n
@@ -148,7 +143,7 @@ class _JSDLoss(torch.autograd.Function):
             # A gradient that is not needed gets no buffer; the kernel never touches its pointer.
             grad_a = torch.empty_like(a) if need_a else a
             grad_b = torch.empty_like(b) if need_b else b
-            with _on_device(a):
+            with on_device(a):
                 _jsd_backward[(triton.cdiv(n, block_n),)](
                     a, b, s, grad, positive, negative, grad_a, grad_b, n, d, ctx.shift,
                     BLOCK_N=block_n, BLOCK_D=block_d, ACC=_ACCUMULATOR[ctx.dtype],

@@ -21,7 +21,6 @@ promotes them) use Triton's 3xTF32: tensor-core speed with products within a few
 ulps, where IEEE products ran at half cuBLAS's speed on an H100 and plain TF32 (10-bit
 mantissas) would rank differently from the reference. float64 is left to the other backends.
 """
-import contextlib
 
 import torch
 import triton
@@ -29,6 +28,7 @@ import triton.language as tl
 
 from kernels.knn import TRITON_MAX_K as MAX_K
 from kernels.knn.reference import check_inputs
+from kernels.triton_tiles import on_device
 
 _DOT_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -183,7 +183,7 @@ def nearest_neighbors(q: torch.Tensor, bank: torch.Tensor, k: int = 1,
     values = torch.empty(segments, n, k, dtype=torch.float32, device=q.device)
     indices = torch.empty(segments, n, k, dtype=torch.int32, device=q.device)
     grid = (row_blocks, segments)
-    context = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    context = on_device(q)
     with context:
         if k == 1:
             _top1_kernel[grid](q, bank, values, indices, n, size, d, tiles_per_segment,

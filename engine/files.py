@@ -17,3 +17,29 @@ def write_atomic(path: Path, content: str | Callable[[Path], object]) -> None:
     else:
         content(tmp)
     os.replace(tmp, path)
+
+
+# File systems that several machines mount at once (network and cluster file systems).
+SHARED_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.ceph", "glusterfs",
+    "fuse.glusterfs", "panfs", "wekafs", "fuse.juicefs", "fuse.s3fs", "fuse.gcsfuse", "fuse.sshfs", "9p"})
+
+
+def filesystem_type(path: Path, mounts: str | None = None) -> str:
+    """The type of the file system holding `path` (which must exist), from /proc/mounts (or the
+    `mounts` text given): the entry with the longest mount point above it. "" when unknown."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:  # not Linux
+            return ""
+    target, best, kind = os.path.realpath(path), -1, ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # /proc/mounts escapes spaces and the like in octal (\040).
+        point = fields[1].encode().decode("unicode_escape")
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) > best:
+            best, kind = len(point), fields[2]
+    return kind

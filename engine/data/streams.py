@@ -29,6 +29,7 @@ import numpy as np
 
 from engine.data.mds import MdsInfo, cache_root, describe_mds, is_remote, local_copy_dir
 from engine.errors import UserError
+from engine.files import filesystem_type
 
 # streaming's default algorithm, named so that the order never follows a change of default:
 # each shard's samples are spread over a window of about SHUFFLE_BLOCK samples, so a node
@@ -151,6 +152,7 @@ class DataFacts:
     per_epoch: tuple[int, ...]  # samples streaming draws from each stream in one epoch
     cache_dir: Path             # where remote shards are cached on this node
     cache_free_bytes: int       # free disk there, plus the shards of these streams cached already
+    cache_filesystem: str = ""  # its file system's type, e.g. "ext4", "nfs4" ("" unknown)
 
     @property
     def epoch_size(self) -> int:
@@ -168,8 +170,10 @@ def data_facts(data: str, seed: int, local_cache: Path | None = None) -> DataFac
     if unused:
         raise UserError(f"--data {data}: the weight of {', '.join(unused)} draws no sample in an epoch of "
                         f"{sum(per_epoch):,}; raise it, or leave the dataset out.")
+    existing = _existing_ancestor(cache_dir)
     return DataFacts(streams=streams, per_epoch=per_epoch, cache_dir=cache_dir,
-                     cache_free_bytes=shutil.disk_usage(_existing_ancestor(cache_dir)).free + cached)
+                     cache_free_bytes=shutil.disk_usage(existing).free + cached,
+                     cache_filesystem=filesystem_type(existing))
 
 
 def _per_epoch(streams: tuple[StreamFacts, ...], seed: int) -> tuple[int, ...]:

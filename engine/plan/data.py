@@ -17,6 +17,7 @@ import math
 from engine.data.streams import (CANONICAL_NODES, FETCHES_PER_READER, PARTITION_ALGO, SHUFFLE_ALGO, SHUFFLE_BLOCK,
                                  STREAMING_MIN_SHARDS, DataFacts, StreamFacts, cache_floor, fetches_in_flight)
 from engine.errors import UserError
+from engine.files import SHARED_FILESYSTEMS
 
 # Of the free disk where the cache lives: checkpoints, logs and other jobs share that disk.
 CACHE_DISK_SHARE = 0.5
@@ -26,11 +27,11 @@ MiB = 2**20
 
 
 def data_decisions(dials, data: DataFacts | None, *, dataset_size: int, local_world_size: int, workers: int,
-                   seed: int) -> list[tuple[str, object, str]]:
+                   seed: int, nodes: int = 1) -> list[tuple[str, object, str]]:
     """(name, value, reason) of data_streams, cache_limit, shuffle_algo, shuffle_seed,
     shuffle_block and canonical_nodes. `data` None: one local dataset (plans made without data,
     as in the planner's own tests)."""
-    return [_data_streams(data, dataset_size), _cache_limit(dials.cache_limit, data, local_world_size, workers),
+    return [_data_streams(data, dataset_size), _cache_limit(dials.cache_limit, data, local_world_size, workers, nodes),
             ("shuffle_algo", SHUFFLE_ALGO, "streaming's py1e, named so that the order never follows a change of "
              "default: each shard's samples are spread over a window, so a node reads few shards at a time"),
             ("shuffle_seed", seed, "the run's --seed: the same seed gives the same order on every layout"),
@@ -72,7 +73,7 @@ def _block_reason(data: DataFacts | None) -> str:
     return reason
 
 
-def _cache_limit(given: str | None, data: DataFacts | None, local_world_size: int, workers: int):
+def _cache_limit(given: str | None, data: DataFacts | None, local_world_size: int, workers: int, nodes: int):
     name = "cache_limit"
     streams = data.streams if data is not None else ()
     remote = [stream for stream in streams if stream.remote]
@@ -82,6 +83,12 @@ def _cache_limit(given: str | None, data: DataFacts | None, local_world_size: in
                         f"streaming would delete its shards to keep a limit: drop --cache-limit.")
     if not remote:
         return name, None, "local data: read in place"
+    if nodes > 1 and data.cache_filesystem in SHARED_FILESYSTEMS:
+        # Streaming keeps a cache per node: its index of what is there and its evictions live in
+        # the node's shared memory, so nodes on one directory delete shards the others read.
+        raise UserError(f"the shard cache {data.cache_dir} is on a {data.cache_filesystem} file system, which the "
+                        f"{nodes} nodes likely share, and each node keeps and evicts its own cache: point "
+                        f"CLIPZERO_CACHE at a disk of each node's own (e.g. /tmp/clipzero or $SLURM_TMPDIR).")
     need = sum(stream.info.full_copy_bytes for stream in remote)
     free, where = data.cache_free_bytes, data.cache_dir
     if len(remote) < len(streams):

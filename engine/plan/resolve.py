@@ -171,7 +171,8 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
     decide("warmup_steps", *_warmup(dials, recipe, total_steps))
     workers = decide("workers", *_workers(dials, hw))
     for name, value, reason in data_decisions(dials, data, dataset_size=dataset_size, workers=workers,
-                                              local_world_size=hw.local_world_size, seed=dials.seed):
+                                              local_world_size=hw.local_world_size, seed=dials.seed,
+                                              nodes=hw.nodes):
         decide(name, value, reason)
     for name, value, reason in decode_decisions(dials, hw):
         decide(name, value, reason)

@@ -178,3 +178,31 @@ def test_the_plan_refuses_a_dataset_size_that_is_not_the_datas_epoch(tmp_path):
     with pytest.raises(ValueError, match="dataset_size 39 is not the data's epoch of 40"):
         resolve(Dials(global_batch=8), CPU_ONLY, get_recipe("clip", "debug"), n_params=1000, dataset_size=39,
                 optimizer_support=NO_FUSED, image_size=32, data=facts)
+
+
+def test_a_cache_on_a_file_system_the_nodes_share_is_refused_for_several_nodes():
+    remote = _stream("s3://bucket/pairs")
+    on_nfs = dataclasses.replace(_facts(remote), cache_filesystem="nfs4")
+    with pytest.raises(UserError, match=r"shard cache /cache is on a nfs4 file system.*2 nodes.*"
+                                        r"CLIPZERO_CACHE at a disk of each node's own"):
+        data_decisions(Dials(), on_nfs, dataset_size=on_nfs.epoch_size, local_world_size=8, workers=4, seed=7, nodes=2)
+    assert _decide(on_nfs)["cache_limit"][0] is not None  # one node: its cache is its own
+    on_disk = dataclasses.replace(on_nfs, cache_filesystem="ext4")
+    rows = data_decisions(Dials(), on_disk, dataset_size=on_disk.epoch_size, local_world_size=8, workers=4, seed=7,
+                          nodes=2)
+    assert dict((name, value) for name, value, _ in rows)["cache_limit"] is not None
+    local = dataclasses.replace(_facts(_stream("/data/pairs")), cache_filesystem="nfs4")  # read in place
+    assert data_decisions(Dials(), local, dataset_size=local.epoch_size, local_world_size=8, workers=4, seed=7,
+                          nodes=2)[1][1] is None
+
+
+def test_the_file_system_type_is_that_of_the_deepest_mount_above_the_path(tmp_path):
+    from engine.files import filesystem_type
+
+    mounts = ("/dev/vda / ext4 rw 0 0\nserver:/home /home nfs4 rw 0 0\n"
+              "tmpfs /home/me/fast\\040dir tmpfs rw 0 0\n/dev/vdb /homework xfs rw 0 0\n")
+    assert filesystem_type(Path("/home/me/.cache"), mounts) == "nfs4"
+    assert filesystem_type(Path("/home/me/fast dir/x"), mounts) == "tmpfs"
+    assert filesystem_type(Path("/homework/a"), mounts) == "xfs"   # not under /home
+    assert filesystem_type(Path("/var"), mounts) == "ext4"
+    assert filesystem_type(tmp_path) not in ("", "proc")           # this machine's real /proc/mounts

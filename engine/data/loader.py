@@ -54,13 +54,13 @@ from engine.data.collate import PrepareBatch, TrainPayload, assemble_batch
 from engine.data.cpu_pipeline import cpu_train_pipeline
 from engine.data.dali import DecodedBatches, HostBatch, train_pipeline
 from engine.data.eda import Eda
-from engine.data.records import DECODER_REJECTED, NO_SUBSTITUTE, StreamingDatasetWithIds
+from engine.data.records import DECODER_REJECTED, NO_SUBSTITUTE, ShardUnavailable, StreamingDatasetWithIds
 from engine.data.shared_memory import live_streaming_locals, remove_stale_streaming_memory
 from engine.data.spec import DataSpec
 from engine.data.streams import CANONICAL_NODES, describe_streams, fetches_in_flight, streaming_arguments
 from engine.data.text import ClipTokenizer
 from engine.data.wordnet import WordNet
-from engine.data.workers import start_workers, worker_dies_with_its_rank
+from engine.data.workers import start_workers, stop_workers, worker_dies_with_its_rank
 from engine.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -115,13 +115,17 @@ class TrainLoader:
 
         # A killed run leaves streaming's shared memory behind, and the next run on the same
         # local directory is then refused as "in use". One rank per node removes what no live
-        # process maps (the node's other ranks wait in streaming's own barrier meanwhile).
+        # process maps, and every rank waits for it: streaming picks its prefix by looking at
+        # /dev/shm before its own first barrier, and a rank that looked while the leftovers were
+        # still there picked another prefix than its node's leader ("prefix=N was not registered
+        # by local leader"; with remote data, a wrong "Reused local directory").
         # Two runs sharing a cache would evict each other's shards: refused, before any download.
         caches = {os.path.abspath(s.local) for s in streams if s.remote}
         if dist.local_rank() == 0:
             remove_stale_streaming_memory()
             if caches & live_streaming_locals():
                 raise UserError(_cache_in_use(data, caches))
+        _wait_for_every_rank()
         arguments = streaming_arguments(streams, micro_batch=micro_batch, seed=seed, cache_limit=cache_limit,
                                         in_flight=fetches_in_flight(ranks_on_node, workers))
         try:
@@ -247,17 +251,32 @@ class TrainLoader:
                 for index in range(batch, self.batches_per_epoch):
                     host = self._next_batch(batches)
                     if host is None or len(host.encoded) != self.micro_batch:
-                        raise RuntimeError(f"streaming ended epoch {epoch} at batch {index} "
-                                           f"of {self.batches_per_epoch}")
+                        # A shard failure raises ShardUnavailable (records.py), so what is left is
+                        # data that no longer matches the epoch the loader computed at its start.
+                        raise RuntimeError(
+                            f"streaming ended epoch {epoch} at batch {index} of {self.batches_per_epoch} "
+                            f"({'no batch' if host is None else f'{len(host.encoded)} samples'} where "
+                            f"{self.micro_batch} were due): its data ran out early. Likely causes: {self._data} "
+                            f"changed while the run read it (shards or index.json rewritten or removed: restore "
+                            f"them, or start a new run on the new data), or a data worker stopped early on an "
+                            f"error streaming only logged (look above for it; a failed shard download or "
+                            f"decompression: check the network, the credentials and the cache's free disk).")
                     host.payload.batch_in_epoch = index
                     yield host
             finally:
-                del batches  # stops this epoch's workers now, before the next epoch starts its own
+                stop_workers(batches)  # now, before the next epoch starts its own (and on an error)
+                del batches
             epoch, batch = epoch + 1, 0
 
     def _next_batch(self, batches) -> HostBatch | None:
         try:
             return next(batches, None)
+        except ShardUnavailable as error:
+            if not self.workers:
+                raise  # raised in this process: its message is the whole story
+            # From a worker the DataLoader re-raises it inside that worker's traceback; the cause
+            # is in the failure every worker shares with this process.
+            raise ShardUnavailable(self._dataset.unavailable_message()) from error
         except RuntimeError as error:
             if "timed out" not in str(error):
                 raise
@@ -308,6 +327,19 @@ def _check_arguments(micro_batch, grad_accum, image_size, seed, workers, decode_
         raise UserError(f"decode device '{decode_device}' is not one of 'cpu', 'gpu'.")
     if decode_device == "gpu" and not torch.cuda.is_available():
         raise UserError("decode device 'gpu' needs a CUDA GPU and none is visible; decode on 'cpu'.")
+
+
+def _wait_for_every_rank() -> None:
+    """A barrier of all ranks, where a process group exists (streaming's own barriers use the
+    same group). NCCL's runs on a GPU: this rank's is named, or torch falls back to guessing it."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    if "nccl" in str(torch.distributed.get_backend()) and torch.cuda.is_available():
+        torch.distributed.barrier(device_ids=[dist.local_device().index])
+    else:
+        torch.distributed.barrier()
 
 
 def _streaming_world(rank: int, world_size: int) -> int:

@@ -75,17 +75,26 @@ def first_batch(data: str, env: dict) -> dict:
             "to_first_batch_s": round(open_s + batch_s, 2)}
 
 
-def train_memory(data: str | None, steps: int, out: Path, env: dict) -> dict:
-    command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "launchers/pretrain.py",
-               "--steps", str(steps), "--out", str(out), *(["--data", data] if data else [])]
+def pretrain(ranks: int, arguments: list[str], out: Path, env: dict) -> tuple[list[dict], float, str]:
+    """`deepspeed --num_gpus RANKS launchers/pretrain.py ARGUMENTS --out OUT`: (its metrics.jsonl
+    rows, wall seconds, the command without the interpreter's path)."""
+    from engine.dist import free_port   # the launcher's default port may be another job's
+
+    command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port",
+               str(free_port()), "launchers/pretrain.py", *arguments, "--out", str(out)]
     print("$ " + " ".join(command), flush=True)
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return rows, round(time.perf_counter() - started, 1), " ".join(command[1:])
+
+
+def train_memory(data: str | None, steps: int, out: Path, env: dict) -> dict:
+    rows, seconds, command = pretrain(2, ["--steps", str(steps), *(["--data", data] if data else [])], out, env)
     logged = [row for row in rows if "memory/max_rss_gb" in row]
-    return {"command": " ".join(command[1:]), "wall_s": round(time.perf_counter() - started, 1),
+    return {"command": command, "wall_s": seconds,
             "rank0_max_rss_gb": round(logged[-1]["memory/max_rss_gb"], 3),
             "samples_per_s": round(float(np.median([row["samples_per_s"] for row in logged[1:] or logged])), 1)}
 

@@ -64,17 +64,10 @@ def differing_shards(one: Path, other: Path) -> list[str]:
 
 
 def learning_run(data: Path, eval_data: Path, steps: int, out: Path, env: dict) -> dict:
-    from engine.dist import free_port   # the launcher's default port may be another job's
+    from benchmarks.scale import pretrain
 
-    command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "1", "--master_port",
-               str(free_port()), "launchers/pretrain.py", "--data", str(data), "--eval-data", str(eval_data),
-               "--steps", str(steps), "--out", str(out)]
-    print("$ " + " ".join(command), flush=True)
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows, seconds, _ = pretrain(1, ["--data", str(data), "--eval-data", str(eval_data), "--steps", str(steps)],
+                                out, env)
     evaluations = [{key: value for key, value in row.items() if key == "step" or "_r" in key or "top" in key}
                    for row in rows if "retrieval_i2t_r1" in row]
     if not evaluations:
@@ -83,7 +76,7 @@ def learning_run(data: Path, eval_data: Path, steps: int, out: Path, env: dict) 
                        f"SYNTHETIC_EVAL --steps {steps}",
             "eval_data": f"python launchers/convert.py --synthetic {EVAL_PAIRS} --seed 1 SYNTHETIC_EVAL "
                          f"({EVAL_PAIRS:,} pairs, {CLASSES} classes)",
-            "wall_s": round(time.perf_counter() - started, 1), "evaluations": evaluations,
+            "wall_s": seconds, "evaluations": evaluations,
             "chance": {"retrieval_r1": 1 / EVAL_PAIRS, "zeroshot_top1": 1 / CLASSES}}
 
 

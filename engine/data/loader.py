@@ -263,6 +263,9 @@ class TrainLoader:
                             f"decompression: check the network, the credentials and the cache's free disk).")
                     host.payload.batch_in_epoch = index
                     yield host
+            except Exception:
+                stop_workers(batches, killed=True)  # the run ends: a stuck worker is not waited for
+                raise
             finally:
                 stop_workers(batches)  # now, before the next epoch starts its own (and on an error)
                 del batches

@@ -80,13 +80,27 @@ def start_workers(loader: DataLoader):
         gc.unfreeze()
 
 
-def stop_workers(batches) -> None:
+def stop_workers(batches, killed: bool = False) -> None:
     """Stop a DataLoader iterator's workers now (a no-op without workers, or if already stopped).
 
     Dropping the last reference stops them, but an error raised through the DataLoader keeps one
     in its traceback for as long as the error lives; the workers were then stopped only when the
-    garbage collector reached the iterator, and torch's shutdown from there waited out its 5 s
-    join per worker (they ignore its SIGTERM), seen as a 10-20 s stall at a later collection."""
+    garbage collector reached the iterator.
+
+    `killed`: the epoch ends on an error, which ends the run. A worker may then be stuck (in a
+    stalled read), and torch's shutdown waits 5 s for it, sends a SIGTERM it ignores (see
+    worker_dies_with_its_rank) and waits 5 s more: such workers are killed first, once torch no
+    longer watches them (its SIGCHLD handler would raise for a worker killed by a signal). Not
+    on a normal end: a worker killed while it updates streaming's shared state could leave a
+    shard marked as being prepared for the next epoch's workers."""
+    if killed and getattr(batches, "_worker_pids_set", False):
+        from torch.utils.data._utils import signal_handling
+
+        signal_handling._remove_worker_pids(id(batches))
+        batches._worker_pids_set = False
+        for worker in batches._workers:
+            if worker.is_alive():
+                worker.kill()
     shutdown = getattr(batches, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()

@@ -54,7 +54,8 @@ from engine.data.collate import PrepareBatch, TrainPayload, assemble_batch
 from engine.data.cpu_pipeline import cpu_train_pipeline
 from engine.data.dali import DecodedBatches, HostBatch, train_pipeline
 from engine.data.eda import Eda
-from engine.data.records import DECODER_REJECTED, NO_SUBSTITUTE, ShardUnavailable, StreamingDatasetWithIds
+from engine.data.records import DECODER_REJECTED, NO_SUBSTITUTE, StreamingDatasetWithIds
+from engine.data.streaming_dataset import ShardUnavailable
 from engine.data.shared_memory import live_streaming_locals, remove_stale_streaming_memory
 from engine.data.spec import DataSpec
 from engine.data.streams import CANONICAL_NODES, describe_streams, fetches_in_flight, streaming_arguments
@@ -251,7 +252,7 @@ class TrainLoader:
                 for index in range(batch, self.batches_per_epoch):
                     host = self._next_batch(batches)
                     if host is None or len(host.encoded) != self.micro_batch:
-                        # A shard failure raises ShardUnavailable (records.py), so what is left is
+                        # A shard failure raises ShardUnavailable (streaming_dataset.py), so what is left is
                         # data that no longer matches the epoch the loader computed at its start.
                         raise RuntimeError(
                             f"streaming ended epoch {epoch} at batch {index} of {self.batches_per_epoch} "
@@ -334,14 +335,8 @@ def _check_arguments(micro_batch, grad_accum, image_size, seed, workers, decode_
 
 def _wait_for_every_rank() -> None:
     """A barrier of all ranks, where a process group exists (streaming's own barriers use the
-    same group). NCCL's runs on a GPU: this rank's is named, or torch falls back to guessing it."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if torch.distributed.get_world_size() == 1:
-        return
-    if "nccl" in str(torch.distributed.get_backend()) and torch.cuda.is_available():
-        torch.distributed.barrier(device_ids=[dist.local_device().index])
-    else:
+    same group; on a GPU, pretrain set each rank's device before the group was made)."""
+    if dist.world_size() > 1:
         torch.distributed.barrier()
 
 

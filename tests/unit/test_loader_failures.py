@@ -18,7 +18,7 @@ from streaming import LocalDataset, MDSWriter
 
 from engine.data.loader import TrainLoader
 from engine.data.mds import local_copy_dir
-from engine.data.records import ShardUnavailable
+from engine.data.streaming_dataset import ShardUnavailable
 from engine.data.spec import DataSpec
 from engine.data.text import ClipTokenizer
 

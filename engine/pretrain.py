@@ -96,7 +96,7 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
         facts = data_facts(data, dials.seed)
     dataset_size = facts.epoch_size
     tokenizer = ClipTokenizer(preset.context_length)
-    hardware = probe(launch)
+    hardware = probe(launch, try_gpu_decode=dials.decode_device != "cpu")
     wordnet = find_wordnet() if objective_class(dials.method).text_aug else None
     plan = resolve(dials, hardware, recipe,
                    n_params=count_parameters(preset, tokenizer.eot_id, tokenizer.sot_id),

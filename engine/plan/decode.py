@@ -1,5 +1,9 @@
 """Part of the planner: where DALI decodes the training images, with how many threads, and on a
-GPU with a hardware JPEG decoder, the share of images it takes."""
+GPU with a hardware JPEG decoder, the share of images it takes.
+
+GPU decoding is chosen only where a one-image DALI GPU pipeline ran (Hardware.gpu_decode_error,
+from engine/data/gpu_decode_probe.py): a first GPU run whose DALI wheel does not match the
+driver decodes on the CPU and says why, rather than failing at its first step."""
 from engine.errors import UserError
 from engine.plan.dials import DECODE_DEVICES, Dials
 from engine.plan.hardware import Hardware
@@ -15,6 +19,10 @@ MAX_DECODE_THREADS = 8
 # H100, and a wrong "yes" would only send JPEGs to an engine that is not there (DALI then uses
 # its CUDA decoder for all of them, as with 0).
 HW_DECODER_CAPABILITIES = frozenset({(8, 0), (9, 0), (10, 0)})
+# What to do when DALI's GPU decoder does not start: the usual cause is a DALI wheel built for a
+# newer CUDA than the driver's (setup.py installs the CUDA 12 one; a cuda130 wheel exists too).
+GPU_DECODE_FIX = ("check that nvidia-dali-cuda120 (or the cuda130 wheel) matches the driver's CUDA, "
+                  "which nvidia-smi shows")
 # DALI's own default share for the hardware decoder, the rest going to the hybrid CPU+CUDA path.
 # DALI moved it to 0.9 and back (NVIDIA/DALI#6366, 2026): 0.9 trained 1.8% faster in their
 # ImageNet measurement but more than doubled the slowest batch's decode time. Ours until a
@@ -36,10 +44,20 @@ def _decode_device(dials: Dials, hw: Hardware):
             raise UserError(f"--decode-device {dials.decode_device!r} is unknown: use gpu or cpu")
         if dials.decode_device == "gpu" and hw.accelerator != "cuda":
             raise UserError("--decode-device gpu needs a CUDA device: use --decode-device cpu")
+        if dials.decode_device == "gpu" and hw.gpu_decode_error is not None:
+            raise UserError(f"--decode-device gpu: {_gpu_decoder_failed(hw)}; {GPU_DECODE_FIX}, "
+                            "or use --decode-device cpu")
         return dials.decode_device, "--decode-device given"
     if hw.accelerator == "cuda":
-        return "gpu", "DALI mixed decode: JPEGs decoded on the GPU, CPUs stay free"
+        if hw.gpu_decode_error is not None:
+            return "cpu", (f"{_gpu_decoder_failed(hw)}: decoding on the CPU; {GPU_DECODE_FIX}, "
+                           "or pass --decode-device cpu to silence this")
+        return "gpu", "DALI mixed decode (a one-image GPU pipeline ran): JPEGs decoded on the GPU, CPUs stay free"
     return "cpu", "DALI CPU pipeline: no GPU"
+
+
+def _gpu_decoder_failed(hw: Hardware) -> str:
+    return f"DALI's GPU decoder failed to start here ({hw.gpu_decode_error})"
 
 
 def _decode_threads(dials: Dials, hw: Hardware):
@@ -60,6 +78,9 @@ def _hw_decoder_load(dials: Dials, hw: Hardware, device: str):
     """None on a CPU decode (no such decoder); else the share of JPEGs for the hardware decoder."""
     given = dials.hw_decoder_load
     if device != "gpu":
+        if given is not None and hw.accelerator == "cuda" and dials.decode_device is None:
+            raise UserError(f"--hw-decoder-load {given}: {_gpu_decoder_failed(hw)}, so images are decoded on "
+                            f"the CPU; {GPU_DECODE_FIX}, or drop --hw-decoder-load")
         if given is not None:
             raise UserError(f"--hw-decoder-load {given}: images are decoded on the CPU here; it applies to "
                             "--decode-device gpu only")

@@ -1,11 +1,20 @@
-"""The planner's decode decisions (engine/plan/decode.py): DALI's threads per rank and, on a
+"""The planner's decode decisions (engine/plan/decode.py): where DALI decodes (the GPU only where
+a one-image GPU pipeline ran, engine/data/gpu_decode_probe.py), its threads per rank and, on a
 GPU with a hardware JPEG decoder, that decoder's share of the JPEGs."""
 import dataclasses
 
 import pytest
+import torch
 
+from engine.data.gpu_decode_probe import gpu_decode_failure
+from engine.dist import local_device
 from engine.errors import UserError
+from engine.plan import hardware
 from tests.unit.test_plan import A100_40GB_X4, CPU_ONLY, H100_X8, V100_X1, plan_for, reason
+
+# What the probe reports on a GPU machine whose DALI wheel is built for a newer CUDA than the driver's.
+DRIVER_TOO_OLD = "RuntimeError: CUDA driver version is insufficient for CUDA runtime version"
+H100_DALI_FAILS = dataclasses.replace(H100_X8, gpu_decode_error=DRIVER_TOO_OLD)
 
 
 @pytest.mark.parametrize("hw, threads", [
@@ -51,3 +60,47 @@ def test_decode_threads_given_win_and_below_one_is_refused():
     assert plan_for(CPU_ONLY, decode_threads=3).decode_threads == 3
     with pytest.raises(UserError, match="at least 1 thread"):
         plan_for(CPU_ONLY, decode_threads=0)
+
+
+def test_a_gpu_whose_dali_decoder_fails_to_start_decodes_on_the_cpu_and_says_why():
+    plan = plan_for(H100_DALI_FAILS)
+    why = reason(plan, "decode_device")
+    assert plan.accelerator == "cuda" and plan.decode_device == "cpu"
+    assert DRIVER_TOO_OLD in why and "nvidia-smi" in why and "--decode-device cpu" in why
+    assert plan.hw_decoder_load is None and "hw_decoder_load" not in plan.table()   # follows the CPU decode
+    assert plan_for(H100_X8).decode_device == "gpu"   # the probe ran: GPU decoding, as before
+
+
+def test_gpu_decoding_asked_for_where_dalis_decoder_fails_is_refused_with_the_fix():
+    with pytest.raises(UserError, match="--decode-device gpu: DALI's GPU decoder failed") as refused:
+        plan_for(H100_DALI_FAILS, decode_device="gpu")
+    assert DRIVER_TOO_OLD in str(refused.value) and "nvidia-smi" in str(refused.value)
+    assert "use --decode-device cpu" in str(refused.value)
+    with pytest.raises(UserError, match="so images are decoded on the CPU.*drop --hw-decoder-load"):
+        plan_for(H100_DALI_FAILS, hw_decoder_load=0.9)
+    assert plan_for(H100_DALI_FAILS, decode_device="cpu").decode_device == "cpu"   # the documented way out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the failure path needs a machine without CUDA")
+def test_the_probe_reports_dalis_failure_as_one_line_instead_of_raising():
+    # The real probe with the real DALI: without a CUDA driver the mixed pipeline cannot be built,
+    # as it cannot with a driver too old for the DALI wheel.
+    failure = gpu_decode_failure(0)   # GPU 0: local rank 0's
+    assert failure is not None and failure.startswith("RuntimeError: ") and "CUDA" in failure
+    assert "\n" not in failure
+
+
+def test_the_probe_never_runs_without_a_gpu(monkeypatch):
+    def must_not_run(device_id):
+        raise AssertionError("the GPU decode probe ran on a machine without a GPU")
+    monkeypatch.setattr(hardware, "gpu_decode_failure", must_not_run)
+    if torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hardware.probe().gpu_decode_error is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_probe_passes_on_a_working_gpu():
+    assert gpu_decode_failure(local_device(0).index) is None
+    assert hardware.probe().gpu_decode_error is None

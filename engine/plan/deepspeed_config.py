@@ -69,6 +69,11 @@ def render(plan: "RunPlan") -> dict:
         config["zero_allow_untested_optimizer"] = True
     if plan.precision == "bf16":
         config["bf16"] = {"enabled": True}
+        if plan.grad_dtype == "fp32":
+            # Gradients accumulated and all-reduced / reduce-scattered in fp32 (engine/plan/precision.py).
+            # At ZeRO-1 this makes DeepSpeed step with its BF16_Optimizer rather than ZeRO's.
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
+            config["communication_data_type"] = "fp32"
     elif plan.precision == "fp16":
         config["fp16"] = {"enabled": True, **_FP16_DYNAMIC_LOSS_SCALE}
     return config

@@ -28,7 +28,9 @@ def _model_state_bytes(n_params: int, precision: str, stage: int, offload: bool,
     # offload moves the Adam states to CPU memory.
     weight_bytes = 4 if precision == "fp32" else 2
     weights = n_params * weight_bytes / (world_size if stage >= 3 else 1)
-    grads = n_params * weight_bytes / (world_size if stage >= 2 else 1)
+    # bf16 under ZeRO accumulates its gradients in fp32 (engine/plan/precision.py).
+    grad_bytes = 4 if precision == "bf16" and stage >= 1 else weight_bytes
+    grads = n_params * grad_bytes / (world_size if stage >= 2 else 1)
     adam_bytes = ADAM_STATE_BYTES_PER_PARAM - (FP32_MASTER_BYTES_PER_PARAM if stage == 0 and precision == "fp32" else 0)
     adam = 0 if offload else n_params * adam_bytes / (world_size if stage >= 1 else 1)
     return weights + grads + adam

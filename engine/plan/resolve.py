@@ -21,6 +21,7 @@ from engine.plan.memory import GB, gb, zero_setting
 from engine.objectives.base import OptionContext
 from engine.plan.objective_options import accumulation, check_micro_batch, objective_options
 from engine.plan.optimizer import OptimizerSupport, optimizer_decision
+from engine.plan.precision import cpu_precision, precision_details
 from engine.observe.profile import first_traced_step
 from engine.plan.recipes import Recipe
 from engine.plan.resume import must_match, same_batch_semantics, same_dialled_options, same_stream_shares
@@ -44,7 +45,8 @@ class RunPlan:
     world_size: int; nodes: int; rendezvous: str; accelerator: str; device_name: str
     global_batch: int = must_match(); micro_batch: int; grad_accum: int
     accumulation: str = must_match(same_batch_semantics)
-    precision: str; zero_stage: int; offload_optimizer: bool; optimizer: str
+    precision: str; zero_stage: int; offload_optimizer: bool; grad_dtype: str; fp32_parts: str
+    loss_input_dtype: str; optimizer: str
     lr: float; group_lrs: tuple[tuple[str, float], ...]; min_lr: float
     weight_decay: float; betas: tuple[float, float] | None; eps: float | None
     momentum: float | None; grad_clip: float | None
@@ -127,7 +129,7 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
     global_batch = decide("global_batch", *_global_batch(dials, recipe, hw.world_size, dataset_size))
     decide("dataset_size", dataset_size, dataset_reason(data))
     decide("data_fraction", *_data_fraction(dials, dataset_size, full_dataset_size))
-    precision = decide("precision", *_precision(dials, hw))
+    precision = decide("precision", *_precision(dials, hw, n_params))
     per_rank = global_batch // hw.world_size
     micro = decide("micro_batch", *_micro_batch(dials, hw, recipe, precision, per_rank))
     check_micro_batch(recipe.method, micro, per_rank)
@@ -138,6 +140,8 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
     stage, stage_reason, offload, offload_reason = zero_setting(dials, hw, precision, n_params)
     decide("zero_stage", stage, stage_reason)
     decide("offload_optimizer", offload, offload_reason)
+    for name, value, reason in precision_details(precision, stage, hw.world_size, per_rank // micro):
+        decide(name, value, reason)
     decide("optimizer", *optimizer_decision(dials, hw, offload, optimizer_support, recipe))
 
     lr = decide("lr", *_lr(dials, recipe, global_batch))
@@ -225,21 +229,23 @@ def _global_batch(dials: Dials, recipe: Recipe, world_size: int, dataset_size: i
     return batch, reason
 
 
-def _precision(dials: Dials, hw: Hardware):
+def _precision(dials: Dials, hw: Hardware, n_params: int):
     if dials.precision is not None:
         if dials.precision not in PRECISIONS:
             raise UserError(f"--precision {dials.precision!r} is unknown: use one of "
                             f"{', '.join(PRECISIONS)}")
         if dials.precision == "bf16" and not hw.bf16:
-            where = "the CPU path" if hw.accelerator == "cpu" else f"{hw.device_name} ({_sm(hw)})"
-            fallback = "fp32" if hw.accelerator == "cpu" else "fp16"
-            raise UserError(f"--precision bf16: {where} has no bf16 support: "
-                            f"use --precision {fallback}")
+            raise UserError(f"--precision bf16: {hw.device_name} ({_sm(hw)}) has no bf16 support: "
+                            "use --precision fp16")
         if dials.precision == "fp16" and hw.accelerator == "cpu":
-            raise UserError("--precision fp16 needs a GPU: use --precision fp32 on CPU")
+            raise UserError("--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16): "
+                            "use --precision bf16 or fp32 on a CPU")
+        if dials.precision == "bf16" and hw.accelerator == "cpu" and hw.cpu_bf16 is None:
+            return "bf16", ("--precision given; this CPU has no AMX or AVX512-BF16, so bf16 is emulated "
+                            "and likely slower than fp32")
         return dials.precision, "--precision given"
     if hw.accelerator == "cpu":
-        return "fp32", "fp32: CPU run"
+        return cpu_precision(hw.cpu_bf16, n_params)
     if hw.bf16:
         return "bf16", f"bf16: {_sm(hw)} supports it"
     return "fp16", f"fp16 with dynamic loss scaling: {_sm(hw)} has no bf16"

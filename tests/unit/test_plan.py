@@ -20,7 +20,7 @@ V100_X1 = Hardware("cuda", "Tesla V100-SXM2-16GB", 16 * GIB, (7, 0), False,
                    world_size=1, local_world_size=1, nodes=1, cpus_per_node=8)
 A100_40GB_X4 = Hardware("cuda", "NVIDIA A100-SXM4-40GB", 40 * GIB, (8, 0), True,
                         world_size=4, local_world_size=4, nodes=1, cpus_per_node=32)
-CPU_ONLY = Hardware("cpu", "cpu", 8 * GIB, None, False,
+CPU_ONLY = Hardware("cpu", "cpu", 8 * GIB, None, True,   # a CPU without native bf16
                     world_size=1, local_world_size=1, nodes=1, cpus_per_node=2)
 ALL_FUSED = OptimizerSupport(apex_fused=True, deepspeed_fused=True, torch_fused=True)
 NO_FUSED = OptimizerSupport(apex_fused=False, deepspeed_fused=False, torch_fused=False)
@@ -44,11 +44,12 @@ def plan_for(hw, dials=None, *, n_params=None, dataset_size=None, support=None, 
 
 
 def states_per_device(n_params, precision, stage, offload, world_size):
-    """ZeRO's accounting, recomputed: 2- or 4-byte weights and gradients, 12 bytes of Adam
-    state (fp32 master, m, v); stage 1 splits the Adam states, 2 also gradients, 3 weights."""
+    """ZeRO's accounting, recomputed: 2- or 4-byte weights, gradients of the same width except
+    bf16's under ZeRO, accumulated in fp32; 12 bytes of Adam state (fp32 master, m, v); stage 1
+    splits the Adam states, 2 also gradients, 3 weights."""
     width = 4 if precision == "fp32" else 2
     weights = n_params * width / (world_size if stage == 3 else 1)
-    grads = n_params * width / (world_size if stage >= 2 else 1)
+    grads = n_params * (4 if precision == "bf16" and stage >= 1 else width) / (world_size if stage >= 2 else 1)
     adam_bytes = 8 if stage == 0 and precision == "fp32" else 12  # no master copy of fp32 weights
     adam = 0 if offload else n_params * adam_bytes / (world_size if stage >= 1 else 1)
     return weights + grads + adam
@@ -294,8 +295,7 @@ def test_table_and_dict_show_every_decision():
     (dataclasses.replace(H100_X8, world_size=3), {}, "multiple of 3"),
     (H100_X8, dict(micro_batch=48), "use one of 1, 2, 4, 8, 16, 32, 64, 128, 256, 512"),
     (V100_X1, dict(precision="bf16"), "--precision fp16"),
-    (CPU_ONLY, dict(precision="bf16"), "--precision fp32"),
-    (CPU_ONLY, dict(precision="fp16"), "--precision fp32"),
+    (CPU_ONLY, dict(precision="fp16"), "--precision bf16 or fp32"),
     (H100_X8, dict(precision="fp8"), "bf16, fp16, fp32"),
     (H100_X8, dict(zero_stage=4), "0, 1, 2 or 3"),
     (H100_X8, dict(zero_stage=0, offload=True), "drop --zero-stage 0 or --offload"),

@@ -74,9 +74,11 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+        # Summed in fp32 (or wider) whatever the embeddings' dtype (bf16 training): as DeepSpeed
+        # reduces the parameters' gradients (engine/plan/precision.py).
+        summed = grad.to(torch.promote_types(grad.dtype, torch.float32)).contiguous()
+        dist.all_reduce(summed)
+        return summed[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n].to(grad.dtype)
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """What the tiled PyTorch losses share (kernels/contrastive/chunked.py, kernels/siglip/chunked.py):
-how many rows of logits one block holds, and the dtype a block is computed in."""
+how many rows of logits one block holds, and the dtype a block is computed in (which the
+references of those losses compute in too)."""
 import torch
 
 # Elements in one tile of logits. 2^24 (64 MiB in fp32; a few live at once) is far below the

@@ -25,7 +25,9 @@ class LogitScale(nn.Module):
         self.max_scale = max_scale
 
     def forward(self) -> torch.Tensor:
-        scale = self.log_scale.exp()
+        # exp and clamp in fp32 whatever the weights' dtype: a bf16 result would add its own
+        # rounding (8 significant bits) to that of t's bf16 copy.
+        scale = self.log_scale.float().exp()
         return (scale if self.max_scale is None else scale.clamp(max=self.max_scale))[0]
 
 

@@ -7,7 +7,7 @@ import torch
 
 from engine import dist
 from engine.models.two_tower import TwoTower
-from engine.objectives.base import Objective
+from engine.objectives.base import Objective, unit_rows
 from kernels import contrastive_loss_local
 
 
@@ -17,10 +17,11 @@ class ClipObjective(Objective):
     weights = {"clip": 1.0}
 
     def embed(self, model: TwoTower, batch: dict):
-        """L2-normalised embeddings, in fp32 whatever the towers run in: logits reach |100|.
-        No term needs the batch alone."""
-        return {"image": model.encode_image(batch["image"]).float(),
-                "text": model.encode_text(batch["text"]).float()}, {}
+        """L2-normalised embeddings as the kernels take them (base.unit_rows: bf16 from bf16 towers);
+        the kernels compute the logits (up to |100|), their log-sum-exps and the gradients in fp32
+        from them. No term needs the batch alone."""
+        return {"image": unit_rows(model.encode_image(batch["image"], normalize=False)),
+                "text": unit_rows(model.encode_text(batch["text"], normalize=False))}, {}
 
     def loss_from_embeddings(self, embeddings: dict[str, torch.Tensor],
                              scale: torch.Tensor) -> dict[str, torch.Tensor]:

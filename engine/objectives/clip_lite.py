@@ -19,7 +19,7 @@ from torch import nn
 from engine import dist
 from engine.models.presets import DEBUG_PRESETS, ModelPreset
 from engine.models.two_tower import TwoTower
-from engine.objectives.base import Objective, Option
+from engine.objectives.base import Objective, Option, unit_rows
 from kernels import jsd_loss
 
 # The reference's weighting: (1 - prior_weight) * jsd + prior_weight * prior (config.py).
@@ -74,6 +74,8 @@ def prior_loss(prior_logits: torch.Tensor, feature_logits: torch.Tensor) -> torc
     """-(mean log D(u) + mean log(1 - D(h))) from D's logits, in float32.
 
     log(1 - sigmoid(z)) = logsigmoid(-z): exact, and finite where 1 - sigmoid(z) rounds to 0.
+    D runs in the towers' dtype; its log-sigmoids stay fp32, as every loss term here: in bf16
+    the term itself would keep 8 bits (about 3 significant digits).
     """
     log_d_prior = F.logsigmoid(prior_logits.float())
     log_one_minus_d_features = F.logsigmoid(-feature_logits.float())
@@ -152,12 +154,12 @@ class ClipLiteObjective(Objective):
                         else {"jsd": 1.0 - PRIOR_WEIGHT, "prior": PRIOR_WEIGHT})
 
     def embed(self, model: TwoTower, batch: dict):
-        """The critic's normalised embeddings (fp32 whatever the towers run in: the scale is
-        unclamped), and the prior term, which needs only this batch's features."""
+        """The critic's normalised embeddings as the JSD kernel takes them (base.unit_rows: bf16
+        from bf16 towers; it takes the row dots and the unclamped scale's products in fp32), and
+        the prior term, which needs only this batch's features."""
         image = model.image_outputs(batch["image"])
         text = model.text_outputs(batch["text"])
-        embeddings = {"image": F.normalize(image.embedding.float(), dim=-1),
-                      "text": F.normalize(text.embedding.float(), dim=-1)}
+        embeddings = {"image": unit_rows(image.embedding), "text": unit_rows(text.embedding)}
         terms = {} if self.prior_mode == "off" else {"prior": self.prior(image.features, text.features)}
         return embeddings, terms
 

@@ -12,7 +12,9 @@ configs (clip 0.4, simsiam 0.2, mlm 0.2, nn 0.2):
   nn       each image view against the nearest neighbours of each text view in a FIFO queue
            of past text embeddings; image-anchored, neighbours gathered from every rank.
 
-All four are computed in fp32 whatever precision the towers and heads run in.
+All four are fp32 losses whatever precision the towers and heads run in. clip's kernels take
+the embeddings as base.unit_rows gives them (bf16 from bf16 towers) and accumulate in fp32; nn,
+SimSiam and MLM compute in fp32 (each says why where it does).
 """
 from dataclasses import replace
 
@@ -25,7 +27,7 @@ from engine.data.mlm import IGNORE_INDEX, MASK_ID, VOCAB_WITH_MASK
 from engine.errors import UserError
 from engine.models.presets import ModelPreset
 from engine.models.two_tower import TwoTower
-from engine.objectives.base import Objective, Option, OptionContext
+from engine.objectives.base import Objective, Option, OptionContext, unit_rows
 from kernels import contrastive_loss_local, nearest_neighbors
 
 # DeCLIP's YFCC15M configs (experiments/declip_experiments/yfcc15m/*/config.yaml in
@@ -85,7 +87,8 @@ def simsiam_predictor() -> nn.Sequential:
 
 
 def _negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """-mean cos(p, stopgrad(z)): the stop-gradient is what keeps SimSiam from collapsing."""
+    """-mean cos(p, stopgrad(z)): the stop-gradient is what keeps SimSiam from collapsing. In
+    fp32 whatever the heads run in: the loss creeps towards -1, where bf16's steps are 0.004."""
     return -F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()
 
 
@@ -96,6 +99,8 @@ class DeclipObjective(Objective):
     it to bf16 with the module, and the loop averages floating buffers over ranks before
     evaluation and checkpoints, which would mix per-rank queues. It is a plain fp32 tensor,
     created on the embeddings' device at the first forward and saved through `rank_state`.
+    It stays fp32 under bf16 towers (their rows are exact in it): its random first rows keep
+    full precision, and a checkpoint's queue is the same whatever precision wrote it.
     """
 
     # What the loader must yield.
@@ -159,7 +164,7 @@ class DeclipObjective(Objective):
         view2 = model.image_outputs(batch["image2"]).embedding
         caption = model.text_outputs(batch["text"])
         text_aug = model.text_outputs(batch["text_aug"]).embedding
-        embeddings = {name: F.normalize(x.float(), dim=-1) for name, x in (
+        embeddings = {name: unit_rows(x) for name, x in (
             ("image", view1), ("image2", view2), ("text", caption.embedding), ("text_aug", text_aug))}
         return embeddings, {"simsiam": self._simsiam(view1, view2),
                             "mlm": self._mlm(caption.token_states, batch["mlm_labels"])}
@@ -190,6 +195,7 @@ class DeclipObjective(Objective):
         # The vocabulary-wide head sees only the chosen positions (about 15% of the tokens).
         # It runs even when none is chosen: under ZeRO-3 its forward gathers its weight, a
         # collective every rank must join.
+        # Cross-entropy in fp32: its log-sum-exp runs over the whole vocabulary (49,409 ids).
         logits = self.mlm_head(token_states[chosen]).float()
         # Sum / max(count, 1) rather than a mean: a batch with no chosen position gives 0 with
         # a graph (the mean of nothing is NaN). Averaged over this rank's positions only, as
@@ -211,7 +217,9 @@ class DeclipObjective(Objective):
             # never runs. Local image rows against all ranks' neighbours, as the reference.
             neighbours_all = dist.all_gather_with_grad(neighbours)
             for image in images:
-                loss = loss + F.cross_entropy(scale * image @ neighbours_all.T, labels)
+                # In fp32, the queue's dtype: a plain [n, N] product with no kernel to accumulate
+                # in fp32 for it (a no-op cast for fp32 towers).
+                loss = loss + F.cross_entropy(scale * image.float() @ neighbours_all.T, labels)
         if self.training:
             self._enqueue(texts, texts_all)
         return loss / 4

@@ -27,7 +27,7 @@ from engine import dist
 from engine.plan import recipes
 from engine.models.presets import ModelPreset
 from engine.models.two_tower import TwoTower
-from engine.objectives.base import Objective
+from engine.objectives.base import Objective, unit_rows
 from kernels import siglip_loss_local
 
 TEMPERATURE_INIT = math.log(10.0)
@@ -59,9 +59,11 @@ class SiglipObjective(Objective):
         return cls(model)
 
     def embed(self, model: TwoTower, batch: dict):
-        """L2-normalised embeddings in fp32 (logits reach |t| + |b|); no term needs the batch alone."""
-        return {"image": model.encode_image(batch["image"]).float(),
-                "text": model.encode_text(batch["text"]).float()}, {}
+        """L2-normalised embeddings as the kernels take them (base.unit_rows: bf16 from bf16 towers);
+        the kernels compute the logits (they reach |t| + |b|) and their sums in fp32 from them.
+        No term needs the batch alone."""
+        return {"image": unit_rows(model.encode_image(batch["image"], normalize=False)),
+                "text": unit_rows(model.encode_text(batch["text"], normalize=False))}, {}
 
     def loss_from_embeddings(self, embeddings: dict[str, torch.Tensor],
                              scale: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -31,10 +31,14 @@ rank's images (unlike the symmetric InfoNCE of kernels/contrastive, the sigmoid 
 term per pair, not one per direction). The paper's Sec. 3.3 computes the same per-device
 sum by passing the text blocks from device to device instead of gathering them; a gather
 holds all N text rows at once ([N, D], small next to the [n, N] logits the tiles avoid).
-Stores the full [n, N] logits; fine up to a few thousand rows per rank.
+Stores the full [n, N] logits; fine up to a few thousand rows per rank. Half-precision
+embeddings (bf16 towers) are computed in fp32, as on every other path: the sum over N columns
+of bf16 terms, and a bf16 loss, would lose the many small negatives.
 """
 import torch
 import torch.nn.functional as F
+
+from kernels.row_blocks import work_dtype
 
 
 def check_inputs(a_local, b_all, offset, scale, bias) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,9 +75,13 @@ def siglip_loss_local(a_local: torch.Tensor, b_all: torch.Tensor, offset: int,
              positives are (i, offset + i).
     scale:   t = exp(t'), a 0-dim tensor (or a number); bias: b, the same.
     Returns -(1/n) sum_i sum_j log sigmoid(l_ij * (scale * <a_i, b_j> + bias)), computed in
-    the inputs' dtype. Gradients flow to a_local, b_all, scale and bias.
+    fp32 for half inputs (else their dtype), the scale and bias too. Gradients flow to
+    a_local, b_all, scale and bias, each in its own dtype.
     """
     scale, bias = check_inputs(a_local, b_all, offset, scale, bias)
+    work = work_dtype(a_local.dtype)
+    # Casts to the dtype a tensor has already are no-ops: fp32 and fp64 run as they always did.
+    a_local, b_all, scale, bias = (t.to(work) for t in (a_local, b_all, scale, bias))
     logits = scale * a_local @ b_all.T + bias
     # l_ij: -1 everywhere, +1 on the positives (i, offset + i).
     signs = torch.full_like(logits, -1.0)

@@ -45,26 +45,31 @@ def loss_and_grads(fn, tensors, scale_value, scale_dtype):
 
 def assert_matches_reference(path_fn, reference_fn, tensors, scale_value, what):
     """The path on `tensors` (their dtype) against the reference on the same values in fp64:
-    the loss and every gradient, each in the dtype the path promises."""
+    the loss and every gradient, each in the dtype the path promises. Half inputs run twice:
+    with a fp32 scale (what the objectives pass) and with one of their own dtype (a bf16
+    temperature parameter's), which every path must use in fp32 (the reference gets its
+    rounded value)."""
     dtype = tensors[0].dtype
-    scale_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    got = loss_and_grads(path_fn, tensors, scale_value, scale_dtype)
-    expected = loss_and_grads(reference_fn, [t.double() for t in tensors], scale_value, torch.float64)
-    names = ["loss"] + [f"grad {i}" for i in range(len(tensors))] + ["grad scale"]
-    loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    dtypes = [loss_dtype] + [dtype] * len(tensors) + [scale_dtype]
-    for name, actual, truth, want in zip(names, got, expected, dtypes):
-        assert actual.dtype == want, f"{what} {name}: dtype {actual.dtype}, expected {want}"
-        # The loss and the scale's gradient are fp32 sums whatever the inputs: fp32 tolerance.
-        # Each is measured against its natural unit where the truth is smaller (at N = 1 the
-        # loss and every gradient are exactly 0): 1 for the loss, scale / (n sqrt(D)) for the
-        # gradients (dloss/da_i is scale / n times a mean of unit rows, entries ~ 1 / sqrt(D)).
-        scalar = actual.dim() == 0
-        tol = TOLERANCE[loss_dtype] if scalar else TOLERANCE[dtype]
-        n, d = tensors[0].shape
-        unit = max(truth.abs().max().item(), 1.0 if scalar else scale_value / (n * d ** 0.5))
-        torch.testing.assert_close(actual.double().cpu(), truth.cpu(), rtol=tol, atol=tol * unit,
-                                   msg=lambda m: f"{what} {name}: {m}")
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    for scale_dtype in dict.fromkeys((wide, dtype)):
+        scale = torch.tensor(scale_value, dtype=scale_dtype).item()
+        got = loss_and_grads(path_fn, tensors, scale, scale_dtype)
+        expected = loss_and_grads(reference_fn, [t.double() for t in tensors], scale, torch.float64)
+        names = ["loss"] + [f"grad {i}" for i in range(len(tensors))] + ["grad scale"]
+        dtypes = [wide] + [dtype] * len(tensors) + [scale_dtype]
+        for name, actual, truth, want in zip(names, got, expected, dtypes):
+            assert actual.dtype == want, f"{what} {name}: dtype {actual.dtype}, expected {want}"
+            # The loss and the scale's gradient are fp32 sums whatever the inputs: fp32 tolerance
+            # (a half scale's gradient is then rounded to its dtype: that dtype's tolerance).
+            # Each is measured against its natural unit where the truth is smaller (at N = 1 the
+            # loss and every gradient are exactly 0): 1 for the loss, scale / (n sqrt(D)) for the
+            # gradients (dloss/da_i is scale / n times a mean of unit rows, entries ~ 1 / sqrt(D)).
+            scalar = actual.dim() == 0
+            tol = TOLERANCE[want]
+            n, d = tensors[0].shape
+            unit = max(truth.abs().max().item(), 1.0 if scalar else scale / (n * d ** 0.5))
+            torch.testing.assert_close(actual.double().cpu(), truth.cpu(), rtol=tol, atol=tol * unit,
+                                       msg=lambda m: f"{what} scale {scale_dtype} {name}: {m}")
 
 
 def check_local(module, n, N, d, offset, scale_value, dtype, seed, device="cpu"):

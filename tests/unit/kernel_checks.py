@@ -98,16 +98,21 @@ def _assert_close(actual, expected, what, atol=0.0):
 
 
 def check_jsd_path(jsd_loss, n, d, shift, scale, dtype, seed, device="cpu"):
-    """The path's loss and its gradients for a, b and scale equal the reference's."""
+    """The path's loss and its gradients for a, b and scale equal the reference's. Half inputs
+    run twice: with a fp32 scale (what the objective passes) and with one of their own dtype
+    (a bf16 temperature parameter's), which every path must use in fp32, as the reference."""
     a = unit(n, d, seed, dtype, device).requires_grad_()
     b = unit(n, d, seed + 1, dtype, device).requires_grad_()
-    s = torch.tensor(scale, device=device, requires_grad=True)
-    results = []
-    for fn in (jsd_reference.jsd_loss, jsd_loss):
-        loss = fn(a, b, s, shift)
-        results.append((loss, *torch.autograd.grad(loss, (a, b, s))))
-    for name, actual, expected in zip(("loss", "grad a", "grad b", "grad scale"), results[1], results[0]):
-        _assert_close(actual, expected, f"{name} (N={n} D={d} shift={shift} scale={scale} {dtype})")
+    half = dtype in (torch.float16, torch.bfloat16)
+    for scale_dtype in (torch.float32, dtype) if half else (torch.float32,):
+        s = torch.tensor(scale, dtype=scale_dtype, device=device, requires_grad=True)
+        results = []
+        for fn in (jsd_reference.jsd_loss, jsd_loss):
+            loss = fn(a, b, s, shift)
+            results.append((loss, *torch.autograd.grad(loss, (a, b, s))))
+        for name, actual, expected in zip(("loss", "grad a", "grad b", "grad scale"), results[1], results[0]):
+            _assert_close(actual, expected, f"{name} (N={n} D={d} shift={shift} scale={scale} {dtype}, "
+                                            f"scale {scale_dtype})")
 
 
 def check_neighbors(values, indices, expected_values, expected_indices, what, near_ties_from=None):

@@ -31,7 +31,8 @@ TRITON_CASES = Path(__file__).with_name("test_siglip_kernel_triton.py")
 # [-1, 1]) rounded to the dtype before its product with the embeddings: a few more half-ulps
 # of the largest entry. Measured on these cases: up to 4.4e-3 (bf16) and 2.6e-4 (fp16) on
 # Triton, less on the chunked path, which multiplies in fp32. The loss and the scale's
-# and bias's gradients are fp32 sums on every path: fp32's tolerance.
+# and bias's gradients are fp32 sums on every path: fp32's tolerance (a half scale's or bias's
+# gradient is then rounded to its dtype: that dtype's).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 # (n, N, D, offset, scale, bias): one pair; odd sizes; D = 300; the local block at the start,
@@ -58,27 +59,31 @@ def loss_and_grads(fn, a, b, scale_value, bias_value, param_dtype):
 def check_local(fn, n, N, d, offset, scale, bias, dtype, seed, device="cpu"):
     """fn(a_local, b_all, offset, scale, bias) == reference.siglip_loss_local, the reference
     run in fp64 on the same (rounded) values: the loss and the gradients of a, b, the scale
-    and the bias, each in the dtype the path promises."""
+    and the bias, each in the dtype the path promises. Half inputs run twice: with a fp32 scale
+    and bias (what the objective passes) and with ones of their own dtype, which every path
+    must use in fp32 (the reference gets their rounded values)."""
     a, b = local_inputs(n, N, d, offset, seed, dtype, device)
-    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    got = loss_and_grads(lambda *args: fn(args[0], args[1], offset, *args[2:]),
-                         a, b, scale, bias, param_dtype)
-    expected = loss_and_grads(lambda *args: reference.siglip_loss_local(args[0], args[1], offset, *args[2:]),
-                              a.double(), b.double(), scale, bias, torch.float64)
-    what = f"n={n} N={N} D={d} offset={offset} scale={scale} bias={bias} {dtype}"
-    names = ("loss", "grad a", "grad b", "grad scale", "grad bias")
-    dtypes = (param_dtype, dtype, dtype, param_dtype, param_dtype)
-    for name, actual, truth, want in zip(names, got, expected, dtypes):
-        assert actual.dtype == want, f"{what} {name}: dtype {actual.dtype}, expected {want}"
-        scalar = actual.dim() == 0
-        tol = TOLERANCE[param_dtype if scalar else dtype]
-        # Measured against the natural unit where the truth is smaller: 1 for the scalars,
-        # scale / (n sqrt(D)) for the embeddings' gradients (dloss/da_i is scale / n times a
-        # sum of unit rows weighted by sigmoids in [-1, 1], entries ~ 1 / sqrt(D)).
-        natural = 1.0 if scalar else scale / (n * d ** 0.5)
-        atol = tol * max(truth.abs().max().item(), natural)
-        torch.testing.assert_close(actual.double().cpu(), truth.cpu(), rtol=tol, atol=atol,
-                                   msg=lambda m: f"{what} {name}: {m}")
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    for param_dtype in dict.fromkeys((wide, dtype)):
+        scale, bias = (torch.tensor(v, dtype=param_dtype).item() for v in (scale, bias))
+        got = loss_and_grads(lambda *args: fn(args[0], args[1], offset, *args[2:]),
+                             a, b, scale, bias, param_dtype)
+        expected = loss_and_grads(lambda *args: reference.siglip_loss_local(args[0], args[1], offset, *args[2:]),
+                                  a.double(), b.double(), scale, bias, torch.float64)
+        what = f"n={n} N={N} D={d} offset={offset} scale={scale} bias={bias} {dtype} params {param_dtype}"
+        names = ("loss", "grad a", "grad b", "grad scale", "grad bias")
+        dtypes = (wide, dtype, dtype, param_dtype, param_dtype)
+        for name, actual, truth, want in zip(names, got, expected, dtypes):
+            assert actual.dtype == want, f"{what} {name}: dtype {actual.dtype}, expected {want}"
+            scalar = actual.dim() == 0
+            tol = TOLERANCE[want]
+            # Measured against the natural unit where the truth is smaller: 1 for the scalars,
+            # scale / (n sqrt(D)) for the embeddings' gradients (dloss/da_i is scale / n times a
+            # sum of unit rows weighted by sigmoids in [-1, 1], entries ~ 1 / sqrt(D)).
+            natural = 1.0 if scalar else scale / (n * d ** 0.5)
+            atol = tol * max(truth.abs().max().item(), natural)
+            torch.testing.assert_close(actual.double().cpu(), truth.cpu(), rtol=tol, atol=atol,
+                                       msg=lambda m: f"{what} {name}: {m}")
 
 
 def _small_blocks(monkeypatch):

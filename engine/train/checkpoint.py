@@ -189,10 +189,13 @@ def load(engine, checkpoint_dir: Path) -> Restored | None:
         folder = checkpoint_dir / tag
         saved_ranks = len(list(folder.glob("rank*.pt")))
         stage = engine.zero_optimization_stage()
+        # Another precision too: DeepSpeed's loader looks for its own precision's files (bf16_
+        # prefixed or not) and, without ZeRO, for its own optimizer wrapper's state.
+        same_precision = reshard.saved_weight_dtype(folder) == reshard.weight_dtype(engine)
         same_layout = (saved_ranks == dist.world_size() and reshard.has_zero_shards(folder) == (stage > 0)
                        and reshard.is_stage3(folder) == (stage == 3))
-        if not same_layout:
-            return _load_resharded(engine, checkpoint_dir, tag, saved_ranks)
+        if not (same_layout and same_precision):
+            return _load_resharded(engine, checkpoint_dir, tag, saved_ranks, same_precision)
         _, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
         own = torch.load(folder / f"rank{dist.rank()}.pt", weights_only=False)
         set_rng_state(own["rng"])
@@ -216,10 +219,10 @@ def _set_aside(checkpoint_dir: Path, tag: str) -> None:
         write_atomic(checkpoint_dir / "latest", previous[-1])
 
 
-def _load_resharded(engine, checkpoint_dir: Path, tag: str, saved_ranks: int) -> Restored:
-    """A checkpoint of another number of ranks (or another ZeRO partitioning): the engine's
-    states are resharded (engine/train/reshard.py); the per-rank files must agree on what is
-    not per rank (the data position is the same on every rank by construction)."""
+def _load_resharded(engine, checkpoint_dir: Path, tag: str, saved_ranks: int, same_precision: bool) -> Restored:
+    """A checkpoint of another number of ranks (or another ZeRO partitioning, or precision): the
+    engine's states are resharded (engine/train/reshard.py); the per-rank files must agree on
+    what is not per rank (the data position is the same on every rank by construction)."""
     folder = checkpoint_dir / tag
     owns = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(saved_ranks)]
     states = [own["state"] for own in owns]
@@ -229,14 +232,15 @@ def _load_resharded(engine, checkpoint_dir: Path, tag: str, saved_ranks: int) ->
             raise UserError(f"{folder}: the ranks kept different '{key}' state (e.g. DeCLIP's "
                             f"--enqueue rank keeps one queue per rank), which cannot move to "
                             f"another number of ranks: resume on {saved_ranks} rank(s)")
+    saved = f"{saved_ranks} rank(s) {_layout(folder)} in {_precision(reshard.saved_weight_dtype(folder))}"
     if dist.rank() == 0:
-        print(f"resharding {folder}: written by {saved_ranks} rank(s) {_layout(folder)}, resumed on "
-              f"{dist.world_size()} {_layout(engine.zero_optimization_stage())}", flush=True)
-    if reshard.has_zero_shards(folder) or engine.zero_optimization_stage() > 0:
+        print(f"resharding {folder}: written by {saved}, resumed on {dist.world_size()} "
+              f"{_layout(engine.zero_optimization_stage())} in {_precision(reshard.weight_dtype(engine))}",
+              flush=True)
+    if reshard.has_zero_shards(folder) or engine.zero_optimization_stage() > 0 or not same_precision:
         if engine.zero_use_cpu_optimizer():
-            raise UserError(f"{folder} was written by {saved_ranks} rank(s); resharding into an "
-                            "optimizer offloaded to the CPU is not supported: resume on "
-                            f"{saved_ranks} rank(s), or without --offload")
+            raise UserError(f"{folder} was written by {saved}; resharding into an optimizer offloaded "
+                            "to the CPU is not supported: resume it on that layout, or without --offload")
         full = reshard.read_full_state(folder)
         reshard.apply_full_state(engine, full)
         client_state = full["client_state"]
@@ -261,6 +265,10 @@ def _layout(where) -> str:
     if isinstance(where, Path):  # the files tell ZeRO-3 apart, not stage 1 from 2
         where = "3" if reshard.is_stage3(where) else "1/2" if reshard.has_zero_shards(where) else 0
     return "without ZeRO" if where == 0 else f"at ZeRO-{where}"
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def _same(a, b) -> bool:

@@ -13,11 +13,20 @@ ZeRO 1, 2 and 3, from N ranks to M, and between ZeRO and none (the planner runs 
 fp32 without ZeRO, engine/plan/memory.py: such a run grown to more ranks, or an older ZeRO-1
 run of one rank, crosses over).
 
+bf16 runs at ZeRO 1-3 are read and written the same way: their shards are DeepSpeed's
+`bf16_zero_pp_rank_*` files (ZeRO-1 with fp32 gradient accumulation is its BF16_Optimizer,
+2 and 3 its ZeRO optimizers), holding the same fp32 master weights and states. What is read
+is precision-free, so a checkpoint also crosses between fp32 and bf16 (a CPU run resumed on a
+GPU), the loss scale excepted: it stays the engine's own. bf16/fp16 without ZeRO is refused
+both ways: DeepSpeed's wrapper keeps the fp32 weights in its own state, which this module does
+not read or fill (DeepSpeed's own loader resumes it on any number of ranks at ZeRO 0).
+
 It reads DeepSpeed's file layout and sets state through a few of its internals (named where
 used); setup.py pins deepspeed to the 0.19 series, and tests/unit/test_reshard.py checks
-every stage and both directions against an uninterrupted run.
+every stage and both directions, in fp32 and bf16, against an uninterrupted run.
 """
 import math
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -37,9 +46,14 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
+# A bf16 engine prefixes its shards with bf16_ (DeepSpeed's engine._get_zero_ckpt_prefix).
+_OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
+
+
 def _optim_files(folder: Path) -> list[Path]:
-    files = folder.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")
-    return sorted(files, key=lambda p: int(p.name.split("_")[3]))
+    ranked = [(int(match.group(1)), path) for path in folder.glob("*zero_pp_rank_*_optim_states.pt")
+              if (match := _OPTIM_FILE.fullmatch(path.name))]
+    return [path for _, path in sorted(ranked)]
 
 
 def has_zero_shards(folder: Path) -> bool:
@@ -49,6 +63,28 @@ def has_zero_shards(folder: Path) -> bool:
 
 def is_stage3(folder: Path) -> bool:
     return (folder / _STAGE3_MODEL).exists()
+
+
+def saved_weight_dtype(folder: Path) -> torch.dtype:
+    """The dtype the checkpoint's run trained its weights in (bf16, fp16 or fp32)."""
+    return _weight_dtype(_load(folder / (_STAGE3_MODEL if is_stage3(folder) else _MODEL)))
+
+
+def _weight_dtype(model_states: dict) -> torch.dtype:
+    # The module file keeps the working weights' dtype (ZeRO-3's as empty placeholders); buffers
+    # are left out, as DeepSpeed leaves them in fp32 (and the task may cast them).
+    buffers = set(model_states.get("buffer_names", []))
+    return _lowest({v.dtype for name, v in model_states["module"].items() if name not in buffers})
+
+
+def weight_dtype(engine) -> torch.dtype:
+    """The dtype the engine trains its weights in, as saved_weight_dtype reads it back."""
+    return _lowest({p.dtype for p in engine.module.parameters()})
+
+
+def _lowest(dtypes: set) -> torch.dtype:
+    # DeepSpeed casts every parameter, but a model that kept one in fp32 is still a bf16 run.
+    return next((d for d in (torch.bfloat16, torch.float16) if d in dtypes), torch.float32)
 
 
 def optimizer_param_names(engine) -> dict:
@@ -114,7 +150,7 @@ def read_full_state(folder: Path) -> dict:
             "skipped_steps": model_states["skipped_steps"],
             "buffers": {n: model_states["module"][n] for n in model_states.get("buffer_names", [])},
             "client_state": {k: model_states[k] for k in ("step", "eval_pending") if k in model_states},
-            "zero_global": zero_global, "saved_ranks": ranks}
+            "zero_global": zero_global, "saved_ranks": ranks, "weight_dtype": _weight_dtype(model_states)}
 
 
 def _read_unpartitioned(folder: Path) -> dict:
@@ -123,8 +159,12 @@ def _read_unpartitioned(folder: Path) -> dict:
     model_states = _load(folder / _MODEL)
     names, optimizer = model_states.get(OPTIMIZER_PARAM_NAMES), model_states.get("optimizer")
     if names is None or optimizer is None:
-        raise UserError(f"{folder} was written without ZeRO in bf16/fp16 (or by an older clipzero): resume "
-                        f"it on {model_states['dp_world_size']} rank(s) with --zero-stage 0")
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(_weight_dtype(model_states))
+        why = (f"in {precision}, whose fp32 weights DeepSpeed keeps inside its optimizer wrapper"
+               if precision else "by an older clipzero, which did not name the optimizer's parameters")
+        raise UserError(f"{folder} was written without ZeRO {why}: resharding cannot read it; resume it "
+                        f"with --zero-stage 0{f' --precision {precision}' if precision else ''} "
+                        "(on any number of ranks: DeepSpeed's own loader reads it whole)")
     module = model_states["module"]
     params, scalars, tensor_keys = OrderedDict(), {}, set()
     for group_index, (group, group_names) in enumerate(zip(optimizer["param_groups"], names)):
@@ -146,7 +186,8 @@ def _read_unpartitioned(folder: Path) -> dict:
             "global_samples": model_states.get("global_samples"), "skipped_steps": model_states["skipped_steps"],
             "buffers": {n: model_states["module"][n] for n in model_states.get("buffer_names", [])},
             "client_state": {k: model_states[k] for k in ("step", "eval_pending") if k in model_states},
-            "zero_global": None, "saved_ranks": model_states["dp_world_size"]}
+            "zero_global": None, "saved_ranks": model_states["dp_world_size"],
+            "weight_dtype": _weight_dtype(model_states)}
 
 
 def _slices(saved: dict, shapes: list, index: int, rank: int, ranks: int, stage3: bool):
@@ -174,7 +215,8 @@ def apply_full_state(engine, full: dict) -> None:
     else:
         _set_partitioned(engine, full)
         groups = engine.optimizer.optimizer.param_groups
-        if full["zero_global"]:
+        # A loss scale belongs to its precision (fp16's is dynamic): across precisions the engine keeps its own.
+        if full["zero_global"] and full["weight_dtype"] == weight_dtype(engine):
             stage3 = engine.zero_optimization_stage() == 3
             zero = engine.optimizer
             (zero._load_global_state_stage3 if stage3 else zero._load_global_state)(full["zero_global"])
@@ -196,8 +238,9 @@ def _set_unpartitioned(engine, full: dict) -> None:
     """Weights and optimizer state into an engine without ZeRO, whose client optimizer steps
     the module's own fp32 parameters."""
     if engine.fp16_enabled() or engine.bfloat16_enabled():
-        raise UserError("a checkpoint moves to another number of ranks without ZeRO only in fp32: resume it "
-                        "on its own number of ranks, or with --zero-stage 1")
+        raise UserError("without ZeRO in bf16/fp16, DeepSpeed keeps the fp32 weights inside its optimizer "
+                        "wrapper, which resharding does not fill: resume this checkpoint with ZeRO (drop "
+                        "--zero-stage 0, or give 1, 2 or 3), or in fp32 (--precision fp32)")
     optimizer = engine.optimizer
     names = {id(p): name for name, p in engine.module.named_parameters()}
     with torch.no_grad():
@@ -247,7 +290,8 @@ def _set_partitioned(engine, full: dict) -> None:
             safe_set_full_fp32_param(param, entry["fp32"].to(param.device))
             for key in full["tensor_keys"]:
                 safe_set_full_optimizer_state(param, entry[key].to(param.device), key)
-    # 3. The working weights the forward uses, from the fp32 ones.
+    # 3. The working weights the forward uses, from the fp32 ones (BF16_Optimizer, ZeRO-1 in bf16,
+    # has the ZeRO optimizer's update_lp_params and lazy state linking under the same names).
     if stage in (1, 2):
         zero.update_lp_params()
     else:
@@ -262,7 +306,12 @@ def _flat_partitions(engine) -> list[tuple[torch.Tensor, int]]:
     zero = engine.optimizer
     if engine.zero_optimization_stage() == 3:
         return [(flat, zero.sub_group_to_group_id[i]) for i, flat in enumerate(zero.fp32_partitioned_groups_flat)]
-    return [(flat, i) for i, flat in enumerate(zero.single_partition_of_fp32_groups)]
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    # ZeRO-1 in bf16 with fp32 gradient accumulation is BF16_Optimizer, which names them otherwise.
+    flats = (zero.fp32_groups_flat_partition if isinstance(zero, BF16_Optimizer)
+             else zero.single_partition_of_fp32_groups)
+    return [(flat, i) for i, flat in enumerate(flats)]
 
 
 def _set_local_stage3(param, full_value: torch.Tensor, key: str | None) -> None:

@@ -306,11 +306,8 @@ def _flat_partitions(engine) -> list[tuple[torch.Tensor, int]]:
     zero = engine.optimizer
     if engine.zero_optimization_stage() == 3:
         return [(flat, zero.sub_group_to_group_id[i]) for i, flat in enumerate(zero.fp32_partitioned_groups_flat)]
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-
     # ZeRO-1 in bf16 with fp32 gradient accumulation is BF16_Optimizer, which names them otherwise.
-    flats = (zero.fp32_groups_flat_partition if isinstance(zero, BF16_Optimizer)
-             else zero.single_partition_of_fp32_groups)
+    flats = getattr(zero, "fp32_groups_flat_partition", None) or zero.single_partition_of_fp32_groups
     return [(flat, i) for i, flat in enumerate(flats)]
 
 

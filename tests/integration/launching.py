@@ -3,8 +3,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
+import pytest
 import torch
 
 from engine.dist import free_port
@@ -105,3 +108,30 @@ def samples_by_step(folder: Path, global_batch: int) -> dict[tuple[int, int], li
             row = json.loads(line)
             steps.setdefault((row["epoch"], row["sample_in_epoch"] // global_batch), []).extend(row["ids"])
     return steps
+
+
+def processes_of(out: Path) -> list[psutil.Process]:
+    """Every live process of the run writing to `out`: ranks and their forked data workers."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if str(out) in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found
+
+
+def rank_process(out: Path, rank: int) -> psutil.Process:
+    """The rank itself (its data workers are forks with the same command line)."""
+    for proc in processes_of(out):
+        parent = proc.parent()
+        if f"--local_rank={rank}" in proc.cmdline() and parent and "deepspeed.launcher.launch" in " ".join(parent.cmdline()):
+            return proc
+    raise AssertionError(f"rank {rank} of {out} is not running")
+
+
+def wait_for(check_fn, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not check_fn():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)

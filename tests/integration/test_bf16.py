@@ -4,13 +4,13 @@ bf16 checkpoint layout; a rank killed with SIGKILL and the same command again en
 a run that was never killed. Resharding bf16 states is tests/unit/test_reshard.py's."""
 import json
 import subprocess
-import time
 
 import pytest
 import torch
 
 from engine.dist import free_port
-from launching import REFERENCE_DIALS, ROOT, check, command, launch, losses, read_metrics, tensorboard_scalars
+from launching import (REFERENCE_DIALS, ROOT, check, command, launch, losses, rank_process, read_metrics,
+                       tensorboard_scalars, wait_for)
 
 # (method, ZeRO stage, micro-batch of the 8 pairs per rank: 4 is GradCache over 2 micro-batches).
 # Stage 0 is DeepSpeed's bf16 without ZeRO, which accumulates in bf16 (the plan says so).
@@ -46,27 +46,14 @@ def test_every_method_trains_in_bf16(method, stage, micro, tmp_path, cache_env):
 BF16_DIALS = [*REFERENCE_DIALS, "--precision", "bf16", "--collective-timeout", "30"]
 
 
-def _rank1(out):
-    import psutil
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        parent = proc.parent()
-        if str(out) in cmdline and "--local_rank=1" in cmdline and parent and "deepspeed.launcher.launch" in " ".join(parent.cmdline()):
-            return proc
-    return None
-
-
 def test_kill_9_and_the_same_command_end_at_the_uninterrupted_losses(tmp_path, cache_env):
     whole = tmp_path / "whole"
     check(launch([*BF16_DIALS, "--out", str(whole)], cache_env, ranks=2))
     out, port, log = tmp_path / "killed", free_port(), tmp_path / "first.log"
     job = subprocess.Popen(command([*BF16_DIALS, "--out", str(out)], ranks=2, port=port, launcher="deepspeed"),
                            cwd=ROOT, env=cache_env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 6):
-        assert time.monotonic() < deadline and job.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.1)
-    _rank1(out).kill()
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 6, 180, "six steps", log)
+    rank_process(out, 1).kill()
     assert job.wait(timeout=90) != 0
     resumed = launch([*BF16_DIALS, "--out", str(out)], cache_env, ranks=2, port=port, launcher="deepspeed")
     check(resumed)

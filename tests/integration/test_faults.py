@@ -8,12 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from engine.dist import free_port
 from launching import (REFERENCE_DIALS, ROOT, check, check_shared_memory_given_back, command, launch,
-                       losses, read_metrics)
+                       losses, processes_of, rank_process, read_metrics, wait_for)
 
 TIMEOUT_S = 30
 DIALS = [*REFERENCE_DIALS, "--collective-timeout", str(TIMEOUT_S)]
@@ -24,37 +23,10 @@ def uninterrupted(two_rank_reference):
     return losses(two_rank_reference)
 
 
-def processes_of(out: Path) -> list[psutil.Process]:
-    """Every live process of the run writing to `out`: ranks and their forked data workers."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmdline = proc.info["cmdline"] or []
-        if str(out) in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(proc)
-    return found
-
-
-def rank_process(out: Path, rank: int) -> psutil.Process:
-    """The rank itself (its data workers are forks with the same command line)."""
-    for proc in processes_of(out):
-        parent = proc.parent()
-        if f"--local_rank={rank}" in proc.cmdline() and parent and "deepspeed.launcher.launch" in " ".join(parent.cmdline()):
-            return proc
-    raise AssertionError(f"rank {rank} of {out} is not running")
-
-
 def start(out: Path, env: dict, port: int, log: Path, drill: str = "") -> subprocess.Popen:
     env = {**env, "CLIPZERO_DRILL": drill}
     return subprocess.Popen(command([*DIALS, "--out", str(out)], ranks=2, port=port, launcher="deepspeed"), cwd=ROOT,
                             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
-def wait_for(check_fn, timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not check_fn():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout} s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.1)
 
 
 def ended_cleanly_after_kill(job: subprocess.Popen, killed_at: float, out: Path, port: int, log: Path) -> None:

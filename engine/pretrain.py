@@ -42,6 +42,7 @@ from engine.observe.profile import StepProfiler
 from engine.observe.progress import Progress
 from engine.plan.dials import Dials
 from engine.plan.optimizer import probe_optimizer_support
+from engine.plan.precision import towers_autocast
 from engine.plan.resolve import RunPlan, resolve
 from engine.plan.resume import check_resumable, describe_reshape
 from engine.plan.recipes import get_recipe
@@ -167,6 +168,7 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
     seed_everything(plan.seed)
     tokenizer = ClipTokenizer(preset.context_length)
     model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
+    model.autocast_dtype = torch.bfloat16 if towers_autocast(plan.precision, plan.zero_stage) else None
     objective = build_objective(plan, model)
     task = Task(model, objective)
     optimizer = optimizer_for_plan(task, plan)

@@ -39,15 +39,27 @@ class TwoTower(nn.Module):
         self.logit_scale = LogitScale(preset.logit_scale_max)
         self.text_width = preset.text_width
         self.embed_dim = preset.embed_dim
+        # Set to torch.bfloat16 to run the towers under autocast over fp32 weights (the plan's
+        # bf16 without ZeRO, engine/plan/precision.py); their outputs come back in fp32.
+        self.autocast_dtype: torch.dtype | None = None
 
     def image_outputs(self, images: torch.Tensor) -> TowerOutput:
         """Unnormalised embedding and pre-projection features, for objectives that need both."""
         # Images arrive as fp32 from the loader; the towers may run in bf16/fp16 under DeepSpeed.
-        return self.image(images.to(self.logit_scale.log_scale.dtype))
+        images = images.to(self.logit_scale.log_scale.dtype)
+        return self._autocast(self.image, images)
 
     def text_outputs(self, tokens: torch.Tensor) -> TowerOutput:
         """Unnormalised embedding, pooled features and per-token states."""
-        return self.text(tokens)
+        return self._autocast(self.text, tokens)
+
+    def _autocast(self, tower: nn.Module, inputs: torch.Tensor) -> TowerOutput:
+        if self.autocast_dtype is None:
+            return tower(inputs)
+        with torch.autocast(inputs.device.type, dtype=self.autocast_dtype):
+            outputs = tower(inputs)
+        # What follows the towers (heads, loss) runs in fp32, as on fp32 weights.
+        return TowerOutput(*(None if x is None else x.float() for x in outputs))
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         x = self.image_outputs(images).embedding

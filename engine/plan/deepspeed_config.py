@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ValidationError
 
 from engine.errors import UserError
+from engine.plan.precision import towers_autocast
 
 if typing.TYPE_CHECKING:  # engine.plan reads fp16_scale_search_steps() from here
     from engine.plan.resolve import RunPlan
@@ -67,7 +68,9 @@ def render(plan: "RunPlan") -> dict:
         # DeepSpeed's ZeRO optimizers refuse client optimizers outside its tested list unless
         # told; SGD + Lookahead under ZeRO 1-3 is tested in tests/unit/test_lookahead.py.
         config["zero_allow_untested_optimizer"] = True
-    if plan.precision == "bf16":
+    if towers_autocast(plan.precision, plan.zero_stage):
+        pass  # an fp32 engine: the model runs its towers under bf16 autocast itself
+    elif plan.precision == "bf16":
         config["bf16"] = {"enabled": True}
         if plan.grad_dtype == "fp32":
             # Gradients accumulated and all-reduced / reduce-scattered in fp32 (engine/plan/precision.py).

@@ -26,6 +26,10 @@ def _model_state_bytes(n_params: int, precision: str, stage: int, offload: bool,
                        world_size: int) -> float:
     # ZeRO-1 partitions the Adam states across ranks, 2 also gradients, 3 also weights;
     # offload moves the Adam states to CPU memory.
+    if precision == "bf16" and stage == 0:
+        # fp32 weights under autocast (engine/plan/precision.py), plus autocast's bf16 copies of
+        # them, kept through the forward for the backward.
+        return _model_state_bytes(n_params, "fp32", 0, offload, world_size) + n_params * 2
     weight_bytes = 4 if precision == "fp32" else 2
     weights = n_params * weight_bytes / (world_size if stage >= 3 else 1)
     # bf16 under ZeRO accumulates its gradients in fp32 (engine/plan/precision.py).
@@ -38,17 +42,18 @@ def _model_state_bytes(n_params: int, precision: str, stage: int, offload: bool,
 
 # Cheapest first: each step partitions more, at the cost of more communication.
 _ZERO_LADDER = ((1, False), (2, False), (3, False), (3, True))
-# One rank in fp32: ZeRO has nothing to partition and would only add its flat fp32 copy of the
-# weights and gradients and a copy back after each step; without it the optimizer steps the
-# weights in place (benchmarks/vs_openclip.py measures the two). With bf16/fp16 weights an fp32
-# master copy is needed anyway, and ZeRO-1 is DeepSpeed's best-trodden way to keep one.
-_ONE_RANK_FP32_LADDER = ((0, False), *_ZERO_LADDER)
+# One rank: ZeRO has nothing to partition and would only add its flat fp32 copy of the weights
+# and gradients and a copy back after each step; without it the optimizer steps the weights in
+# place (benchmarks/vs_openclip.py measures the two). That holds for bf16 too, which trains fp32
+# weights under autocast without ZeRO (engine/plan/precision.py). fp16 keeps ZeRO-1: it needs
+# DeepSpeed's loss scaling around low-precision weights.
+_ONE_RANK_LADDER = ((0, False), *_ZERO_LADDER)
 
 
 def zero_setting(dials, hw, precision: str, n_params: int):
     """(stage, reason, offload, reason): the first ZeRO setting whose model states fit the
     budget; ZeRO-1 is the floor because its partitioned Adam states cost no extra traffic,
-    except for one rank in fp32, where there is nothing to partition."""
+    except for one rank in fp32 or bf16, where there is nothing to partition."""
     if dials.zero_stage is not None and dials.zero_stage not in (0, 1, 2, 3):
         raise UserError(f"--zero-stage {dials.zero_stage} is not a ZeRO stage: use 0, 1, 2 or 3")
     if dials.offload and dials.zero_stage == 0:
@@ -59,7 +64,7 @@ def zero_setting(dials, hw, precision: str, n_params: int):
                         "them there already: drop --offload")
     ladder = ([(dials.zero_stage, False), (dials.zero_stage, True)] if dials.zero_stage is not None
               else [(1, True), (2, True), (3, True)] if dials.offload
-              else list(_ONE_RANK_FP32_LADDER if hw.world_size == 1 and precision == "fp32" else _ZERO_LADDER))
+              else list(_ONE_RANK_LADDER if hw.world_size == 1 and precision != "fp16" else _ZERO_LADDER))
     ladder = [(stage, offload) for stage, offload in ladder
               if (dials.offload is None or offload == dials.offload)
               and not (offload and (stage == 0 or hw.accelerator != "cuda"))]
@@ -83,8 +88,9 @@ def zero_setting(dials, hw, precision: str, n_params: int):
     if dials.zero_stage is not None:
         stage_reason = f"--zero-stage given ({usage})"
     elif position == 0 and stage == 0:
-        stage_reason = (f"0: one rank in fp32, nothing to partition; the optimizer steps the weights "
-                        f"in place, without ZeRO's flat copy ({usage})")
+        stage_reason = (f"0: one rank in {precision}, nothing to partition; the optimizer steps the "
+                        f"{'fp32 ' if precision == 'bf16' else ''}weights in place, without ZeRO's flat "
+                        f"copy ({usage})")
     elif position == 0:
         stage_reason = f"{stage}: model states fit with optimizer partitioning ({usage})"
     else:

@@ -71,7 +71,8 @@ def _groups(module: nn.Module, plan) -> list[dict]:
 def optimizer_for_plan(module: nn.Module, plan) -> torch.optim.Optimizer:
     """The optimizer the plan resolved, over `module` (engine/task.Task): SGD + Lookahead
     (k=5, alpha=0.5, as CLIP-Lite's reference configs) or AdamW in the chosen implementation;
-    without ZeRO in fp32, inside the non-finite check DeepSpeed leaves out there."""
+    without ZeRO in fp32 (or bf16, whose weights are fp32 then), inside the non-finite check
+    DeepSpeed leaves out there."""
     groups = _groups(module, plan)
     if plan.optimizer == "sgd_lookahead":
         # Every group carries its own LR; SGD's default is never used.
@@ -79,4 +80,4 @@ def optimizer_for_plan(module: nn.Module, plan) -> torch.optim.Optimizer:
     else:
         optimizer = build_optimizer(groups, implementation=plan.optimizer, lr=plan.lr, betas=plan.betas,
                                     eps=plan.eps)
-    return SkipNonFinite(optimizer) if plan.zero_stage == 0 and plan.precision == "fp32" else optimizer
+    return SkipNonFinite(optimizer) if plan.zero_stage == 0 and plan.precision != "fp16" else optimizer

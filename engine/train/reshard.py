@@ -17,9 +17,10 @@ bf16 runs at ZeRO 1-3 are read and written the same way: their shards are DeepSp
 `bf16_zero_pp_rank_*` files (ZeRO-1 with fp32 gradient accumulation is its BF16_Optimizer,
 2 and 3 its ZeRO optimizers), holding the same fp32 master weights and states. What is read
 is precision-free, so a checkpoint also crosses between fp32 and bf16 (a CPU run resumed on a
-GPU), the loss scale excepted: it stays the engine's own. bf16/fp16 without ZeRO is refused
-both ways: DeepSpeed's wrapper keeps the fp32 weights in its own state, which this module does
-not read or fill (DeepSpeed's own loader resumes it on any number of ranks at ZeRO 0).
+GPU), the loss scale excepted: it stays the engine's own. bf16 without ZeRO trains fp32 weights
+under autocast (engine/plan/precision.py), so its checkpoints are fp32 ones. fp16 without ZeRO
+is refused both ways: DeepSpeed's wrapper keeps the fp32 weights in its own state, which this
+module does not read or fill (DeepSpeed's own loader resumes it on any number of ranks at ZeRO 0).
 
 It reads DeepSpeed's file layout and sets state through a few of its internals (named where
 used); setup.py pins deepspeed to the 0.19 series, and tests/unit/test_reshard.py checks
@@ -160,6 +161,10 @@ def _read_unpartitioned(folder: Path) -> dict:
     names, optimizer = model_states.get(OPTIMIZER_PARAM_NAMES), model_states.get("optimizer")
     if names is None or optimizer is None:
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(_weight_dtype(model_states))
+        if precision == "bf16":  # clipzero trains bf16 without ZeRO as fp32 weights under autocast now
+            raise UserError(f"{folder} was written without ZeRO in bf16 by an older clipzero, whose fp32 "
+                            "weights DeepSpeed kept inside its optimizer wrapper: this clipzero cannot read "
+                            "them; continue the run with the clipzero that wrote it, or start it again")
         why = (f"in {precision}, whose fp32 weights DeepSpeed keeps inside its optimizer wrapper"
                if precision else "by an older clipzero, which did not name the optimizer's parameters")
         raise UserError(f"{folder} was written without ZeRO {why}: resharding cannot read it; resume it "
@@ -237,7 +242,7 @@ def apply_full_state(engine, full: dict) -> None:
 def _set_unpartitioned(engine, full: dict) -> None:
     """Weights and optimizer state into an engine without ZeRO, whose client optimizer steps
     the module's own fp32 parameters."""
-    if engine.fp16_enabled() or engine.bfloat16_enabled():
+    if engine.fp16_enabled() or engine.bfloat16_enabled():  # bf16 here only through --ds
         raise UserError("without ZeRO in bf16/fp16, DeepSpeed keeps the fp32 weights inside its optimizer "
                         "wrapper, which resharding does not fill: resume this checkpoint with ZeRO (drop "
                         "--zero-stage 0, or give 1, 2 or 3), or in fp32 (--precision fp32)")

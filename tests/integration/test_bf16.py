@@ -1,6 +1,6 @@
 """bf16 on the CPU through the real launcher (DeepSpeed's bf16 mode, its CPU accelerator, gloo):
 every method trains at a ZeRO stage of its own, with and without GradCache, and writes DeepSpeed's
-bf16 checkpoint layout; a rank killed with SIGKILL and the same command again end at the losses of
+bf16 checkpoint layout (without ZeRO: fp32 weights under autocast, an fp32 checkpoint); a rank killed with SIGKILL and the same command again end at the losses of
 a run that was never killed. Resharding bf16 states is tests/unit/test_reshard.py's."""
 import json
 import subprocess
@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from engine.dist import free_port
+from engine.train.reshard import saved_weight_dtype
 from launching import (REFERENCE_DIALS, ROOT, check, command, launch, losses, rank_process, read_metrics,
                        tensorboard_scalars, wait_for)
 
 # (method, ZeRO stage, micro-batch of the 8 pairs per rank: 4 is GradCache over 2 micro-batches).
-# Stage 0 is DeepSpeed's bf16 without ZeRO, which accumulates in bf16 (the plan says so).
+# Stage 0 is fp32 weights with the towers under bf16 autocast (engine/plan/precision.py).
 CASES = [("clip", 1, 4), ("declip", 3, 4), ("clip-lite", 2, 8), ("siglip", 0, 4)]
 
 
@@ -26,14 +27,14 @@ def test_every_method_trains_in_bf16(method, stage, micro, tmp_path, cache_env):
     plan = json.loads((out / "plan.json").read_text())
     assert (plan["precision"], plan["zero_stage"], plan["accumulation"]) == (
         "bf16", stage, "gradcache" if micro == 4 else "plain")
-    assert plan["grad_dtype"] == ("bf16" if stage == 0 else "fp32")
-    assert plan["loss_input_dtype"] == "bf16"
+    assert plan["grad_dtype"] == "fp32"
+    assert plan["loss_input_dtype"] == ("fp32" if stage == 0 else "bf16")
     ds_config = json.loads((out / "ds_config.json").read_text())
-    assert ds_config["bf16"] == {"enabled": True}
-    if stage:   # gradients accumulated and reduced in fp32
+    if stage:   # DeepSpeed's bf16 mode, gradients accumulated and reduced in fp32
+        assert ds_config["bf16"] == {"enabled": True}
         assert ds_config["data_types"] == {"grad_accum_dtype": "fp32"} and ds_config["communication_data_type"] == "fp32"
-    else:       # DeepSpeed refuses fp32 accumulation without ZeRO
-        assert "data_types" not in ds_config
+    else:       # an fp32 engine: the towers cast under autocast themselves
+        assert not {"bf16", "data_types", "communication_data_type"} & set(ds_config)
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert len(rows) == 4 and torch.isfinite(torch.tensor([r["loss"] for r in rows])).all()
     assert all(r["skipped_steps"] == 0 for r in rows)
@@ -41,6 +42,7 @@ def test_every_method_trains_in_bf16(method, stage, micro, tmp_path, cache_env):
     saved = out / "checkpoints" / "step00000004"
     shards = sorted(p.name for p in saved.glob("*optim_states.pt"))
     assert shards == ([] if stage == 0 else [f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)])
+    assert saved_weight_dtype(saved) == (torch.float32 if stage == 0 else torch.bfloat16)
 
 
 BF16_DIALS = [*REFERENCE_DIALS, "--precision", "bf16", "--collective-timeout", "30"]

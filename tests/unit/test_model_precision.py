@@ -65,3 +65,39 @@ def test_a_bf16_model_embeds_close_to_its_fp32_self():
         assert half.dtype == torch.bfloat16
         cosine = F.cosine_similarity(full, half.float(), dim=-1)
         assert (cosine > 0.99).all(), cosine
+
+
+def test_towers_under_autocast_compute_in_bf16_and_hand_fp32_to_what_follows():
+    """bf16 without ZeRO (engine/plan/precision.py): fp32 weights, the towers' matrix products in
+    bf16, their outputs (embeddings, features, token states) back in fp32 for the heads and the
+    loss, and fp32 gradients that match an fp32 model's to bf16's precision."""
+    model = _model("vit-debug")
+    mixed = copy.deepcopy(model)
+    mixed.autocast_dtype = torch.bfloat16
+    size = model.image.trunk.patch_embed.img_size
+    torch.manual_seed(1)
+    images = torch.randn(8, 3, *size)
+    tokens = torch.zeros(8, 77, dtype=torch.long)
+    tokens[:, 0], tokens[:, 1:6], tokens[:, 6] = 49406, torch.randint(300, 4000, (8, 5)), 49407
+    seen = []
+    hook = mixed.image.trunk.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    outputs = {"image": (model.image_outputs(images), mixed.image_outputs(images)),
+               "text": (model.text_outputs(tokens), mixed.text_outputs(tokens))}
+    hook.remove()
+    assert seen == [torch.bfloat16]                       # inside the tower: bf16
+    for name, (full, low) in outputs.items():
+        for a, b in zip(full, low):
+            if a is None:
+                continue
+            assert b.dtype == torch.float32, name          # out of it: fp32
+            cosine = F.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1)
+            assert (cosine > 0.99).all() and not torch.equal(a, b), name
+    for net in (model, mixed):
+        (net.encode_image(images) * net.encode_text(tokens)).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), mixed.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        assert q.dtype == torch.float32 and (q.grad is None or q.grad.dtype == torch.float32), name
+    # All gradients as one vector: some (the attention keys' bias) are zero but for rounding.
+    full, low = (torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+                 for net in (model, mixed))
+    assert F.cosine_similarity(full, low, dim=0) > 0.99

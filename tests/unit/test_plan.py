@@ -174,11 +174,12 @@ def test_one_cpu_rank_is_fp32_without_zero_fused_adamw_and_dali_cpu():
 
 @pytest.mark.parametrize("hw, dials, stage", [
     (dataclasses.replace(CPU_ONLY, world_size=2, local_world_size=2), {}, 1),  # states to partition
-    (dataclasses.replace(H100_X8, world_size=1, local_world_size=1), {}, 1),   # bf16: a master copy anyway
+    (dataclasses.replace(H100_X8, world_size=1, local_world_size=1), {}, 0),   # bf16: fp32 weights, autocast
     (dataclasses.replace(H100_X8, world_size=1, local_world_size=1), {"precision": "fp32"}, 0),
+    (V100_X1, {}, 1),                                                          # fp16: DeepSpeed's loss scaling
     (CPU_ONLY, {"zero_stage": 1}, 1),
 ])
-def test_only_one_rank_in_fp32_runs_without_zero(hw, dials, stage):
+def test_only_one_rank_in_fp32_or_bf16_runs_without_zero(hw, dials, stage):
     assert plan_for(hw, **dials).zero_stage == stage
 
 

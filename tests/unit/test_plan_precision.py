@@ -7,7 +7,7 @@ import pytest
 from engine.errors import UserError
 from engine.plan.deepspeed_config import render
 from engine.plan.hardware import native_cpu_bf16
-from engine.plan.precision import CPU_BF16_MIN_PARAMS
+from engine.plan.precision import CPU_BF16_MIN_PARAMS, towers_autocast
 from test_plan import CPU_ONLY, H100_X8, V100_X1, plan_for
 
 AMX_CPU = dataclasses.replace(CPU_ONLY, cpu_bf16="AMX")
@@ -63,11 +63,15 @@ def test_bf16_under_zero_accumulates_and_reduces_gradients_in_fp32(ranks, micro,
     assert said in reason(plan, "grad_dtype")
 
 
-def test_bf16_without_zero_says_its_gradients_stay_bf16():
-    hw = dataclasses.replace(ZEN4_CPU, world_size=2, local_world_size=2)
-    plan = plan_for(hw, precision="bf16", zero_stage=0, global_batch=64)
-    assert plan.grad_dtype == "bf16" and "--zero-stage 1" in reason(plan, "grad_dtype")
-    assert "data_types" not in render(plan) and "communication_data_type" not in render(plan)
+@pytest.mark.parametrize("ranks, dials", [(1, {}), (2, dict(zero_stage=0))], ids=["planned", "given"])
+def test_bf16_without_zero_trains_fp32_weights_with_the_towers_under_autocast(ranks, dials):
+    hw = dataclasses.replace(ZEN4_CPU, world_size=ranks, local_world_size=ranks)
+    plan = plan_for(hw, precision="bf16", global_batch=64, n_params=150_000_000, **dials)
+    assert plan.zero_stage == 0 and towers_autocast(plan.precision, plan.zero_stage)
+    assert (plan.grad_dtype, plan.loss_input_dtype) == ("fp32", "fp32")
+    assert plan.fp32_parts.startswith("weights") and "autocast" in reason(plan, "grad_dtype")
+    # An fp32 engine to DeepSpeed: the model casts inside its towers (engine/models/two_tower.py).
+    assert not {"bf16", "fp16", "data_types", "communication_data_type"} & set(render(plan))
 
 
 def test_fp32_and_fp16_runs_keep_their_deepspeed_precision_sections():

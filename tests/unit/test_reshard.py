@@ -2,9 +2,10 @@
 restores is the saved one bit for bit, and the run then ends where an uninterrupted run on the
 new number of ranks ends (to the rounding of a reordered gradient reduction), at ZeRO 1, 2 and
 3, from 2 ranks to 1 and from 1 to 2, with AdamW and with SGD + Lookahead, in fp32 and in bf16;
-between no ZeRO on one rank (what the planner gives one rank in fp32) and ZeRO on two, both
-ways; and across precisions, fp32 to bf16 and back (bf16 without ZeRO is refused, saying what to
-change); and evaluation reads a bf16 ZeRO checkpoint's fp32 weights."""
+between no ZeRO on one rank (what the planner gives one rank in fp32, and in bf16 as fp32 weights
+under autocast) and ZeRO on two, both ways; and across precisions, fp32 to bf16 and back (the
+checkpoint of DeepSpeed's own bf16 mode without ZeRO, which an older clipzero wrote, is refused,
+saying what to do); and evaluation reads a bf16 ZeRO checkpoint's fp32 weights."""
 import os
 from pathlib import Path
 
@@ -17,12 +18,20 @@ from engine.dist import free_port
 
 GLOBAL_BATCH, TOTAL, SAVED_AT = 4, 7, 3
 # (ZeRO stage on 1 rank, on 2 ranks, optimizer, precision on 1 rank, on 2 ranks). bf16 at
-# ZeRO 1 is DeepSpeed's BF16_Optimizer, at 2 and 3 its ZeRO optimizers.
+# ZeRO 1 is DeepSpeed's BF16_Optimizer, at 2 and 3 its ZeRO optimizers, at 0 fp32 weights under
+# autocast (engine/plan/precision.py).
 FP32 = ([(stage, stage, "adamw") for stage in (1, 2, 3)] + [(2, 2, "sgd_lookahead"), (3, 3, "sgd_lookahead")]
         + [(0, 1, "adamw_fused"), (0, 3, "sgd_lookahead"), (0, 0, "adamw")])
-BF16 = [(stage, stage, "adamw") for stage in (1, 2, 3)] + [(1, 1, "sgd_lookahead")]
+BF16 = [(stage, stage, "adamw") for stage in (1, 2, 3)] + [(1, 1, "sgd_lookahead"), (0, 1, "adamw_fused")]
 CASES = ([(*case, "fp32", "fp32") for case in FP32] + [(*case, "bf16", "bf16") for case in BF16]
          + [(0, 1, "adamw", "fp32", "bf16"), (2, 3, "adamw", "bf16", "fp32")])
+
+
+def _one_form(one_rank_stage, two_rank_stage, one_rank_precision, two_rank_precision) -> bool:
+    """Whether both sides train the same way: the same precision, and in bf16 both with ZeRO
+    (bf16 weights) or both without (fp32 weights under autocast)."""
+    return one_rank_precision == two_rank_precision and (
+        one_rank_precision == "fp32" or (one_rank_stage == 0) == (two_rank_stage == 0))
 
 
 class Scale(nn.Module):  # a [1]-shaped parameter in a module of its own, as the temperature
@@ -45,7 +54,7 @@ class Net(nn.Module):
         return self.out(torch.relu(self.norm(self.inp(x)))) * self.scale.value
 
 
-def _engine(stage: int, optimizer: str, precision: str):
+def _engine(stage: int, optimizer: str, precision: str, deepspeed_bf16_without_zero: bool = False):
     import deepspeed
 
     from engine.train.lookahead import Lookahead
@@ -66,11 +75,15 @@ def _engine(stage: int, optimizer: str, precision: str):
               # both kinds, as in the real towers.
               "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 50},
               "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
-    if precision == "bf16":  # as the planner renders it: with ZeRO, gradients accumulated and reduced in fp32
+    # As the planner renders it: with ZeRO, gradients accumulated and reduced in fp32; without,
+    # an fp32 engine whose forward runs under autocast (_train). DeepSpeed's own bf16 mode without
+    # ZeRO is what an older clipzero ran.
+    if precision == "bf16" and (stage > 0 or deepspeed_bf16_without_zero):
         config["bf16"] = {"enabled": True}
         if stage > 0:  # (DeepSpeed refuses fp32 accumulation without ZeRO)
             config.update(data_types={"grad_accum_dtype": "fp32"}, communication_data_type="fp32")
     engine, *_ = deepspeed.initialize(model=model, optimizer=inner, lr_scheduler=scheduler, config=config)
+    engine.module.autocast = precision == "bf16" and "bf16" not in config
     return engine
 
 
@@ -81,7 +94,9 @@ def _train(engine, start: int, stop: int) -> None:
     share = GLOBAL_BATCH // world
     for step in range(start, stop):
         x = torch.randn(GLOBAL_BATCH, 7, generator=torch.Generator().manual_seed(step))
-        loss = engine(x[rank * share:(rank + 1) * share].to(weight_dtype(engine))).float().pow(2).mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=engine.module.autocast):
+            out = engine(x[rank * share:(rank + 1) * share].to(weight_dtype(engine)))
+        loss = out.float().pow(2).mean()
         engine.backward(loss)
         engine.step()
 
@@ -105,17 +120,18 @@ def _forward_uses_the_fp32_weights(engine) -> bool:
 
 
 def _refusals(root: Path) -> list[str]:
-    """What checkpoint.load says for bf16 without ZeRO, both ways, on one rank: an fp32 checkpoint
-    without ZeRO into it (the same layout but for the precision) and its own checkpoint into fp32."""
+    """What checkpoint.load says for DeepSpeed's bf16 mode without ZeRO (an older clipzero's),
+    both ways, on one rank: an fp32 checkpoint without ZeRO into it (the same layout but for the
+    precision) and its own checkpoint into this clipzero's bf16 without ZeRO."""
     from engine.errors import UserError
     from engine.train import checkpoint
 
-    bf16_without_zero = _engine(0, "adamw", "bf16")
+    bf16_without_zero = _engine(0, "adamw", "bf16", deepspeed_bf16_without_zero=True)
     _train(bf16_without_zero, 0, SAVED_AT)
     checkpoint.save(bf16_without_zero, root / "0-bf16", SAVED_AT, {"loader": {"at": SAVED_AT}, "task": {}})
     messages = []
     for engine, saved in ((bf16_without_zero, root / "0-0-adamw-fp32-fp32" / "from1"),
-                          (_engine(0, "adamw", "fp32"), root / "0-bf16")):
+                          (_engine(0, "adamw", "bf16"), root / "0-bf16")):
         try:
             checkpoint.load(engine, saved)
             messages.append(f"{saved} was loaded without a refusal")
@@ -137,7 +153,7 @@ def _worker(rank, world, port, root, role, out):
     bf16_optimizer.see_memory_usage = lambda message, force=False: None
     for *stages, optimizer, one_rank_precision, two_rank_precision in CASES:
         case = Path(root) / f"{stages[0]}-{stages[1]}-{optimizer}-{one_rank_precision}-{two_rank_precision}"
-        if role == "reference" and one_rank_precision != two_rank_precision:
+        if role == "reference" and not _one_form(*stages, one_rank_precision, two_rank_precision):
             continue  # no uninterrupted run to compare with (see the test)
         engine = _engine(stages[world - 1], optimizer, (one_rank_precision, two_rank_precision)[world - 1])
         if role == "save":  # the first run: stop at SAVED_AT with a checkpoint
@@ -224,9 +240,10 @@ def test_resumed_state_is_the_saved_one_and_the_run_ends_as_uninterrupted(runs, 
         _equal(before[key], after[key], key)
     assert before["buffers"]["calls"].tolist() == [SAVED_AT] * 3  # buffers travel too
     assert forward_follows  # bf16 working weights refreshed from the restored fp32 ones
-    if one_rank_precision != two_rank_precision:
-        # The first steps ran in the other precision, which Adam's sign-like update carries to
-        # 0.2 apart from an uninterrupted run: no reference; the state above is the check.
+    if not _one_form(one_rank_stage, two_rank_stage, one_rank_precision, two_rank_precision):
+        # The first steps ran in the other precision (or bf16's other form), which Adam's
+        # sign-like update carries to 0.2 apart from an uninterrupted run (0.05 between bf16
+        # weights and autocast): no reference; the state above is the check.
         assert all(torch.isfinite(w).all() for w in weights.values())
         return
     reference = out[(case, "reference", world)]
@@ -235,10 +252,10 @@ def test_resumed_state_is_the_saved_one_and_the_run_ends_as_uninterrupted(runs, 
         assert torch.allclose(weights[name], value, rtol=0, atol=tolerance), name
 
 
-def test_bf16_without_zero_is_refused_both_ways_saying_what_to_change(runs):
+def test_deepspeed_bf16_without_zero_is_refused_both_ways_saying_what_to_do(runs):
     into_bf16, from_bf16 = runs[1]["refusals"]
     assert "drop --zero-stage 0" in into_bf16 and "--precision fp32" in into_bf16
-    assert "--zero-stage 0 --precision bf16" in from_bf16
+    assert "older clipzero" in from_bf16 and "start it again" in from_bf16
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -44,8 +44,10 @@ def accumulate_step(engine, micro_batches: list[dict]) -> dict[str, torch.Tensor
             buffer.copy_(saved)
     after = _rng_state(device)
 
-    # 2. The cross terms from leaf embeddings; their backward stops at them.
-    local = {name: torch.cat([p[name] for p in parts]).requires_grad_() for name in parts[0]}
+    # 2. The cross terms from leaf embeddings; their backward stops at them. This backward runs
+    # outside DeepSpeed's loss scale, so fp16 leaves are fp32: the cached gradients are small
+    # enough to fall into fp16's subnormals (the objectives compute fp16 rows in fp32 anyway).
+    local = {name: _leaf(torch.cat([p[name] for p in parts])) for name in parts[0]}
     scale = scale.detach().requires_grad_()
     cross = task.objective.loss_from_embeddings(local, scale)
     task.weighted(cross).backward()
@@ -68,6 +70,10 @@ def accumulate_step(engine, micro_batches: list[dict]) -> dict[str, torch.Tensor
             batch_means[name] = batch_means.get(name, 0) + value.detach() / k
     _set_rng_state(after, device)
     return {name: value.detach() for name, value in task.named({**cross, **batch_means}, scale).items()}
+
+
+def _leaf(embeddings: torch.Tensor) -> torch.Tensor:
+    return (embeddings.float() if embeddings.dtype == torch.float16 else embeddings).requires_grad_()
 
 
 def _rng_state(device: torch.device) -> tuple:

@@ -253,3 +253,25 @@ def test_the_accumulation_benchmark_builds_each_method(method):
     task, batch = build_task(method, "debug", 4)
     loss = task(batch)["loss"]
     assert torch.isfinite(loss)
+
+
+def test_fp16_embeddings_get_their_cached_gradients_in_fp32():
+    """The cross terms' backward runs outside DeepSpeed's loss scale: fp16 leaves would round the
+    cached gradients (to fp16's subnormals, at large batches); the leaves are fp32 instead, so the
+    cached gradients are those of the fp32 loss on the same fp16 embeddings, bit for bit."""
+    from engine.train.gradcache import _leaf
+
+    torch.manual_seed(0)
+    image, text = (F.normalize(torch.randn(1024, 32), dim=-1).half() for _ in range(2))
+    scale = torch.tensor(100.0)
+
+    def cached(leaf):
+        local = {"image": leaf(image), "text": leaf(text)}
+        sum(ClipObjective().loss_from_embeddings(local, scale).values()).backward()
+        return local["image"].grad
+
+    leaves = cached(_leaf)
+    assert leaves.dtype == torch.float32
+    assert torch.equal(leaves, cached(lambda x: x.float().requires_grad_()))
+    # An fp16 leaf rounds them: what the fp32 leaf avoids.
+    assert not torch.equal(cached(lambda x: x.clone().requires_grad_()).float(), leaves)

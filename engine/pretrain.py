@@ -26,6 +26,7 @@ from engine.data.text import ClipTokenizer, strip_punctuation
 from engine.plan.deepspeed_config import apply_overrides, render
 from engine.errors import UserError
 from engine.files import write_atomic
+from engine.host_memory import keep_freed_memory
 from engine.eval.evaluate import evaluate
 from engine.eval.periodic import PeriodicEval, TrainedModel, open_periodic_evals, run_periodic_evals
 from engine.eval.shard import Ranks, first_rows
@@ -165,6 +166,7 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
     if dry_run:
         return RunEnd({}, None, False)
 
+    keep_freed_memory()  # before the first step's allocations: they return every step
     seed_everything(plan.seed)
     tokenizer = ClipTokenizer(preset.context_length)
     model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)

@@ -3,48 +3,57 @@
     python benchmarks/e2e_openclip.py                             # 110 steps of 128 pairs, one process each
     python benchmarks/e2e_openclip.py --steps 4 --global-batch 32 --keep   # a quick look
     python benchmarks/e2e_openclip.py --user-defaults               # ours as the README runs it
+    python benchmarks/e2e_openclip.py --model vit-b-32 --global-batch 32 --steps 6 --step-times
 
 Each side is one command, timed from its process start to its exit (start-up, data, training,
 its checkpoints and, for ours, its evaluations included): ours is `python launchers/pretrain.py
---model vit-debug` with one evaluation and one checkpoint at the end (`--user-defaults`: the
-README's `deepspeed launchers/pretrain.py` at the plan's evaluation and checkpoint cadence),
-open_clip's is `open_clip_train.main` run by a small wrapper that first registers the vit-debug
-towers as an open_clip model config, which checkpoints once at the end. Ours runs first; its
-plan.json gives open_clip_train its hyperparameters.
+--model vit-debug` (or vit-b-32) with one evaluation and one checkpoint at the end
+(`--user-defaults`: the README's `deepspeed launchers/pretrain.py` at the plan's evaluation and
+checkpoint cadence), open_clip's is `open_clip_train.main` run by a small wrapper that first
+registers the vit-debug towers as an open_clip model config (ViT-B-32 is in its registry), which
+checkpoints once at the end. Ours runs first; its plan.json gives open_clip_train its
+hyperparameters and precision: `--precision amp_bf16` where the plan's is bf16 (the planner's
+for ViT-B/32 on a CPU that computes bf16), else fp32; --openclip-precision overrides.
+
+--step-times (issue 28) times the steps as users run them: ours is `deepspeed launchers/pretrain.py
+... --log-every 1` (one evaluation, which it cannot skip, and one checkpoint after its last step),
+open_clip_train logs every step from a CSV of exactly steps x batch pairs (the first in MDS
+order: its one epoch is --steps steps). Per side: each step's seconds (ours: metrics.jsonl's
+time/step_s; open_clip_train: its `Batch (t)`), their median over steps 2..N (step 1 is
+start-up), samples/s = batch / that median, and the ours / open_clip ratio of those. Neither
+model is scored: a few steps give a meaningless zero-shot top-1.
 
 Matched: the training pairs (the digits' training split, written as the same PNG bytes plus a
-CSV for open_clip_train), the towers (benchmarks/vs_openclip.py's OPEN_CLIP_MODEL["vit-debug"]:
-same parameter count and forward FLOPs), the global batch, the number of optimizer steps
+CSV for open_clip_train), the towers (benchmarks/vs_openclip.py's OPEN_CLIP_MODEL[--model]: same
+parameter count and forward FLOPs), the global batch, the number of optimizer steps
 (open_clip_train counts whole epochs of floor(pairs / batch) steps, as ours does; a --steps that
 is not a whole number of epochs cannot be matched and the difference is reported), the
 learning rate, linear warmup from 0 then cosine to 0 (both compute the same formula), weight
-decay with open_clip's no-decay groups, AdamW betas and eps, gradient clipping, fp32, one
-training process, the DataLoader workers, the seed, CLIP's mean and std, the BPE tokenizer
-(the same token rows for every caption and prompt), and the random resized crop to 32 px: area
-scale from the plan (the smoke recipe's 0.8-1, given to open_clip_train with --aug-cfg in place
-of its default 0.9-1), aspect 3/4-4/3, bicubic; neither side flips or jitters for CLIP.
+decay with open_clip's no-decay groups, AdamW betas and eps, gradient clipping, the precision
+(fp32, or bf16 as noted below), one training process, the DataLoader workers, the seed, CLIP's
+mean and std, the BPE tokenizer (the same token rows for every caption and prompt), and the
+random resized crop to the towers' size: area scale from the plan, given to open_clip_train
+with --aug-cfg (vit-debug's smoke recipe: 0.8-1 in place of its default 0.9-1; ViT-B/32: open_clip's
+0.9-1), aspect 3/4-4/3, bicubic; neither side flips or jitters for CLIP.
 
-What is not matched (NOT_MATCHED below, also written into the JSON): initial weights, sample
-order, the decode and augmentation code (open_clip_train: PIL and torchvision in its DataLoader
-workers; ours: DALI's CPU pipeline), the work inside each wall time beyond training, the
+Not matched (NOT_MATCHED and the mode's own list below, also in the JSON): initial weights, sample
+order, decode and augmentation code, bf16's form, the work in each wall time beyond training, the
 optimizer's implementation, and a few details of the towers.
 
-Zero-shot top-1 is scored here for both the same way: the held-out split decoded once with our
-evaluation transform (engine/data/eval_set.py), our class prompts and tokenizer, and
-engine/eval/evaluate.py; only the model differs. Ours' own last logged zeroshot_top1 is
+Without --step-times, zero-shot top-1 is scored for both the same way: the held-out split decoded
+once with our evaluation transform (engine/data/eval_set.py), our class prompts and tokenizer,
+and engine/eval/evaluate.py; only the model differs. Ours' own last logged zeroshot_top1 is
 reported beside it as a cross-check. Samples/s: the mean over the log intervals of ours
 (plan's log_every steps) after the first, for open_clip_train from its per-step log lines
 grouped into the same intervals; "end to end" is steps x batch / wall time.
 """
 import argparse
-import csv
-import importlib.util
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,22 +62,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.openclip_train import (  # noqa: E402
+    NormalisedEmbeddings, csv_limit, missing_packages, open_clip_towers, openclip_command, openclip_epochs,
+    openclip_model, openclip_precision, parse_openclip_log, steps_per_epoch, write_training_csv)
 from benchmarks.versions import versions  # noqa: E402
 
-OPEN_CLIP_NAME = "clipzero-vit-debug"   # the name the towers are registered under in open_clip
-OUR_PRESET = "vit-debug"
-# Modules open_clip_train imports at start-up that open_clip itself does not need (pip names).
-OPEN_CLIP_TRAIN_NEEDS = ("pandas", "braceexpand", "webdataset", "fsspec", "tqdm", "torchvision")
-# Registers the config, then runs open_clip_train exactly as its own command line would.
-OPEN_CLIP_WRAPPER = ("import sys; from open_clip import add_model_config; add_model_config(sys.argv[1]); "
-                     "from open_clip_train.main import main; sys.exit(1 if main(sys.argv[2:]) == -1 else 0)")
-# One step's line of open_clip_train's log; the number captured is that step's samples/s.
-TRAIN_LINE = re.compile(r"Train Epoch: \d+ \[.*?\] .*?Batch \(t\): [\d.]+, ([\d.eE+-]+)/s")
 TARGET_SPEEDUP = 1.2   # issue 18's target for ours / open_clip samples/s; reported, never enforced
 # What open_clip_train was given, from our plan (written into the JSON).
 PLAN_KEYS = ("global_batch", "total_steps", "lr", "min_lr", "warmup_steps", "warmup_start_lr", "weight_decay",
-             "betas", "eps", "grad_clip", "crop_scale", "precision", "workers", "optimizer", "zero_stage",
-             "log_every", "eval_every", "checkpoint_every")
+             "betas", "eps", "grad_clip", "crop_scale", "image_size", "precision", "grad_dtype", "fp32_parts",
+             "workers", "optimizer", "zero_stage", "log_every", "eval_every", "checkpoint_every")
 NOT_MATCHED = (
     "initial weights: timm's ViT and transformers' CLIP text initialisers (ours) against open_clip's; "
     "the same seed, different draws",
@@ -79,44 +82,58 @@ NOT_MATCHED = (
     "workers hand encoded bytes and crop windows to DALI's CPU pipeline (cubic, antialiased) in the training "
     "process, which runs its own threads. The crop distribution is the same (the plan's scale, aspect 3/4 to "
     "4/3), not the draws",
+    "precision: where ours is bf16, open_clip_train's amp_bf16 is torch's bf16 autocast around fp32 weights, "
+    "gradients and AdamW; ours is the plan's bf16 in the form the JSON's plan records (zero_stage, grad_dtype, "
+    "fp32_parts; engine/plan/precision.py): without ZeRO the same autocast around fp32 weights, under ZeRO bf16 "
+    "weights stepped through fp32 master weights. Both are fp32 where the plan's is",
+    "optimizer step: ours is DeepSpeed's engine at the plan's ZeRO stage around the plan's AdamW "
+    "implementation (both in the JSON's plan); open_clip_train calls torch AdamW with its defaults (on the "
+    "CPU, the per-tensor loop)",
+    "weight decay on the class token: timm's ([1, 1, width]) decays, open_clip's (1-D) is in the no-decay group",
+    "the towers are the same layout and parameter count in different code (timm and transformers against "
+    "open_clip's own modules)",
+)
+WHOLE_RUN_NOT_MATCHED = (
     "work inside the wall time beyond training: both sides are one process that writes one checkpoint at the "
     "end; ours also evaluates the held-out set once at the end, open_clip_train evaluates nothing (with "
     "--user-defaults ours starts through the deepspeed launcher and evaluates and checkpoints at the plan's "
     "cadence). The steady-state samples/s leave these pauses out on both sides",
     "logging: open_clip_train logs every step (its per-step times are read from those lines), ours every "
     "plan log_every steps",
-    "optimizer step: ours is DeepSpeed's engine at the plan's ZeRO stage around the plan's AdamW "
-    "implementation (both in the JSON's plan); open_clip_train calls torch AdamW with its defaults (on the "
-    "CPU, the per-tensor loop)",
-    "weight decay on the class token: timm's ([1, 1, 64]) decays, open_clip's (1-D) is in the no-decay group",
-    "the towers are the same layout and parameter count in different code (timm and transformers against "
-    "open_clip's own modules)",
-    "evaluation inputs: both models see our held-out transform (shorter side to 37 px, centre crop 32, CLIP's "
-    "256/224 ratio); open_clip's own evaluation transform would resize to 32 px (here the identity)",
+    "evaluation inputs: both models see our held-out transform (the shorter side to 256/224 of the towers' "
+    "size, then a centre crop to it: 37 and 32 px for vit-debug); open_clip's own evaluation transform would "
+    "resize to the size and crop the centre (for vit-debug, the identity)",
+)
+STEP_TIMES_NOT_MATCHED = (
+    "training pairs: open_clip_train's CSV holds only the first steps x batch pairs in MDS order (its one "
+    "epoch is --steps steps); ours streams the whole training split and draws steps x batch of it in its "
+    "shuffled order",
+    "work around the timed steps: ours starts through the deepspeed launcher, evaluates the held-out split "
+    "and checkpoints once after its last step (with --user-defaults, at the plan's cadence: its timer leaves "
+    "those pauses out of the step times); open_clip_train checkpoints once and evaluates nothing. Only the "
+    "wall times hold this work",
+    "step time resolution: ours' time/step_s is a float, open_clip_train's Batch (t) is logged to the millisecond",
 )
 
 
-def missing_packages() -> list[str]:
-    return [name for name in OPEN_CLIP_TRAIN_NEEDS if importlib.util.find_spec(name) is None]
+def our_step_times(rows: list[dict]) -> list[float]:
+    """Each step's seconds from metrics.jsonl's scalar rows of a run logged every step."""
+    logged = [row for row in rows if "time/step_s" in row]
+    steps = [row["step"] for row in logged]
+    if steps != list(range(1, len(steps) + 1)):
+        raise ValueError(f"metrics.jsonl logs steps {steps}, not every step from 1 (--log-every 1)")
+    return [row["time/step_s"] for row in logged]
 
 
-def steps_per_epoch(pairs: int, batch: int) -> int:
-    """open_clip_train's CSV DataLoader drops the last partial batch: whole batches only."""
-    return pairs // batch
+def steady_median(step_seconds: list[float]) -> float | None:
+    """The median step time after step 1 (start-up); step 1's if it is the only one."""
+    return statistics.median(step_seconds[1:] or step_seconds) if step_seconds else None
 
 
-def openclip_epochs(steps: int, pairs: int, batch: int) -> tuple[int, int]:
-    """(epochs, optimizer steps) for open_clip_train closest to `steps`, at least one epoch."""
-    per_epoch = steps_per_epoch(pairs, batch)
-    if per_epoch < 1:
-        raise ValueError(f"a batch of {batch} is more than the {pairs} training pairs")
-    epochs = max(1, int(steps / per_epoch + 0.5))
-    return epochs, epochs * per_epoch
-
-
-def parse_openclip_log(text: str) -> list[float]:
-    """Per-step samples/s of a run logged every step (--log-every-n-steps 1), in step order."""
-    return [float(match.group(1)) for match in TRAIN_LINE.finditer(text)]
+def default_out(model: str, step_times: bool) -> Path:
+    """benchmarks/results/e2e_openclip_cpu[_vitb32][_steps].json (vit-debug's name has no model part)."""
+    model_part = "" if model == "vit-debug" else "_" + model.replace("-", "")
+    return ROOT / "benchmarks" / "results" / f"e2e_openclip_cpu{model_part}{'_steps' if step_times else ''}.json"
 
 
 def interval_rates(step_rates: list[float], batch: int, interval: int) -> list[float]:
@@ -137,25 +154,6 @@ def steady_rate(rates: list[float]) -> float | None:
     return sum(later) / len(later)
 
 
-def write_training_csv(train_mds: Path, folder: Path) -> tuple[Path, int]:
-    """The training split as image files plus a CSV of (filepath, title), in MDS order."""
-    from streaming import LocalDataset
-
-    dataset = LocalDataset(local=str(train_mds))
-    images = folder / "images"
-    images.mkdir(parents=True)
-    table = folder / "train.csv"
-    with table.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["filepath", "title"])
-        for index in range(len(dataset)):
-            sample = dataset[index]
-            path = images / f"{index:06d}.png"   # the built-in set's "jpg" column holds PNG bytes
-            path.write_bytes(sample["jpg"])
-            writer.writerow([str(path), sample["txt"]])
-    return table, len(dataset)
-
-
 def timed(command: list[str], log: Path) -> float:
     """Run a command from the repository root, its output into `log`; wall seconds, or exit."""
     started = time.perf_counter()
@@ -172,13 +170,18 @@ def timed(command: list[str], log: Path) -> float:
 def our_command(args, run_dir: Path) -> list[str]:
     """One training process, as open_clip_train's, evaluating and checkpointing once at the end
     as open_clip_train's command checkpoints once; with --user-defaults, the README's command
-    (the deepspeed launcher) at the plan's evaluation and checkpoint cadence."""
-    common = ["launchers/pretrain.py", "--model", OUR_PRESET, "--steps", str(args.steps),
+    (the deepspeed launcher) at the plan's evaluation and checkpoint cadence. --step-times: the
+    deepspeed launcher as a user runs it, logging every step."""
+    common = ["launchers/pretrain.py", "--model", args.model, "--steps", str(args.steps),
               "--global-batch", str(args.global_batch), "--workers", str(args.workers), "--seed", str(args.seed),
               "--out", str(run_dir)]
     common += shlex.split(args.our_flags)
     if not args.user_defaults:
-        return [sys.executable, *common, "--eval-every", str(args.steps), "--checkpoint-every", str(args.steps)]
+        common += ["--eval-every", str(args.steps), "--checkpoint-every", str(args.steps)]
+    if args.step_times:
+        common += ["--log-every", "1"]
+    if not (args.user_defaults or args.step_times):
+        return [sys.executable, *common]
     from engine.dist import free_port   # the launcher's default port may be another job's
 
     launcher = Path(sys.executable).with_name("deepspeed")
@@ -186,57 +189,7 @@ def our_command(args, run_dir: Path) -> list[str]:
             "--master_port", str(free_port()), *common]
 
 
-def openclip_command(plan: dict, table: Path, logs: Path, config: Path, epochs: int, args) -> list[str]:
-    beta1, beta2 = plan["betas"]
-    low, high = plan["crop_scale"]
-    command = [sys.executable, "-c", OPEN_CLIP_WRAPPER, str(config),
-               "--train-data", str(table), "--dataset-type", "csv", "--csv-separator", ",",
-               "--csv-img-key", "filepath", "--csv-caption-key", "title",
-               "--model", OPEN_CLIP_NAME, "--device", "cpu", "--precision", "fp32",
-               "--batch-size", str(args.global_batch), "--epochs", str(epochs),
-               "--workers", str(args.workers), "--seed", str(args.seed),
-               "--lr", repr(plan["lr"]), "--warmup", str(plan["warmup_steps"]), "--lr-scheduler", "cosine",
-               "--wd", repr(plan["weight_decay"]), "--beta1", repr(beta1), "--beta2", repr(beta2),
-               "--eps", repr(plan["eps"]), "--aug-cfg", f"scale=({low!r},{high!r})",
-               "--logs", str(logs), "--name", "openclip", "--log-every-n-steps", "1",
-               "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0"]
-    if plan.get("grad_clip"):
-        command += ["--grad-clip-norm", repr(plan["grad_clip"])]
-    return command
-
-
-def open_clip_towers(config: Path):
-    """Our vit-debug towers as open_clip builds them, registered from `config` as the wrapper does."""
-    import open_clip
-
-    open_clip.add_model_config(config)
-    return open_clip.create_model(OPEN_CLIP_NAME, precision="fp32", device="cpu")
-
-
-class NormalisedEmbeddings:
-    """An open_clip model with the unit-length embeddings engine/eval/evaluate.py expects."""
-
-    def __init__(self, model):
-        self.model = model
-
-    @property
-    def training(self) -> bool:
-        return self.model.training
-
-    def eval(self):
-        self.model.eval()
-
-    def train(self, mode: bool = True):
-        self.model.train(mode)
-
-    def encode_image(self, images):
-        return self.model.encode_image(images, normalize=True)
-
-    def encode_text(self, tokens):
-        return self.model.encode_text(tokens, normalize=True)
-
-
-def score_both(heldout: Path, run_dir: Path, openclip_checkpoint: Path, config: Path) -> dict:
+def score_both(heldout: Path, run_dir: Path, openclip_checkpoint: Path, model: tuple[str, str]) -> dict:
     """Held-out metrics of both trained models on the same decoded images, prompts and tokens."""
     import torch
 
@@ -248,7 +201,7 @@ def score_both(heldout: Path, run_dir: Path, openclip_checkpoint: Path, config: 
     eval_set = load_eval_set(heldout, ours.image_size)
     state = torch.load(openclip_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     state = {name.removeprefix("module."): value for name, value in state.items()}
-    theirs = open_clip_towers(config)
+    theirs = open_clip_towers(model)
     theirs.load_state_dict(state)
     device = torch.device("cpu")
     return {"ours": evaluate(ours.model, eval_set, ours.tokenizer, device, ours.clean_text),
@@ -256,12 +209,12 @@ def score_both(heldout: Path, run_dir: Path, openclip_checkpoint: Path, config: 
             "images": len(eval_set.captions), "ours_checkpoint_step": ours.step}
 
 
-def read_our_metrics(run_dir: Path) -> tuple[list[float], dict | None]:
-    """(samples/s of each log interval, the last evaluation line)."""
+def read_our_metrics(run_dir: Path) -> tuple[list[float], dict | None, list[dict]]:
+    """(samples/s of each log interval, the last evaluation line, all the scalar lines)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rates = [row["samples_per_s"] for row in rows if "samples_per_s" in row and "kind" not in row]
+    rows = [row for row in rows if "kind" not in row]
     evaluations = [row for row in rows if "zeroshot_top1" in row]
-    return rates, (evaluations[-1] if evaluations else None)
+    return [row["samples_per_s"] for row in rows if "samples_per_s" in row], (evaluations or [None])[-1], rows
 
 
 def ratio(a, b):
@@ -270,58 +223,80 @@ def ratio(a, b):
 
 def table(report: dict) -> str:
     rows = [("ours", report["ours"]), ("open_clip_train", report["open_clip"])]
+    r = report["ratios"]
+    if "step_s" in report["ours"]:
+        lines = ["| side | precision | median step (s), steps 2..N | samples/s | wall (s) |",
+                 "|---|---|---|---|---|"]
+        lines += [f"| {name} | {side['precision']} | {side['median_step_s']:.3f} | {side['samples_per_s']:.2f} | "
+                  f"{side['wall_s']:.1f} |" for name, side in rows]
+        lines.append(f"| ours / open_clip | | | {r['samples_per_s']:.2f} | {r['wall_s']:.2f} |")
+        return "\n".join(lines + [f"{name} step times (s): {' '.join(f'{t:.3f}' for t in side['step_s'])}"
+                                  for name, side in rows])
     lines = ["| side | steps | wall (s) | samples/s, steady | samples/s, end to end | zero-shot top-1 |",
              "|---|---|---|---|---|---|"]
     for name, side in rows:
         lines.append(f"| {name} | {side['steps']} | {side['wall_s']:.1f} | {side['samples_per_s']:.1f} | "
                      f"{side['end_to_end_samples_per_s']:.1f} | {side['zeroshot_top1']:.3f} |")
-    r = report["ratios"]
     lines.append(f"| ours / open_clip | | {r['wall_s']:.2f} | {r['samples_per_s']:.2f} | "
                  f"{r['end_to_end_samples_per_s']:.2f} | {r['zeroshot_top1']:.2f} |")
     return "\n".join(lines)
 
 
 def run_both(args, work: Path) -> dict:
-    """Ours, then open_clip_train with ours' plan, then both models scored; the raw results."""
-    from benchmarks.vs_openclip import OPEN_CLIP_MODEL
+    """Ours, then open_clip_train with ours' plan, then (without --step-times) both models scored;
+    the raw results."""
     from engine.data.embedded import ensure_digits
 
     digits = ensure_digits()
-    table_path, pairs = write_training_csv(digits.train, work / "csv")
-    epochs, openclip_steps = openclip_epochs(args.steps, pairs, args.global_batch)
-    config = work / f"{OPEN_CLIP_NAME}.json"
-    config.write_text(json.dumps(OPEN_CLIP_MODEL[OUR_PRESET]))
+    batch = args.global_batch
+    limit = csv_limit(args.steps, batch, args.step_times)
+    table_path, pairs = write_training_csv(digits.train, work / "csv", limit)
+    epochs, openclip_steps = openclip_epochs(args.steps, pairs, batch)
+    model = openclip_model(args.model, work)
 
     run_dir = work / "ours"
     ours = our_command(args, run_dir)
     print("ours:", " ".join(ours), flush=True)
     our_wall = timed(ours, work / "ours.log")
     plan = json.loads((run_dir / "plan.json").read_text())
-    our_rates, last_eval = read_our_metrics(run_dir)
+    our_rates, last_eval, our_rows = read_our_metrics(run_dir)
+    precision = args.openclip_precision or openclip_precision(plan["precision"])
 
     logs = work / "openclip_logs"
-    theirs = openclip_command(plan, table_path, logs, config, epochs, args)
+    theirs = openclip_command(plan, table_path, logs, model, epochs, precision, args)
     print("open_clip_train:", " ".join(theirs), flush=True)
     openclip_wall = timed(theirs, work / "openclip.log")
-    step_rates = parse_openclip_log((logs / "openclip" / "out.log").read_text())
+    log_text = (logs / "openclip" / "out.log").read_text()
+    step_rates = parse_openclip_log(log_text)
     if len(step_rates) != openclip_steps:
         print(f"warning: {len(step_rates)} step lines in open_clip_train's log, {openclip_steps} expected",
               file=sys.stderr)
 
-    print("scoring both models on the held-out split", flush=True)
-    scores = score_both(digits.heldout, run_dir, logs / "openclip" / "checkpoints" / f"epoch_{epochs}.pt", config)
-    batch = args.global_batch
-    sides = {}
-    for name, command, wall, steps, rates, metrics in (
-            ("ours", ours, our_wall, plan["total_steps"], our_rates, scores["ours"]),
-            ("open_clip", theirs, openclip_wall, openclip_steps,
-             interval_rates(step_rates, batch, plan["log_every"]), scores["open_clip"])):
-        sides[name] = dict(command=command, steps=steps, wall_s=wall, samples_per_s=steady_rate(rates),
-                           end_to_end_samples_per_s=steps * batch / wall, interval_samples_per_s=rates,
-                           zeroshot_top1=metrics["zeroshot_top1"], heldout_metrics=metrics)
-    sides["ours"].update(logged_zeroshot_top1=last_eval and last_eval["zeroshot_top1"],
-                         logged_at_step=last_eval and last_eval["step"],
-                         scored_checkpoint_step=scores["ours_checkpoint_step"])
+    sides = {name: dict(command=command, precision=side_precision, steps=steps, wall_s=wall,
+                        end_to_end_samples_per_s=steps * batch / wall)
+             for name, command, side_precision, steps, wall in (
+                 ("ours", ours, plan["precision"], plan["total_steps"], our_wall),
+                 ("open_clip", theirs, precision, openclip_steps, openclip_wall))}
+    if args.step_times:
+        their_times = parse_openclip_log(log_text, "seconds")
+        for name, times in (("ours", our_step_times(our_rows)), ("open_clip", their_times)):
+            median = steady_median(times)
+            sides[name].update(step_s=times, median_step_s=median, samples_per_s=ratio(batch, median))
+        scoring = dict(heldout_scoring=f"skipped (--step-times): {args.steps} steps give a meaningless zero-shot "
+                       "top-1; ours still evaluates the held-out split at its last step (launchers/pretrain.py "
+                       "has no switch to turn evaluation off), outside its step times")
+    else:
+        print("scoring both models on the held-out split", flush=True)
+        checkpoint = logs / "openclip" / "checkpoints" / f"epoch_{epochs}.pt"
+        scores = score_both(digits.heldout, run_dir, checkpoint, model)
+        their_rates = interval_rates(step_rates, batch, plan["log_every"])
+        for name, rates in (("ours", our_rates), ("open_clip", their_rates)):
+            sides[name].update(samples_per_s=steady_rate(rates), interval_samples_per_s=rates,
+                               zeroshot_top1=scores[name]["zeroshot_top1"], heldout_metrics=scores[name])
+        sides["ours"].update(logged_zeroshot_top1=last_eval and last_eval["zeroshot_top1"],
+                             logged_at_step=last_eval and last_eval["step"],
+                             scored_checkpoint_step=scores["ours_checkpoint_step"])
+        scoring = dict(heldout=str(digits.heldout), heldout_images=scores["images"])
     sides["open_clip"].update(epochs=epochs, steps_per_epoch=steps_per_epoch(pairs, batch))
     notes = []
     if openclip_steps != plan["total_steps"]:
@@ -330,24 +305,31 @@ def run_both(args, work: Path) -> dict:
                      f"so its cosine schedule ends at another step too")
     if plan.get("min_lr"):
         notes.append(f"our schedule ends at min_lr {plan['min_lr']}; open_clip_train's cosine ends at 0")
-    return dict(pairs=pairs, heldout=str(digits.heldout), heldout_images=scores["images"],
-                plan={key: plan[key] for key in PLAN_KEYS}, **sides, notes=notes)
+    if precision != openclip_precision(plan["precision"]):
+        notes.append(f"open_clip_train at --precision {precision} (--openclip-precision), ours at the plan's "
+                     f"{plan['precision']}")
+    return dict(pairs=pairs, **scoring, plan={key: plan[key] for key in PLAN_KEYS}, **sides, notes=notes)
 
 
 def summarise(results: dict) -> dict:
     ours, theirs = results["ours"], results["open_clip"]
-    ratios = {key: ratio(ours[key], theirs[key])
-              for key in ("wall_s", "samples_per_s", "end_to_end_samples_per_s", "zeroshot_top1")}
-    return dict(ratios=ratios, zeroshot_top1_difference=ours["zeroshot_top1"] - theirs["zeroshot_top1"],
-                step_difference=theirs["steps"] - ours["steps"],
-                targets=dict(samples_per_s_ratio_at_least=TARGET_SPEEDUP,
-                             steady_met=(ratios["samples_per_s"] or 0) >= TARGET_SPEEDUP,
-                             end_to_end_met=(ratios["end_to_end_samples_per_s"] or 0) >= TARGET_SPEEDUP,
-                             zeroshot_equal_or_better=ours["zeroshot_top1"] >= theirs["zeroshot_top1"]))
+    scored = "zeroshot_top1" in ours
+    ratios = {key: ratio(ours[key], theirs[key]) for key in ("wall_s", "samples_per_s", "end_to_end_samples_per_s")
+              + (("zeroshot_top1",) if scored else ())}
+    targets = dict(samples_per_s_ratio_at_least=TARGET_SPEEDUP,
+                   steady_met=(ratios["samples_per_s"] or 0) >= TARGET_SPEEDUP,
+                   end_to_end_met=(ratios["end_to_end_samples_per_s"] or 0) >= TARGET_SPEEDUP)
+    summary = dict(ratios=ratios, step_difference=theirs["steps"] - ours["steps"], targets=targets)
+    if scored:
+        summary["zeroshot_top1_difference"] = ours["zeroshot_top1"] - theirs["zeroshot_top1"]
+        targets["zeroshot_equal_or_better"] = ours["zeroshot_top1"] >= theirs["zeroshot_top1"]
+    return summary
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("vit-debug", "vit-b-32"), default="vit-debug",
+                        help="our preset; open_clip_train gets the same towers (vs_openclip.py's OPEN_CLIP_MODEL)")
     parser.add_argument("--steps", type=int, default=110, help="optimizer steps (default: our smoke run's)")
     parser.add_argument("--global-batch", type=int, default=128)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers, both sides")
@@ -358,8 +340,17 @@ def main() -> int:
     parser.add_argument("--user-defaults", action="store_true",
                         help="run ours as the README's command: the deepspeed launcher, evaluations and "
                         "checkpoints at the plan's cadence (default: one process, one of each at the end)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "e2e_openclip_cpu.json"))
+    parser.add_argument("--step-times", action="store_true",
+                        help="time each step as users run them: ours through the deepspeed launcher with "
+                        "--log-every 1, open_clip_train on a CSV of steps x batch pairs; medians of steps 2..N, "
+                        "no held-out scoring")
+    parser.add_argument("--openclip-precision", choices=("amp_bf16", "fp32"),
+                        help="open_clip_train's --precision (default: amp_bf16 where our plan's is bf16, "
+                        "else fp32)")
+    parser.add_argument("--out", help="default: benchmarks/results/e2e_openclip_cpu.json, its name with _vitb32 "
+                        "for --model vit-b-32 and _steps for --step-times")
     args = parser.parse_args()
+    args.out = args.out or str(default_out(args.model, args.step_times))
     missing = missing_packages()
     if missing:
         print(f"open_clip_train needs packages that are not installed: pip install {' '.join(missing)}",
@@ -372,16 +363,18 @@ def main() -> int:
                    load_average_before=os.getloadavg(), **versions("torch", "deepspeed", "dali", "open_clip"))
     results = run_both(args, work)
     machine["load_average_after"] = os.getloadavg()
+    mode_not_matched = STEP_TIMES_NOT_MATCHED if args.step_times else WHOLE_RUN_NOT_MATCHED
     report = dict(machine=machine, arguments=vars(args), **results, **summarise(results),
-                  not_matched=list(NOT_MATCHED))
+                  not_matched=[*NOT_MATCHED, *mode_not_matched])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 
     print(table(report))
     for note in report["notes"]:
         print("note:", note)
-    print(f"ours' own last logged zero-shot top-1: {report['ours']['logged_zeroshot_top1']} "
-          f"(step {report['ours']['logged_at_step']})")
+    if not args.step_times:
+        print(f"ours' own last logged zero-shot top-1: {report['ours']['logged_zeroshot_top1']} "
+              f"(step {report['ours']['logged_at_step']})")
     print(f"written to {args.out}")
     if args.keep:
         print(f"kept {work}")

@@ -127,6 +127,9 @@ def run_open_clip(preset: str, batch: int, steps: int, precision: str, lr: float
 # Not a dial: a variant with keep_one_rank_allreduce=true keeps DeepSpeed's all-reduce over a
 # group of one (engine/dist.skip_reduction_alone), to measure that lever off.
 ONE_RANK_ALLREDUCE = "keep_one_rank_allreduce"
+# Not a dial either: torch_autocast=true trains fp32 weights under DeepSpeed's torch_autocast
+# (bf16), the form open_clip's amp_bf16 takes, to measure it against DeepSpeed's bf16 weights.
+TORCH_AUTOCAST = "torch_autocast"
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -137,7 +140,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
     label, _, settings = text.partition(":")
     kinds = {f.name: f.metadata.get("flag", {}).get("kind", str) for f in dataclasses.fields(Dials)}
-    kinds[ONE_RANK_ALLREDUCE] = lambda value: value.lower() in ("1", "true", "yes")
+    kinds[ONE_RANK_ALLREDUCE] = kinds[TORCH_AUTOCAST] = lambda value: value.lower() in ("1", "true", "yes")
     overrides = {}
     for setting in filter(None, settings.split(",")):
         name, _, value = setting.partition("=")
@@ -173,21 +176,29 @@ def run_ours(preset_name: str, batch: int, steps: int, precision: str, device: t
     import deepspeed
 
     from engine import dist
+    from engine.host_memory import keep_freed_memory
     from engine.models.two_tower import TwoTower
     from engine.plan.deepspeed_config import render
+    from engine.plan.precision import towers_autocast
     from engine.task import Task, align_buffer_dtypes, build_objective
     from engine.train.optim import optimizer_for_plan
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(dist.free_port()))
     dist.init_distributed(600)
+    keep_freed_memory()   # as engine/pretrain.py does
     overrides = dict(overrides)
     keep_allreduce = overrides.pop(ONE_RANK_ALLREDUCE, False)
-    plan, preset, tokenizer = plan_for(preset_name, batch, steps, precision, overrides)
+    autocast = overrides.pop(TORCH_AUTOCAST, False)
+    plan, preset, tokenizer = plan_for(preset_name, batch, steps, "fp32" if autocast else precision, overrides)
+    config = render(plan)
+    if autocast:
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     torch.manual_seed(0)
     model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
+    model.autocast_dtype = torch.bfloat16 if towers_autocast(plan.precision, plan.zero_stage) else None
     task = Task(model, build_objective(plan, model))
-    engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer_for_plan(task, plan), config=render(plan))
+    engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer_for_plan(task, plan), config=config)
     align_buffer_dtypes(engine.module)
     if not keep_allreduce:
         dist.skip_reduction_alone(engine)
@@ -201,7 +212,8 @@ def run_ours(preset_name: str, batch: int, steps: int, precision: str, device: t
     return {"step_s": _timed_steps(step, batches, engine.device, warmup=2),
             "n_params": sum(p.numel() for p in model.parameters()),
             "plan": {k: getattr(plan, k) for k in ("precision", "zero_stage", "optimizer", "micro_batch")},
-            "overrides": {**overrides, **({ONE_RANK_ALLREDUCE: True} if keep_allreduce else {})}}
+            "overrides": {**overrides, **({ONE_RANK_ALLREDUCE: True} if keep_allreduce else {}),
+                          **({TORCH_AUTOCAST: True} if autocast else {})}}
 
 
 def worker(args) -> None:
@@ -318,7 +330,8 @@ def main() -> int:
                         help="settings of ours to run, each against open_clip: the plan's own (a label alone) "
                         "or with dials overridden, e.g. plan zero1:zero_stage=1 fused:optimizer=torch_fused "
                         "(a lever measured on and off; keep_one_rank_allreduce=true, not a dial, keeps DeepSpeed's "
-                        "all-reduce over one rank); the first is the summary's 'ours'")
+                        "all-reduce over one rank; torch_autocast=true, not a dial either, trains fp32 weights "
+                        "under DeepSpeed's bf16 autocast); the first is the summary's 'ours'")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/vs_openclip_{cpu,cuda}.json")
     parser.add_argument("--worker", choices=["ours", "open_clip"], help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)

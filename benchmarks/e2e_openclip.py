@@ -41,7 +41,7 @@ order, decode and augmentation code, bf16's form, the work in each wall time bey
 optimizer's implementation, and a few details of the towers.
 
 Without --step-times, zero-shot top-1 is scored for both the same way: the held-out split decoded
-once with our evaluation transform (engine/data/eval_set.py), our class prompts and tokenizer,
+once with our evaluation transform (engine/eval/eval_set.py), our class prompts and tokenizer,
 and engine/eval/evaluate.py; only the model differs. Ours' own last logged zeroshot_top1 is
 reported beside it as a cross-check. Samples/s: the mean over the log intervals of ours
 (plan's log_every steps) after the first, for open_clip_train from its per-step log lines
@@ -193,7 +193,7 @@ def score_both(heldout: Path, run_dir: Path, openclip_checkpoint: Path, model: t
     """Held-out metrics of both trained models on the same decoded images, prompts and tokens."""
     import torch
 
-    from engine.data.eval_set import load_eval_set
+    from engine.eval.eval_set import load_eval_set
     from engine.eval.evaluate import evaluate
     from engine.eval.load_run import load_run
 

@@ -17,7 +17,7 @@ import torch
 
 from engine import dist
 from engine.data.embedded import ensure_digits
-from engine.data.eval_set import load_eval_set
+from engine.eval.eval_set import load_eval_set
 from engine.data.loader import TrainLoader
 from engine.data.mds import cache_root, describe_mds
 from engine.data.spec import DataSpec

@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 import torch
 
 from engine.errors import UserError
-from engine.data.eval_set import DECODE_BATCH, EvalDecoding
+from engine.eval.eval_set import DECODE_BATCH, EvalDecoding, load_eval_set
 from engine.eval.evaluate import held_out_embeddings
 from engine.eval.images import CaptionedImages, ImageFolder, read_files, read_image_folder, read_karpathy
 from engine.eval.load_run import LoadedRun
@@ -236,7 +236,6 @@ class RetrievalSet:
 def score_retrieval(run: ModelToScore, data: RetrievalSet, device: torch.device | str = "cpu",
                     interrupted: Callable[[], bool] | None = None, ranks: Ranks = ALONE) -> Result:
     if data.karpathy is None:
-        from engine.data.eval_set import load_eval_set
         held_out = load_eval_set(data.path, run.image_size, ranks)  # one caption per image, bad records left out
         whole = held_out_embeddings(run.model, held_out, lambda texts: _tokens(run, texts), device, interrupted)
         image_embeddings, text_embeddings = whole.image, whole.text

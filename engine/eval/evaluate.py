@@ -2,7 +2,7 @@
 in each forward); every rank gets the same numbers and rank 0 logs them.
 
 The work is split over the ranks (engine/eval/shard.py): each rank encodes the images and
-captions of its block of the set (engine/data/eval_set.py loads only that block) and its block
+captions of its block of the set (engine/eval/eval_set.py loads only that block) and its block
 of the zero-shot prompts, and the embeddings are all-gathered, so that every rank scores the
 whole set, as one process would.
 
@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from engine.data.eval_set import EvalSet
+from engine.eval.eval_set import EvalSet
 from engine.eval.retrieval import retrieval_metrics
 from engine.eval.shard import BATCH, encode_in_step, encode_texts, gather_kept
 from engine.eval.zeroshot import class_prompts, classifier_from_prompts, topk_accuracy

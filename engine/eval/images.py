@@ -1,7 +1,7 @@
 """Evaluation inputs that are not an MDS set: an ImageFolder of classes, a Karpathy-split
 caption file, and their decoding with the held-out set's transform.
 
-Images are decoded by engine/data/eval_set.decode_for_eval, as the held-out set is: one the
+Images are decoded by engine/eval/eval_set.decode_for_eval, as the held-out set is: one the
 record check finds unfit is left out and reported, never scored as a miss.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 
-from engine.data.eval_set import Decoded, decode_for_eval
+from engine.eval.eval_set import Decoded, decode_for_eval
 from engine.errors import UserError
 
 # torchvision's ImageFolder extensions; a file of a format DALI cannot read is reported by the check.

@@ -26,11 +26,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.distributed as torch_dist
 
+from engine.errors import EvaluationInterrupted
+
 BATCH = 256   # the most rows one evaluation forward takes
-
-
-class EvaluationInterrupted(Exception):
-    """Every rank stopped evaluating at the same batch because a stop was agreed."""
 
 
 @dataclass(frozen=True)

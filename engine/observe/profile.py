@@ -14,15 +14,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from engine.files import write_atomic
+from engine.plan.resolve import PROFILE_SKIPPED_STEPS, PROFILE_WARMUP_STEPS, first_traced_step
 
-SKIPPED_STEPS = 1   # the process's first step: not recorded
-WARMUP_STEPS = 1    # profiled but dropped: the profiler's own start-up cost lands here
 TABLE_ROWS = 30
-
-
-def first_traced_step(start_step: int) -> int:
-    """The first step (1-based, as logged) a process starting after `start_step` traces."""
-    return start_step + SKIPPED_STEPS + WARMUP_STEPS + 1
 
 
 class StepProfiler:
@@ -35,7 +29,8 @@ class StepProfiler:
         self.folder = run_dir / "profile"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         self._profiler = profile(activities=activities,
-                                 schedule=schedule(wait=SKIPPED_STEPS, warmup=WARMUP_STEPS, active=steps, repeat=1),
+                                 schedule=schedule(wait=PROFILE_SKIPPED_STEPS, warmup=PROFILE_WARMUP_STEPS,
+                                                   active=steps, repeat=1),
                                  on_trace_ready=self._write, record_shapes=True)
         self._profiler.start()
         self.written: Path | None = None

@@ -22,7 +22,6 @@ from engine.objectives.base import OptionContext
 from engine.plan.objective_options import accumulation, check_micro_batch, objective_options
 from engine.plan.optimizer import OptimizerSupport, optimizer_decision
 from engine.plan.precision import cpu_precision, precision_details
-from engine.observe.profile import first_traced_step
 from engine.plan.recipes import Recipe
 from engine.plan.resume import must_match, same_batch_semantics, same_dialled_options, same_stream_shares
 
@@ -328,6 +327,16 @@ def _workers(dials: Dials, hw: Hardware):
     workers = min(8, max(1, per_rank - 1))
     return workers, (f"{hw.cpus_per_node} CPUs / {hw.local_world_size} rank(s) per node, one left "
                      "for the training process (1 to 8)")
+
+
+# The profiler's schedule (engine/observe/profile.py follows it; --profile is checked against it).
+PROFILE_SKIPPED_STEPS = 1   # the process's first step: not recorded
+PROFILE_WARMUP_STEPS = 1    # profiled but dropped: the profiler's own start-up cost lands here
+
+
+def first_traced_step(start_step: int) -> int:
+    """The first step (1-based, as logged) a process starting after `start_step` traces."""
+    return start_step + PROFILE_SKIPPED_STEPS + PROFILE_WARMUP_STEPS + 1
 
 
 def _profile(dials: Dials, total_steps: int):

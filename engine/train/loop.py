@@ -7,7 +7,7 @@ import torch
 import torch.distributed as torch_dist
 
 from engine import dist
-from engine.eval.shard import EvaluationInterrupted
+from engine.errors import EvaluationInterrupted
 from engine.observe.bad_records import BadRecordTally
 from engine.observe.charts import Charts
 from engine.observe.metrics import MetricsWriter

@@ -161,7 +161,7 @@ def test_load_eval_set_decodes_every_heldout_digit(digits):
     from streaming import LocalDataset
 
     from engine.data.embedded import CLASSNAMES, PROMPT_TEMPLATES
-    from engine.data.eval_set import load_eval_set
+    from engine.eval.eval_set import load_eval_set
 
     # image size 28 resizes the 32 px digits' shorter side to round(28 * 256 / 224) = 32 (unchanged)
     # and centre-crops 28, so pixels must equal PIL's decode cropped 2 px from each edge.

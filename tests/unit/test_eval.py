@@ -43,7 +43,7 @@ def test_perfect_pairs_give_full_recall_both_ways():
 def test_evaluation_text_gets_the_training_caption_cleaning():
     """CLIP-Lite trains on lower-cased captions without punctuation: the held-out captions and
     the zero-shot prompts must reach its text tower cleaned the same way."""
-    from engine.data.eval_set import EvalSet
+    from engine.eval.eval_set import EvalSet
     from engine.data.text import ClipTokenizer, strip_punctuation
     from engine.eval.evaluate import evaluate
     from engine.models.presets import for_method, get_preset

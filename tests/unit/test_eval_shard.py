@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from engine.dist import free_port
-from engine.eval.shard import ALONE, EvaluationInterrupted, Ranks, encode_in_step
+from engine.errors import EvaluationInterrupted
+from engine.eval.shard import ALONE, Ranks, encode_in_step
 
 HELD_OUT = 41           # samples: blocks of 21 and 20
 BAD_HELD_OUT = {2: "image", 5: "image", 7: "caption", 30: "image"}   # 3 in rank 0's block, 1 in rank 1's
@@ -159,7 +160,7 @@ def _model(weights: Path):
 
 def _evaluate_everything(sets: dict, weights: Path, ranks: Ranks, interrupted=None) -> dict:
     """Every split evaluation on these sets, with what it encoded: one process or one rank."""
-    from engine.data.eval_set import load_eval_set
+    from engine.eval.eval_set import load_eval_set
     from engine.errors import UserError
     from engine.eval.benchmark import (RetrievalSet, ZeroShotSet, encode_image_files, score_retrieval,
                                        score_zeroshot)

@@ -124,7 +124,7 @@ def test_a_mostly_bad_dataset_stops_early_and_names_the_converter(tmp_path, toke
 
 
 def test_an_eval_set_leaves_its_bad_records_out_and_stays_aligned(hostile):
-    from engine.data.eval_set import load_eval_set
+    from engine.eval.eval_set import load_eval_set
 
     bad = _hostile_records()
     eval_set = load_eval_set(hostile, image_size=16)

@@ -9,7 +9,7 @@ blocks, in parallel and resumably, and publishes the dataset atomically; `report
 
 With a label column (or --synthetic), an integer `cls` column holds each sample's class id and
 `classes.json` ({"classnames": [...], "templates": [...]}) names the classes: the layout the
-built-in held-out set has and `engine/data/eval_set.py` reads for zero-shot evaluation.
+built-in held-out set has and `engine/eval/eval_set.py` reads for zero-shot evaluation.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from engine.errors import UserError
 __all__ = ["convert", "Report", "SUPPORTED_SOURCES"]
 
 MDS_COLUMNS = {"jpg": "bytes", "txt": "str"}
-LABEL_COLUMN = {"cls": "int"}  # the name engine/data/eval_set.py and the built-in held-out set use
+LABEL_COLUMN = {"cls": "int"}  # the name engine/eval/eval_set.py and the built-in held-out set use
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 FORMAT_VERSION = 2  # bump when a change to the converter changes what a job writes: old work is not resumed
 

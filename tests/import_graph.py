@@ -170,6 +170,22 @@ def function_imports(folder: Path) -> dict[str, int]:
     return counts
 
 
+def unexplained_function_imports(folder: Path) -> list[Witness]:
+    """(file, line, first imported module) of each import inside a function with no comment on
+    its own line or the line above: issue 29 asks each one to say why it is deferred."""
+    found = []
+    for path in _sources(folder):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for statement, in_function, type_checking in _imports_of(path):
+            if not in_function or type_checking:
+                continue
+            own, above = lines[statement.lineno - 1], lines[statement.lineno - 2] if statement.lineno > 1 else ""
+            if "#" not in own and not above.lstrip().startswith("#"):
+                module = _imported_modules(statement, path, folder.parent)[0]
+                found.append((path.relative_to(folder.parent).as_posix(), statement.lineno, module))
+    return found
+
+
 def _print_graph(title: str, graph: Graph) -> None:
     components = cycles(graph)
     edges = sum(len(targets) for targets in graph.values())
@@ -192,6 +208,10 @@ def main() -> int:
     print("Import statements inside functions (nearest scope a function; TYPE_CHECKING excluded):")
     for name, counts in per_folder.items():
         print(f"  {name + '/':11} {sum(counts.values()):4}  in {len(counts)} files")
+    unexplained = unexplained_function_imports(engine)
+    print(f"  of engine/'s, {len(unexplained)} without a comment saying why (on their line or the one above):")
+    for file, line, module in unexplained:
+        print(f"    {file}:{line} {module}")
     print("\nTop 15 files of engine/ by imports inside functions:")
     for file, count in Counter(per_folder["engine"]).most_common(15):
         print(f"  {count:4}  {file}")

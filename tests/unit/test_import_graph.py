@@ -2,7 +2,7 @@
 from pathlib import Path
 from textwrap import dedent
 
-from tests.import_graph import cycles, function_imports, unit_graph
+from tests.import_graph import cycles, function_imports, unexplained_function_imports, unit_graph
 
 ENGINE = Path(__file__).resolve().parents[2] / "engine"
 
@@ -137,3 +137,24 @@ def test_the_real_engine_graph_is_built():
     graph = unit_graph(ENGINE)
     assert "plan" in graph
     assert "__init__" not in graph
+
+
+def test_an_import_inside_a_function_is_explained_by_a_comment_on_its_line_or_above(tmp_path):
+    root = package(tmp_path, {
+        "a/one.py": """\
+            import json
+
+            def said_above():
+                # DeepSpeed takes seconds to import: only the training process needs it
+                import deepspeed
+
+            def said_beside():
+                import torch  # deferred: start-up time
+
+            def unsaid():
+                x = 1
+                from engine.b import two
+                return two
+            """,
+    })
+    assert unexplained_function_imports(root) == [("engine/a/one.py", 12, "engine.b")]

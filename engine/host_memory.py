@@ -4,9 +4,9 @@ working set back in.
 A training step on the CPU allocates and frees the same activations and gradients every step,
 many of them megabytes each. glibc's malloc hands such blocks back to the kernel when they are
 freed (blocks above its mmap threshold are unmapped; the top of the heap is trimmed), so the
-next step takes a page fault on every page again: the kernel zeroes and maps each one. Through
-the launcher that cost about a tenth of a ViT-B/32 fp32 step here, in system time, and
-`benchmarks/e2e_openclip.py --step-times` measured it. Raising the mmap threshold to glibc's
+next step takes a page fault on every page again: the kernel zeroes and maps each one, in
+system time that `benchmarks/e2e_openclip.py --step-times` shows as a slower step through the
+launcher than in-process. Raising the mmap threshold to glibc's
 ceiling and the trim threshold to its largest value keeps freed blocks in the heap for the next
 step; the process's resident memory then stays at its high-water mark instead of shrinking
 between steps (processes forked later, such as DataLoader workers, inherit the setting and keep

@@ -68,9 +68,8 @@ def render(plan: "RunPlan") -> dict:
         # DeepSpeed's ZeRO optimizers refuse client optimizers outside its tested list unless
         # told; SGD + Lookahead under ZeRO 1-3 is tested in tests/unit/test_lookahead.py.
         config["zero_allow_untested_optimizer"] = True
-    if towers_autocast(plan.precision, plan.zero_stage):
-        pass  # an fp32 engine: the model runs its towers under bf16 autocast itself
-    elif plan.precision == "bf16":
+    # bf16 without ZeRO is an fp32 engine: the model runs its towers under bf16 autocast itself.
+    if plan.precision == "bf16" and not towers_autocast(plan.precision, plan.zero_stage):
         config["bf16"] = {"enabled": True}
         if plan.grad_dtype == "fp32":
             # Gradients accumulated and all-reduced / reduce-scattered in fp32 (engine/plan/precision.py).

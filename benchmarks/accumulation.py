@@ -78,19 +78,18 @@ def build_task(method: str, model_name: str, batch: int, exact: bool = False):
     gradients by design (towers on calibrated BatchNorm statistics, batch terms off)."""
     import torch
 
-    from engine.models.presets import for_method, get_preset
+    from engine.objectives.method import lookup
     from engine.models.two_tower import TwoTower
     from engine.objectives.clip import ClipObjective
     from engine.objectives.clip_lite import ClipLiteObjective
     from engine.objectives.declip import DeclipObjective
-    from engine.plan.recipes import get_recipe
     from engine.task import Task
 
     torch.manual_seed(0)  # the same weights and batch in every mode
-    preset = for_method(get_preset(model_name), method)
+    preset = lookup(method, model_name).preset
     model = TwoTower(preset, EOT, SOT)
     if method == "declip":
-        objective = DeclipObjective(model, queue_size=dict(get_recipe(method, model_name).options)["queue_size"])
+        objective = DeclipObjective(model, queue_size=dict(lookup(method, model_name).recipe.options)["queue_size"])
         if exact:
             objective.weights = {**objective.weights, "simsiam": 0.0, "mlm": 0.0}
     elif method == "clip-lite":

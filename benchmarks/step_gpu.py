@@ -3,7 +3,7 @@
 For each method x model: resolve the plan on this machine (precision, optimizer, ZeRO stage,
 the micro-batch the recipe's 80 GB anchor gives), build Task + DeepSpeed exactly as
 `engine.pretrain` does, and time optimizer steps at a ladder of micro-batches, recording
-peak memory. Shows whether the anchors in engine/plan/recipes.py fit and how much room is left.
+peak memory. Shows whether the anchors in engine/objectives/recipes.py fit and how much room is left.
 Data loading (DALI, streaming) is left out: the batches are random tensors on the device.
 
     python benchmarks/step_gpu.py --out benchmarks/results/step_gpu.json
@@ -50,28 +50,27 @@ def measure(method: str, model_name: str, micro: int, steps: int, adam: str | No
     from engine.data.text import ClipTokenizer
     from engine.plan.deepspeed_config import render
     from engine.plan.hardware import probe
-    from engine.models.presets import for_method, get_preset
+    from engine.objectives.method import lookup
     from engine.models.two_tower import TwoTower, count_parameters
     from engine.plan.dials import Dials
     from engine.plan.optimizer import probe_optimizer_support
     from engine.plan.resolve import resolve
-    from engine.plan.recipes import get_recipe
-    from engine.task import Task, align_buffer_dtypes, build_objective
+    from engine.task import Task, align_buffer_dtypes
     from engine.train.optim import optimizer_for_plan
 
-    preset = for_method(get_preset(model_name), method)
+    found = lookup(method, model_name)
+    preset, recipe = found.preset, found.recipe
     tokenizer = ClipTokenizer(preset.context_length)
     hw = probe()
-    recipe = get_recipe(method, model_name)
     n_params = count_parameters(preset, tokenizer.eot_id, tokenizer.sot_id)
     adam_choice = adam if recipe.optimizer == "adamw" else None
     plan = resolve(Dials(method=method, model=model_name, global_batch=micro, micro_batch=micro,
-                         steps=steps + 10, optimizer=adam_choice), hw, recipe, n_params=n_params, dataset_size=10**7,
+                         steps=steps + 10, optimizer=adam_choice), hw, found, n_params=n_params, dataset_size=10**7,
                    optimizer_support=probe_optimizer_support(hw), image_size=preset.image_size,
                    text_layers=preset.text_layers, wordnet=None)
     torch.manual_seed(0)
     model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
-    objective = build_objective(plan, model)
+    objective = found.build_objective(model, dict(plan.objective_options), plan.seed)
     task = Task(model, objective)
     optimizer = optimizer_for_plan(task, plan)
     engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, config=render(plan))

@@ -152,19 +152,19 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 def plan_for(preset_name: str, batch: int, steps: int, precision: str | None, overrides: dict | None = None):
     from engine.data.text import ClipTokenizer
-    from engine.models.presets import for_method, get_preset
+    from engine.objectives.method import lookup
     from engine.models.two_tower import count_parameters
     from engine.plan.dials import Dials
     from engine.plan.hardware import probe
-    from engine.plan.recipes import get_recipe
     from engine.plan.optimizer import probe_optimizer_support
     from engine.plan.resolve import resolve
 
-    preset = for_method(get_preset(preset_name), "clip")
+    method = lookup("clip", preset_name)
+    preset = method.preset
     tokenizer = ClipTokenizer(preset.context_length)
     hw = probe()
     plan = resolve(Dials(method="clip", model=preset_name, global_batch=batch, micro_batch=batch,
-                         steps=steps + 10, precision=precision, **(overrides or {})), hw, get_recipe("clip", preset_name),
+                         steps=steps + 10, precision=precision, **(overrides or {})), hw, method,
                    n_params=count_parameters(preset, tokenizer.eot_id, tokenizer.sot_id), dataset_size=10**7,
                    optimizer_support=probe_optimizer_support(hw), image_size=preset.image_size,
                    text_layers=preset.text_layers)
@@ -180,7 +180,8 @@ def run_ours(preset_name: str, batch: int, steps: int, precision: str, device: t
     from engine.models.two_tower import TwoTower
     from engine.plan.deepspeed_config import render
     from engine.plan.precision import towers_autocast
-    from engine.task import Task, align_buffer_dtypes, build_objective
+    from engine.objectives.method import lookup
+    from engine.task import Task, align_buffer_dtypes
     from engine.train.optim import optimizer_for_plan
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -197,7 +198,8 @@ def run_ours(preset_name: str, batch: int, steps: int, precision: str, device: t
     torch.manual_seed(0)
     model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
     model.autocast_dtype = torch.bfloat16 if towers_autocast(plan.precision, plan.zero_stage) else None
-    task = Task(model, build_objective(plan, model))
+    objective = lookup("clip", preset_name).build_objective(model, dict(plan.objective_options), plan.seed)
+    task = Task(model, objective)
     engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer_for_plan(task, plan), config=config)
     align_buffer_dtypes(engine.module)
     if not keep_allreduce:

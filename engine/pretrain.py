@@ -20,7 +20,6 @@ from engine.data.embedded import ensure_digits
 from engine.eval.eval_set import load_eval_set
 from engine.data.loader import TrainLoader
 from engine.data.mds import cache_root, describe_mds
-from engine.data.spec import DataSpec
 from engine.data.streams import data_facts
 from engine.data.text import ClipTokenizer, strip_punctuation
 from engine.plan.deepspeed_config import apply_overrides, render
@@ -33,8 +32,8 @@ from engine.eval.shard import Ranks, first_rows
 from engine.plan.hardware import probe
 from engine.launch import Launch
 from engine.data.wordnet import find_wordnet
-from engine.models.presets import ModelPreset, for_method, get_preset
 from engine.models.two_tower import TwoTower, count_parameters
+from engine.objectives.method import Method, lookup
 from engine.observe.bad_records import BadRecordTally
 from engine.observe.charts import PROBE_PAIRS, Charts, HeldOutProbe
 from engine.observe.flops import count_model_flops, views_encoded
@@ -46,9 +45,7 @@ from engine.plan.optimizer import probe_optimizer_support
 from engine.plan.precision import towers_autocast
 from engine.plan.resolve import RunPlan, resolve
 from engine.plan.resume import check_resumable, describe_reshape
-from engine.plan.recipes import get_recipe
-from engine.task import (Task, align_buffer_dtypes, build_objective, objective_class,
-                         register_zero3_external_parameters)
+from engine.task import Task, align_buffer_dtypes, register_zero3_external_parameters
 from engine.train import checkpoint, faults
 from engine.train.loop import Cadence, train
 from engine.train.optim import optimizer_for_plan
@@ -59,7 +56,7 @@ from engine.train.schedule import warmup_cosine
 class Prepared:
     plan: RunPlan
     ds_config: dict
-    preset: ModelPreset
+    method: Method              # the one lookup of the method: objective, recipe, towers, data needs
     data: str
     eval_data: str | None
     launch: Launch | None
@@ -77,8 +74,8 @@ class RunEnd:
 def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -> Prepared:
     """Resolve the plan and the DeepSpeed config. Raises UserError; writes nothing.
     `launch` says how the ranks were started (engine/launch.py; None: read the environment)."""
-    recipe = get_recipe(dials.method, dials.model)
-    preset = for_method(get_preset(dials.model), dials.method, dials.text_layers)
+    method = lookup(dials.method, dials.model, dials.text_layers)
+    preset = method.preset
     if dials.data is None:
         digits = ensure_digits()
         data, eval_data = str(digits.train), eval_data or str(digits.heldout)
@@ -99,28 +96,21 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
     dataset_size = facts.epoch_size
     tokenizer = ClipTokenizer(preset.context_length)
     hardware = probe(launch, try_gpu_decode=dials.decode_device != "cpu")
-    wordnet = find_wordnet() if objective_class(dials.method).text_aug else None
-    plan = resolve(dials, hardware, recipe,
+    wordnet = find_wordnet() if method.data.text_aug else None
+    plan = resolve(dials, hardware, method,
                    n_params=count_parameters(preset, tokenizer.eot_id, tokenizer.sot_id),
                    dataset_size=dataset_size, full_dataset_size=full_size,
                    optimizer_support=probe_optimizer_support(hardware),
                    image_size=preset.image_size, text_layers=preset.text_layers,
                    wordnet=None if wordnet is None else str(wordnet), launch=launch, data=facts)
     ds_config = apply_overrides(render(plan), dials.ds, world_size=plan.world_size)
-    return Prepared(plan, ds_config, preset, data, eval_data, launch, evals, wordnet)
+    return Prepared(plan, ds_config, method, data, eval_data, launch, evals, wordnet)
 
 
 def default_run_dir(plan: RunPlan, job_id: str | None) -> Path:
     """Keyed by the SLURM job when there is one, so that a requeued job finds its own run."""
     suffix = f"job{job_id}" if job_id else time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{plan.method}-{plan.model}-{suffix}"
-
-
-def data_spec(objective, plan: RunPlan) -> DataSpec:
-    """What the loader must yield for this objective, with the recipe's crop scale."""
-    return DataSpec(image_views=objective.image_views, augment=objective.augment,
-                    crop_scale=plan.crop_scale, text_aug=objective.text_aug, mlm=objective.mlm,
-                    strip_punctuation=objective.strip_punctuation)
 
 
 def seed_everything(seed: int) -> None:
@@ -145,11 +135,12 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
 
 def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_run: bool,
          stop_at_step: int | None) -> RunEnd:
-    plan, preset = prepared.plan, prepared.preset
+    plan, method = prepared.plan, prepared.method
+    preset = method.preset
     job_id = prepared.launch.job_id if prepared.launch is not None else None
     is_main = dist.rank() == 0
     run_dir = Path(out) if out else dist.broadcast_from_rank0(default_run_dir(plan, job_id))
-    saved_plan = check_resumable(run_dir, plan)
+    saved_plan = check_resumable(run_dir, plan, method)
     drills = faults.Drills.from_environment()
 
     if is_main:
@@ -171,7 +162,7 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
     tokenizer = ClipTokenizer(preset.context_length)
     model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
     model.autocast_dtype = torch.bfloat16 if towers_autocast(plan.precision, plan.zero_stage) else None
-    objective = build_objective(plan, model)
+    objective = method.build_objective(model, dict(plan.objective_options), plan.seed)
     task = Task(model, objective)
     optimizer = optimizer_for_plan(task, plan)
     scheduler = warmup_cosine(optimizer, lr=plan.lr, min_lr=plan.min_lr,
@@ -185,7 +176,7 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
         register_zero3_external_parameters(engine.module)
 
     loader = TrainLoader(prepared.data, micro_batch=plan.micro_batch, image_size=plan.image_size,
-                         spec=data_spec(objective, plan), seed=plan.seed, workers=plan.workers,
+                         spec=method.data, seed=plan.seed, workers=plan.workers,
                          decode_device=plan.decode_device, decode_threads=plan.decode_threads,
                          hw_decoder_load=plan.hw_decoder_load, tokenizer=tokenizer,
                          rank=dist.rank(), world_size=dist.world_size(), grad_accum=plan.grad_accum,

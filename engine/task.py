@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from engine.models.two_tower import TwoTower
-from engine.objectives.registry import objective_class
 
 
 class Task(nn.Module):
@@ -85,7 +84,3 @@ def register_zero3_external_parameters(module: nn.Module) -> None:
         if isinstance(child, nn.Embedding):
             register_external_parameter(sub, child.weight)
 
-
-def build_objective(plan, model: TwoTower) -> nn.Module:
-    """The plan's objective with the options the plan resolved for it."""
-    return objective_class(plan.method).from_plan(model, dict(plan.objective_options), plan.seed)

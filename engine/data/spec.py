@@ -39,7 +39,7 @@ class DataSpec:
         if self.augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
         low, high = (float(value) for value in self.crop_scale)
-        # The crop scale comes from a recipe (engine/plan/recipes.py), never from the command
+        # The crop scale comes from a recipe (engine/objectives/recipes.py), never from the command
         # line: a bad one is a mistake in the recipe's code, not in the user's input.
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop scale {tuple(self.crop_scale)} must satisfy 0 < low <= high <= 1.")

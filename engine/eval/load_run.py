@@ -24,9 +24,9 @@ import torch
 
 from engine.data.text import ClipTokenizer, strip_punctuation
 from engine.errors import UserError
-from engine.models.presets import ModelPreset, for_method, get_preset
+from engine.models.presets import ModelPreset
 from engine.models.two_tower import TwoTower
-from engine.task import objective_class
+from engine.objectives.method import Method, lookup
 from engine.train import checkpoint, reshard
 
 _MODULE_FILE = "mp_rank_00_model_states.pt"   # DeepSpeed's whole-module file (no ZeRO-3)
@@ -98,14 +98,14 @@ def module_state(folder: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["module"]
 
 
-def preset_of(plan: dict) -> ModelPreset:
-    """The architecture engine/pretrain.py built for this plan."""
-    return for_method(get_preset(plan["model"]), plan["method"], plan.get("text_layers"))
+def method_of(plan: dict) -> Method:
+    """The method of a saved plan, as engine/pretrain.py looked it up: its towers, its captions."""
+    return lookup(plan["method"], plan["model"], plan.get("text_layers"))
 
 
-def build_model(plan: dict) -> tuple[TwoTower, ClipTokenizer]:
+def build_model(plan: dict, method: Method | None = None) -> tuple[TwoTower, ClipTokenizer]:
     """The TwoTower engine/pretrain.py built for this plan (random weights)."""
-    preset = preset_of(plan)
+    preset = (method or method_of(plan)).preset
     tokenizer = ClipTokenizer(preset.context_length)
     return TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id), tokenizer
 
@@ -113,7 +113,8 @@ def build_model(plan: dict) -> tuple[TwoTower, ClipTokenizer]:
 def load_run(path: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
     run_dir, folder = find_checkpoint(path)
     plan = json.loads((run_dir / "plan.json").read_text())
-    model, tokenizer = build_model(plan)
+    method = method_of(plan)
+    model, tokenizer = build_model(plan, method)
     state = module_state(folder)
     expected = model.state_dict()
     weights = {name[len(_MODEL_PREFIX):]: value for name, value in state.items()
@@ -129,7 +130,7 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
     # Weights may be bf16/fp16 (a module file of a mixed-precision run): evaluate in fp32.
     model.load_state_dict({n: v.to(expected[n].dtype) for n, v in weights.items()})
     model.to(device).eval()
-    clean = strip_punctuation if objective_class(plan["method"]).strip_punctuation else None
+    clean = strip_punctuation if method.data.strip_punctuation else None
     match = _STEP.fullmatch(folder.name)
     return LoadedRun(model, tokenizer, clean, plan, run_dir, folder,
-                     int(match.group(1)) if match else -1, int(plan["image_size"]), preset_of(plan))
+                     int(match.group(1)) if match else -1, int(plan["image_size"]), method.preset)

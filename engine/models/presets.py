@@ -4,10 +4,10 @@ A preset says which timm image tower to build (from config, never downloaded), h
 features reach the shared embedding, and the shape of the text transformer.
 Any other timm model name works too: it gets CLIP's base text tower and a linear projection.
 
-`for_method` adapts a preset to an objective, as the objective declares (its `adapt_preset`:
-DeCLIP adds the MLM mask token to the vocabulary, CLIP-Lite swaps in its critic's towers).
+An objective may change a preset (its `adapt_preset`: DeCLIP adds the MLM mask token to the
+vocabulary, CLIP-Lite swaps in its critic's towers); engine/objectives/method.py applies it.
 """
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import timm
 
@@ -74,22 +74,9 @@ PRESETS = {
 }
 
 
-# The presets small enough to train on a CPU: they take the smoke-run recipes (engine/plan/recipes.py)
+# The presets small enough to train on a CPU: they take the smoke-run recipes (engine/objectives/recipes.py)
 # and CLIP-Lite's debug critic.
 DEBUG_PRESETS = ("debug", "vit-debug")
-
-
-def for_method(preset: ModelPreset, method: str, text_layers: int | None = None) -> ModelPreset:
-    """The preset as `method`'s objective builds it (its `adapt_preset`); `text_layers`
-    overrides the text tower's depth."""
-    from engine.objectives.registry import objective_class   # objectives build on this module
-
-    preset = objective_class(method).adapt_preset(preset)
-    if text_layers is not None:
-        if text_layers < 1:
-            raise UserError(f"--text-layers {text_layers}: give a positive number of layers")
-        preset = replace(preset, text_layers=text_layers)
-    return preset
 
 
 def get_preset(name: str) -> ModelPreset:

@@ -29,7 +29,8 @@ names a method:
   from_plan()       the objective built with the options the plan resolved
 
 A method is registered by name in engine/objectives/registry.py, or given as
-`--method package.module:Class` from the user's own package.
+`--method package.module:Class` from the user's own package; engine/objectives/method.py
+gathers all of it for a run in one lookup.
 """
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -41,13 +42,14 @@ from torch import nn
 
 from engine.models.presets import ModelPreset
 from engine.models.two_tower import TwoTower
+from engine.objectives import recipes
 from kernels.row_blocks import work_dtype
 
 
 @dataclass(frozen=True)
 class OptionContext:
     """What an option's default may depend on."""
-    recipe: object                 # engine.plan.recipes.Recipe: its `options` hold per-recipe defaults
+    recipe: recipes.Recipe         # its `options` hold per-recipe defaults
     dataset_size: int
     wordnet: str | None            # where WordNet was found, if anywhere
 
@@ -102,9 +104,8 @@ class Objective(nn.Module, ABC):
 
     @classmethod
     def recipe(cls, model: str, preset: ModelPreset, smoke: bool):
-        """The recipe (engine/plan/recipes.Recipe) for `model`; `smoke`: a preset small enough for a
+        """The recipe (engine/objectives/recipes.py) for `model`; `smoke`: a preset small enough for a
         CPU. Override where the paper's numbers depend on the towers."""
-        from engine.plan import recipes
         if smoke:
             return recipes.smoke_recipe(**cls.smoke_changes)
         if cls.paper_recipe is None:

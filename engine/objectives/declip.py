@@ -143,7 +143,7 @@ class DeclipObjective(Objective):
         if vocab_size <= MASK_ID:
             raise UserError(f"DeCLIP's text tower needs the mask token (id {MASK_ID}) in its "
                             f"vocabulary, but it has {vocab_size} ids: build the model from "
-                            "engine.models.presets.for_method(preset, 'declip')")
+                            "engine.objectives.method.lookup('declip', model).preset")
         self.projector = simsiam_projector(model.embed_dim)
         self.predictor = simsiam_predictor()
         # Reads the final layer-normed token states, as the reference's text_label_predictor.

@@ -15,6 +15,7 @@ import importlib
 from importlib.metadata import entry_points
 
 from engine.errors import UserError
+from engine.objectives.base import Objective
 
 DEFAULT_METHOD = "clip"
 BUILT_IN = {
@@ -37,8 +38,6 @@ def method_names() -> list[str]:
 
 def objective_class(method: str) -> type:
     """The objective class `method` names (a registered name or `package.module:Class`)."""
-    from engine.objectives.base import Objective
-
     path = BUILT_IN.get(method) or _installed().get(method) or (method if ":" in method else None)
     if path is None:
         raise UserError(f"unknown --method {method!r}: use one of {', '.join(method_names())}, or your own "
@@ -51,3 +50,26 @@ def objective_class(method: str) -> type:
     if not (isinstance(cls, type) and issubclass(cls, Objective)):
         raise UserError(f"--method {method}: {path} is not a subclass of engine.objectives.base.Objective")
     return cls
+
+
+def declared_dials(method: str | None) -> dict:
+    """name -> (Option, [methods declaring it]) of the command-line options over every
+    registered method and `method`; a method that does not import is left to the planner,
+    which says why."""
+    methods = method_names() + ([method] if method and method not in method_names() else [])
+    declared: dict = {}
+    for name in methods:
+        try:
+            cls = objective_class(name)
+        except UserError:
+            continue
+        for option in cls.options:
+            if option.dial:
+                declared.setdefault(option.name, (option, []))[1].append(name)
+    return declared
+
+
+def methods_declaring(option_name: str) -> list[str]:
+    """The built-in methods that take `--<option_name>` on the command line."""
+    return [method for method in BUILT_IN
+            if any(o.name == option_name and o.dial for o in objective_class(method).options)]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from engine import dist
-from engine.plan import recipes
+from engine.objectives import recipes
 from engine.models.presets import ModelPreset
 from engine.models.two_tower import TwoTower
 from engine.objectives.base import Objective, unit_rows

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from engine.errors import UserError
-from engine.objectives.registry import DEFAULT_METHOD, method_names, objective_class
+from engine.objectives.registry import DEFAULT_METHOD, declared_dials, method_names
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 OPTIMIZERS = ("apex_fused", "deepspeed_fused", "torch_fused", "torch", "deepspeed_cpu_adam",
@@ -120,7 +120,7 @@ def add_dial_arguments(parser: argparse.ArgumentParser, method: str | None) -> N
             groups[spec["group"]].add_argument(flag, type=spec["kind"], default=field.default,
                                                choices=spec["choices"], metavar=spec["metavar"], **common)
     options = parser.add_argument_group(OBJECTIVE_OPTIONS)
-    for name, (option, owners) in declared_options(method).items():
+    for name, (option, owners) in declared_dials(method).items():
         options.add_argument(flag_name(name), dest=_OPTION_DEST + name,
                              metavar=(option.kind.__name__.upper() if option.choices is None
                                       else "{" + ",".join(map(str, option.choices)) + "}"),
@@ -145,18 +145,3 @@ def method_in(argv) -> str:
     early.add_argument("--method", default=DEFAULT_METHOD)
     return early.parse_known_args(argv)[0].method
 
-
-def declared_options(method: str | None) -> dict:
-    """name -> (Option, [methods declaring it]) over every registered method and `method`; a
-    method that does not import is left to the planner, which says why."""
-    methods = method_names() + ([method] if method and method not in method_names() else [])
-    declared: dict = {}
-    for name in methods:
-        try:
-            cls = objective_class(name)
-        except UserError:
-            continue
-        for option in cls.options:
-            if option.dial:
-                declared.setdefault(option.name, (option, []))[1].append(name)
-    return declared

@@ -5,7 +5,8 @@ methods that do.
 """
 from engine.errors import UserError
 from engine.objectives.base import Option, OptionContext
-from engine.objectives.registry import BUILT_IN, objective_class
+from engine.objectives.method import Method
+from engine.objectives.registry import methods_declaring
 from engine.plan.dials import ACCUMULATIONS, flag_name as flag
 
 
@@ -20,24 +21,17 @@ def parse_option(option: Option, raw) -> object:
     return value
 
 
-def _owners(name: str) -> list[str]:
-    return [method for method in BUILT_IN
-            if any(o.name == name and o.dial for o in objective_class(method).options)]
-
-
-def objective_options(method: str, given: dict, context: OptionContext) -> list[tuple[str, object, str]]:
+def objective_options(method: Method, given: dict, context: OptionContext) -> list[tuple[str, object, str]]:
     """(name, value, reason) for every option `method` declares, in its order; `given`: the
     options on the command line, by name."""
-    options = objective_class(method).options
-    dials = {o.name for o in options if o.dial}
     for name in given:
-        if name not in dials:
-            owners = _owners(name)
-            where = f"an option of --method {' or '.join(owners)}, not {method}" if owners else \
-                f"not an option of --method {method}"
+        if name not in method.dialled_options:
+            owners = methods_declaring(name)
+            where = f"an option of --method {' or '.join(owners)}, not {method.name}" if owners else \
+                f"not an option of --method {method.name}"
             raise UserError(f"{flag(name)} is {where}: drop it")
     resolved = []
-    for option in options:
+    for option in method.options:
         value = parse_option(option, given[option.name]) if option.name in given else None
         if option.decide is not None:
             value, reason = option.decide(value, context)
@@ -50,14 +44,14 @@ def objective_options(method: str, given: dict, context: OptionContext) -> list[
     return resolved
 
 
-def check_micro_batch(method: str, micro: int, per_rank: int) -> None:
+def check_micro_batch(method: Method, micro: int, per_rank: int) -> None:
     """Heads that normalise over the micro-batch (DeCLIP's SimSiam, CLIP-Lite's critic) and a
     negative drawn from it cannot train on fewer samples than the objective declares."""
-    least = objective_class(method).min_micro_batch
+    least = method.objective.min_micro_batch
     if micro < least:
         hint = (f"--micro-batch {per_rank}" if per_rank >= least
                 else f"a --global-batch of at least {least} per rank")
-        raise UserError(f"--method {method} needs at least {least} samples per micro-batch (its heads use "
+        raise UserError(f"--method {method.name} needs at least {least} samples per micro-batch (its heads use "
                         f"batch statistics): use {hint}")
 
 

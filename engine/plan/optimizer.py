@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from engine.errors import UserError
 from engine.plan.dials import OPTIMIZERS, Dials
 from engine.plan.hardware import Hardware
-from engine.plan.recipes import Recipe
+from engine.objectives.recipes import Recipe
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The one module that decides: dials + hardware + recipe + model/data facts -> RunPlan.
+"""The one module that decides: dials + hardware + method (its recipe) + model/data facts -> RunPlan.
 
 Every derived value is recorded with the fact behind it, so the plan table printed before
 the first step (and plan.json) explains the whole run. Overrides of single decisions win
@@ -19,10 +19,11 @@ from engine.plan.decode import decode_decisions
 from engine.plan.faults import fault_decisions
 from engine.plan.memory import GB, gb, zero_setting
 from engine.objectives.base import OptionContext
+from engine.objectives.method import Method
+from engine.objectives.recipes import Recipe
 from engine.plan.objective_options import accumulation, check_micro_batch, objective_options
 from engine.plan.optimizer import OptimizerSupport, optimizer_decision
 from engine.plan.precision import cpu_precision, precision_details
-from engine.plan.recipes import Recipe
 from engine.plan.resume import must_match, same_batch_semantics, same_dialled_options, same_stream_shares
 
 # The device size that Recipe.micro_batch_80gb was sized for.
@@ -91,7 +92,7 @@ def _show(value: object) -> str:
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
-def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, dataset_size: int,
+def resolve(dials: Dials, hw: Hardware, method: Method, *, n_params: int, dataset_size: int,
             optimizer_support: OptimizerSupport, image_size: int, text_layers: int = 0,
             full_dataset_size: int | None = None, wordnet: str | None = None,
             launch: Launch | None = None, data: DataFacts | None = None) -> RunPlan:
@@ -99,6 +100,7 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
     `full_dataset_size` the whole data set; `wordnet` is the WordNet directory found (DeCLIP's
     EDA), if any; `launch` how the ranks were started (None: planned for `hw` alone, as in a dry
     run); `data` the training data's streams and cache disk (None: one local dataset)."""
+    recipe = method.recipe
     if data is not None and data.epoch_size != dataset_size:
         raise ValueError(f"dataset_size {dataset_size} is not the data's epoch of {data.epoch_size}")
     if (dials.method, dials.model) != (recipe.method, recipe.model):
@@ -131,7 +133,7 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
     precision = decide("precision", *_precision(dials, hw, n_params))
     per_rank = global_batch // hw.world_size
     micro = decide("micro_batch", *_micro_batch(dials, hw, recipe, precision, per_rank))
-    check_micro_batch(recipe.method, micro, per_rank)
+    check_micro_batch(method, micro, per_rank)
     decide("grad_accum", per_rank // micro,
            f"{global_batch:,} = {micro} micro x {per_rank // micro} accum x {hw.world_size} ranks")
     decide("accumulation", *accumulation(dials.accumulation, per_rank // micro))
@@ -160,7 +162,7 @@ def resolve(dials: Dials, hw: Hardware, recipe: Recipe, *, n_params: int, datase
         decide(name, getattr(recipe, name) if applies else None,
                recipe.source if applies else f"not used by {'AdamW' if adam else 'SGD'}")
     options = [Decision(*option) for option in objective_options(
-        recipe.method, dials.objective_options,
+        method, dials.objective_options,
         OptionContext(recipe=recipe, dataset_size=dataset_size, wordnet=wordnet))]
 
     # The loader ends each epoch at a whole optimizer step (engine/data/loader.py), so epochs

@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Callable
 
 from engine.errors import UserError
-from engine.objectives.registry import objective_class
+from engine.objectives.method import Method
 
 
 @dataclasses.dataclass(frozen=True)
 class ResumeRule:
-    """`seen(plan)` is the part of a plan (as plan.json holds it) that must be equal, shown as
-    `label`; `hint(saved)` says which dials continue the saved run."""
-    seen: Callable[[dict], object]
+    """`seen(plan, method)` is the part of a plan (as plan.json holds it) that must be equal,
+    shown as `label` (`method`: this command's, which the saved run must share); `hint(saved)`
+    says which dials continue the saved run."""
+    seen: Callable[[dict, Method], object]
     label: str | None = None
     hint: Callable[[dict], str] = lambda saved: "resume with the same dials"
 
@@ -36,26 +37,27 @@ def _batch_semantics(plan: dict) -> str:
 
 
 same_batch_semantics = ResumeRule(
-    _batch_semantics, label="each step's loss over",
+    lambda plan, method: _batch_semantics(plan), label="each step's loss over",
     hint=lambda saved: f"give --accumulation {saved['accumulation']} and --micro-batch {saved['micro_batch']}")
 
 same_stream_shares = ResumeRule(
-    lambda plan: [tuple(stream[1:]) for stream in plan.get("data_streams", [])],
+    lambda plan, method: [tuple(stream[1:]) for stream in plan.get("data_streams", [])],
     label="data drawn as (proportion, samples per epoch)", hint=lambda saved: "resume with the same --data weights")
 
 
-def _dialled_options(plan: dict) -> dict:
+def _dialled_options(plan: dict, method: Method) -> dict:
     # Only what the user dialled: a decision such as WordNet's presence may change between runs.
-    dialled = {option.name for option in objective_class(plan["method"]).options if option.dial}
-    return {name: value for name, value in (plan.get("objective_options") or {}).items() if name in dialled}
+    # (The method itself must match too, so this command's declares the saved run's options.)
+    return {name: value for name, value in (plan.get("objective_options") or {}).items()
+            if name in method.dialled_options}
 
 
 same_dialled_options = ResumeRule(_dialled_options, label="objective options")
 
 
-def check_resumable(run_dir: Path, plan) -> dict | None:
-    """The saved plan of the run `run_dir` holds, when this command (`plan`, a RunPlan) would
-    resume it; refuses dials that the checkpoint cannot continue."""
+def check_resumable(run_dir: Path, plan, method: Method) -> dict | None:
+    """The saved plan of the run `run_dir` holds, when this command (`plan`, a RunPlan, of
+    `method`) would resume it; refuses dials that the checkpoint cannot continue."""
     saved_path = run_dir / "plan.json"
     if not (run_dir / "checkpoints" / "latest").exists() or not saved_path.exists():
         return None
@@ -63,8 +65,8 @@ def check_resumable(run_dir: Path, plan) -> dict | None:
     for field in dataclasses.fields(plan):
         if "resume" not in field.metadata:
             continue
-        rule = field.metadata["resume"] or ResumeRule(lambda p, name=field.name: p.get(name))
-        before, after = rule.seen(saved), rule.seen(now)
+        rule = field.metadata["resume"] or ResumeRule(lambda p, method, name=field.name: p.get(name))
+        before, after = rule.seen(saved, method), rule.seen(now, method)
         if before != after:
             label = rule.label or field.name
             raise UserError(f"{run_dir} holds a run with {label} {before!r} but this command gives "

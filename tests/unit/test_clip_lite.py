@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.dist import free_port
-from engine.models.presets import for_method, get_preset
+from engine.objectives.method import lookup
 from engine.models.two_tower import TwoTower
 from engine.objectives.clip_lite import ClipLiteObjective, prior_loss
 from engine.task import Task
@@ -37,7 +37,7 @@ def _batch(n: int, seed: int) -> dict:
 
 def _new_model(seed: int = 0) -> TwoTower:
     torch.manual_seed(seed)
-    return TwoTower(for_method(get_preset("debug"), "clip-lite"), EOT, SOT)
+    return TwoTower(lookup("clip-lite", "debug").preset, EOT, SOT)
 
 
 def _calibrated_model() -> TwoTower:

@@ -18,7 +18,7 @@ import kernels.jsd.chunked
 import kernels.knn
 import kernels.siglip
 from engine.data.mlm import MASK_ID, VOCAB_WITH_MASK, mask_tokens
-from engine.models.presets import for_method, get_preset
+from engine.objectives.method import lookup
 from engine.models.two_tower import TwoTower
 from engine.objectives.base import unit_rows
 from engine.objectives.registry import objective_class
@@ -58,7 +58,7 @@ def one_thread():
 
 def _build(method):
     torch.manual_seed(0)
-    preset = for_method(get_preset("debug"), method)
+    preset = lookup(method, "debug").preset
     model = TwoTower(preset, EOT, SOT)
     return preset, model, objective_class(method).from_plan(model, OPTIONS[method], seed=0)
 

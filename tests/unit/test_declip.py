@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from engine.data.mlm import IGNORE_INDEX, MASK_ID, VOCAB_WITH_MASK, mask_tokens
 from engine.dist import free_port
 from engine.errors import UserError
-from engine.models.presets import for_method, get_preset
+from engine.models.presets import get_preset
+from engine.objectives.method import lookup
 from engine.models.two_tower import TwoTower
 from engine.objectives.declip import DeclipObjective
 
@@ -34,7 +35,7 @@ def one_thread():
 def _build(queue_size=48, seed=0, **options):
     """The debug towers and the objective; the objective's defaults unless `options` say otherwise."""
     torch.manual_seed(seed)
-    model = TwoTower(for_method(get_preset("debug"), "declip"), EOT, SOT)
+    model = TwoTower(lookup("declip", "debug").preset, EOT, SOT)
     return model, DeclipObjective(model, queue_size=queue_size, seed=seed, **options)
 
 
@@ -272,7 +273,7 @@ def test_rank_state_round_trip_restores_identical_losses(tmp_path):
 
 def test_a_vocabulary_without_the_mask_token_is_refused():
     model = TwoTower(get_preset("debug"), EOT, SOT)
-    with pytest.raises(UserError, match="for_method"):
+    with pytest.raises(UserError, match="lookup"):
         DeclipObjective(model, queue_size=8)
 
 

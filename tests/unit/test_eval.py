@@ -46,7 +46,7 @@ def test_evaluation_text_gets_the_training_caption_cleaning():
     from engine.eval.eval_set import EvalSet
     from engine.data.text import ClipTokenizer, strip_punctuation
     from engine.eval.evaluate import evaluate
-    from engine.models.presets import for_method, get_preset
+    from engine.objectives.method import lookup
     from engine.models.two_tower import TwoTower
 
     tokenizer = ClipTokenizer(32)
@@ -57,7 +57,7 @@ def test_evaluation_text_gets_the_training_caption_cleaning():
         return tokenizer(texts)
 
     torch.manual_seed(0)
-    model = TwoTower(for_method(get_preset("debug"), "clip-lite"), tokenizer.eot_id, tokenizer.sot_id)
+    model = TwoTower(lookup("clip-lite", "debug").preset, tokenizer.eot_id, tokenizer.sot_id)
     eval_set = EvalSet(images=torch.randn(4, 3, 32, 32), captions=["A Cat.", "the dog!", "A Cat.", "x, y"],
                        labels=torch.tensor([0, 1, 0, 1]), classnames=["cat", "dog"],
                        templates=["a photo of a {}."])

@@ -149,11 +149,11 @@ def sets(tmp_path_factory, digits):
 
 def _model(weights: Path):
     from engine.data.text import ClipTokenizer
-    from engine.models.presets import for_method, get_preset
+    from engine.objectives.method import lookup
     from engine.models.two_tower import TwoTower
 
     tokenizer = ClipTokenizer(32)
-    model = TwoTower(for_method(get_preset("debug"), "clip"), tokenizer.eot_id, tokenizer.sot_id)
+    model = TwoTower(lookup("clip", "debug").preset, tokenizer.eot_id, tokenizer.sot_id)
     model.load_state_dict(torch.load(weights))
     return model.eval(), tokenizer
 
@@ -220,14 +220,14 @@ def _rank(rank: int, world: int, port: int, sets: dict, weights: Path, out_dir: 
 @pytest.fixture(scope="module")
 def evaluated(sets, tmp_path_factory):
     from engine.data.text import ClipTokenizer
-    from engine.models.presets import for_method, get_preset
+    from engine.objectives.method import lookup
     from engine.models.two_tower import TwoTower
 
     out = tmp_path_factory.mktemp("ranks")
     torch.manual_seed(3)
     tokenizer = ClipTokenizer(32)
     weights = out / "weights.pt"
-    torch.save(TwoTower(for_method(get_preset("debug"), "clip"), tokenizer.eot_id, tokenizer.sot_id).state_dict(),
+    torch.save(TwoTower(lookup("clip", "debug").preset, tokenizer.eot_id, tokenizer.sot_id).state_dict(),
                weights)
     mp.spawn(_rank, args=(2, free_port(), sets, weights, out), nprocs=2)
     one = _evaluate_everything(sets, weights, ALONE)

@@ -15,9 +15,9 @@ from engine.export import hf, openclip, plain
 from engine.export.clip_layout import MAPPED_PRESETS, layout_problem
 from engine.export.publish import ExportNotVerified, export
 from engine.export.verify import TOLERANCE
-from engine.models.presets import PRESETS, ModelPreset, for_method, get_preset
+from engine.models.presets import PRESETS, ModelPreset, get_preset
+from engine.objectives.method import lookup
 from engine.models.two_tower import TwoTower
-from engine.plan.recipes import get_recipe
 
 TOKENIZER = ClipTokenizer()
 
@@ -35,7 +35,7 @@ def leftovers(folder):
 @pytest.mark.parametrize("method", ["clip", "declip"])   # DeCLIP: one more token, the MLM mask
 @pytest.mark.parametrize("fmt", ["hf", "open_clip"])
 def test_vit_debug_round_trips_through_the_library(fmt, method, tmp_path):
-    preset = for_method(get_preset("vit-debug"), method)
+    preset = lookup(method, "vit-debug").preset
     model = build(preset)
     with torch.no_grad():   # a scale above CLIP's clamp: the export holds the clamped value's log
         model.logit_scale.log_scale.fill_(5.0)
@@ -86,7 +86,7 @@ def test_the_presets_the_refusal_names_are_the_ones_that_map(method):
     mapped = set()
     for name, preset in PRESETS.items():
         with torch.device("meta"):
-            model = TwoTower(for_method(preset, method), TOKENIZER.eot_id, TOKENIZER.sot_id)
+            model = TwoTower(lookup(method, name).preset, TOKENIZER.eot_id, TOKENIZER.sot_id)
         if layout_problem(model) is None:
             mapped.add(name)
     assert mapped == (set(MAPPED_PRESETS) if method != "clip-lite" else set())
@@ -101,7 +101,7 @@ def _small_non_clip_vit() -> ModelPreset:
 
 @pytest.mark.parametrize("preset, why", [
     (get_preset("debug"), "timm ResNet, not a ViT"),
-    (for_method(get_preset("vit-debug"), "clip-lite"), "CriticProjection"),
+    (lookup("clip-lite", "vit-debug").preset, "CriticProjection"),
     (_small_non_clip_vit(), "LayerNorm before the blocks"),
 ], ids=["debug-resnet", "clip-lite", "imagenet-vit"])
 def test_unmappable_models_are_refused_and_the_fallback_exports(preset, why, tmp_path):
@@ -206,7 +206,7 @@ def test_an_existing_out_is_refused_by_the_launcher_before_the_run_is_read(tmp_p
 
 def test_vit_debug_trains_as_the_other_cpu_preset_does():
     """The smoke-run recipe and CLIP-Lite's debug critic, not ViT-B's 4,096-pair recipe."""
-    assert get_recipe("clip", "vit-debug").lr == get_recipe("clip", "debug").lr
-    assert get_recipe("declip", "vit-debug").options == get_recipe("declip", "debug").options
-    lite = for_method(get_preset("vit-debug"), "clip-lite")
-    assert (lite.text_width, lite.embed_dim) == (for_method(get_preset("debug"), "clip-lite").text_width, 128)
+    assert lookup("clip", "vit-debug").recipe.lr == lookup("clip", "debug").recipe.lr
+    assert lookup("declip", "vit-debug").recipe.options == lookup("declip", "debug").recipe.options
+    lite = lookup("clip-lite", "vit-debug").preset
+    assert (lite.text_width, lite.embed_dim) == (lookup("clip-lite", "debug").preset.text_width, 128)

@@ -9,7 +9,7 @@ from engine.data.text import ClipTokenizer
 from engine.models.presets import ModelPreset, get_preset
 from engine.observe.flops import (TRAINING_PER_FORWARD, ModelFlops, count_model_flops, peak_tflops,
                                   views_encoded)
-from engine.task import objective_class
+from engine.objectives.registry import objective_class
 
 
 def _layers(layers: int, tokens: int, width: int) -> int:

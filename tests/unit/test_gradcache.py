@@ -14,7 +14,7 @@ from torch import nn
 from benchmarks.accumulation import Engine  # DeepSpeed engine's accumulation interface, no optimizer
 from engine.data.mlm import MASK_ID, VOCAB_WITH_MASK, mask_tokens
 from engine.dist import free_port
-from engine.models.presets import for_method, get_preset
+from engine.objectives.method import lookup
 from engine.models.two_tower import TwoTower
 from engine.objectives.clip import ClipObjective
 from engine.objectives.clip_lite import ClipLiteObjective
@@ -59,7 +59,7 @@ def _task(method="clip", towers_train=False, batch_terms=True) -> Task:
     """fp32 debug towers. Unless `towers_train`, their BatchNorm runs on statistics calibrated
     on one batch (so every sample is computed on its own, yet samples differ), no dropout."""
     torch.manual_seed(0)
-    model = TwoTower(for_method(get_preset("debug"), method), EOT, SOT)
+    model = TwoTower(lookup(method, "debug").preset, EOT, SOT)
     if not towers_train:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -78,7 +78,7 @@ def _task(method="clip", towers_train=False, batch_terms=True) -> Task:
 def _batch(method: str, n: int, seed: int) -> dict:
     """Token rows framed as the tokenizer frames them, 32 px images; DeCLIP's second views."""
     g = torch.Generator().manual_seed(seed)
-    context = for_method(get_preset("debug"), method).context_length
+    context = lookup(method, "debug").preset.context_length
     text = torch.zeros(n, context, dtype=torch.long)
     for row in range(n):
         length = int(torch.randint(2, context - 2, (1,), generator=g))

@@ -15,7 +15,7 @@ from engine.errors import UserError
 from engine.plan.dials import Dials
 from engine.plan.resolve import resolve
 from engine.plan.resume import check_resumable
-from engine.plan.recipes import get_recipe
+from engine.objectives.method import lookup
 from tests.unit.test_loader import _assert_same_batches, _loader, _take
 from tests.unit.test_plan import CPU_ONLY, NO_FUSED
 
@@ -149,15 +149,15 @@ def test_other_weights_are_another_order_that_a_run_directory_refuses_to_resume(
 
     def plan(data):
         facts = data_facts(data, seed=5)
-        return resolve(Dials(data=data, global_batch=16, seed=5), CPU_ONLY, get_recipe("clip", "debug"),
+        return resolve(Dials(data=data, global_batch=16, seed=5), CPU_ONLY, lookup("clip", "debug"),
                        n_params=1000, dataset_size=facts.epoch_size, optimizer_support=NO_FUSED, image_size=32,
                        data=facts)
 
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest").write_text("step00000004")
     (tmp_path / "plan.json").write_text(json.dumps(plan(mixture).to_dict()))
-    check_resumable(tmp_path, plan(mixture))
+    check_resumable(tmp_path, plan(mixture), lookup("clip", "debug"))
     with pytest.raises(UserError, match=r"data drawn as \(proportion, samples per epoch\) \[\(0.7, 280\), "
                                         r"\(0.3, 120\)\] but this command gives \[\(0.5, 200\), \(0.5, 200\)\]: resume "
                                         r"with the same --data weights"):
-        check_resumable(tmp_path, plan(f"{alpha}:0.5,{beta}:0.5"))
+        check_resumable(tmp_path, plan(f"{alpha}:0.5,{beta}:0.5"), lookup("clip", "debug"))

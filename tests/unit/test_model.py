@@ -98,9 +98,9 @@ def _framed(rows, context):
 
 def test_declip_preset_adds_the_mask_token_to_the_vocabulary():
     from engine.data.mlm import MASK_ID, VOCAB_WITH_MASK
-    from engine.models.presets import for_method
+    from engine.objectives.method import lookup
 
-    preset = for_method(get_preset("debug"), "declip")
+    preset = lookup("declip", "debug").preset
     assert preset.vocab_size == VOCAB_WITH_MASK
     model = TwoTower(preset, EOT, SOT).eval()
     out = model.text_outputs(_framed([[SOT, MASK_ID, 320, EOT]], 77))
@@ -110,11 +110,11 @@ def test_declip_preset_adds_the_mask_token_to_the_vocabulary():
 
 
 def test_clip_lite_towers_bert_cls_pooling_critic_projections_unclamped_scale():
-    from engine.models.presets import for_method
+    from engine.objectives.method import lookup
 
-    preset = for_method(get_preset("debug"), "clip-lite", text_layers=3)
+    preset = lookup("clip-lite", "debug", 3).preset
     assert (preset.text_tower, preset.image_projection, preset.text_layers) == ("bert", "critic", 3)
-    assert for_method(get_preset("rn50"), "clip-lite").image_tower == "resnet50"
+    assert lookup("clip-lite", "rn50").preset.image_tower == "resnet50"
     torch.manual_seed(0)
     model = TwoTower(preset, EOT, SOT).eval()
     assert len(model.text.transformer.encoder.layer) == 3

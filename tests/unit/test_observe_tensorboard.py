@@ -14,7 +14,7 @@ from engine.data.dali import CLIP_MEAN, CLIP_STD
 from engine.data.mlm import IGNORE_INDEX, MASK_ID
 from engine.data.text import ClipTokenizer
 from engine.plan.hardware import Hardware
-from engine.models.presets import for_method, get_preset
+from engine.objectives.method import lookup
 from engine.models.two_tower import TwoTower
 from engine.observe.charts import Charts, HeldOutProbe
 from engine.observe.metrics import MetricsWriter
@@ -22,7 +22,6 @@ from engine.observe.visuals import CELL, GAP, heatmap
 from engine.plan.dials import Dials
 from engine.plan.optimizer import OptimizerSupport
 from engine.plan.resolve import resolve
-from engine.plan.recipes import get_recipe
 
 
 def _events(run_dir):
@@ -50,7 +49,7 @@ def _png(encoded: bytes) -> np.ndarray:
 def _h100_plan():
     hardware = Hardware("cuda", "NVIDIA H100 80GB HBM3", 80 * 2**30, (9, 0), True, world_size=8,
                         local_world_size=8, nodes=1, cpus_per_node=64)
-    return resolve(Dials(model="vit-b-32"), hardware, get_recipe("clip", "vit-b-32"), n_params=151_000_000,
+    return resolve(Dials(model="vit-b-32"), hardware, lookup("clip", "vit-b-32"), n_params=151_000_000,
                    dataset_size=15_000_000, optimizer_support=OptimizerSupport(True, True, True), image_size=224)
 
 
@@ -136,7 +135,7 @@ def test_the_first_batchs_views_are_drawn_side_by_side_with_their_text_views(tmp
 
 
 def test_evaluation_draws_the_similarity_heatmap_and_the_norms_of_a_fixed_batch(tmp_path):
-    preset = for_method(get_preset("debug"), "clip")
+    preset = lookup("clip", "debug").preset
     tokenizer = ClipTokenizer(preset.context_length)
     torch.manual_seed(0)
     model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)

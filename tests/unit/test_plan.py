@@ -11,7 +11,7 @@ from engine.plan.dials import Dials
 from engine.plan.memory import MODEL_STATE_BUDGET_FRACTION
 from engine.plan.optimizer import OptimizerSupport, probe_optimizer_support
 from engine.plan.resolve import REFERENCE_DEVICE_BYTES, resolve
-from engine.plan.recipes import get_recipe
+from engine.objectives.method import lookup
 
 GIB = 2**30
 H100_X8 = Hardware("cuda", "NVIDIA H100 80GB HBM3", 80 * GIB, (9, 0), True,
@@ -38,7 +38,7 @@ def plan_for(hw, dials=None, *, n_params=None, dataset_size=None, support=None, 
     n_params = n_params or (500_000 if debug else VIT_B32_PARAMS)
     dataset_size = dataset_size or (1_500 if debug else 15_000_000)
     support = support or (ALL_FUSED if hw.accelerator == "cuda" else NO_FUSED)
-    return resolve(dials, hw, get_recipe(dials.method, dials.model), n_params=n_params,
+    return resolve(dials, hw, lookup(dials.method, dials.model), n_params=n_params,
                    dataset_size=dataset_size, optimizer_support=support,
                    image_size=32 if dials.model == "debug" else 224)
 
@@ -110,7 +110,7 @@ def test_optimizer_falls_back_in_order(support, expected):
 @pytest.mark.parametrize("precision", [None, "fp32"])
 def test_micro_batch_is_the_largest_divisor_within_the_memory_scaled_cap(hw, precision):
     plan = plan_for(hw, precision=precision)
-    recipe = get_recipe("clip", "vit-b-32")
+    recipe = lookup("clip", "vit-b-32").recipe
     cap = recipe.micro_batch_80gb * hw.device_memory_bytes / REFERENCE_DEVICE_BYTES
     cap = max(1, int(cap / 2 if plan.precision == "fp32" else cap))
     per_rank = plan.global_batch // plan.world_size
@@ -227,7 +227,7 @@ def test_a_stage_given_alone_adds_offload_only_when_needed():
 
 
 def test_lr_scales_linearly_with_global_batch():
-    recipe = get_recipe("clip", "vit-b-32")
+    recipe = lookup("clip", "vit-b-32").recipe
     assert plan_for(H100_X8).lr == recipe.lr
     half = plan_for(H100_X8, global_batch=recipe.global_batch // 2)
     assert half.lr == pytest.approx(recipe.lr / 2)
@@ -254,7 +254,7 @@ def test_epochs_are_counted_in_the_loaders_whole_steps(dataset_size, global_batc
 
 
 def test_warmup_is_the_recipes_but_at_most_10_percent_of_a_short_run():
-    recipe = get_recipe("clip", "vit-b-32")
+    recipe = lookup("clip", "vit-b-32").recipe
     long_run = plan_for(H100_X8, steps=recipe.warmup_steps * 20)
     assert long_run.warmup_steps == recipe.warmup_steps
     short_run = plan_for(H100_X8, steps=recipe.warmup_steps * 2)
@@ -338,13 +338,13 @@ def test_global_batch_larger_than_the_data_is_refused():
                                                   ("clip", "vit-b-99", "vit-b-32")])
 def test_unknown_method_or_model_lists_the_known_ones(method, model, known):
     with pytest.raises(UserError, match=known):
-        get_recipe(method, model)
+        lookup(method, model).recipe
 
 
 @pytest.mark.parametrize("model, vit", [("vit-b-32", True), ("vit-b-16", True), ("rn50", False),
                                         ("vit_small_patch16_224", True), ("resnet18", False)])
 def test_recipe_adam_settings_follow_the_tower_family(model, vit):
-    recipe, vit_recipe, resnet_recipe = (get_recipe("clip", m) for m in (model, "vit-b-32", "rn50"))
+    recipe, vit_recipe, resnet_recipe = (lookup("clip", m).recipe for m in (model, "vit-b-32", "rn50"))
     expected = vit_recipe if vit else resnet_recipe
     assert (recipe.betas, recipe.eps) == (expected.betas, expected.eps)
     assert vit_recipe.betas != resnet_recipe.betas

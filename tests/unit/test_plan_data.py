@@ -13,7 +13,7 @@ from engine.errors import UserError
 from engine.plan.dials import Dials
 from engine.plan.resolve import resolve
 from engine.plan.data import CACHE_DISK_SHARE, data_decisions
-from engine.plan.recipes import get_recipe
+from engine.objectives.method import lookup
 from tests.unit.test_plan import CPU_ONLY, NO_FUSED
 
 MB, GB = 2**20, 2**30
@@ -149,7 +149,7 @@ def _write(out: Path, count: int) -> Path:
 def test_a_mixture_plan_shows_each_stream_and_the_epoch_streaming_draws(tmp_path):
     big, small = _write(tmp_path / "big", 300), _write(tmp_path / "small", 101)
     facts = data_facts(f"{big}:2,{small}:1", seed=3, local_cache=tmp_path / "cache")
-    plan = resolve(Dials(data=f"{big}:2,{small}:1", global_batch=64), CPU_ONLY, get_recipe("clip", "debug"),
+    plan = resolve(Dials(data=f"{big}:2,{small}:1", global_batch=64), CPU_ONLY, lookup("clip", "debug"),
                    n_params=1000, dataset_size=facts.epoch_size, optimizer_support=NO_FUSED, image_size=32, data=facts)
     assert plan.dataset_size == 401
     (first, p_first, n_first), (second, p_second, n_second) = plan.data_streams
@@ -176,7 +176,7 @@ def test_a_mixture_is_checked_dataset_by_dataset(tmp_path):
 def test_the_plan_refuses_a_dataset_size_that_is_not_the_datas_epoch(tmp_path):
     facts = data_facts(str(_write(tmp_path / "one", 40)), seed=0)
     with pytest.raises(ValueError, match="dataset_size 39 is not the data's epoch of 40"):
-        resolve(Dials(global_batch=8), CPU_ONLY, get_recipe("clip", "debug"), n_params=1000, dataset_size=39,
+        resolve(Dials(global_batch=8), CPU_ONLY, lookup("clip", "debug"), n_params=1000, dataset_size=39,
                 optimizer_support=NO_FUSED, image_size=32, data=facts)
 
 

@@ -8,7 +8,7 @@ from engine.errors import UserError
 from engine.launch import from_environment
 from engine.plan.dials import Dials
 from engine.plan.resolve import resolve
-from engine.plan.recipes import get_recipe
+from engine.objectives.method import lookup
 from tests.unit.test_launch import SRUN_2X4
 from tests.unit.test_plan import CPU_ONLY, H100_X8, NO_FUSED, V100_X1, plan_for, reason
 
@@ -50,7 +50,7 @@ def test_an_srun_launch_states_its_rendezvous_and_requeues():
     launch = from_environment(SRUN_2X4)
     hw = dataclasses.replace(CPU_ONLY, world_size=8, local_world_size=4, nodes=2,
                              ranks_from=launch.describe_ranks())
-    plan = resolve(Dials(model="debug", global_batch=128), hw, get_recipe("clip", "debug"), n_params=500_000,
+    plan = resolve(Dials(model="debug", global_batch=128), hw, lookup("clip", "debug"), n_params=500_000,
                    dataset_size=1_500, optimizer_support=NO_FUSED, image_size=32, launch=launch)
     assert plan.rendezvous == "gpu017:18456"
     assert reason(plan, "world_size") == ("2 node(s) x 4 rank(s) per node, from srun (SLURM_STEP_NUM_TASKS, "

@@ -5,7 +5,7 @@ import pytest
 from engine.errors import UserError
 from engine.plan.dials import Dials
 from engine.plan.resolve import resolve
-from engine.plan.recipes import get_recipe
+from engine.objectives.method import lookup
 from tests.unit.test_plan import ALL_FUSED, CPU_ONLY, H100_X8, NO_FUSED
 
 YFCC15M, COCO = 15_000_000, 591_753
@@ -18,7 +18,7 @@ def plan_for(hw, method, model, *, dataset_size, wordnet="/usr/share/wordnet", *
     """`dial_values` may hold objective options by name, as the launcher passes them."""
     options = {k: dial_values.pop(k) for k in OPTION_NAMES if k in dial_values}
     dials = Dials(method=method, model=model, objective_options=options, **dial_values)
-    return resolve(dials, hw, get_recipe(method, model), n_params=150_000_000,
+    return resolve(dials, hw, lookup(method, model), n_params=150_000_000,
                    dataset_size=dataset_size, optimizer_support=ALL_FUSED if hw is H100_X8 else NO_FUSED,
                    image_size=224 if model != "debug" else 32, text_layers=12, wordnet=wordnet)
 
@@ -113,7 +113,7 @@ def test_clip_lite_smoke_run_takes_adamw_and_says_why():
 
 def test_data_fraction_is_shown_with_the_subset_size():
     dials = Dials(method="clip", model="debug", data_fraction=0.1)
-    plan = resolve(dials, CPU_ONLY, get_recipe("clip", "debug"), n_params=1, dataset_size=150,
+    plan = resolve(dials, CPU_ONLY, lookup("clip", "debug"), n_params=1, dataset_size=150,
                    full_dataset_size=1497, optimizer_support=NO_FUSED, image_size=32)
     assert plan.data_fraction == 0.1 and "150 of 1,497 pairs" in plan.table()
 

@@ -5,8 +5,13 @@ import json
 import pytest
 
 from engine.errors import UserError
+from engine.objectives.method import lookup
 from engine.plan.resume import check_resumable, describe_reshape
 from tests.unit.test_plan import CPU_ONLY, plan_for
+
+
+def resumable(run_dir, plan):
+    return check_resumable(run_dir, plan, lookup(plan.method, plan.model))
 
 
 def _run_dir_with_checkpoint(tmp_path, plan):
@@ -18,7 +23,7 @@ def _run_dir_with_checkpoint(tmp_path, plan):
 
 def test_same_dials_resume(tmp_path):
     plan = plan_for(CPU_ONLY, global_batch=64)
-    check_resumable(_run_dir_with_checkpoint(tmp_path, plan), plan_for(CPU_ONLY, global_batch=64))
+    resumable(_run_dir_with_checkpoint(tmp_path, plan), plan_for(CPU_ONLY, global_batch=64))
 
 
 @pytest.mark.parametrize("changed", [dict(global_batch=32), dict(seed=1), dict(steps=50)])
@@ -26,12 +31,12 @@ def test_changed_dials_name_the_value_and_the_way_out(tmp_path, changed):
     run_dir = _run_dir_with_checkpoint(tmp_path, plan_for(CPU_ONLY, global_batch=64, steps=40))
     dials = dict(global_batch=64, steps=40) | changed
     with pytest.raises(UserError, match="new --out"):
-        check_resumable(run_dir, plan_for(CPU_ONLY, **dials))
+        resumable(run_dir, plan_for(CPU_ONLY, **dials))
 
 
 def test_a_directory_without_checkpoint_starts_afresh(tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps(plan_for(CPU_ONLY, global_batch=64).to_dict()))
-    check_resumable(tmp_path, plan_for(CPU_ONLY, global_batch=32))
+    resumable(tmp_path, plan_for(CPU_ONLY, global_batch=32))
 
 
 def test_another_number_of_ranks_or_split_of_the_same_global_batch_resumes(tmp_path):
@@ -39,17 +44,17 @@ def test_another_number_of_ranks_or_split_of_the_same_global_batch_resumes(tmp_p
     saved = plan_for(two_ranks, global_batch=64)
     run_dir = _run_dir_with_checkpoint(tmp_path, saved)
     one_rank = plan_for(CPU_ONLY, global_batch=64)
-    assert check_resumable(run_dir, one_rank)["world_size"] == 2
+    assert resumable(run_dir, one_rank)["world_size"] == 2
     assert "2 rank(s) x micro-batch 32 x 1 accumulated, this one 1 x 64 x 1" in describe_reshape(saved.to_dict(), one_rank)
     # GradCache over 4 micro-batches train the same loss as one micro-batch of 64.
-    check_resumable(run_dir, plan_for(CPU_ONLY, global_batch=64, micro_batch=16))
+    resumable(run_dir, plan_for(CPU_ONLY, global_batch=64, micro_batch=16))
     assert describe_reshape(saved.to_dict(), saved) is None
 
 
 def test_plain_accumulation_cannot_take_over_a_whole_batch_run(tmp_path):
     run_dir = _run_dir_with_checkpoint(tmp_path, plan_for(CPU_ONLY, global_batch=64))
     with pytest.raises(UserError, match="--accumulation plain"):
-        check_resumable(run_dir, plan_for(CPU_ONLY, global_batch=64, micro_batch=16, accumulation="plain"))
+        resumable(run_dir, plan_for(CPU_ONLY, global_batch=64, micro_batch=16, accumulation="plain"))
 
 
 def _changed(value):
@@ -80,6 +85,6 @@ def test_a_saved_plan_differing_in_a_marked_field_is_refused_and_in_another_is_n
         (run_dir / "plan.json").write_text(json.dumps(saved))
         if field.name in marked:
             with pytest.raises(UserError, match="new --out"):
-                check_resumable(run_dir, plan)
+                resumable(run_dir, plan)
         else:
-            assert check_resumable(run_dir, plan)[field.name] == saved[field.name]
+            assert resumable(run_dir, plan)[field.name] == saved[field.name]

@@ -7,18 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.models.presets import for_method, get_preset
+from engine.objectives.method import lookup
 from engine.models.two_tower import TwoTower
 from engine.objectives.registry import objective_class
 from engine.objectives.siglip import SiglipObjective
-from engine.plan.recipes import get_recipe
 
 SOT, EOT = 49406, 49407
 
 
 def _model_and_batch(n=6, seed=0):
     torch.manual_seed(seed)
-    model = TwoTower(for_method(get_preset("debug"), "siglip"), EOT, SOT)
+    model = TwoTower(lookup("siglip", "debug").preset, EOT, SOT)
     text = torch.zeros(n, 77, dtype=torch.long)
     text[:, 0], text[:, 1:4], text[:, 4] = SOT, torch.randint(1, 49000, (n, 3)), EOT
     return model, {"image": torch.randn(n, 3, 32, 32), "text": text}
@@ -62,7 +61,7 @@ def test_starting_loss_is_the_positives_near_ten():
 
 def test_recipes_and_registry():
     assert objective_class("siglip") is SiglipObjective
-    paper = get_recipe("siglip", "vit-b-32")
+    paper = lookup("siglip", "vit-b-32").recipe
     assert (paper.global_batch, paper.lr, paper.weight_decay, paper.betas) == (32_768, 1e-3, 1e-4, (0.9, 0.95))
-    smoke, clip_smoke = get_recipe("siglip", "debug"), get_recipe("clip", "debug")
+    smoke, clip_smoke = lookup("siglip", "debug").recipe, lookup("clip", "debug").recipe
     assert (smoke.lr, smoke.global_batch, smoke.epochs) == (clip_smoke.lr, clip_smoke.global_batch, clip_smoke.epochs)

@@ -2,16 +2,16 @@
 as typed Python. The planner turns a recipe into a run on whatever hardware is present. Every
 number carries its provenance in `Recipe.source`, which the plan table shows as the reason.
 
-    from engine.plan.recipes import get_recipe
-    get_recipe("clip", "vit-b-32").lr    # 5e-4
+    from engine.objectives.method import lookup
+    lookup("clip", "vit-b-32").recipe.lr    # 5e-4
 
 Each objective declares its own recipes (engine/objectives/<method>.py, `recipe()`); what is
 shared lives here: CLIP's schedule per tower family (open_clip's numbers), the CPU smoke run,
-and the micro-batch that fits a device.
+and the micro-batch that fits a device (`with_device_fit`).
 """
 from dataclasses import dataclass, replace
 
-from engine.models.presets import DEBUG_PRESETS, ModelPreset, get_preset
+from engine.models.presets import ModelPreset
 
 
 @dataclass(frozen=True)
@@ -80,12 +80,7 @@ def smoke_recipe(**changes) -> "Recipe":
     return Recipe(method="", model="", micro_batch_80gb=0, **{**_DEBUG_SMOKE_RUN, "source": SMOKE_SOURCE, **changes})
 
 
-def get_recipe(method: str, model: str) -> Recipe:
-    """The recipe `method` declares for `model` (a preset name or any timm image tower)."""
-    from engine.objectives.registry import objective_class
-
-    cls = objective_class(method)   # raises UserError naming the methods
-    preset = get_preset(model)      # raises UserError naming the valid models
-    recipe = cls.recipe(model, preset, smoke=model in DEBUG_PRESETS)
+def with_device_fit(recipe: Recipe, method: str, model: str) -> Recipe:
+    """`recipe` named for `method` and `model`, with the micro-batch that fits an 80 GB device."""
     return replace(recipe, method=method, model=model,
                    micro_batch_80gb=_MICRO_BATCH_80GB.get(model, _MICRO_BATCH_80GB_UNMEASURED))

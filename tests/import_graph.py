@@ -17,6 +17,9 @@ function (class bodies included). Its cycles are the ones that can fail at impor
 An import *inside a function* is a statement whose nearest enclosing scope is a function or method (a
 class defined in a function is a scope of its own). One statement counts once, whatever it imports,
 so one in a nested function counts once. `python tests/import_graph.py` prints the report; exit 0.
+
+LAYERS is engine's rule: a unit may import only units of lower layers (docs/ARCHITECTURE.md), so
+the graph has no cycle by construction; tests/unit/test_import_graph.py holds engine to it.
 """
 import ast
 import sys
@@ -27,6 +30,22 @@ Witness = tuple[str, int, str]  # (file relative to the repository root, line, i
 Graph = dict[str, dict[str, list[Witness]]]
 
 FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+
+# engine's units, lowest first. Units of one layer do not import each other.
+LAYERS = (
+    ("errors", "files", "host_memory"),   # no engine imports
+    ("dist",),                            # processes and collectives
+    ("launcher_env", "models", "data"),   # where the ranks come from; towers; samples
+    ("objectives", "model_with_loss"),    # methods (objective, recipe, data needs); what DeepSpeed wraps
+    ("plan",),                            # every decision, with its reason
+    ("observe",),                         # metrics, charts, hooks
+    ("train",),                           # step, loop, checkpoints, faults
+    ("eval",),                            # evaluations, a run loaded back
+    ("export",),                          # a trained model in other libraries' layouts
+    ("training_run",),                    # prepare() and run(): everything, in order
+)
+# Imports that may stay inside functions in engine/, each saying why (a heavy library deferred).
+MAX_FUNCTION_IMPORTS = 40
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -160,6 +179,18 @@ def example_cycle(graph: Graph, component: list[str]) -> list[str]:
     return []
 
 
+def layer_violations(graph: Graph, layers=LAYERS) -> list[tuple[str, str, Witness]]:
+    """(unit, imported unit, first witness) of each edge that does not go to a lower layer, and
+    (unit, "", no witness) for a unit no layer lists."""
+    layer = {unit: depth for depth, units in enumerate(layers) for unit in units}
+    found = [(unit, "", ("", 0, "")) for unit in sorted(graph) if unit not in layer]
+    for unit, edges in sorted(graph.items()):
+        for target, witnesses in sorted(edges.items()):
+            if unit in layer and layer.get(target, len(layers)) >= layer[unit]:
+                found.append((unit, target, witnesses[0]))
+    return found
+
+
 def function_imports(folder: Path) -> dict[str, int]:
     """{file relative to folder's parent: import statements inside functions}, files with none left out."""
     counts = {}
@@ -217,6 +248,10 @@ def main() -> int:
         print(f"  {count:4}  {file}")
     _print_graph("Full unit graph (all imports that run)", unit_graph(engine))
     _print_graph("Module-level unit graph (imports outside functions)", unit_graph(engine, module_level_only=True))
+    violations = layer_violations(unit_graph(engine))
+    print(f"\nImports against LAYERS (a unit importing its own layer or one above): {len(violations)}")
+    for unit, target, (file, line, module) in violations:
+        print(f"  {unit} -> {target}: {file}:{line} imports {module}" if target else f"  {unit}: in no layer")
     print("\nImports under TYPE_CHECKING (no edges):")
     for path in _sources(engine):
         for statement, _, type_checking in _imports_of(path):

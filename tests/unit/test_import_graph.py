@@ -2,7 +2,8 @@
 from pathlib import Path
 from textwrap import dedent
 
-from tests.import_graph import cycles, function_imports, unexplained_function_imports, unit_graph
+from tests.import_graph import (MAX_FUNCTION_IMPORTS, cycles, function_imports, layer_violations,
+                                unexplained_function_imports, unit_graph)
 
 ENGINE = Path(__file__).resolve().parents[2] / "engine"
 
@@ -158,3 +159,33 @@ def test_an_import_inside_a_function_is_explained_by_a_comment_on_its_line_or_ab
             """,
     })
     assert unexplained_function_imports(root) == [("engine/a/one.py", 12, "engine.b")]
+
+
+def test_an_import_of_the_same_or_a_higher_layer_or_an_unlisted_unit_is_a_violation(tmp_path):
+    root = package(tmp_path, {
+        "low.py": "",
+        "mid/one.py": "from engine import low\nfrom engine.side import x\n",
+        "side.py": "x = 1\n",
+        "top.py": "from engine.mid import one\nfrom engine import low\n",
+        "stray.py": "",
+    })
+    layers = (("low",), ("mid", "side"), ("top",))
+    assert layer_violations(unit_graph(root), layers) == [
+        ("stray", "", ("", 0, "")),
+        ("mid", "side", ("engine/mid/one.py", 2, "engine.side")),
+    ]
+    ordered = (("low",), ("mid",), ("side",), ("top",), ("stray",))
+    assert layer_violations(unit_graph(root), ordered) == [
+        ("mid", "side", ("engine/mid/one.py", 2, "engine.side")),  # side sits above mid
+    ]
+    assert layer_violations(unit_graph(root), (("low",), ("side",), ("mid",), ("top",), ("stray",))) == []
+
+
+def test_engine_keeps_its_import_rules():
+    """Issue 29: no cycle between engine's units (imports inside functions counted), each unit
+    importing only lower layers, and few imports inside functions, each saying why."""
+    graph = unit_graph(ENGINE)
+    assert cycles(graph) == []
+    assert layer_violations(graph) == []
+    assert sum(function_imports(ENGINE).values()) <= MAX_FUNCTION_IMPORTS
+    assert unexplained_function_imports(ENGINE) == []

@@ -5,7 +5,8 @@
 
 The same scoring as `launchers/evaluate.py` (engine/eval/benchmark.py), on the model being
 trained, at every evaluation step. Metrics are named `eval/<set>/<metric>`, e.g.
-`eval/val/zeroshot_top1`, in TensorBoard and metrics.jsonl.
+`eval/val/zeroshot_top1`, in TensorBoard and metrics.jsonl. A set named like the held-out
+split's charts ("heldout", engine/observe/metrics.tensorboard_tag) is renamed "heldout-2".
 
 Every evaluation is split over the ranks (engine/eval/shard.py): each rank reads, decodes and
 encodes only its block of the images and of the texts (class prompts, captions), in forwards
@@ -25,6 +26,7 @@ import torch
 from engine.errors import UserError
 from engine.eval.benchmark import RetrievalSet, ZeroShotSet, score_retrieval, score_zeroshot
 from engine.eval.shard import ALONE, Ranks
+from engine.observe.metrics import HELD_OUT_SET
 
 # Options each task takes after its path, as launchers/evaluate.py names them.
 TASK_OPTIONS = {"zeroshot": ("classnames", "templates"), "retrieval": ("split", "image_root")}
@@ -68,7 +70,9 @@ def open_periodic_evals(specs: tuple[str, ...]) -> list[PeriodicEval]:
         except UserError as error:
             raise UserError(f"--eval {spec}: {error}") from error
         name = Path(path).resolve().name if task == "zeroshot" else data.name
-        taken = {e.name for e in evals}
+        # The held-out split's TensorBoard set (eval/heldout/) is taken too: the built-in data's
+        # held-out folder is named "heldout", and two series in one tag would mix.
+        taken = {HELD_OUT_SET} | {e.name for e in evals}
         unique, n = name, 2
         while unique in taken:  # two sets with the same folder name keep apart in the charts
             unique, n = f"{name}-{n}", n + 1

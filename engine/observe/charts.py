@@ -8,7 +8,8 @@
   evaluated(step)             on a fixed batch of held-out pairs (the set's first, the same on
                               every rank though each holds only its block of the set:
                               engine/eval/shard.first_rows): the image-text cosine similarity
-                              heatmap and the embedding norms' histograms ("heldout/...")
+                              heatmap and the embedding norms' histograms ("heldout/...";
+                              TensorBoard's eval/heldout/..., metrics.tensorboard_tag)
 
 Every rank calls every hook: `evaluated` runs forwards, which under ZeRO-3 gather parameters
 and so must run on all ranks; what is drawn and written, only rank 0 (the writer's) does.

@@ -17,6 +17,26 @@ metrics.jsonl holds one JSON object per line, each with the "step" it belongs to
 
 Every chart TensorBoard shows is in one of these lines: a reader of scalars skips lines that
 have a "kind"; a reader of charts picks them by "kind" and "tag".
+
+TensorBoard groups charts by the part of a tag before its first "/", so its tags are sorted
+into a few SECTIONS by `tensorboard_tag(name)`, the one mapping from a metrics.jsonl name (or
+chart tag) to a TensorBoard tag; metrics.jsonl keeps the names as they are (benchmarks, tests
+and the README read them). Rules, first match wins:
+
+  name                                  TensorBoard tag
+  train|eval|perf|memory|data/<rest>    unchanged (memory/max_rss_gb, data/bad_records/<reason>,
+                                        eval/<set>/<metric> of each --eval set, train/views)
+  time/<rest>                           perf/<rest>            (time/step_s -> perf/step_s)
+  samples_per_s, tflops_per_s, mfu      perf/<name>
+  zeroshot_*, retrieval_*               eval/heldout/<name>    (the held-out split's metrics)
+  heldout/<rest>                        eval/heldout/<rest>    (its charts: heatmap, norms)
+  anything else                         train/<name>           (loss, loss/<term>, lr,
+                                                                logit_scale, skipped_steps)
+
+Scalars, histograms and images (with their notes) go through it; text (the plan) keeps its tag.
+"heldout" is reserved: an --eval set of that name is renamed (engine/eval/periodic.py), so
+that eval/heldout/ holds the held-out split alone. A run resumed across this change shows
+its steps up to the checkpoint under the old, flat tags and the later ones under these.
 """
 import json
 import os
@@ -24,10 +44,32 @@ import re
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 VISUALS = "visuals"  # the PNGs, under the run directory
 _STEP_IN_NAME = re.compile(r"-step(\d+)\.png$")
+
+SECTIONS = ("train", "eval", "perf", "memory", "data")  # every TensorBoard tag's first part
+HELD_OUT_SET = "heldout"  # the held-out split's set name: eval/heldout/<metric>
+_PERF = ("samples_per_s", "tflops_per_s", "mfu")
+_HELD_OUT_TASKS = ("zeroshot_", "retrieval_")  # engine/eval/evaluate.py's metric names
+
+
+def tensorboard_tag(name: str) -> str:
+    """The TensorBoard tag of a metrics.jsonl name: under one of SECTIONS (module docstring)."""
+    section, _, rest = name.partition("/")
+    if section in SECTIONS and rest:
+        return name
+    if section == "time" and rest:
+        return f"perf/{rest}"
+    if name in _PERF:
+        return f"perf/{name}"
+    if name.startswith(_HELD_OUT_TASKS):
+        return f"eval/{HELD_OUT_SET}/{name}"
+    if section == HELD_OUT_SET and rest:
+        return f"eval/{name}"
+    return f"train/{name}"
 
 
 class MetricsWriter:
@@ -38,6 +80,8 @@ class MetricsWriter:
         self.enabled = enabled
         if not enabled:
             return
+        # deferred: tensorboard adds about 0.2 s to an import of this module, and only rank 0
+        # ever writes.
         from torch.utils.tensorboard import SummaryWriter
 
         self._run_dir = run_dir
@@ -55,7 +99,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         for name, value in values.items():
-            self._tensorboard.add_scalar(name, value, step)
+            self._tensorboard.add_scalar(tensorboard_tag(name), value, step)
         self._record({"step": step, **values})
 
     def text(self, step: int, tag: str, text: str) -> None:
@@ -72,17 +116,16 @@ class MetricsWriter:
         `notes`: markdown shown beside it in TensorBoard's text tab, under the same tag."""
         if not self.enabled:
             return
-        from PIL import Image
-
         name = f"{re.sub(r'[^A-Za-z0-9_.]+', '-', tag)}-step{step:08d}.png"
         path = self._run_dir / VISUALS / name
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         Image.fromarray(pixels).save(tmp, format="PNG")
         os.replace(tmp, path)
-        self._tensorboard.add_image(tag, pixels, step, dataformats="HWC")
+        shown = tensorboard_tag(tag)
+        self._tensorboard.add_image(shown, pixels, step, dataformats="HWC")
         if notes is not None:
-            self._tensorboard.add_text(tag, notes, step)
+            self._tensorboard.add_text(shown, notes, step)
         self._record({"step": step, "kind": "image", "tag": tag,
                       "path": str(path.relative_to(self._run_dir)), **fields})
 
@@ -93,7 +136,7 @@ class MetricsWriter:
         values = np.asarray(values, dtype=np.float64).reshape(-1)
         if values.size == 0:
             return
-        self._tensorboard.add_histogram(tag, values, step)
+        self._tensorboard.add_histogram(tensorboard_tag(tag), values, step)
         self._record({"step": step, "kind": "histogram", "tag": tag, **summarise(values)})
 
     def close(self) -> None:

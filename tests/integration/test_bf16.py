@@ -38,7 +38,7 @@ def test_every_method_trains_in_bf16(method, stage, micro, tmp_path, cache_env):
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert len(rows) == 4 and torch.isfinite(torch.tensor([r["loss"] for r in rows])).all()
     assert all(r["skipped_steps"] == 0 for r in rows)
-    assert "zeroshot_top1" in tensorboard_scalars(out)
+    assert "eval/heldout/zeroshot_top1" in tensorboard_scalars(out)
     saved = out / "checkpoints" / "step00000004"
     shards = sorted(p.name for p in saved.glob("*optim_states.pt"))
     assert shards == ([] if stage == 0 else [f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)])

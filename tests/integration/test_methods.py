@@ -34,8 +34,8 @@ def test_two_ranks_log_every_term(method, stage, extra, tmp_path, cache_env):
         terms = torch.tensor([row[name] for name in TERMS[method]])
         assert torch.isfinite(terms).all(), row
     scalars = tensorboard_scalars(out)
-    assert set(TERMS[method]) <= set(scalars) and "zeroshot_top1" in scalars
-    assert "tflops_per_s" in scalars and "mfu" not in scalars  # no peak known for a CPU
+    assert {f"train/{term}" for term in TERMS[method]} <= set(scalars) and "eval/heldout/zeroshot_top1" in scalars
+    assert "perf/tflops_per_s" in scalars and "perf/mfu" not in scalars  # no peak known for a CPU
     if method == "clip-lite":  # the smoke recipe trains with AdamW (engine/objectives/clip_lite.py)
         assert plan["optimizer"] == "torch_fused" and plan["group_lrs"] == []
     _check_charts(out, image_views=2 if method == "declip" else 1, micro_batch=4)
@@ -57,11 +57,11 @@ def _check_charts(out, image_views, micro_batch):
     [views] = events.Images("train/views")
     assert (views.step, views.width, views.height) == (
         1, image_views * CELL + (image_views + 1) * GAP, micro_batch * CELL + (micro_batch + 1) * GAP)
-    [heatmap] = events.Images("heldout/similarity")
+    [heatmap] = events.Images("eval/heldout/similarity")  # "heldout/similarity" in metrics.jsonl
     assert (heatmap.step, heatmap.width, heatmap.height) == (4, 16 * HEATMAP_CELL, 16 * HEATMAP_CELL)
-    for tag in ("heldout/image_embedding_norm", "heldout/text_embedding_norm"):
+    for tag in ("eval/heldout/image_embedding_norm", "eval/heldout/text_embedding_norm"):
         assert [(e.step, e.histogram_value.num) for e in events.Histograms(tag)] == [(4, 16)]
-    assert [e.step for e in events.Histograms("logit_scale")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Histograms("train/logit_scale")] == [1, 2, 3, 4]
     [record] = [r for r in read_metrics(out) if r.get("tag") == "train/views"]
     assert len(record["samples"]) == micro_batch and (out / record["path"]).is_file()
     assert all(("text_aug" in sample) == (image_views == 2) for sample in record["samples"])

@@ -35,15 +35,18 @@ def test_extra_sets_are_scored_at_every_evaluation(cache_env, tmp_path):
     for row in evaluations:
         assert row["eval/digits/zeroshot_top1"] == row["zeroshot_top1"]
         assert row["eval/digits/zeroshot_top5"] == row["zeroshot_top5"]
-        for name in HELD_OUT[2:]:
-            assert row[f"eval/heldout/{name}"] == row[name]
+        for name in HELD_OUT[2:]:  # the MDS folder is named heldout: the held-out split's TensorBoard name
+            assert row[f"eval/heldout-2/{name}"] == row[name]
         assert 0 < row["eval/digits/zeroshot_mean_per_class_recall"] <= 1
     # The comparison can fail: the two evaluations differ.
-    assert evaluations[0]["eval/heldout/retrieval_i2t_r1"] != evaluations[1]["eval/heldout/retrieval_i2t_r1"] \
+    assert evaluations[0]["eval/heldout-2/retrieval_i2t_r1"] != evaluations[1]["eval/heldout-2/retrieval_i2t_r1"] \
         or evaluations[0]["eval/digits/zeroshot_top1"] != evaluations[1]["eval/digits/zeroshot_top1"]
     scalars = tensorboard_scalars(run)
     assert scalars["eval/digits/zeroshot_top1"] == [evaluations[0]["eval/digits/zeroshot_top1"],
                                                     evaluations[1]["eval/digits/zeroshot_top1"]]
+    for name in HELD_OUT:  # the held-out split's own series, each set in a chart of its own
+        assert scalars[f"eval/heldout/{name}"] == [row[name] for row in evaluations]
+    assert scalars["eval/heldout-2/retrieval_i2t_r1"] == [row["eval/heldout-2/retrieval_i2t_r1"] for row in evaluations]
 
     check(evaluate([run, "--task", "zeroshot", "--images", images, "--classnames", classes,
                     "--out", tmp_path / "zs.json"], cache_env))

@@ -34,8 +34,9 @@ def test_two_ranks_train_at_each_zero_stage(stage, tmp_path, cache_env):
     assert any("zeroshot_top1" in r and "retrieval_i2t_r1" in r for r in rows)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000006"
     scalars = tensorboard_scalars(out)
-    assert scalars["loss"] == pytest.approx(losses)
-    assert {"loss/clip", "lr", "logit_scale", "samples_per_s", "zeroshot_top1"} <= set(scalars)
+    assert scalars["train/loss"] == pytest.approx(losses)  # TensorBoard's sections (engine/observe/metrics.py)
+    assert {"train/loss/clip", "train/lr", "train/logit_scale", "perf/samples_per_s",
+            "eval/heldout/zeroshot_top1"} <= set(scalars)
 
 
 def _losses_by_step(run_dir):

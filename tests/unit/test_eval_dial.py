@@ -40,6 +40,16 @@ def test_retrieval_names_the_split(tmp_path):
     assert isinstance(evaluation.data, RetrievalSet) and evaluation.name == "held"
 
 
+def test_a_set_named_like_the_held_out_split_is_renamed(tmp_path):
+    """TensorBoard shows the held-out split as eval/heldout/ (engine/observe/metrics.py), and the
+    built-in data's held-out MDS folder is named heldout: a set of that name keeps apart from it."""
+    mds = tmp_path / "heldout"
+    mds.mkdir()
+    (mds / "index.json").write_text("{}")
+    (evaluation,) = open_periodic_evals((f"retrieval:{mds}",))
+    assert evaluation.name == "heldout-2"
+
+
 @pytest.mark.parametrize("spec, message", [
     ("zeroshot", "give --eval zeroshot:DIR"),
     ("classify:/tmp", "give --eval zeroshot:DIR"),

@@ -1,6 +1,6 @@
-"""TensorBoard beyond scalars: text, images and histograms written by MetricsWriter and the
-charts hooks, read back as TensorBoard reads them and from metrics.jsonl, and dropped after the
-checkpoint step by a resumed run."""
+"""TensorBoard: scalars under a few sections (engine/observe/metrics.tensorboard_tag), and text,
+images and histograms written by MetricsWriter and the charts hooks, read back as TensorBoard
+reads them and from metrics.jsonl, and dropped after the checkpoint step by a resumed run."""
 import json
 from io import BytesIO
 
@@ -17,7 +17,7 @@ from engine.plan.hardware import Hardware
 from engine.objectives.method import lookup
 from engine.models.two_tower import TwoTower
 from engine.observe.charts import Charts, HeldOutProbe
-from engine.observe.metrics import MetricsWriter
+from engine.observe.metrics import SECTIONS, MetricsWriter, tensorboard_tag
 from engine.observe.visuals import CELL, GAP, heatmap
 from engine.plan.dials import Dials
 from engine.plan.optimizer import OptimizerSupport
@@ -71,10 +71,10 @@ def test_text_image_and_histogram_reach_tensorboard_and_the_jsonl(tmp_path):
     assert (image.step, image.width, image.height) == (1, 30, 20)
     assert np.array_equal(_png(image.encoded_image_string), pixels)
     assert _text(events, "train/views") == ["**row 1**"]
-    [histogram] = events.Histograms("logit_scale")
+    [histogram] = events.Histograms("train/logit_scale")  # beside its scalar
     value = histogram.histogram_value
     assert (histogram.step, value.num, value.min, value.max, value.sum) == (1, 4, -1.5, 7.25, 9.25)
-    assert [e.value for e in events.Scalars("loss")] == [2.0]
+    assert [e.value for e in events.Scalars("train/loss")] == [2.0]
 
     [text] = _records(tmp_path, "text")
     assert text == {"step": 0, "kind": "text", "tag": "plan", "text": table}
@@ -82,6 +82,7 @@ def test_text_image_and_histogram_reach_tensorboard_and_the_jsonl(tmp_path):
     assert record["path"] == "visuals/train-views-step00000001.png" and record["samples"] == [{"caption": "a dog"}]
     assert np.array_equal(np.asarray(Image.open(tmp_path / record["path"])), pixels)
     [summary] = _records(tmp_path, "histogram")
+    assert summary["tag"] == "logit_scale"  # metrics.jsonl keeps the names
     assert (summary["count"], summary["min"], summary["max"], summary["mean"]) == (4, -1.5, 7.25, 2.3125)
     assert summary["quantiles"]["0.5"] == pytest.approx(np.median(values))
     assert _records(tmp_path) == [{"step": 1, "loss": 2.0}]  # scalar lines as before: no "kind"
@@ -157,9 +158,11 @@ def test_evaluation_draws_the_similarity_heatmap_and_the_norms_of_a_fixed_batch(
                                                                              "digit 3.", "digit 4."]
     assert np.allclose(record["matrix"], cosine, atol=1e-4)
     events = _events(tmp_path)
-    [picture] = events.Images("heldout/similarity")
+    [picture] = events.Images("eval/heldout/similarity")
     assert np.array_equal(_png(picture.encoded_image_string), heatmap(cosine))
-    norms = {"heldout/image_embedding_norm": image.norm(dim=-1), "heldout/text_embedding_norm": text.norm(dim=-1)}
+    assert "diagonal holds the true pairs" in _text(events, "eval/heldout/similarity")[0]
+    norms = {"eval/heldout/image_embedding_norm": image.norm(dim=-1),
+             "eval/heldout/text_embedding_norm": text.norm(dim=-1)}
     for tag, expected in norms.items():
         [histogram] = events.Histograms(tag)
         value = histogram.histogram_value
@@ -228,6 +231,99 @@ def test_a_resumed_run_drops_every_kind_of_record_after_its_checkpoint(tmp_path)
     served = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
     served.Reload()
     steps = {tag: [e.step for e in served.Tensors(tag)] for tag in served.Tags()["tensors"]}
-    assert steps == {"loss": [1, 2], "logit_scale": [1, 2, 3], "heldout/similarity": [1, 2, 3],
+    assert steps == {"train/loss": [1, 2], "train/logit_scale": [1, 2, 3], "eval/heldout/similarity": [1, 2, 3],
                      "plan/text_summary": [2]}
     assert served.Tensors("plan/text_summary")[0].tensor_proto.string_val[0].decode() == "    resumed"
+
+
+# Every scalar name the engine writes, and its TensorBoard tag. The first block is what
+# `deepspeed launchers/pretrain.py --steps 30` (CLIP, one CPU rank) logged; the rest are the
+# names other methods, devices, bad data and --eval sets add.
+TAGS = {
+    "loss": "train/loss", "loss/clip": "train/loss/clip", "lr": "train/lr",
+    "logit_scale": "train/logit_scale", "skipped_steps": "train/skipped_steps",
+    "samples_per_s": "perf/samples_per_s", "tflops_per_s": "perf/tflops_per_s",
+    "time/step_s": "perf/step_s", "time/data_wait_s": "perf/data_wait_s",
+    "memory/max_rss_gb": "memory/max_rss_gb",
+    **{f"retrieval_{way}_r{k}": f"eval/heldout/retrieval_{way}_r{k}" for way in ("i2t", "t2i") for k in (1, 5, 10)},
+    "zeroshot_top1": "eval/heldout/zeroshot_top1", "zeroshot_top5": "eval/heldout/zeroshot_top5",
+
+    **{f"loss/{term}": f"train/loss/{term}" for term in ("siglip", "jsd", "prior", "simsiam", "mlm", "nn")},
+    "mfu": "perf/mfu", "memory/max_allocated_gb": "memory/max_allocated_gb",
+    "data/bad_records": "data/bad_records",
+    **{f"data/bad_records/{name}": f"data/bad_records/{name}" for name in (
+        "empty_image", "undecodable_image", "truncated_or_corrupt_image", "unsupported_image_format",
+        "image_under_8_px", "empty_caption", "caption_over_4_000_characters", "rejected_by_the_image_decoder",
+        "no_usable_stand_in")},
+    **{f"eval/val/zeroshot_{m}": f"eval/val/zeroshot_{m}" for m in ("top1", "top5", "mean_per_class_recall")},
+    "eval/coco-test/retrieval_i2t_r1": "eval/coco-test/retrieval_i2t_r1",
+    # charts' tags (histograms and images) go through the same mapping
+    "heldout/similarity": "eval/heldout/similarity", "heldout/image_embedding_norm": "eval/heldout/image_embedding_norm",
+    "train/views": "train/views",
+}
+
+
+def _names_the_engine_makes() -> set[str]:
+    """The names as the engine's own code builds them, so that a new one needs a row in TAGS."""
+    from engine.data.records import REASONS
+    from engine.eval.retrieval import retrieval_metrics
+    from engine.eval.zeroshot import topk_accuracy
+    from engine.observe.bad_records import BadRecordTally
+    from engine.observe.throughput import StepTimer, memory_gb
+
+    embeddings = torch.eye(12)
+    return {*StepTimer().read_and_reset(), *memory_gb(),
+            *BadRecordTally({reason: 1 for reason in REASONS}).metrics(),
+            *retrieval_metrics(embeddings, embeddings), *topk_accuracy(embeddings, embeddings, torch.arange(12))}
+
+
+def test_every_name_the_engine_writes_has_one_tag_under_a_section():
+    assert _names_the_engine_makes() <= set(TAGS)
+    assert {name: tensorboard_tag(name) for name in TAGS} == TAGS
+    assert len(set(TAGS.values())) == len(TAGS)  # no two names share a chart
+    for tag in TAGS.values():
+        assert tag.split("/")[0] in SECTIONS and tag.count("/") >= 1 and tensorboard_tag(tag) == tag, tag
+    # Total: a name nobody listed (a plugin objective's term, a new counter) still gets a section.
+    assert [tensorboard_tag(n) for n in ("my_term", "loss/my_term", "", "time", "eval", "heldout")] == [
+        "train/my_term", "train/loss/my_term", "train/", "train/time", "train/eval", "train/heldout"]
+
+
+def test_a_resume_purges_later_steps_of_old_flat_tags_and_of_sectioned_ones(tmp_path):
+    """A run whose first launch logged the flat names of before (as the old MetricsWriter did:
+    the same events, tags unmapped), resumed twice: every later step goes from every tag."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+    from torch.utils.tensorboard import SummaryWriter
+
+    old = SummaryWriter(log_dir=str(tmp_path / "tensorboard"), purge_step=1)
+    with open(tmp_path / "metrics.jsonl", "w") as jsonl:
+        for step in range(1, 5):
+            values = {"loss": float(step), "zeroshot_top1": step / 10, "memory/max_rss_gb": 1.0}
+            for name, value in values.items():
+                old.add_scalar(name, value, step)
+            jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    old.close()
+
+    for resume_step, steps, scale in ((2, (3, 4, 5), 1.0), (4, (5,), 10.0)):
+        writer = MetricsWriter(tmp_path, enabled=True, resume_step=resume_step)
+        for step in steps:
+            writer.write(step, {"loss": step * scale, "zeroshot_top1": step * scale / 10, "memory/max_rss_gb": 2.0})
+        writer.close()
+
+    expected = {"loss": [(1, 1.0), (2, 2.0)], "zeroshot_top1": [(1, 0.1), (2, 0.2)],
+                "memory/max_rss_gb": [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0), (5, 2.0)],  # its name is its tag
+                "train/loss": [(3, 3.0), (4, 4.0), (5, 50.0)],
+                "eval/heldout/zeroshot_top1": [(3, 0.3), (4, 0.4), (5, 5.0)]}
+    served = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    served.Reload()  # what the dashboards read
+    assert {tag: [(e.step, pytest.approx(make_ndarray(e.tensor_proto).item())) for e in served.Tensors(tag)]
+            for tag in served.Tags()["tensors"]} == expected
+    legacy = ea.EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={ea.SCALARS: 0})
+    legacy.Reload()  # what tests/integration/launching.tensorboard_scalars reads
+    new_tags = set(legacy.Tags()["scalars"]) - {"loss", "zeroshot_top1"}
+    assert all(tag.split("/")[0] in SECTIONS for tag in new_tags)
+    assert {tag: [(e.step, pytest.approx(e.value)) for e in legacy.Scalars(tag)]
+            for tag in legacy.Tags()["scalars"]} == expected
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0)]

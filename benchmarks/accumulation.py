@@ -73,7 +73,7 @@ class Engine:
 
 
 def build_task(method: str, model_name: str, batch: int, exact: bool = False):
-    """The method's Task with the planner's default objective options, and a fake batch of
+    """The method's ModelWithLoss with the planner's default objective options, and a fake batch of
     `batch` samples. `exact`: the unit test's setup, where accumulation cannot change the
     gradients by design (towers on calibrated BatchNorm statistics, batch terms off)."""
     import torch
@@ -83,7 +83,7 @@ def build_task(method: str, model_name: str, batch: int, exact: bool = False):
     from engine.objectives.clip import ClipObjective
     from engine.objectives.clip_lite import ClipLiteObjective
     from engine.objectives.declip import DeclipObjective
-    from engine.task import Task
+    from engine.model_with_loss import ModelWithLoss
 
     torch.manual_seed(0)  # the same weights and batch in every mode
     preset = lookup(method, model_name).preset
@@ -105,7 +105,7 @@ def build_task(method: str, model_name: str, batch: int, exact: bool = False):
             model.image_outputs(data["image"])
             model.text_outputs(data["text"])
         model.eval()  # the towers only: the objective's heads keep batch statistics
-    return Task(model, objective), data
+    return ModelWithLoss(model, objective), data
 
 
 def train_step(mode: str, task, batch: dict, k: int) -> dict:

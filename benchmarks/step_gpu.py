@@ -1,8 +1,8 @@
 """One GPU: the planner's choices, run for real through DeepSpeed, on synthetic batches.
 
 For each method x model: resolve the plan on this machine (precision, optimizer, ZeRO stage,
-the micro-batch the recipe's 80 GB anchor gives), build Task + DeepSpeed exactly as
-`engine.pretrain` does, and time optimizer steps at a ladder of micro-batches, recording
+the micro-batch the recipe's 80 GB anchor gives), build ModelWithLoss + DeepSpeed exactly as
+`engine.training_run` does, and time optimizer steps at a ladder of micro-batches, recording
 peak memory. Shows whether the anchors in engine/objectives/recipes.py fit and how much room is left.
 Data loading (DALI, streaming) is left out: the batches are random tensors on the device.
 
@@ -55,7 +55,7 @@ def measure(method: str, model_name: str, micro: int, steps: int, adam: str | No
     from engine.plan.dials import Dials
     from engine.plan.optimizer import probe_optimizer_support
     from engine.plan.resolve import resolve
-    from engine.task import Task, align_buffer_dtypes
+    from engine.model_with_loss import ModelWithLoss, align_buffer_dtypes
     from engine.train.optim import optimizer_for_plan
 
     found = lookup(method, model_name)
@@ -71,7 +71,7 @@ def measure(method: str, model_name: str, micro: int, steps: int, adam: str | No
     torch.manual_seed(0)
     model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
     objective = found.build_objective(model, dict(plan.objective_options), plan.seed)
-    task = Task(model, objective)
+    task = ModelWithLoss(model, objective)
     optimizer = optimizer_for_plan(task, plan)
     engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, config=render(plan))
     align_buffer_dtypes(engine.module)

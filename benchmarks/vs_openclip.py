@@ -7,7 +7,7 @@ the same synthetic batches already on the device, and only steady-state steps ti
   AdamW over its two parameter groups (no decay on gains, biases and the temperature), the
   logit scale clamped after the step; autocast to bf16 on a GPU (its `--precision amp_bf16`).
 - Ours is the planner's choices (ZeRO stage, optimizer implementation, precision) built into a
-  DeepSpeed engine exactly as engine/pretrain.py does, stepped as engine/train/loop.py steps it.
+  DeepSpeed engine exactly as engine/training_run.py does, stepped as engine/train/loop.py steps it.
 Each side runs in a process of its own, in alternating rounds (the machines are shared and
 noisy; a fresh process also gives each side its own peak memory). Reported per side: samples/s
 (median step), peak memory (GPU: allocated; CPU: the process's resident set) and achieved
@@ -181,13 +181,13 @@ def run_ours(preset_name: str, batch: int, steps: int, precision: str, device: t
     from engine.plan.deepspeed_config import render
     from engine.plan.precision import towers_autocast
     from engine.objectives.method import lookup
-    from engine.task import Task, align_buffer_dtypes
+    from engine.model_with_loss import ModelWithLoss, align_buffer_dtypes
     from engine.train.optim import optimizer_for_plan
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(dist.free_port()))
     dist.init_distributed(600)
-    keep_freed_memory()   # as engine/pretrain.py does
+    keep_freed_memory()   # as engine/training_run.py does
     overrides = dict(overrides)
     keep_allreduce = overrides.pop(ONE_RANK_ALLREDUCE, False)
     autocast = overrides.pop(TORCH_AUTOCAST, False)
@@ -199,7 +199,7 @@ def run_ours(preset_name: str, batch: int, steps: int, precision: str, device: t
     model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
     model.autocast_dtype = torch.bfloat16 if towers_autocast(plan.precision, plan.zero_stage) else None
     objective = lookup("clip", preset_name).build_objective(model, dict(plan.objective_options), plan.seed)
-    task = Task(model, objective)
+    task = ModelWithLoss(model, objective)
     engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer_for_plan(task, plan), config=config)
     align_buffer_dtypes(engine.module)
     if not keep_allreduce:

@@ -1,5 +1,5 @@
 """The process group: DeepSpeed's init with a stated timeout, rank and world, and the one
-collective the objectives need, all-gather with gradient. (engine/launch.py says where the
+collective the objectives need, all-gather with gradient. (engine/launcher_env.py says where the
 ranks come from.)"""
 import os
 import socket

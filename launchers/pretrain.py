@@ -36,13 +36,14 @@ def main(argv=None) -> int:
     """Exit status: 0 done (or stopped and requeued by SLURM), 2 bad input, 3 stopped by a
     signal with a checkpoint (run the same command to continue), 4 too many non-finite steps."""
     args = parse_args(argv)
-    from engine import launch
+    from engine import launcher_env
     from engine.plan.dials import dials_from_args
-    from engine.pretrain import prepare, run
-    from engine.train.faults import EXIT_STOPPED, NonFiniteSteps
+    from engine.training_run import prepare, run
+    from engine.train.nonfinite import NonFiniteSteps
+    from engine.train.stop_signals import EXIT_STOPPED
 
     try:
-        started = launch.setup()
+        started = launcher_env.setup()
         prepared = prepare(dials_from_args(args), args.eval_data, started)
         if args.stop_at_step is not None and args.stop_at_step < 1:
             raise UserError(f"--stop-at-step {args.stop_at_step}: give a step of at least 1")

@@ -1,7 +1,7 @@
 """The import graph between engine's units, and the imports made inside functions (issue 29).
 
 A *unit* of a package folder (engine/) is each sub-folder (engine/data: all its modules, recursively)
-and each top-level module file (engine/task.py is unit "task"). The package's own __init__.py is no
+and each top-level module file (engine/model_with_loss.py is unit "task"). The package's own __init__.py is no
 unit: it is not read, and an import of the bare package maps to nothing.
 
 Every import statement of every .py file is read with ast, wherever it stands (module level, functions,

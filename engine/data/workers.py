@@ -37,7 +37,7 @@ def worker_dies_with_its_rank(rank_pid: int, _worker_id: int = 0) -> None:
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         logger.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this data worker may outlive "
                        "a killed rank", ctypes.get_errno())
-    for signum in (signal.SIGUSR1, signal.SIGTERM):  # engine/train/faults.py's stop signals
+    for signum in (signal.SIGUSR1, signal.SIGTERM):  # engine/train/stop_signals.py's signals
         signal.signal(signum, signal.SIG_IGN)
     if os.getppid() != rank_pid:  # the rank died before prctl took effect
         os._exit(1)

@@ -7,7 +7,7 @@ of the zero-shot prompts, and the embeddings are all-gathered, so that every ran
 whole set, as one process would.
 
 A stop signal may arrive during a long evaluation: `interrupted` (the ranks' agreement on
-it, engine/train/faults.py) is asked between batches, at the same points on every rank, and
+it, engine/train/stop_signals.py) is asked between batches, at the same points on every rank, and
 a yes ends the evaluation on every rank together with EvaluationInterrupted (shard.py)."""
 from typing import Callable, NamedTuple
 

@@ -2,7 +2,7 @@
 DeepSpeed's engine: for `launchers/evaluate.py`.
 
 The plan the run wrote (plan.json) says what was built (method, model preset, text depth); the
-model is rebuilt the way engine/pretrain.py builds it and given the checkpoint's weights. Only
+model is rebuilt the way engine/training_run.py builds it and given the checkpoint's weights. Only
 the `TwoTower` is kept: everything evaluation compares lives there (CLIP-Lite's critic
 projections and temperature included, engine/models/heads.py); what the objective owns beside
 it (DeCLIP's heads and queue, CLIP-Lite's prior discriminators) serves only the loss.
@@ -30,7 +30,7 @@ from engine.objectives.method import Method, lookup
 from engine.train import checkpoint, reshard
 
 _MODULE_FILE = "mp_rank_00_model_states.pt"   # DeepSpeed's whole-module file (no ZeRO-3)
-_MODEL_PREFIX = "model."                      # the TwoTower inside engine/task.Task
+_MODEL_PREFIX = "model."                      # the TwoTower inside model_with_loss.ModelWithLoss
 _STEP = re.compile(r"step(\d{8})")
 
 
@@ -87,8 +87,8 @@ def _newest_intact(checkpoint_dir: Path) -> Path:
 
 
 def module_state(folder: Path) -> dict[str, torch.Tensor]:
-    """The whole module's parameters and buffers (names as in engine/task.Task), fp32 masters
-    where ZeRO kept them."""
+    """The whole module's parameters and buffers (names as in model_with_loss.ModelWithLoss),
+    fp32 masters where ZeRO kept them."""
     if reshard.has_zero_shards(folder):
         full = reshard.read_full_state(folder)
         return {**{name: entry["fp32"] for name, entry in full["params"].items()}, **full["buffers"]}
@@ -99,12 +99,12 @@ def module_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def method_of(plan: dict) -> Method:
-    """The method of a saved plan, as engine/pretrain.py looked it up: its towers, its captions."""
+    """The method of a saved plan, as engine/training_run.py looked it up: its towers, its captions."""
     return lookup(plan["method"], plan["model"], plan.get("text_layers"))
 
 
 def build_model(plan: dict, method: Method | None = None) -> tuple[TwoTower, ClipTokenizer]:
-    """The TwoTower engine/pretrain.py built for this plan (random weights)."""
+    """The TwoTower engine/training_run.py built for this plan (random weights)."""
     preset = (method or method_of(plan)).preset
     tokenizer = ClipTokenizer(preset.context_length)
     return TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id), tokenizer

@@ -93,7 +93,7 @@ class Objective(nn.Module, ABC):
     weights: dict[str, float]    # term name -> weight in the total loss
     options: tuple[Option, ...] = ()
     min_micro_batch = 1
-    # (group, parameter-name prefixes within engine/task.Task) for per-group learning rates,
+    # (group, parameter-name prefixes within model_with_loss.ModelWithLoss) for per-group LRs,
     # when the recipe gives `group_lrs`; every parameter must fall in one group.
     lr_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
 

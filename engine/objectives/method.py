@@ -7,7 +7,7 @@
     method.data         # what each sample must carry (engine/data/spec.py)
     method.lr_groups    # parameter groups with their own learning rates
 
-engine/pretrain.py looks the method up once in `prepare()` and hands the bundle to the planner,
+engine/training_run.py looks the method up once in `prepare()` and hands the bundle to the planner,
 the model and the loader; engine/eval/load_run.py does the same for a run's saved plan. Nothing
 else outside engine/objectives/ asks the registry.
 """

@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from engine.errors import UserError
 from engine.objectives.registry import DEFAULT_METHOD, declared_dials, method_names
 
 PRECISIONS = ("bf16", "fp16", "fp32")

@@ -9,7 +9,7 @@ rank waits for the slowest writer), so it grows with the model's states.
 import math
 
 from engine.errors import UserError
-from engine.launch import Launch
+from engine.launcher_env import Launch
 from engine.plan.memory import GB
 
 MIN_TIMEOUT_S = 300

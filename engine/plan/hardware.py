@@ -11,7 +11,7 @@ import torch
 
 from engine.data.gpu_decode_probe import gpu_decode_failure
 from engine.dist import local_device
-from engine.launch import Launch, env_int, from_environment
+from engine.launcher_env import Launch, env_int, from_environment
 
 
 @dataclass(frozen=True)

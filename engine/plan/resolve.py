@@ -12,7 +12,7 @@ from engine.data.streams import DataFacts
 from engine.errors import UserError
 from engine.plan.deepspeed_config import fp16_scale_search_steps
 from engine.plan.hardware import Hardware
-from engine.launch import Launch
+from engine.launcher_env import Launch
 from engine.plan.dials import PRECISIONS, Dials
 from engine.plan.data import data_decisions, dataset_reason
 from engine.plan.decode import decode_decisions

@@ -15,7 +15,9 @@ from engine.observe.profile import StepProfiler
 from engine.observe.progress import Progress
 from engine.observe.throughput import StepTimer, memory_gb
 from engine.train import checkpoint, gradcache
-from engine.train.faults import Drills, SkippedSteps, StopSignals
+from engine.train.drills import Drills
+from engine.train.nonfinite import SkippedSteps
+from engine.train.stop_signals import StopSignals
 
 
 @dataclass(frozen=True)

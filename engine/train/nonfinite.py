@@ -1,4 +1,6 @@
-"""Skip an optimizer step whose gradients are not finite, where DeepSpeed does not.
+"""Steps whose loss or gradients are not finite: skipped where DeepSpeed does not skip them
+(`SkipNonFinite`), counted wherever they are skipped (`SkippedSteps`), and the run stopped after
+too many in a row (`NonFiniteSteps`).
 
 DeepSpeed's ZeRO optimizers (stage 1 to 3) and its fp16 wrapper check the gradients for inf and
 NaN and skip such a step; without ZeRO in fp32 it hands them to the client optimizer, and one
@@ -25,3 +27,24 @@ class SkipNonFinite(WrappedOptimizer):
         if self.overflow:
             return None
         return self.optimizer.step(closure)
+
+
+class NonFiniteSteps(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class SkippedSteps:
+    """Counts the optimizer steps DeepSpeed skipped because a gradient was not finite (it
+    skips them silently: no update, no LR step) and stops the run after `limit` in a row."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_a_row = 0
+
+    def record(self, skipped: bool, step: int, advice: str) -> None:
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        if self.in_a_row >= self.limit:
+            raise NonFiniteSteps(
+                f"steps {step - self.in_a_row + 1}..{step} all had a non-finite loss or gradient "
+                f"and were skipped ({self.limit} in a row): stopped without a new checkpoint, so "
+                f"the last good one is kept. {advice}")

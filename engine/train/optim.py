@@ -69,7 +69,7 @@ def _groups(module: nn.Module, plan) -> list[dict]:
 
 
 def optimizer_for_plan(module: nn.Module, plan) -> torch.optim.Optimizer:
-    """The optimizer the plan resolved, over `module` (engine/task.Task): SGD + Lookahead
+    """The optimizer the plan resolved, over `module` (a ModelWithLoss): SGD + Lookahead
     (k=5, alpha=0.5, as CLIP-Lite's reference configs) or AdamW in the chosen implementation;
     without ZeRO in fp32 (or bf16, whose weights are fp32 then), inside the non-finite check
     DeepSpeed leaves out there."""

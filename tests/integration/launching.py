@@ -29,7 +29,7 @@ def command(args, ranks=None, port=None, launcher="torchrun") -> list[str]:
     """`ranks` processes of launchers/pretrain.py ARGS, or one plain python process (None).
 
     launcher "deepspeed" is the README's `deepspeed --num_gpus N launchers/pretrain.py`;
-    "torchrun" starts the same ranks with the same environment (engine/launch.py reads both
+    "torchrun" starts the same ranks with the same environment (engine/launcher_env.py reads both
     alike) without the two interpreters importing DeepSpeed that the deepspeed launcher starts
     first. Tests of what the user's command does use "deepspeed"; the others save the seconds."""
     if ranks is None:

@@ -15,7 +15,7 @@ from engine.dist import free_port
 from engine.objectives.method import lookup
 from engine.models.two_tower import TwoTower
 from engine.objectives.clip_lite import ClipLiteObjective, prior_loss
-from engine.task import Task
+from engine.model_with_loss import ModelWithLoss
 from engine.train.lookahead import Lookahead
 from engine.train.optim import optimizer_for_plan
 
@@ -177,7 +177,7 @@ def test_prior_off_gives_only_jsd(model):
 
 
 def test_optimizer_groups_follow_the_reference(model):
-    task = Task(model, ClipLiteObjective(model))
+    task = ModelWithLoss(model, ClipLiteObjective(model))
     plan = SimpleNamespace(optimizer="sgd_lookahead", group_lrs=(("image", 0.2), ("text", 1e-3), ("heads", 5e-4)),
                            momentum=0.9, weight_decay=1e-4, zero_stage=1, precision="fp32")
     optimizer = optimizer_for_plan(task, plan)

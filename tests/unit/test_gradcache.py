@@ -20,7 +20,7 @@ from engine.objectives.clip import ClipObjective
 from engine.objectives.clip_lite import ClipLiteObjective
 from engine.objectives.declip import DeclipObjective
 from engine.objectives.siglip import SiglipObjective
-from engine.task import Task
+from engine.model_with_loss import ModelWithLoss
 from engine.train.gradcache import accumulate_step
 
 SOT, EOT = 49406, 49407
@@ -55,7 +55,7 @@ def _objective(method: str, model: TwoTower, batch_terms: bool) -> nn.Module:
     return objective
 
 
-def _task(method="clip", towers_train=False, batch_terms=True) -> Task:
+def _task(method="clip", towers_train=False, batch_terms=True) -> ModelWithLoss:
     """fp32 debug towers. Unless `towers_train`, their BatchNorm runs on statistics calibrated
     on one batch (so every sample is computed on its own, yet samples differ), no dropout."""
     torch.manual_seed(0)
@@ -69,7 +69,7 @@ def _task(method="clip", towers_train=False, batch_terms=True) -> Task:
             model.image_outputs(calibration["image"])
             model.text_outputs(calibration["text"])
         model.eval()  # the towers only: the objective's heads keep batch statistics
-    task = Task(model, _objective(method, model, batch_terms))
+    task = ModelWithLoss(model, _objective(method, model, batch_terms))
     with torch.no_grad():  # a temperature below CLIP's clamp, so that it has a gradient
         model.logit_scale.log_scale.fill_(2.0)
     return task
@@ -99,11 +99,11 @@ def _split(batch: dict, k: int) -> list[dict]:
     return [dict(zip(batch, parts)) for parts in zip(*(v.chunk(k) for v in batch.values()))]
 
 
-def _grads(task: Task) -> dict[str, torch.Tensor]:
+def _grads(task: ModelWithLoss) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in task.named_parameters() if p.grad is not None}
 
 
-def _queue(task: Task):
+def _queue(task: ModelWithLoss):
     return getattr(task.objective, "queue", None)
 
 

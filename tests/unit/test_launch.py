@@ -1,10 +1,10 @@
-"""Where the ranks come from (engine/launch.py): the variables srun, the deepspeed launcher and
+"""Where the ranks come from (engine/launcher_env.py): the variables srun, the deepspeed launcher and
 torchrun set, read into one Launch with the source of each value."""
 import pytest
 
 from engine.dist import gpu_index
 from engine.errors import UserError
-from engine.launch import JOB_PORT_BASE, first_host, from_environment, job_port, ranks_per_node, setup
+from engine.launcher_env import JOB_PORT_BASE, first_host, from_environment, job_port, ranks_per_node, setup
 
 SRUN_2X4 = {"SLURM_JOB_ID": "123456", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
             "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NUM_NODES": "2",

@@ -156,7 +156,7 @@ def test_warmup_can_start_from_a_given_lr_as_declip():
 def test_norm_buffers_follow_their_parameters_dtype():
     # DeepSpeed's bf16 mode casts parameters only; cuDNN's BatchNorm backward then fails on the
     # float32 running statistics (seen on an H100 with rn50). align_buffer_dtypes fixes them up.
-    from engine.task import align_buffer_dtypes
+    from engine.model_with_loss import align_buffer_dtypes
 
     model = TwoTower(get_preset("debug"), EOT, SOT)
     for p in model.parameters():

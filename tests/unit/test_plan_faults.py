@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from engine.errors import UserError
-from engine.launch import from_environment
+from engine.launcher_env import from_environment
 from engine.plan.dials import Dials
 from engine.plan.resolve import resolve
 from engine.objectives.method import lookup

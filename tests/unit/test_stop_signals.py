@@ -1,5 +1,5 @@
 """Stop signals, their agreement across ranks, the requeue decision, skipped-step counting and
-fault drills (engine/train/faults.py)."""
+fault drills (engine/train/stop_signals.py, nonfinite.py, drills.py)."""
 import os
 import signal
 import subprocess
@@ -11,7 +11,9 @@ import torch.multiprocessing as mp
 
 from engine.dist import free_port
 from engine.errors import UserError
-from engine.train.faults import Drills, NonFiniteSteps, SkippedSteps, StopSignals, requeue
+from engine.train.drills import Drills
+from engine.train.nonfinite import NonFiniteSteps, SkippedSteps
+from engine.train.stop_signals import StopSignals, requeue
 
 
 @pytest.fixture
@@ -48,7 +50,7 @@ def test_requeue_decisions(stop):
 def test_a_second_sigterm_ends_the_process_at_once():
     script = textwrap.dedent("""
         import os, signal, time
-        from engine.train.faults import StopSignals
+        from engine.train.stop_signals import StopSignals
         stop = StopSignals(timeout_s=30)
         os.kill(os.getpid(), signal.SIGTERM)
         print("first:", sorted(stop.received), flush=True)

@@ -15,14 +15,12 @@ The flags' all-reduce runs on a gloo group: on a GPU it then needs no device syn
 import os
 import signal
 import subprocess
-import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
 
 from engine import dist
-from engine.errors import UserError
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # data workers ignore them (data/workers.py)
 EXIT_STOPPED = 3  # stopped early with a checkpoint and not requeued: run the same command again
@@ -113,84 +111,3 @@ def requeue(job_id: str | None, restarts: int, max_requeues: int, stop: StopSign
         return False, (f"scontrol requeue {job_id} failed: {result.stderr.strip() or result.returncode}; "
                        "submit the same command again (same --out) to continue")
     return True, f"requeued SLURM job {job_id}: it resumes from this checkpoint when it starts again"
-
-
-class NonFiniteSteps(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-class SkippedSteps:
-    """Counts the optimizer steps DeepSpeed skipped because a gradient was not finite (it
-    skips them silently: no update, no LR step) and stops the run after `limit` in a row."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.in_a_row = 0
-
-    def record(self, skipped: bool, step: int, advice: str) -> None:
-        self.in_a_row = self.in_a_row + 1 if skipped else 0
-        if self.in_a_row >= self.limit:
-            raise NonFiniteSteps(
-                f"steps {step - self.in_a_row + 1}..{step} all had a non-finite loss or gradient "
-                f"and were skipped ({self.limit} in a row): stopped without a new checkpoint, so "
-                f"the last good one is kept. {advice}")
-
-
-class Drills:
-    """Faults injected on purpose, to show what the engine does with them (the tests and the
-    fault table of launchers/slurm/README.md). Read from CLIPZERO_DRILL, comma-separated:
-
-      nonfinite:S[-E]            the loss of steps S..E is NaN (its gradients with it)
-      pause_eval:S               evaluation after step S waits (up to 120 s) for a stop signal
-      kill_in_checkpoint:S[:R]   rank R (every rank if absent) kills itself with SIGKILL while
-                                 writing the checkpoint of step S, after its own files
-    """
-
-    def __init__(self, spec: str = ""):
-        self.nonfinite: set[int] = set()
-        self.pause_eval: set[int] = set()
-        self.kill_in_checkpoint: dict[int, int | None] = {}
-        for item in filter(None, (part.strip() for part in spec.split(","))):
-            name, _, where = item.partition(":")
-            try:
-                if name == "nonfinite":
-                    first, _, last = where.partition("-")
-                    self.nonfinite.update(range(int(first), int(last or first) + 1))
-                elif name == "pause_eval":
-                    self.pause_eval.add(int(where))
-                elif name == "kill_in_checkpoint":
-                    step, _, rank = where.partition(":")
-                    self.kill_in_checkpoint[int(step)] = int(rank) if rank else None
-                else:
-                    raise ValueError(name)
-            except ValueError:
-                raise UserError(f"CLIPZERO_DRILL item {item!r} is not one of nonfinite:S[-E], "
-                                "pause_eval:S, kill_in_checkpoint:S[:R]") from None
-
-    @classmethod
-    def from_environment(cls) -> "Drills":
-        return cls(os.environ.get("CLIPZERO_DRILL", ""))
-
-    def __bool__(self) -> bool:
-        return bool(self.nonfinite or self.pause_eval or self.kill_in_checkpoint)
-
-    def poison(self, step: int) -> bool:
-        return step in self.nonfinite
-
-    def wait_in_eval(self, step: int, stop: "StopSignals | None") -> None:
-        if step not in self.pause_eval or stop is None:
-            return
-        print(f"drill: evaluation after step {step} waits for a stop signal", flush=True)
-        for _ in range(1200):
-            if stop.received:
-                return
-            time.sleep(0.1)
-
-    def in_checkpoint(self, step: int):
-        """A callable for checkpoint.save(before_complete=...), or None."""
-        if step not in self.kill_in_checkpoint:
-            return None
-        rank = self.kill_in_checkpoint[step]
-        if rank is not None and rank != dist.rank():
-            return None
-        return lambda: os.kill(os.getpid(), signal.SIGKILL)

@@ -13,12 +13,12 @@ from torch import nn
 from engine.models.two_tower import TwoTower
 
 
-class Task(nn.Module):
+class ModelWithLoss(nn.Module):
     def __init__(self, model: TwoTower, objective: nn.Module):
         super().__init__()
         self.model = model
         self.objective = objective
-        # A fault drill (engine/train/faults.py): while set, every loss is NaN, as after an
+        # A fault drill (engine/train/drills.py): while set, every loss is NaN, as after an
         # overflow, so that the step's gradients are not finite.
         self.nonfinite_drill = False
 

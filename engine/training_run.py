@@ -30,7 +30,7 @@ from engine.eval.evaluate import evaluate
 from engine.eval.periodic import PeriodicEval, TrainedModel, open_periodic_evals, run_periodic_evals
 from engine.eval.shard import Ranks, first_rows
 from engine.plan.hardware import probe
-from engine.launch import Launch
+from engine.launcher_env import Launch
 from engine.data.wordnet import find_wordnet
 from engine.models.two_tower import TwoTower, count_parameters
 from engine.objectives.method import Method, lookup
@@ -45,8 +45,10 @@ from engine.plan.optimizer import probe_optimizer_support
 from engine.plan.precision import towers_autocast
 from engine.plan.resolve import RunPlan, resolve
 from engine.plan.resume import check_resumable, describe_reshape
-from engine.task import Task, align_buffer_dtypes, register_zero3_external_parameters
-from engine.train import checkpoint, faults
+from engine.model_with_loss import ModelWithLoss, align_buffer_dtypes, register_zero3_external_parameters
+from engine.train import checkpoint
+from engine.train.drills import Drills
+from engine.train.stop_signals import StopSignals, requeue
 from engine.train.loop import Cadence, train
 from engine.train.optim import optimizer_for_plan
 from engine.train.schedule import warmup_cosine
@@ -73,7 +75,7 @@ class RunEnd:
 
 def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -> Prepared:
     """Resolve the plan and the DeepSpeed config. Raises UserError; writes nothing.
-    `launch` says how the ranks were started (engine/launch.py; None: read the environment)."""
+    `launch` says how the ranks were started (engine/launcher_env.py; None: read the environment)."""
     method = lookup(dials.method, dials.model, dials.text_layers)
     preset = method.preset
     if dials.data is None:
@@ -126,14 +128,14 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
         # Before any collective: NCCL's object broadcast and barriers use the current device.
         torch.cuda.set_device(dist.local_device())
     dist.init_distributed(plan.collective_timeout_s)
-    stop = faults.StopSignals(plan.collective_timeout_s)
+    stop = StopSignals(plan.collective_timeout_s)
     try:
         return _run(prepared, stop, out=out, dry_run=dry_run, stop_at_step=stop_at_step)
     finally:
         stop.close()
 
 
-def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_run: bool,
+def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: bool,
          stop_at_step: int | None) -> RunEnd:
     plan, method = prepared.plan, prepared.method
     preset = method.preset
@@ -141,7 +143,7 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
     is_main = dist.rank() == 0
     run_dir = Path(out) if out else dist.broadcast_from_rank0(default_run_dir(plan, job_id))
     saved_plan = check_resumable(run_dir, plan, method)
-    drills = faults.Drills.from_environment()
+    drills = Drills.from_environment()
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +165,7 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
     model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
     model.autocast_dtype = torch.bfloat16 if towers_autocast(plan.precision, plan.zero_stage) else None
     objective = method.build_objective(model, dict(plan.objective_options), plan.seed)
-    task = Task(model, objective)
+    task = ModelWithLoss(model, objective)
     optimizer = optimizer_for_plan(task, plan)
     scheduler = warmup_cosine(optimizer, lr=plan.lr, min_lr=plan.min_lr,
                               warmup_steps=plan.warmup_steps, total_steps=plan.total_steps,
@@ -262,7 +264,7 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
     return RunEnd(end.metrics, None, False)
 
 
-def _after_stop(end, stop: faults.StopSignals, launch: Launch | None, plan: RunPlan) -> RunEnd:
+def _after_stop(end, stop: StopSignals, launch: Launch | None, plan: RunPlan) -> RunEnd:
     """The stop checkpoint is written: rank 0 asks SLURM for a requeue; every rank waits for
     that answer before exiting (srun --kill-on-bad-exit would cut the request short)."""
     stop.ignore_further()
@@ -270,7 +272,7 @@ def _after_stop(end, stop: faults.StopSignals, launch: Launch | None, plan: RunP
     if dist.rank() == 0:
         job_id = launch.job_id if launch is not None else None
         restarts = launch.restarts if launch is not None else 0
-        requeued, message = faults.requeue(job_id, restarts, plan.max_requeues, stop)
+        requeued, message = requeue(job_id, restarts, plan.max_requeues, stop)
         print(f"stopped at step {end.stopped_at} of {plan.total_steps} with a checkpoint: {message}",
               flush=True)
     requeued = dist.broadcast_from_rank0(requeued)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from open_clip.tokenizer import SimpleTokenizer
+from PIL import Image
 
 from engine.data.dali import CLIP_MEAN, CLIP_STD
 from engine.data.mlm import IGNORE_INDEX, MASK_ID
@@ -29,8 +31,6 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
 
 def _tile(pixels: np.ndarray, size: int) -> np.ndarray:
     """One image [S, S, 3] at `size` x `size`: nearest-neighbour up (crisp pixels), box filter down."""
-    from PIL import Image
-
     image = Image.fromarray(pixels)
     if image.size != (size, size):
         smaller = image.size[0] < size
@@ -55,8 +55,6 @@ class TokenText:
     token shown as [mask]."""
 
     def __init__(self):
-        from open_clip.tokenizer import SimpleTokenizer
-
         self._bpe = SimpleTokenizer()
         self._sot = self._bpe.encoder["<start_of_text>"]
         self._eot = self._bpe.encoder["<end_of_text>"]

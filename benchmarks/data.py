@@ -95,9 +95,8 @@ def write_photos(out: Path, count: int, width: int, height: int) -> dict:
 # ---- one measurement, in its own process ----------------------------------------------------
 def our_batches(data: str, batch: int, workers: int, decode_device: str):
     """`decode_device`: "cpu", "gpu", or "gpu@SHARE" with the hardware JPEG decoder's share,
-    and "+whole" to decode whole images and slice the crop from them (dali.train_pipeline)."""
-    from engine.data import loader as loader_module
-    from engine.data.dali import train_pipeline
+    and "+whole" to decode whole images and slice the crop from them (train_graph.train_pipeline)."""
+    from engine.data import train_graph
     from engine.data.loader import TrainLoader
     from engine.data.spec import DataSpec
     from engine.data.text import ClipTokenizer
@@ -105,7 +104,7 @@ def our_batches(data: str, batch: int, workers: int, decode_device: str):
 
     decode_device, whole, _ = decode_device.partition("+whole")
     if whole:  # this process measures only this variant: the loader's pipeline, whole images decoded
-        loader_module.train_pipeline = functools.partial(train_pipeline, whole_decode=True)
+        train_graph.train_pipeline = functools.partial(train_graph.train_pipeline, whole_decode=True)
     device, _, share = decode_device.partition("@")
     loader = TrainLoader(
         data, micro_batch=batch, image_size=IMAGE_SIZE, spec=DataSpec(), seed=SEED, workers=workers,

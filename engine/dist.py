@@ -1,6 +1,7 @@
 """The process group: DeepSpeed's init with a stated timeout, rank and world, and the one
 collective the objectives need, all-gather with gradient. (engine/launcher_env.py says where the
 ranks come from.)"""
+import errno
 import os
 import socket
 from datetime import timedelta
@@ -106,8 +107,9 @@ def init_distributed(timeout_s: float) -> None:
     past init (the barrier) the names are no longer needed: unlinking them now keeps the
     mappings working and frees the memory when the processes exit, however they exit.
     """
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+    # deferred: DeepSpeed is slow to import, and the evaluator and exporter load this module
+    # (through eval/shard.py and train/checkpoint.py) without ever starting a process group.
+    import deepspeed.accelerator
 
     timeout = timedelta(seconds=timeout_s)
     # Groups made later with new_group() and no timeout (DeepSpeed's data-parallel clone of the
@@ -120,7 +122,7 @@ def init_distributed(timeout_s: float) -> None:
     if int(os.environ.get("RANK", "0")) == 0:  # rank() says 0 on every rank until init
         check_rendezvous_port()
     deepspeed.init_distributed(verbose=False, timeout=timeout)
-    if get_accelerator().device_name() != "cpu":
+    if deepspeed.accelerator.get_accelerator().device_name() != "cpu":
         return
     if world_size() > 1:
         dist.barrier()
@@ -132,10 +134,6 @@ def check_rendezvous_port() -> None:
     a run left behind) is refused with the flag to change, rather than torch's traceback.
 
     Not under torchrun's agent, which listens there itself and lends its store to the ranks."""
-    import errno
-
-    from engine.errors import UserError
-
     port = os.environ.get("MASTER_PORT")
     if not port or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
         return

@@ -7,12 +7,12 @@ of it. benchmarks/data.py measures the training path against open_clip's.
 
 Training (`cpu_train_pipeline`, what the loader runs for a CPU decode):
     stage 1, DALI (its threads, running ahead): each view's crop window decoded, as
-             dali.train_pipeline does; the view's photometric inputs pass through untouched
+             train_graph.train_pipeline does; the view's photometric inputs pass through untouched
     stage 2, torch (the caller's thread, when stage 3 asks for a batch): each crop resized to
              image_size x image_size uint8
     stage 3, DALI (its threads, running ahead): the recipe's photometric steps, normalisation
-The single graph (dali.train_pipeline) stays the reference, and the GPU's graph: the two agree
-to within rounding and the resamplers' edge handling (tests/unit/test_cpu_pipeline.py). One
+The single graph (train_graph.train_pipeline) stays the reference, and the GPU's graph: the two
+agree to within rounding and the resamplers' edge handling (tests/unit/test_cpu_pipeline.py). One
 difference by design: the photometric recipes start from the uint8 resize here (float in the
 single graph), at most half a level apart.
 
@@ -22,6 +22,9 @@ image_size * 256 / 224 and the centre square cut as transformers' CLIPImageProce
 
 A stage-1 failure (an image DALI cannot decode) reaches the caller from `run()`, as from a
 single graph, so dali.DecodedBatches recovers the same way.
+
+DALI is imported here at load: the loader and the evaluation import this module when they build
+a pipeline, so that what only reads or plans loads without DALI (train_graph.py says the same).
 """
 from __future__ import annotations
 
@@ -31,9 +34,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from nvidia.dali import fn, pipeline_def, types
 
-from engine.data.augment import PHOTOMETRIC_FIELDS, photometric_view, view_input_types
-from engine.data.dali import decode_windows, normalise
+from engine.data.augment import PHOTOMETRIC_FIELDS
+from engine.data.augment_graph import photometric_view, view_input_types
+from engine.data.train_graph import decode_windows, normalise
 
 
 def resize_crops(crops, image_size: int) -> np.ndarray:
@@ -105,7 +110,7 @@ class SplitPipeline:
 
 def cpu_train_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: int, num_threads: int,
                        augment: str = "crop", views: int = 1) -> SplitPipeline:
-    """dali.train_pipeline's outputs for a CPU decode."""
+    """train_graph.train_pipeline's outputs for a CPU decode."""
 
     def resized(outputs: tuple) -> tuple:
         crops, passed = outputs[:views], outputs[views:]
@@ -118,8 +123,6 @@ def cpu_train_pipeline(source: Callable[[], tuple], *, batch_size: int, image_si
 
 def eval_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: int, num_threads: int) -> SplitPipeline:
     """CLIP's evaluation transform, normalised: shorter side to image_size * 256 / 224, centre crop."""
-    from nvidia.dali import fn, pipeline_def, types
-
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None)
     def decode():
         encoded = fn.external_source(source=source, num_outputs=1, batch=True, dtype=[types.UINT8])[0]
@@ -128,14 +131,12 @@ def eval_pipeline(source: Callable[[], tuple], *, batch_size: int, image_size: i
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None)
     def finish(feed):
         images = fn.external_source(source=feed, num_outputs=1, batch=True, dtype=[types.UINT8])[0]
-        return normalise(images, fn, types)
+        return normalise(images)
 
     return SplitPipeline(decode(), lambda outputs: (resize_and_centre_crop(outputs[0], image_size),), finish)
 
 
 def _decode_graph(source, *, batch_size: int, num_threads: int, augment: str, views: int):
-    from nvidia.dali import fn, pipeline_def, types
-
     per_view = view_input_types(augment)
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None)
@@ -150,8 +151,6 @@ def _decode_graph(source, *, batch_size: int, num_threads: int, augment: str, vi
 
 
 def _augment_graph(source, *, batch_size: int, num_threads: int, augment: str, views: int):
-    from nvidia.dali import fn, pipeline_def, types
-
     names = PHOTOMETRIC_FIELDS[augment]
     per_view = view_input_types(augment)[2:]
 
@@ -166,7 +165,7 @@ def _augment_graph(source, *, batch_size: int, num_threads: int, augment: str, v
             if augment != "crop":
                 images = fn.cast(images, dtype=types.FLOAT)
             images, mirror = photometric_view(images, photometric, augment)
-            outputs.append(normalise(images, fn, types, mirror=mirror))
+            outputs.append(normalise(images, mirror=mirror))
         return tuple(outputs)
 
     return graph()

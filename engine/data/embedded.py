@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from sklearn.datasets import load_digits
+from streaming import MDSWriter
 
 from engine.data.mds import cache_root
 
@@ -104,9 +106,6 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _write_digits(out: Path) -> None:
-    from sklearn.datasets import load_digits  # imported here: sklearn is slow to import
-    from streaming import MDSWriter
-
     digits = load_digits()
     labels = digits.target.astype(np.int64)
     heldout_ids = _stratified_heldout(labels)

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from engine.data.augment import ViewBatch, ViewDraw
-from engine.data.dali import HostBatch, train_pipeline
+from engine.data.dali import HostBatch
 
 # Large enough for an ordinary JPEG (16x16 MCUs, several of them), small enough to cost nothing.
 PROBE_IMAGE_SIDE = 64
@@ -26,15 +26,18 @@ def gpu_decode_failure(device_id: int) -> str | None:
     """None when a one-image GPU training graph builds and runs on GPU `device_id`; else the
     failure in one line ("RuntimeError: ...").
 
-    It is the graph the loader builds for GPU decoding (engine/data/dali.train_pipeline: nvJPEG's
-    mixed decoder, the GPU resize and normalisation), with DALI's default share for the hardware
-    JPEG decoder, which is the plan's default too, so the decoder starts as it will in training.
+    It is the graph the loader builds for GPU decoding (engine/data/train_graph.train_pipeline:
+    nvJPEG's mixed decoder, the GPU resize and normalisation), with DALI's default share for the
+    hardware JPEG decoder, which is the plan's default too, so the decoder starts as it will in
+    training.
     """
     host = HostBatch([_probe_jpeg()], None, (ViewBatch.stack([_whole_image()], "crop"),))
     inputs = host.dali_inputs()
     try:
-        # DALI is imported inside train_pipeline (a heavy library, loaded only when used), so a
-        # missing or broken wheel is caught here as well as a driver, CUDA or nvJPEG mismatch.
+        # deferred: train_graph imports DALI (about a second), which the planner needs only on a
+        # GPU; inside the try, a missing or broken wheel is caught like a driver, CUDA or nvJPEG mismatch.
+        from engine.data.train_graph import train_pipeline
+
         pipe = train_pipeline(lambda: inputs, batch_size=1, image_size=PROBE_IMAGE_SIDE, device="gpu",
                               device_id=device_id, num_threads=1)
         pipe.build()

@@ -51,8 +51,7 @@ from torch.utils.data import DataLoader
 
 from engine import dist
 from engine.data.collate import PrepareBatch, TrainPayload, assemble_batch
-from engine.data.cpu_pipeline import cpu_train_pipeline
-from engine.data.dali import DecodedBatches, HostBatch, train_pipeline
+from engine.data.dali import DecodedBatches, HostBatch
 from engine.data.eda import Eda
 from engine.data.records import DECODER_REJECTED, NO_SUBSTITUTE, StreamingDatasetWithIds
 from engine.data.streaming_dataset import ShardUnavailable
@@ -291,14 +290,18 @@ class TrainLoader:
                 f"if the source is merely slow, raise --collective-timeout.") from error
 
     def _build_pipeline(self, source):
+        # deferred: the graphs import DALI, about a second; engine.pretrain imports this module,
+        # and a dry run builds no pipeline.
+        from engine.data import cpu_pipeline, train_graph
+
         if self.decode_device == "cpu":  # DALI's CPU resize is the slow step there: torch resizes
-            return cpu_train_pipeline(source, batch_size=self.micro_batch, image_size=self.image_size,
-                                      num_threads=self.decode_threads, augment=self.spec.augment,
-                                      views=self.spec.image_views)
-        return train_pipeline(source, batch_size=self.micro_batch, image_size=self.image_size,
-                              device=self.decode_device, device_id=self._device.index,
-                              num_threads=self.decode_threads, augment=self.spec.augment,
-                              views=self.spec.image_views, hw_decoder_load=self.hw_decoder_load)
+            return cpu_pipeline.cpu_train_pipeline(source, batch_size=self.micro_batch, image_size=self.image_size,
+                                                   num_threads=self.decode_threads, augment=self.spec.augment,
+                                                   views=self.spec.image_views)
+        return train_graph.train_pipeline(source, batch_size=self.micro_batch, image_size=self.image_size,
+                                          device=self.decode_device, device_id=self._device.index,
+                                          num_threads=self.decode_threads, augment=self.spec.augment,
+                                          views=self.spec.image_views, hw_decoder_load=self.hw_decoder_load)
 
     def _close_active(self) -> None:
         active = self._active() if self._active is not None else None

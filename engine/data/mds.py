@@ -17,6 +17,8 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+from streaming.base.storage import CloudDownloader
+
 from engine.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -146,8 +148,6 @@ def _fetch_small_files(url: str, local: Path) -> None:
 
 def _download(url: str, destination: Path) -> None:
     """Download under a name of this process, then rename: ranks of one node fetch at once."""
-    from streaming.base.storage import CloudDownloader
-
     partial = destination.with_name(f"{destination.name}.{os.getpid()}")
     CloudDownloader.direct_download(url, str(partial))
     os.replace(partial, destination)

@@ -19,6 +19,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from streaming.base.shared.prefix import _unpack_locals
+
 SHM = Path("/dev/shm")
 RECHECK_AFTER_S = 1.0
 _STREAMING_NAME = re.compile(r"(\d{6})_[a-z_]+")
@@ -86,8 +88,6 @@ def live_streaming_locals() -> set[str]:
     their runs: a second run on a cache in use was let through, and the first then waited
     forever for a shard the second had evicted.
     """
-    from streaming.base.shared.prefix import _unpack_locals
-
     found = set()
     for name in mapped_shared_memory():
         if not (name.endswith("_locals") and _STREAMING_NAME.fullmatch(name)):

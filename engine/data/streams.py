@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from streaming import Stream
 
 from engine.data.mds import MdsInfo, cache_root, describe_mds, is_remote, local_copy_dir
 from engine.errors import UserError
@@ -177,16 +178,12 @@ def data_facts(data: str, seed: int, local_cache: Path | None = None) -> DataFac
 
 
 def _per_epoch(streams: tuple[StreamFacts, ...], seed: int) -> tuple[int, ...]:
-    from streaming import Stream
-
     weighted = _streams(streams)
     Stream.apply_weights(weighted, np.array([s.info.num_samples for s in streams], np.int64), None, seed)
     return tuple(int(stream.choose) for stream in weighted)
 
 
 def _streams(streams: tuple[StreamFacts, ...]) -> list:
-    from streaming import Stream
-
     return [Stream(remote=stream.location if stream.remote else None, local=str(stream.local),
                    proportion=stream.proportion) for stream in streams]
 

@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from streaming import MDSWriter
+from streaming.base.format import reader_from_json
 
 from engine.data.mds import describe_mds, is_remote
 from engine.errors import UserError
@@ -64,17 +66,15 @@ def ensure_subset(data: str, fraction: float, cache_dir: Path) -> str:
     return str(target)
 
 
+class CopyWriter(MDSWriter):
+    """MDSWriter that also takes a sample already encoded in its own column layout."""
+
+    def encode_sample(self, sample):
+        return sample if isinstance(sample, bytes) else super().encode_sample(sample)
+
+
 def _copy_samples(source: Path, index: dict, chosen: np.ndarray, out: Path) -> None:
     """Write the samples `chosen` (ascending global ids) of the MDS dataset at `source` into `out`."""
-    from streaming import MDSWriter
-    from streaming.base.format import reader_from_json
-
-    class CopyWriter(MDSWriter):
-        """MDSWriter that also takes a sample already encoded in its own column layout."""
-
-        def encode_sample(self, sample):
-            return sample if isinstance(sample, bytes) else super().encode_sample(sample)
-
     shards = [reader_from_json(str(source), None, info) for info in index["shards"]]
     for shard in shards:
         if not (source / shard.raw_data.basename).is_file():

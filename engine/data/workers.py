@@ -16,6 +16,7 @@ import os
 import signal
 
 from torch.utils.data import DataLoader
+from torch.utils.data._utils import signal_handling
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +94,6 @@ def stop_workers(batches, killed: bool = False) -> None:
     longer watches them (its SIGCHLD handler would raise for a worker killed by a signal). Not
     on a normal end: a worker killed while it updates streaming's shared state could leave a
     shard marked as being prepared for the next epoch's workers."""
-    from torch.utils.data._utils import signal_handling
-
     # torch internals: if a release renames them, this falls back to torch's slow shutdown.
     unwatch = getattr(signal_handling, "_remove_worker_pids", None)
     if killed and unwatch is not None and getattr(batches, "_worker_pids_set", False):

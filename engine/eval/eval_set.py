@@ -20,8 +20,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+from streaming import LocalDataset
 
-from engine.data.cpu_pipeline import eval_pipeline
 from engine.data.dali import DecodedBatches, HostBatch
 from engine.data.mds import describe_mds, is_remote
 from engine.data.records import caption_problem, image_problem
@@ -136,6 +136,10 @@ class EvalDecoding:
             yield HostBatch(encoded=encoded, payload=np.array(ids))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[int]]]:
+        # deferred: cpu_pipeline imports DALI (about a second); the evaluator loads this module at
+        # its start but needs DALI only once images are decoded.
+        from engine.data.cpu_pipeline import eval_pipeline
+
         threads = max(1, min(8, len(os.sched_getaffinity(0))))
         decoded = DecodedBatches(self._host_batches(), device=torch.device("cpu"),
                                  build=lambda source: eval_pipeline(source, batch_size=DECODE_BATCH,
@@ -177,8 +181,6 @@ def decode_for_eval(items: Iterable[bytes | str], image_size: int, what: str, fi
 def load_eval_set(path: str | Path, image_size: int, ranks: Ranks = ALONE) -> EvalSet:
     """Decode this rank's block of an MDS directory's samples with CLIP's eval transform, bad
     records left out (every sample, alone). Every rank of `ranks` calls it (a collective)."""
-    from streaming import LocalDataset
-
     path = str(path)
     if is_remote(path):
         raise UserError(f"eval set {path}: evaluation reads a local MDS directory; copy it to local disk first.")

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-
-from engine.eval.eval_set import Decoded, decode_for_eval
+from engine.data.convert.pairs import Columns
+from engine.data.convert.sources import open_source
 from engine.errors import UserError
+from engine.eval.eval_set import Decoded, decode_for_eval
 
 # torchvision's ImageFolder extensions; a file of a format DALI cannot read is reported by the check.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -67,8 +68,6 @@ class CaptionedImages:
 def read_karpathy(path: str | Path, split: str, image_root: str | Path | None) -> CaptionedImages:
     """The images of `split` in a Karpathy-split file (COCO, Flickr30k) with all their captions,
     listed by the converter's own reader (the same checks and messages as launchers/convert.py)."""
-    from engine.data.convert.sources import Columns, open_source
-
     if Path(path).suffix.lower() != ".json":
         raise UserError(f"--pairs {path}: give a Karpathy-split .json file or an MDS directory; convert other "
                         f"pairs to MDS first (`python launchers/convert.py SOURCE OUT`)")

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.distributed as torch_dist
 
+from engine import dist
 from engine.errors import EvaluationInterrupted
 
 BATCH = 256   # the most rows one evaluation forward takes
@@ -40,7 +41,6 @@ class Ranks:
     @classmethod
     def current(cls) -> Ranks:
         """The process group torch.distributed (DeepSpeed) initialised; one rank without one."""
-        from engine import dist
         return cls(dist.rank(), dist.world_size())
 
     @property

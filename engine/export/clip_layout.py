@@ -13,6 +13,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+from timm.layers import Mlp
+from timm.models.vision_transformer import Attention, VisionTransformer
+from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 
 from engine.errors import UserError
@@ -98,10 +101,6 @@ def _pair(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _vit_problem(trunk: nn.Module) -> str | None:
     """Why a timm image trunk is not CLIP's ViT, or None when it is."""
-    from timm.layers import Mlp
-    from timm.models.vision_transformer import Attention, VisionTransformer
-    from timm.models.vision_transformer import Block as TimmBlock
-
     if not isinstance(trunk, VisionTransformer):
         return f"its image tower is a timm {type(trunk).__name__}, not a ViT"
     if trunk.cls_token is None or trunk.num_prefix_tokens != 1 or trunk.no_embed_class or trunk.pos_embed is None:

@@ -16,6 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
+from open_clip.tokenizer import SimpleTokenizer
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizerFast
 
 from engine.data.dali import CLIP_MEAN, CLIP_STD
 from engine.export.clip_layout import Block, ClipTowers
@@ -70,8 +74,6 @@ def state_dict(towers: ClipTowers) -> dict[str, torch.Tensor]:
 
 
 def config(towers: ClipTowers):
-    from transformers import CLIPConfig
-
     vision, text = towers.vision, towers.text
     text_config = dict(
         vocab_size=text.vocab_size, hidden_size=text.width, intermediate_size=text.mlp_width,
@@ -92,9 +94,6 @@ def config(towers: ClipTowers):
 def write_tokenizer(folder: Path, context_length: int) -> None:
     """CLIP's BPE as transformers reads it: vocab.json (token -> id) and merges.txt (ranked
     pairs under a version line, which transformers skips), from open_clip's bundled file."""
-    from open_clip.tokenizer import SimpleTokenizer
-    from transformers import CLIPTokenizerFast
-
     bpe = SimpleTokenizer()
     renamed = {"<start_of_text>": SOT, "<end_of_text>": EOT}
     vocab = {renamed.get(token, token): i for token, i in bpe.encoder.items()}
@@ -113,8 +112,6 @@ def write_tokenizer(folder: Path, context_length: int) -> None:
 def write_image_processor(folder: Path, image_size: int) -> None:
     """engine/data/cpu_pipeline.eval_pipeline's transform: shorter side to image_size*256/224 (bicubic),
     centre crop, CLIP's mean and std."""
-    from transformers import CLIPImageProcessor
-
     CLIPImageProcessor(
         do_resize=True, size={"shortest_edge": round(image_size * 256 / 224)}, resample=3,  # PIL bicubic
         do_center_crop=True, crop_size={"height": image_size, "width": image_size},
@@ -124,8 +121,6 @@ def write_image_processor(folder: Path, image_size: int) -> None:
 
 
 def write(towers: ClipTowers, folder: Path) -> None:
-    from safetensors.torch import save_file
-
     config(towers).save_pretrained(str(folder))
     # transformers refuses a safetensors file whose metadata does not name its framework.
     save_file(state_dict(towers), str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -135,9 +130,6 @@ def write(towers: ClipTowers, folder: Path) -> None:
 
 def load(folder: Path) -> Encoders:
     """The export as a transformers user gets it: CLIPModel and AutoTokenizer from the folder."""
-    import transformers
-    from transformers import AutoTokenizer, CLIPModel
-
     model, info = CLIPModel.from_pretrained(str(folder), output_loading_info=True)
     # from_pretrained fills a missing tensor with random values and only warns: refuse instead.
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}

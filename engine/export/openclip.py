@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import open_clip
 import torch
+from safetensors.torch import save_file
 
 from engine.data.dali import CLIP_MEAN, CLIP_STD
 from engine.export.clip_layout import Block, ClipTowers
@@ -98,8 +100,6 @@ def preprocess_config(towers: ClipTowers) -> dict:
 
 
 def write(towers: ClipTowers, folder: Path) -> None:
-    from safetensors.torch import save_file
-
     (folder / CONFIG_FILE).write_text(json.dumps(
         {"model_cfg": model_config(towers), "preprocess_cfg": preprocess_config(towers)}, indent=2) + "\n")
     save_file(state_dict(towers), str(folder / WEIGHTS_FILE))
@@ -107,8 +107,6 @@ def write(towers: ClipTowers, folder: Path) -> None:
 
 def load(folder: Path) -> Encoders:
     """The export as an open_clip user gets it, through the local-dir: schema."""
-    import open_clip
-
     name = f"local-dir:{folder}"
     model, _, _ = open_clip.create_model_and_transforms(name)   # strict: a missing tensor raises
     model.eval()

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from engine.data.text import ClipTokenizer
 from engine.export.verify import Encoders
@@ -40,8 +41,6 @@ def preset_from(architecture: dict) -> ModelPreset:
 
 
 def write(model: TwoTower, folder: Path) -> None:
-    from safetensors.torch import save_file
-
     state = {name: tensor.detach().float().contiguous() if tensor.is_floating_point() else tensor.contiguous()
              for name, tensor in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -52,8 +51,6 @@ def exported_preset(folder: str | Path) -> ModelPreset:
 
 
 def load_exported(folder: str | Path) -> TwoTower:
-    from safetensors.torch import load_file
-
     preset = exported_preset(folder)
     tokenizer = ClipTokenizer(preset.context_length)
     model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
 from engine.data.dali import CLIP_MEAN, CLIP_STD
@@ -54,8 +55,6 @@ class TokenText:
     token shown as [mask]."""
 
     def __init__(self):
-        from open_clip.tokenizer import SimpleTokenizer
-
         self._bpe = SimpleTokenizer()
         self._sot = self._bpe.encoder["<start_of_text>"]
         self._eot = self._bpe.encoder["<end_of_text>"]

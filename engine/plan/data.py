@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+from streaming.base.util import bytes_to_int  # the parser of streaming's own cache_limit
+
 from engine.data.streams import (CANONICAL_NODES, FETCHES_PER_READER, PARTITION_ALGO, SHUFFLE_ALGO, SHUFFLE_BLOCK,
                                  STREAMING_MIN_SHARDS, DataFacts, StreamFacts, cache_floor, fetches_in_flight)
 from engine.errors import UserError
@@ -139,8 +141,6 @@ def _refetch_note(limit: int, need: int, remote: list[StreamFacts]) -> str:
 
 
 def _parse_size(text: str) -> int:
-    from streaming.base.util import bytes_to_int  # the parser of streaming's own cache_limit
-
     try:
         value = int(bytes_to_int(text))
     except ValueError:

@@ -17,6 +17,14 @@ import json
 import typing
 from collections.abc import Sequence
 
+import deepspeed.runtime.constants as constants
+from deepspeed.comm.config import CommsLoggerConfig
+from deepspeed.compile.config import CompileConfig
+from deepspeed.monitor.config import DeepSpeedMonitorConfig
+from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError, HybridEngineConfig
+from deepspeed.runtime.precision_config import BFLOAT16, BFLOAT16_OLD, FP16, DeepSpeedBF16Config, DeepSpeedFP16Config
+from deepspeed.runtime.tensor_parallel.config import TPTrainingConfig
+from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION, DeepSpeedZeroConfig
 from pydantic import BaseModel, ValidationError
 
 from engine.errors import UserError
@@ -248,7 +256,6 @@ def _offloads(config: dict, section: str) -> bool:
 
 def _check_with_deepspeed(config: dict) -> None:
     """Let DeepSpeed's own parser judge every value (types, ranges, removed features)."""
-    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
     # DeepSpeed checks train_batch_size against the current process group, which may not
     # exist yet; the batch arithmetic was checked against the real world size above.
     world_size_free = {k: v for k, v in config.items() if k != "train_batch_size"}
@@ -290,7 +297,6 @@ class _KeyRecorder(dict):
 def _top_level_keys() -> frozenset[str]:
     """Every top-level key the installed DeepSpeed reads, found by letting it parse a config
     that records its questions: stays right as DeepSpeed adds or removes sections."""
-    from deepspeed.runtime.config import DeepSpeedConfig
     recorder = _KeyRecorder(train_micro_batch_size_per_gpu=1)
     DeepSpeedConfig(recorder)
     return frozenset(recorder.asked)
@@ -300,7 +306,6 @@ def _top_level_keys() -> frozenset[str]:
 def _top_level_types() -> dict[str, type]:
     """Scalar top-level keys -> the type of DeepSpeed's default (deepspeed.runtime.constants
     pairs each KEY with KEY_DEFAULT)."""
-    import deepspeed.runtime.constants as constants
     types = {"steps_per_print": int}
     for name, key in vars(constants).items():
         default = getattr(constants, f"{name}_DEFAULT", None)
@@ -313,14 +318,6 @@ def _top_level_types() -> dict[str, type]:
 def _section_models() -> dict[str, type[BaseModel]]:
     """Top-level sections that DeepSpeed parses with a pydantic model (which forbids
     unknown fields), so nested keys can be checked and misspellings suggested."""
-    from deepspeed.comm.config import CommsLoggerConfig
-    from deepspeed.compile.config import CompileConfig
-    from deepspeed.monitor.config import DeepSpeedMonitorConfig
-    from deepspeed.runtime.config import HybridEngineConfig
-    from deepspeed.runtime.precision_config import (BFLOAT16, BFLOAT16_OLD, FP16,
-                                                    DeepSpeedBF16Config, DeepSpeedFP16Config)
-    from deepspeed.runtime.tensor_parallel.config import TPTrainingConfig
-    from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION, DeepSpeedZeroConfig
     models = {ZERO_OPTIMIZATION: DeepSpeedZeroConfig, BFLOAT16: DeepSpeedBF16Config,
               BFLOAT16_OLD: DeepSpeedBF16Config, FP16: DeepSpeedFP16Config,
               "comms_logger": CommsLoggerConfig, "compile": CompileConfig,

@@ -2,6 +2,10 @@
 import importlib.util
 from dataclasses import dataclass
 
+import torch
+from deepspeed.git_version_info import installed_ops
+from deepspeed.ops.op_builder.builder import installed_cuda_version
+
 from engine.errors import UserError
 from engine.plan.dials import OPTIMIZERS, Dials
 from engine.plan.hardware import Hardware
@@ -18,8 +22,6 @@ class OptimizerSupport:
 
 def _torch_fused_on_cpu() -> bool:
     """torch's fused AdamW has a CPU kernel since torch 2.4; asked by stepping a tiny one."""
-    import torch
-
     try:
         param = torch.nn.Parameter(torch.zeros(2))
         param.grad = torch.ones(2)
@@ -46,9 +48,8 @@ def _deepspeed_fused_adam() -> tuple[bool, bool]:
     installed with the op built, FusedAdam() compiles it at start-up: that needs nvcc of torch's
     CUDA major version and ninja, which GPU images often lack, and takes minutes on every fresh
     machine. So only a prebuilt op is chosen by default."""
-    import torch
-    from deepspeed.git_version_info import installed_ops
-    from deepspeed.ops.op_builder.builder import installed_cuda_version
+    # deferred: torch.utils.cpp_extension is slow to import and warns on import where CUDA is
+    # absent; only a CUDA machine asks it.
     from torch.utils.cpp_extension import is_ninja_available
 
     prebuilt = bool(installed_ops.get("fused_adam"))

@@ -1,5 +1,6 @@
 """Parameter groups and the optimizer implementation the plan chose."""
 import torch
+from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 from torch import nn
 
 from engine.train.lookahead import Lookahead
@@ -20,13 +21,12 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(groups: list[dict], *, implementation: str, lr: float,
                     betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
     if implementation == "apex_fused":
+        # deferred: apex is optional (the planner picks it only where it is installed, plan/optimizer.py)
         from apex.optimizers import FusedAdam as ApexFusedAdam
         return ApexFusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
     if implementation == "deepspeed_fused":
-        from deepspeed.ops.adam import FusedAdam
         return FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
     if implementation == "deepspeed_cpu_adam":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
     if implementation == "torch_fused":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)

@@ -32,6 +32,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
 
 from engine.errors import UserError
 
@@ -265,6 +266,8 @@ def _set_unpartitioned(engine, full: dict) -> None:
 
 def _set_partitioned(engine, full: dict) -> None:
     """Weights and optimizer state into a ZeRO engine; ZeRO-1/2 all-gather the working weights."""
+    # deferred: DeepSpeed is slow to import, and the evaluator and exporter read checkpoints
+    # through this module without it; a ZeRO engine to fill has loaded it already.
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     stage = engine.zero_optimization_stage()
@@ -317,7 +320,7 @@ def _flat_partitions(engine) -> list[tuple[torch.Tensor, int]]:
 
 
 def _set_local_stage3(param, full_value: torch.Tensor, key: str | None) -> None:
-    import torch.distributed as torch_dist
+    # deferred: as in _set_partitioned, DeepSpeed stays out of the evaluator's and exporter's imports.
     from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
     part = param.ds_tensor.numel()  # ceil(numel / ranks)

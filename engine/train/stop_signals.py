@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 from datetime import timedelta
+from multiprocessing import resource_tracker
 
 import torch
 import torch.distributed as torch_dist
@@ -79,8 +80,6 @@ def _start_resource_tracker_deaf_to(signals) -> None:
     now, with `signals` ignored, which it inherits through exec. SLURM signals every process
     of a job step: a tracker killed by SIGUSR1 (it ignores only SIGINT and SIGTERM itself) is
     relaunched, then fails on every unregistration it never saw, and leaks what it tracked."""
-    from multiprocessing import resource_tracker
-
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
     try:
         resource_tracker.ensure_running()

@@ -10,8 +10,9 @@ from PIL import Image
 
 from engine.data.augment import (BLUR_SIGMA, PHOTOMETRIC_FIELDS, ViewBatch, ViewDraw, draw_view,
                                  random_resized_crop)
-from engine.data.dali import CLIP_MEAN, CLIP_STD, DecodedBatches, HostBatch, train_pipeline
+from engine.data.dali import CLIP_MEAN, CLIP_STD, DecodedBatches, HostBatch
 from engine.data.spec import DataSpec
+from engine.data.train_graph import train_pipeline
 
 CPU = torch.device("cpu")
 SIZE = 48  # output side; the source picture is 64 x 80, so the full-image window is a real resize

@@ -13,7 +13,8 @@ from PIL import Image
 
 from engine.data.augment import ViewBatch, draw_view
 from engine.data.cpu_pipeline import cpu_train_pipeline, resize_crops
-from engine.data.dali import CLIP_MEAN, CLIP_STD, DecodedBatches, HostBatch, train_pipeline
+from engine.data.dali import CLIP_MEAN, CLIP_STD, DecodedBatches, HostBatch
+from engine.data.train_graph import train_pipeline
 
 CPU = torch.device("cpu")
 SEED = int(np.random.SeedSequence().entropy % 2**31)  # fresh inputs every run, printed on failure

@@ -9,7 +9,8 @@ from PIL import Image
 
 from engine.data.augment import CROP_ASPECT, ViewBatch, random_resized_crop, view_generator
 from engine.data.cpu_pipeline import cpu_train_pipeline, eval_pipeline
-from engine.data.dali import CLIP_MEAN, CLIP_STD, PLACEHOLDER_PNG, DecodedBatches, HostBatch, train_pipeline
+from engine.data.dali import CLIP_MEAN, CLIP_STD, PLACEHOLDER_PNG, DecodedBatches, HostBatch
+from engine.data.train_graph import train_pipeline
 
 CPU = torch.device("cpu")
 

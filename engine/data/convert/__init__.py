@@ -2,10 +2,10 @@
 
     convert(source, out, ...)           # see launchers/convert.py for the command line
 
-`sources.py` and `parquet.py` list a source's pairs in a fixed order (folders, CSV/TSV/JSONL,
-webdataset tars, parquet, Karpathy JSON); `synthetic.py` draws pairs instead; `samples.py`
-reads and fully decodes each pair (shrinking it with --max-side); `writer.py` writes them in
-blocks, in parallel and resumably, and publishes the dataset atomically; `report.py` counts.
+`sources.py` and `parquet.py` list a source's pairs (`pairs.py`) in a fixed order (folders,
+CSV/TSV/JSONL, webdataset tars, parquet, Karpathy JSON); `synthetic.py` draws pairs instead;
+`samples.py` reads and fully decodes each pair (shrinking it with --max-side); `writer.py` writes
+them in blocks, in parallel and resumably, and publishes the dataset atomically; `report.py` counts.
 
 With a label column (or --synthetic), an integer `cls` column holds each sample's class id and
 `classes.json` ({"classnames": [...], "templates": [...]}) names the classes: the layout the
@@ -21,10 +21,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from streaming.base.compression import get_compressions
+
 from engine.data.convert import failures, writer
 from engine.data.convert.report import Progress, Report
+from engine.data.convert.pairs import Columns
 from engine.data.convert.samples import SampleRules
-from engine.data.convert.sources import SUPPORTED_SOURCES, Columns, open_source, sorted_classnames
+from engine.data.convert.sources import SUPPORTED_SOURCES, open_source, sorted_classnames
 from engine.data.convert.synthetic import synthetic_source
 from engine.errors import UserError
 
@@ -66,7 +69,6 @@ def convert(source: str | Path | None, out: str | Path, *, workers: int | None =
                     synthetic, seed, synthetic_size)
     _check_output(out, pairs.path, overwrite)
 
-    writer.block_writer_class()  # imports streaming, which takes seconds: not part of the measured time
     started = time.monotonic()
     rules, classes_json = _labels(pairs.labels, class_file, max_side)
     options = {"image_column": image_column, "caption_column": caption_column, "label_column": label_column,
@@ -163,8 +165,6 @@ def _labels(labels, class_file: dict | None, max_side: int | None) -> tuple[Samp
 def _checked_compression(compression: str | None) -> str | None:
     if compression in (None, "", "none"):
         return None
-    from streaming.base.compression import get_compressions
-
     known = get_compressions()
     if compression not in known:
         families = sorted({name.split(":")[0] for name in known})

@@ -1,13 +1,12 @@
 """A caption cell as text: what the table, parquet and Karpathy listings hold in their caption
-column, turned into pairs (sources.Pair) or the reason it is not text."""
+column, turned into pairs (pairs.Pair) or the reason it is not text."""
 from __future__ import annotations
 
 import numbers
 from dataclasses import replace
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
-if TYPE_CHECKING:
-    from engine.data.convert.sources import Pair
+from engine.data.convert.pairs import Pair
 
 # A caption cell holding a dict (a JSON object, a parquet struct) or other data: the reason says what to do.
 NOT_TEXT = "caption is not text: name a text column with --caption-column"

@@ -13,9 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from engine.data.convert.captions import caption_pairs
-from engine.data.convert.sources import (CAPTION_COLUMNS, IMAGE_COLUMNS, Blob, Columns, Pair, Source,
-                                         bad_image_path, resolve_column)
+from engine.data.convert.pairs import (CAPTION_COLUMNS, IMAGE_COLUMNS, Blob, Columns, Pair, Source,
+                                       bad_image_path, resolve_column)
 from engine.errors import UserError
 
 # Columns holding image bytes come first: img2dataset writes `jpg`, Hugging Face `image`.
@@ -24,9 +27,6 @@ BATCH_ROWS = 256  # rows per read: a few MiB of images, so listing memory stays 
 
 
 def _schema(path: Path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         return pq.read_schema(path)
     except (pa.ArrowException, OSError) as error:
@@ -35,8 +35,6 @@ def _schema(path: Path):
 
 def _image_kind(arrow_type) -> str | None:
     """How an image column of this Arrow type holds the image: 'bytes', 'struct', 'path', or None."""
-    import pyarrow as pa
-
     if pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type) \
             or pa.types.is_fixed_size_binary(arrow_type):
         return "bytes"
@@ -95,8 +93,6 @@ def parquet_source(files: list[Path], columns: Columns, image_root: Path | None,
 
 
 def _rows(path: Path, wanted: list[str]) -> Iterator[tuple[int, dict]]:
-    import pyarrow.parquet as pq
-
     schema = _schema(path)
     missing = [name for name in wanted if name not in schema.names]
     if missing:

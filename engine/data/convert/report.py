@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from tqdm import tqdm
+
 EXAMPLES_PER_REASON = 3
 PROGRESS_EVERY_S = 30.0  # a log line this often when stderr is not a terminal (a batch job's log)
 REPORT_NAME = "convert_report.json"
@@ -89,7 +91,6 @@ class Progress:
         self.processed = self.written = 0
         self.bar = None
         if stream.isatty():
-            from tqdm import tqdm
             self.bar = tqdm(total=total, unit="pair", file=stream, dynamic_ncols=True, mininterval=0.5)
 
     def add(self, processed: int, written: int) -> None:

@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 from PIL import Image, ImageOps
 
-from engine.data.convert.sources import Blob, Pair, label_text
+from engine.data.convert.pairs import Blob, Pair, label_text
 from engine.data.convert.synthetic import SyntheticImage
 from engine.data.dali import DALI_FORMATS
 from engine.data.records import record_problem

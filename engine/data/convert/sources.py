@@ -18,11 +18,13 @@ import csv
 import json
 import os
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
+from engine.data.convert import parquet
 from engine.data.convert.captions import caption_pairs, captioned
+from engine.data.convert.pairs import (CAPTION_COLUMNS, IMAGE_COLUMNS, Blob, Columns, Pair, Source, bad_image_path,
+                                       label_text, resolve_column)
 from engine.errors import UserError
 
 SUPPORTED_SOURCES = (
@@ -33,60 +35,9 @@ SUPPORTED_SOURCES = (
     "a Karpathy-split caption file such as dataset_coco.json; "
     "or --synthetic N instead of a source")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".jp2"})
-# Column names tried in order when none is given; file_name + text is Hugging Face's imagefolder.
-IMAGE_COLUMNS = ("image", "filepath", "path", "jpg", "image_path", "file_name", "filename")
-CAPTION_COLUMNS = ("caption", "text", "txt", "title")
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 # The usual training split of the Karpathy files: restval is the part of COCO's val2014 not in val/test.
 KARPATHY_TRAINING = ("train", "restval")
-
-
-@dataclass(frozen=True)
-class Blob:
-    """Bytes in a file: the whole file, or a member's span inside an uncompressed tar."""
-    path: str
-    offset: int = 0
-    size: int = -1  # -1: the whole file
-
-    def read(self) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(self.size)
-        if self.size >= 0 and len(data) != self.size:
-            raise OSError(f"file ends {self.size - len(data)} bytes early")
-        return data
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One pair as the source lists it; `problem` is set when listing already found it bad."""
-    name: str                               # shown in the examples of skipped pairs
-    image: object = None                    # Blob, bytes (parquet), or synthetic.SyntheticImage
-    caption: str | Blob | None = None
-    label: object = None                    # the label column's raw value, when there is one
-    problem: tuple[str, str] | None = None  # (reason, detail)
-
-
-@dataclass(frozen=True)
-class Columns:
-    """The column names the user gave (None: the first default name the file has)."""
-    image: str | None = None
-    caption: str | None = None
-    label: str | None = None
-
-
-@dataclass(frozen=True)
-class Source:
-    kind: str                               # "folder", "table", "tar", "parquet", "karpathy", "synthetic"
-    path: Path | None
-    files: tuple[Path, ...]                 # files whose size and time identify the source on a resume
-    pairs: Callable[[], Iterator[Pair]]     # a fresh listing at each call
-    labels: Callable[[], Iterable] | None = None  # every label value, for the class list; None: no labels
-
-
-def label_text(value: object) -> str:
-    """A label value as the class name it stands for: '3' for 3 and for ' 3 '."""
-    return "" if value is None else str(value).strip()
 
 
 def sorted_classnames(values: Iterable) -> list[str]:
@@ -99,8 +50,6 @@ def sorted_classnames(values: Iterable) -> list[str]:
 
 def open_source(path: Path, columns: Columns, split: str | None, image_root: Path | None) -> Source:
     """The source at `path`, its type and columns checked before any work is done."""
-    from engine.data.convert import parquet  # pyarrow is imported only when a source needs it
-
     if not path.exists():
         raise UserError(f"source {path}: no such file or directory")
     suffix = path.suffix.lower()
@@ -124,8 +73,6 @@ def open_source(path: Path, columns: Columns, split: str | None, image_root: Pat
 
 
 def _folder_source(root: Path, columns: Columns, image_root: Path | None) -> Source:
-    from engine.data.convert import parquet
-
     tars = sorted(root.glob("*.tar"))
     if tars:  # img2dataset's webdataset output: NNNNN.tar beside metadata parquet and stats files
         return Source("tar", root, tuple(tars), lambda: _tar_pairs(tars))
@@ -172,31 +119,6 @@ def _folder_pairs(root: Path) -> Iterator[Pair]:
                     yield Pair(shown, image=Blob(path), caption=Blob(os.path.join(folder, sidecar)))
                 else:
                     yield Pair(shown, problem=("missing caption file", f"no {sidecar}"))
-
-
-def resolve_column(available: list[str], given: str | None, candidates: tuple[str, ...], flag: str,
-                   where: str, accept: Callable[[str], bool] = lambda name: True) -> str:
-    """The column `given` by `flag`, else the first of `candidates` (any case) that `accept`s."""
-    if given is not None:
-        if given not in available:
-            raise UserError(f"{where}: no column '{given}' (given by {flag}); found {available}")
-        return given
-    lowered = {name.lower(): name for name in available}
-    for candidate in candidates:
-        if candidate in lowered and accept(lowered[candidate]):
-            return lowered[candidate]
-    raise UserError(f"{where}: none of the columns {available} is one of {list(candidates)}; "
-                    f"name the right one with {flag}")
-
-
-def bad_image_path(name: str, image: object) -> Pair | None:
-    """A Pair holding the problem when a row's image path cell is empty or a URL; None when usable."""
-    image = str(image).strip() if image is not None else ""
-    if not image:
-        return Pair(name, problem=("missing image file", "no image path in the row"))
-    if "://" in image:
-        return Pair(name, problem=("image is a URL", f"{image}; download it first, e.g. with img2dataset"))
-    return None
 
 
 def _table_source(path: Path, columns: Columns, image_root: Path | None) -> Source:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from engine.data.convert.sources import Pair, Source
+from engine.data.convert.pairs import Pair, Source
 
 COLOURS = {  # far from the grey backgrounds and from one another
     "red": (215, 35, 35), "green": (35, 170, 55), "blue": (35, 70, 215),

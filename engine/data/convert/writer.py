@@ -34,7 +34,6 @@ loss may need --overwrite.
 from __future__ import annotations
 
 import fcntl
-import functools
 import hashlib
 import json
 import os
@@ -46,10 +45,12 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Callable, Iterator
 
+from streaming import MDSWriter
+
 from engine.data.convert import failures, processes, samples
 from engine.data.convert.report import EXAMPLES_PER_REASON, REPORT_NAME, Progress, Report, Ticker
 from engine.data.convert.samples import SampleRules
-from engine.data.convert.sources import Pair
+from engine.data.convert.pairs import Pair
 from engine.errors import UserError
 from engine.files import write_atomic
 
@@ -182,8 +183,8 @@ def _write_block(part: Path, staging: Path, block_id: int, pairs: list[Pair], jo
     shutil.rmtree(staging, ignore_errors=True)
     record = {"block": block_id, "entries": len(pairs), "names": names_digest(pairs),
               "written": 0, "reencoded": 0, "skipped": {}, "examples": {}}
-    writer = block_writer_class()(out=str(staging), columns=job.columns, compression=job.compression,
-                                   size_limit=job.size_limit)
+    writer = BlockWriter(out=str(staging), columns=job.columns, compression=job.compression,
+                         size_limit=job.size_limit)
     for pair in pairs:
         # looked up on the module at each call, so a test can wrap it
         sample, problem, reencoded = samples.make_sample(pair, job.rules)
@@ -204,21 +205,15 @@ def _write_block(part: Path, staging: Path, block_id: int, pairs: list[Pair], jo
     os.rename(staging, part / f"block-{block_id:06d}")
 
 
-@functools.lru_cache(maxsize=None)
-def block_writer_class():
-    from streaming import MDSWriter  # imported when first needed: it takes seconds to import
+class BlockWriter(MDSWriter):
+    """An MDSWriter for one block: the merged index at the top is the only index.
 
-    class BlockWriter(MDSWriter):
-        """An MDSWriter for one block: the merged index at the top is the only index.
+    MDSWriter's own index writing also waits, a second at a time, until its upload queue is
+    empty; with nothing to upload (local shards) that is a pause per block for nothing.
+    """
 
-        MDSWriter's own index writing also waits, a second at a time, until its upload queue is
-        empty; with nothing to upload (local shards) that is a pause per block for nothing.
-        """
-
-        def _write_index(self) -> None:
-            pass
-
-    return BlockWriter
+    def _write_index(self) -> None:
+        pass
 
 
 def write_blocks(work: Path, blocks: Blocks, job: Job, workers: int, progress: Callable[[], Progress]) -> int:
@@ -241,7 +236,6 @@ def write_blocks(work: Path, blocks: Blocks, job: Job, workers: int, progress: C
         finally:
             bar.close()
         return len(numbers)
-    block_writer_class()  # streaming takes seconds to import: once here, not once in every worker
     write = lambda n, block_id, pairs, tick: write_block(work / part_name(n), block_id, pairs, job, tick)
     return processes.write_in_workers(todo, numbers, workers, write, progress, work)
 

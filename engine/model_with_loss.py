@@ -8,6 +8,7 @@ GradCache accumulation of engine/train/gradcache.py.
 parameters (DeCLIP's queue) through checkpoints.
 """
 import torch
+from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 from torch import nn
 
 from engine.models.two_tower import TwoTower
@@ -77,8 +78,6 @@ def register_zero3_external_parameters(module: nn.Module) -> None:
     order is incomplete, as after a resume or on an evaluation's new order), the read sees an
     empty partition and fails. Registering the weight with the parent makes ZeRO-3 gather it
     for the parent's forward. Call after deepspeed.initialize, at ZeRO stage 3 only."""
-    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
     for sub in module.modules():
         child = getattr(sub, "position_embedding", None)
         if isinstance(child, nn.Embedding):

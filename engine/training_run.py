@@ -21,6 +21,7 @@ from engine.eval.eval_set import load_eval_set
 from engine.data.loader import TrainLoader
 from engine.data.mds import cache_root, describe_mds
 from engine.data.streams import data_facts
+from engine.data.subset import ensure_subset
 from engine.data.text import ClipTokenizer, strip_punctuation
 from engine.plan.deepspeed_config import apply_overrides, render
 from engine.errors import UserError
@@ -89,7 +90,6 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
         describe_mds(eval_data)
     evals = open_periodic_evals(dials.evals)
     if dials.data_fraction != 1.0:
-        from engine.data.subset import ensure_subset
         if len(facts.streams) > 1:
             raise UserError(f"--data-fraction takes one dataset and --data {data} is a mixture: its weights "
                             f"already set how much of each dataset an epoch draws; drop --data-fraction.")

@@ -27,6 +27,9 @@ voc07-svm: one linear SVM per class on the same features, L2-normalised, its cos
     a folder with labels.json: {"<image file, relative to DIR>": ["<class>", ...], ...}, an
     image with [] a negative of every class; the classes are those --train names.
 Results are printed as a table and written as JSON (default: RUN/eval/<task>-<set>.json).
+
+Each task is one file declaring its options (engine/eval/tasks/, engine/eval/base.py); your own
+evaluation runs as --task package.module:Class, its options then listed by --help.
 """
 import argparse
 import os

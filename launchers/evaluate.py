@@ -40,6 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine.errors import UserError  # noqa: E402
 from engine.eval.registry import evaluation_class, evaluations  # noqa: E402
 
+LAUNCHER_OWN = ("run", "task", "out", "device")   # no evaluation's option may take these names
+
 
 def task_in(argv) -> str | None:
     """--task alone, read before the full parser is built (a plug-in's options join it)."""
@@ -74,11 +76,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="a run directory (its newest intact checkpoint) or <run>/checkpoints/stepNNNNNNNN")
-    p.add_argument("--task", required=True, choices=[*sorted(standalone), *([task] if task and task not in standalone and ":" in task else [])],
+    own = [task] if task and task not in standalone and ":" in task else []   # refused, with its reason, later
+    p.add_argument("--task", required=True, choices=[*sorted(standalone), *own],
                    help="the evaluation, or your own as package.module:Class (its options then join this list)")
     seen = set()
-    for cls in standalone.values():
+    for name, cls in standalone.items():
         for option in cls.options:
+            if option.name in LAUNCHER_OWN:
+                p.error(f"--task {name} declares an option {option.name!r}, which launchers/evaluate.py takes "
+                        f"itself: rename it")
             if option.name not in seen:
                 seen.add(option.name)
                 p.add_argument("--" + option.name.replace("_", "-"), dest=option.name, metavar=option.metavar,

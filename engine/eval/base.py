@@ -39,6 +39,9 @@ class EvalOption:
 
 
 class Evaluation(ABC):
+    """One evaluation of a two-tower model on one set, opened once and scored many times (at
+    every evaluation step of a run, or once by launchers/evaluate.py). `given` holds its options
+    by name, defaults filled in; the first is `path`."""
     options: tuple[EvalOption, ...] = ()
     during_training = True
     standalone = True

@@ -17,9 +17,8 @@ import torch
 
 from engine import dist
 from engine.data.embedded import ensure_digits
-from engine.eval.eval_set import load_eval_set
 from engine.data.loader import TrainLoader
-from engine.data.mds import cache_root, describe_mds
+from engine.data.mds import cache_root
 from engine.data.streams import data_facts
 from engine.data.subset import ensure_subset
 from engine.data.text import ClipTokenizer, strip_punctuation
@@ -27,8 +26,8 @@ from engine.plan.deepspeed_config import apply_overrides, render
 from engine.errors import UserError
 from engine.files import write_atomic
 from engine.host_memory import keep_freed_memory
-from engine.eval.evaluate import evaluate
-from engine.eval.periodic import PeriodicEval, TrainedModel, open_periodic_evals, run_periodic_evals
+from engine.eval.periodic import (PeriodicEval, TrainedModel, held_out_set, open_periodic_evals,
+                                  run_periodic_evals)
 from engine.eval.shard import Ranks, first_rows
 from engine.plan.hardware import probe
 from engine.launcher_env import Launch
@@ -63,7 +62,7 @@ class Prepared:
     data: str
     eval_data: str | None
     launch: Launch | None
-    evals: list[PeriodicEval]   # --eval sets, checked (engine/eval/periodic.py)
+    evals: list[PeriodicEval]   # the held-out split, then the --eval sets, checked (engine/eval/periodic.py)
     wordnet: Path | None        # the WordNet planned with, for EDA's synonyms (None: none found or no EDA)
 
 
@@ -86,9 +85,7 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
         data = dials.data
     facts = data_facts(data, dials.seed)  # every dataset of a mixture checked, remote indexes fetched
     full_size = facts.epoch_size
-    if eval_data is not None:
-        describe_mds(eval_data)
-    evals = open_periodic_evals(dials.evals)
+    evals = open_periodic_evals(dials.evals, held_out=eval_data)
     if dials.data_fraction != 1.0:
         if len(facts.streams) > 1:
             raise UserError(f"--data-fraction takes one dataset and --data {data} is a mixture: its weights "
@@ -204,19 +201,15 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
 
     # Evaluation is split over the ranks: each holds and encodes its block of every set.
     ranks = Ranks.current()
-    eval_set = load_eval_set(prepared.eval_data, plan.image_size, ranks) if prepared.eval_data else None
+    for periodic in prepared.evals:
+        periodic.evaluation.load(plan.image_size, ranks)   # the held-out split decoded, once
+    eval_set = held_out_set(prepared.evals)   # for the charts' probe and the closing line
 
     clean_text = strip_punctuation if objective.strip_punctuation else None
+    trained = TrainedModel(engine.module.model, tokenizer, clean_text, plan.image_size)
 
     def evaluator(interrupted) -> dict[str, float]:
-        metrics = {}
-        if eval_set is not None:
-            metrics = evaluate(engine.module.model, eval_set, tokenizer, engine.device,
-                               clean_text=clean_text, interrupted=interrupted)
-        if prepared.evals:
-            trained = TrainedModel(engine.module.model, tokenizer, clean_text, plan.image_size)
-            metrics.update(run_periodic_evals(prepared.evals, trained, engine.device, interrupted, ranks))
-        return metrics
+        return run_periodic_evals(prepared.evals, trained, engine.device, interrupted, ranks)
 
     cadence = Cadence(total_steps=plan.total_steps, stop_step=stop_step, grad_accum=plan.grad_accum,
                       log_every=plan.log_every, eval_every=plan.eval_every,

@@ -27,6 +27,9 @@ voc07-svm: one linear SVM per class on the same features, L2-normalised, its cos
     a folder with labels.json: {"<image file, relative to DIR>": ["<class>", ...], ...}, an
     image with [] a negative of every class; the classes are those --train names.
 Results are printed as a table and written as JSON (default: RUN/eval/<task>-<set>.json).
+
+Each task is one file declaring its options (engine/eval/tasks/, engine/eval/base.py); your own
+evaluation runs as --task package.module:Class, its options then listed by --help.
 """
 import argparse
 import os
@@ -35,58 +38,83 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.errors import UserError  # noqa: E402
+from engine.eval.registry import evaluation_class, evaluations  # noqa: E402
 
-# Which options belong to which task: one given to the other task is refused, not ignored.
-TASK_OPTIONS = {"zeroshot": ("images", "classnames", "templates"),
-                "retrieval": ("pairs", "split", "image_root"),
-                "linear-probe": ("train", "test"),
-                "voc07-svm": ("train", "test", "train_split", "test_split")}
-REQUIRED = {"zeroshot": ("images",), "retrieval": ("pairs",), "linear-probe": ("train", "test"),
-            "voc07-svm": ("train", "test")}
+LAUNCHER_OWN = ("run", "task", "out", "device")   # no evaluation's option may take these names
+
+
+def task_in(argv) -> str | None:
+    """--task alone, read before the full parser is built (a plug-in's options join it)."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--task")
+    return early.parse_known_args(argv)[0].task
+
+
+def declared_options(task: str | None) -> dict:
+    """name -> (EvalOption, [tasks declaring it]) over every standalone evaluation and `task`."""
+    declared: dict = {}
+    for name, cls in evaluations("standalone", extra=task).items():
+        for option in cls.options:
+            declared.setdefault(option.name, (option, []))[1].append(name)
+    return declared
+
+
+def _help(owners_of: dict, name: str) -> str:
+    """Each task's help for option `name`, tasks with the same text together: 'a, b: text; c: other'."""
+    by_text: dict[str, list[str]] = {}
+    for task, cls in owners_of.items():
+        for option in cls.options:
+            if option.name == name:
+                by_text.setdefault(option.help, []).append(task)
+    return "; ".join(f"{', '.join(tasks)}: {text}" for text, tasks in by_text.items())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else argv
+    task = task_in(argv)
+    standalone = evaluations("standalone", extra=task)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="a run directory (its newest intact checkpoint) or <run>/checkpoints/stepNNNNNNNN")
-    p.add_argument("--task", required=True, choices=sorted(TASK_OPTIONS))
-    p.add_argument("--images", help="zeroshot: ImageFolder directory, DIR/<class>/<image>")
-    p.add_argument("--classnames", help="zeroshot: 'imagenet' (open_clip's names), or a FILE: one name per line, "
-                   "a JSON list, or a classes.json with 'classnames' (default: the folder names)")
-    p.add_argument("--templates", help="zeroshot: 'openai' (CLIP's 80), 'simple' (open_clip's 7), or a FILE "
-                   "like --classnames, each with {} for the class name (default: the --classnames file's "
-                   "'templates', else openai)")
-    p.add_argument("--pairs", help="retrieval: a Karpathy-split .json or an MDS directory")
-    p.add_argument("--split", help="retrieval: the Karpathy split to use (default: test)")
-    p.add_argument("--image-root", help="retrieval: the folder a Karpathy file's image paths start from "
-                   "(default: the file's folder)")
-    p.add_argument("--train", help="linear-probe: ImageFolder directory; voc07-svm: VOCdevkit year folder or a "
-                   "folder with labels.json (the classifiers are fit on it)")
-    p.add_argument("--test", help="linear-probe, voc07-svm: the set scored, laid out as --train")
-    p.add_argument("--train-split", help="voc07-svm on a VOCdevkit folder: ImageSets/Main split of --train "
-                   "(default: trainval)")
-    p.add_argument("--test-split", help="voc07-svm on a VOCdevkit folder: ImageSets/Main split of --test "
-                   "(default: test)")
+    own = [task] if task and task not in standalone and ":" in task else []   # refused, with its reason, later
+    p.add_argument("--task", required=True, choices=[*sorted(standalone), *own],
+                   help="the evaluation, or your own as package.module:Class (its options then join this list)")
+    seen = set()
+    for name, cls in standalone.items():
+        for option in cls.options:
+            if option.name in LAUNCHER_OWN:
+                p.error(f"--task {name} declares an option {option.name!r}, which launchers/evaluate.py takes "
+                        f"itself: rename it")
+            if option.name not in seen:
+                seen.add(option.name)
+                p.add_argument("--" + option.name.replace("_", "-"), dest=option.name, metavar=option.metavar,
+                               help=_help(standalone, option.name))
     p.add_argument("--out", help="JSON file to write (default: RUN/eval/<task>-<set>.json)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when there is one)")
     return p.parse_args(argv)
 
 
-def check_options(args: argparse.Namespace) -> None:
-    for required in REQUIRED[args.task]:
-        if getattr(args, required) is None:
-            raise UserError(f"--task {args.task} needs --{required.replace('_', '-')}")
-    for options in TASK_OPTIONS.values():
-        for option in options:
-            if option not in TASK_OPTIONS[args.task] and getattr(args, option) is not None:
-                owners = " or ".join(t for t, o in TASK_OPTIONS.items() if option in o)
-                raise UserError(f"--{option.replace('_', '-')} belongs to --task {owners}, not --task {args.task}")
+def check_options(args: argparse.Namespace) -> dict[str, str | None]:
+    """The options of --task as given (by name); a required one missing, or one of another task
+    given, is refused, not ignored."""
+    cls = evaluation_class(args.task)
+    if not cls.standalone:
+        raise UserError(f"--task {args.task} runs during training only (--eval {args.task}:PATH)")
+    for option in cls.options:
+        if option.required and getattr(args, option.name) is None:
+            raise UserError(f"--task {args.task} needs --{option.name.replace('_', '-')}")
+    own = {option.name for option in cls.options}
+    for name, (_, owners) in declared_options(args.task).items():
+        if name not in own and getattr(args, name, None) is not None:
+            raise UserError(f"--{name.replace('_', '-')} belongs to --task {' or '.join(owners)}, "
+                            f"not --task {args.task}")
+    return {name: getattr(args, name) for name in own}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        check_options(args)
+        given = check_options(args)
         import torch
 
         from engine.eval import benchmark
@@ -99,16 +127,7 @@ def main(argv=None) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
         run = load_run(args.run, device)
-        if args.task == "zeroshot":
-            result = benchmark.zeroshot(run, args.images, args.classnames, args.templates, device)
-        elif args.task == "retrieval":
-            result = benchmark.retrieval(run, args.pairs, args.split or "test", args.image_root, device)
-        elif args.task == "linear-probe":
-            from engine.eval.linear_probe import linear_probe
-            result = linear_probe(run, args.train, args.test, device)
-        else:
-            from engine.eval.voc07 import voc07_svm
-            result = voc07_svm(run, args.train, args.test, args.train_split, args.test_split, device)
+        result = evaluation_class(args.task).open(given).score(run, device)
         path = benchmark.write_result(run, result, args.out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

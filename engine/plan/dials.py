@@ -43,8 +43,9 @@ class Dials:
                             "of them, e.g. s3://bucket/a:0.7,/data/b:0.3 (default: built-in digits)")
     evals: tuple[str, ...] = dial(
         (), "also evaluate on this set at every evaluation (repeatable): zeroshot:DIR (an ImageFolder; "
-        "options classnames=imagenet|FILE, templates=openai|simple|FILE) or retrieval:FILE|MDS (a Karpathy "
-        ".json or MDS directory; options split=, image_root=)",
+        "options classnames=imagenet|FILE, templates=openai|simple|FILE), retrieval:FILE|MDS (a Karpathy "
+        ".json or MDS directory; options split=, image_root=), heldout:MDS (scored as the held-out split) or your own "
+        "evaluation as package.module:Class:PATH (engine/eval/base.py)",
         metavar="TASK:PATH[,OPTION=VALUE]", repeatable=True, flag="--eval")
     out: str | None = dial(None, "run directory (default runs/<method>-<model>-<time>); an existing one "
                            "is resumed from its latest checkpoint")

@@ -26,7 +26,7 @@ def test_sets_are_opened_with_their_options_and_unique_names(tmp_path):
     evals = open_periodic_evals((f"zeroshot:{a},classnames={tmp_path / 'names.txt'},templates=simple",
                                  f"zeroshot:{b}"))
     assert [(e.task, e.name) for e in evals] == [("zeroshot", "val"), ("zeroshot", "val-2")]
-    first, second = (e.data for e in evals)
+    first, second = (e.evaluation.data for e in evals)
     assert isinstance(first, ZeroShotSet) and first.classnames == ["a cat", "a dog"]
     assert len(first.templates) == 7 and len(second.templates) == 80   # open_clip's simple / openai
     assert second.classnames == ["cat", "dog"]                       # the folder names
@@ -37,7 +37,7 @@ def test_retrieval_names_the_split(tmp_path):
     mds.mkdir()
     (mds / "index.json").write_text("{}")
     (evaluation,) = open_periodic_evals((f"retrieval:{mds}",))
-    assert isinstance(evaluation.data, RetrievalSet) and evaluation.name == "held"
+    assert isinstance(evaluation.evaluation.data, RetrievalSet) and evaluation.name == "held"
 
 
 def test_a_set_named_like_the_held_out_split_is_renamed(tmp_path):

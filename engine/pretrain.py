@@ -48,6 +48,7 @@ from engine.plan.resume import check_resumable, describe_reshape
 from engine.task import Task, align_buffer_dtypes, register_zero3_external_parameters
 from engine.train import checkpoint, faults
 from engine.train.loop import Cadence, train
+from engine.train.step import make_step
 from engine.train.optim import optimizer_for_plan
 from engine.train.schedule import warmup_cosine
 
@@ -219,7 +220,6 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
     cadence = Cadence(total_steps=plan.total_steps, stop_step=stop_step, grad_accum=plan.grad_accum,
                       log_every=plan.log_every, eval_every=plan.eval_every,
                       checkpoint_every=plan.checkpoint_every,
-                      gradcache=plan.accumulation == "gradcache",
                       max_skipped_in_a_row=plan.max_skipped_in_a_row,
                       nonfinite_advice=nonfinite_advice(plan))
     writer = MetricsWriter(run_dir, enabled=is_main, resume_step=start_step)
@@ -237,7 +237,8 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
     profiler = StepProfiler(run_dir, plan.profile_steps, start_step, dist.rank()) if plan.profile_steps else None
     started = time.perf_counter()
     try:
-        end = train(engine, loader, cadence=cadence, start_step=start_step, device=engine.device,
+        end = train(engine, loader, cadence=cadence, train_step=make_step(plan.accumulation),
+                    start_step=start_step, device=engine.device,
                     checkpoint_dir=checkpoint_dir, evaluate=evaluator, writer=writer,
                     progress=progress, stop=stop, eval_pending=eval_pending, drills=drills,
                     bad_records=BadRecordTally(restored.rank_state.get("bad_records") if restored else None),

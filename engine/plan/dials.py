@@ -18,7 +18,7 @@ OPTIMIZERS = ("apex_fused", "deepspeed_fused", "torch_fused", "torch", "deepspee
               "sgd_lookahead")
 DECODE_DEVICES = ("gpu", "cpu")
 # How micro-batches of one step accumulate: "gradcache" keeps the global-batch loss
-# (engine/train/gradcache.py), "plain" contrasts each micro-batch within itself.
+# (engine/train/step.py), "plain" contrasts each micro-batch within itself.
 ACCUMULATIONS = ("gradcache", "plain")
 
 DIALS = "dials"

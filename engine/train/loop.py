@@ -14,8 +14,9 @@ from engine.observe.metrics import MetricsWriter
 from engine.observe.profile import StepProfiler
 from engine.observe.progress import Progress
 from engine.observe.throughput import StepTimer, memory_gb
-from engine.train import checkpoint, gradcache
+from engine.train import checkpoint
 from engine.train.faults import Drills, SkippedSteps, StopSignals
+from engine.train.step import Step
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,6 @@ class Cadence:
     log_every: int
     eval_every: int
     checkpoint_every: int
-    gradcache: bool = False  # accumulate by GradCache (engine/train/gradcache.py)
     max_skipped_in_a_row: int = 5  # non-finite steps in a row that stop the run
     nonfinite_advice: str = ""     # what the stop message suggests
 
@@ -54,29 +54,23 @@ def _to(device: torch.device, batch: dict) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _accumulate(engine, batches, grad_accum: int, timer: StepTimer,
-                device: torch.device) -> dict[str, torch.Tensor]:
-    """Plain accumulation: each micro-batch's loss on its own; returns their mean."""
-    step_losses: dict[str, torch.Tensor] = {}
-    for _ in range(grad_accum):
+def _micro_batches(batches, k: int, timer: StepTimer, device: torch.device):
+    """The next `k` batches, on `device`, the wait for each timed."""
+    for _ in range(k):
         with timer.waiting_for_data():
             batch = _to(device, next(batches))
-        losses = engine(batch)
-        engine.backward(losses["loss"])  # DeepSpeed divides by grad_accum itself
-        engine.step()                    # steps the optimizer at the accumulation boundary
-        for name, value in losses.items():
-            share = value.detach() / grad_accum
-            step_losses[name] = step_losses[name] + share if name in step_losses else share
-    return step_losses
+        yield batch
 
 
-def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.device,
+def train(engine, loader, *, cadence: Cadence, train_step: Step, start_step: int, device: torch.device,
           checkpoint_dir: Path, evaluate: Callable[[Callable[[], bool] | None], dict[str, float]],
           writer: MetricsWriter, progress: Progress, stop: StopSignals | None = None,
           eval_pending: bool = False, drills: Drills = Drills(),
           bad_records: BadRecordTally | None = None, charts: Charts | None = None,
           profiler: StepProfiler | None = None) -> LoopEnd:
     """Run optimizer steps start_step .. cadence.stop_step - 1, or until a stop signal.
+
+    `train_step`: how one optimizer step accumulates its micro-batches (engine/train/step.py).
 
     `evaluate(interrupted)` asks `interrupted()` between batches (engine/eval/evaluate.py).
     `eval_pending`: the checkpoint resumed from was written when a stop cut its evaluation
@@ -103,12 +97,7 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
         done = step + 1
         skipped_before = engine.skipped_steps
         engine.module.nonfinite_drill = drills.poison(done)
-        if cadence.gradcache:
-            with timer.waiting_for_data():
-                micro_batches = [_to(device, next(batches)) for _ in range(cadence.grad_accum)]
-            step_losses = gradcache.accumulate_step(engine, micro_batches)
-        else:
-            step_losses = _accumulate(engine, batches, cadence.grad_accum, timer, device)
+        step_losses = train_step(engine, _micro_batches(batches, cadence.grad_accum, timer, device))
         engine.module.nonfinite_drill = False
         was_skipped = engine.skipped_steps != skipped_before
         if was_skipped:

@@ -42,6 +42,7 @@ from engine.observe.metrics import MetricsWriter
 from engine.observe.profile import StepProfiler
 from engine.observe.progress import Progress
 from engine.observe.throughput import Throughput
+from engine.observe.wandb_log import WandbLog, import_wandb
 from engine.plan.dials import Dials
 from engine.plan.optimizer import probe_optimizer_support
 from engine.plan.precision import towers_autocast
@@ -77,6 +78,8 @@ class RunEnd:
 def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -> Prepared:
     """Resolve the plan and the DeepSpeed config. Raises UserError; writes nothing.
     `launch` says how the ranks were started (engine/launch.py; None: read the environment)."""
+    if dials.wandb is not None:
+        import_wandb()  # the optional extra, checked before any work
     method = lookup(dials.method, dials.model, dials.text_layers)
     preset = method.preset
     if dials.data is None:
@@ -243,7 +246,9 @@ def _run(prepared: Prepared, stop: faults.StopSignals, *, out: str | None, dry_r
                        Charts(writer, model=engine.module.model, probe=probe, device=engine.device),
                        Throughput(engine.train_batch_size(), flops), bad_records,
                        Progress(plan.total_steps, start_step, enabled=is_main),
-                       *([profiler] if profiler is not None else [])])
+                       *([profiler] if profiler is not None else []),
+                       *([WandbLog(run_dir, plan.wandb_project, plan.to_dict())]
+                         if plan.wandb_project is not None and is_main else [])])
     started = time.perf_counter()
     try:
         end = train(engine, loader, cadence=cadence, train_step=make_step(plan.accumulation),

@@ -25,6 +25,9 @@ setup(
         "tqdm",
         "pyarrow>=14",              # the converter reads parquet (img2dataset, Hugging Face datasets)
     ],
-    # moto's standalone server is the S3-API endpoint the remote-data tests start on this machine.
-    extras_require={"test": ["pytest>=9.0,<10", "psutil", "moto[server]>=5,<6"]},
+    # wandb: --wandb PROJECT logs to Weights & Biases (pip install 'clipzero[wandb]'); the tests
+    # run it offline. moto's standalone server is the S3-API endpoint the remote-data tests start
+    # on this machine.
+    extras_require={"wandb": ["wandb>=0.31,<1"],
+                    "test": ["pytest>=9.0,<10", "psutil", "moto[server]>=5,<6", "wandb>=0.31,<1"]},
 )

@@ -2,11 +2,11 @@
 (clip, declip, clip-lite), in three modes on the same global batch B:
 
   full           one micro-batch of B, plain forward + backward (the reference);
-  gradcache  k micro-batches of B/k through engine.train.gradcache.accumulate_step
+  gradcache  k micro-batches of B/k through engine.train.step.gradcache_step
                  (GradCache: embeddings without gradients, the cross terms over all B rows,
                  then a recompute with gradients per micro-batch);
   plain          k micro-batches of B/k, each loss backpropagated on its own (the training
-                 loop's own path, engine.train.loop._accumulate), so each micro-batch is a
+                 loop's other step, engine.train.step.plain_step), so each micro-batch is a
                  B/k-sized contrastive problem.
 
 The model is a preset as the planner builds it for the method (default "debug", 32 px), in
@@ -65,6 +65,9 @@ class Engine:
     def __call__(self, batch, **kwargs):
         return self.module(batch, **kwargs)
 
+    def gradient_accumulation_steps(self) -> int:
+        return self.accumulation_steps
+
     def backward(self, loss):
         (loss / self.accumulation_steps).backward()
 
@@ -110,17 +113,13 @@ def build_task(method: str, model_name: str, batch: int, exact: bool = False):
 
 def train_step(mode: str, task, batch: dict, k: int) -> dict:
     """One optimizer step's forwards and backwards; returns the step's named losses."""
-    from engine.observe.throughput import StepTimer
-    from engine.train.gradcache import accumulate_step
-    from engine.train.loop import _accumulate
+    from engine.train.step import make_step
 
     engine = Engine(task, k)
     if mode == "full":
-        return _accumulate(engine, iter([batch]), 1, StepTimer(), engine.device)
+        return make_step("plain")(engine, [batch])
     micro_batches = [dict(zip(batch, parts)) for parts in zip(*(v.chunk(k) for v in batch.values()))]
-    if mode == "gradcache":
-        return accumulate_step(engine, micro_batches)
-    return _accumulate(engine, iter(micro_batches), k, StepTimer(), engine.device)
+    return make_step(mode)(engine, micro_batches)
 
 
 def run_case(method: str, mode: str, model_name: str, batch: int, k: int, repeats: int) -> dict:

@@ -3,7 +3,7 @@
 The training loop calls `task(batch)` and gets "loss" (the weighted sum it backpropagates),
 each named term as "loss/<name>", and the temperature; it never knows which objective runs.
 `task(batch, embed_only=True)` stops that forward after the objective's `embed`, for the
-GradCache accumulation of engine/train/gradcache.py.
+GradCache accumulation of engine/train/step.py.
 `rank_state()` / `load_rank_state()` carry what an objective keeps per rank outside its
 parameters (DeCLIP's queue) through checkpoints.
 """
@@ -25,7 +25,7 @@ class ModelWithLoss(nn.Module):
 
     def forward(self, batch: dict, embed_only: bool = False):
         """Named losses; with `embed_only`, the objective's first half instead (embeddings,
-        batch terms, temperature), for engine/train/gradcache.py. Both go through the DeepSpeed
+        batch terms, temperature), for engine/train/step.py. Both go through the DeepSpeed
         engine's forward, so that ZeRO-3 materialises the parameters."""
         if embed_only:
             embeddings, batch_terms = self.objective.embed(self.model, batch)

@@ -37,9 +37,12 @@ from engine.objectives.method import Method, lookup
 from engine.observe.bad_records import BadRecordTally
 from engine.observe.charts import PROBE_PAIRS, Charts, HeldOutProbe
 from engine.observe.flops import count_model_flops, views_encoded
+from engine.observe.hooks import LoopHooks, MetricsLog
 from engine.observe.metrics import MetricsWriter
 from engine.observe.profile import StepProfiler
 from engine.observe.progress import Progress
+from engine.observe.throughput import Throughput
+from engine.observe.wandb_log import WandbLog, import_wandb
 from engine.plan.dials import Dials
 from engine.plan.optimizer import probe_optimizer_support
 from engine.plan.precision import towers_autocast
@@ -50,6 +53,7 @@ from engine.train import checkpoint
 from engine.train.drills import Drills
 from engine.train.stop_signals import StopSignals, requeue
 from engine.train.loop import Cadence, train
+from engine.train.step import make_step
 from engine.train.optim import optimizer_for_plan
 from engine.train.schedule import warmup_cosine
 
@@ -76,6 +80,8 @@ class RunEnd:
 def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -> Prepared:
     """Resolve the plan and the DeepSpeed config. Raises UserError; writes nothing.
     `launch` says how the ranks were started (engine/launcher_env.py; None: read the environment)."""
+    if dials.wandb is not None:
+        import_wandb()  # the optional extra, checked before any work
     method = lookup(dials.method, dials.model, dials.text_layers)
     preset = method.preset
     if dials.data is None:
@@ -214,7 +220,6 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
     cadence = Cadence(total_steps=plan.total_steps, stop_step=stop_step, grad_accum=plan.grad_accum,
                       log_every=plan.log_every, eval_every=plan.eval_every,
                       checkpoint_every=plan.checkpoint_every,
-                      gradcache=plan.accumulation == "gradcache",
                       max_skipped_in_a_row=plan.max_skipped_in_a_row,
                       nonfinite_advice=nonfinite_advice(plan))
     writer = MetricsWriter(run_dir, enabled=is_main, resume_step=start_step)
@@ -227,21 +232,25 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
     if eval_set is not None:  # the set's first pairs, on every rank: rank 0's block may hold fewer
         probe = HeldOutProbe.first(*first_rows(eval_set.images, eval_set.captions, PROBE_PAIRS, ranks, engine.device),
                                    tokenizer, clean_text)
-    charts = Charts(writer, flops=flops, model=engine.module.model, probe=probe, device=engine.device)
-    progress = Progress(plan.total_steps, start_step, enabled=is_main)
+    bad_records = BadRecordTally(loader.bad_records, engine.device,
+                                 carried=restored.rank_state.get("bad_records") if restored else None)
     profiler = StepProfiler(run_dir, plan.profile_steps, start_step, dist.rank()) if plan.profile_steps else None
+    # In this order: the log line's and evaluation's scalars written before the charts drawn
+    # for them; throughput's timer wraps the charts' first-batch views (waiting for data).
+    hooks = LoopHooks([MetricsLog(writer),
+                       Charts(writer, model=engine.module.model, probe=probe, device=engine.device),
+                       Throughput(engine.train_batch_size(), flops), bad_records,
+                       Progress(plan.total_steps, start_step, enabled=is_main),
+                       *([profiler] if profiler is not None else []),
+                       *([WandbLog(run_dir, plan.wandb_project, plan.to_dict())]
+                         if plan.wandb_project is not None and is_main else [])])
     started = time.perf_counter()
     try:
-        end = train(engine, loader, cadence=cadence, start_step=start_step, device=engine.device,
-                    checkpoint_dir=checkpoint_dir, evaluate=evaluator, writer=writer,
-                    progress=progress, stop=stop, eval_pending=eval_pending, drills=drills,
-                    bad_records=BadRecordTally(restored.rank_state.get("bad_records") if restored else None),
-                    charts=charts, profiler=profiler)
+        end = train(engine, loader, cadence=cadence, train_step=make_step(plan.accumulation),
+                    start_step=start_step, checkpoint_dir=checkpoint_dir, evaluate=evaluator, hooks=hooks,
+                    stop=stop, eval_pending=eval_pending, drills=drills)
     finally:
-        progress.close()
-        writer.close()
-        if profiler is not None:
-            profiler.close()
+        hooks.closing()
     if profiler is not None and profiler.written is not None and is_main:
         print(f"profile of {plan.profile_steps} step(s): {profiler.written} (open in https://ui.perfetto.dev), "
               f"top operators in {profiler.written.with_suffix('.txt')}", flush=True)
@@ -249,7 +258,7 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
         return _after_stop(end, stop, prepared.launch, plan)
     if is_main:
         print(f"trained steps {start_step}..{stop_step} in {time.perf_counter() - started:.1f} s")
-        print(end.bad_records.summary())
+        print(bad_records.summary())
         if "zeroshot_top1" in end.metrics:
             chance = 1 / len(eval_set.classnames)
             print(f"zero-shot top-1 on the held-out split: {end.metrics['zeroshot_top1']:.3f} "
@@ -263,6 +272,8 @@ def _after_stop(end, stop: StopSignals, launch: Launch | None, plan: RunPlan) ->
     stop.ignore_further()
     requeued, message = False, ""
     if dist.rank() == 0:
+        print(f"step {end.stopped_at}: stopped by {' and '.join(sorted(stop.agreed_names))}"
+              + (", evaluation left for the resumed run" if end.eval_pending else ""), flush=True)
         job_id = launch.job_id if launch is not None else None
         restarts = launch.restarts if launch is not None else 0
         requeued, message = requeue(job_id, restarts, plan.max_requeues, stop)

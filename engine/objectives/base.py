@@ -12,7 +12,7 @@ fp32 loss terms, in two parts:
       the terms that compare samples, from this rank's rows of the whole step's embeddings;
       it gathers other ranks' rows itself, with gradients.
 
-`forward` is the two in sequence. engine/train/gradcache.py calls them separately: cross terms
+`forward` is the two in sequence. engine/train/step.py calls them separately: cross terms
 once on the embeddings GradCache keeps of every micro-batch (the whole global batch), batch terms once per
 micro-batch, averaged, as plain accumulation would.
 

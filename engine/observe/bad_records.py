@@ -1,7 +1,7 @@
 """The bad records every rank met, summed over ranks and over the restarts of one run.
 
 Each rank's loader counts the bad records in the batches it took (engine/data/records.py).
-This adds up those counts across ranks at the steps where the loop logs or saves, and
+This loop hook adds up those counts across ranks at the steps where the loop logs or saves, and
 carries the total in every checkpoint, so that metrics.jsonl, TensorBoard and the end-of-run
 summary report the whole run, not the part since the last restart.
 """
@@ -15,21 +15,32 @@ import torch.distributed as torch_dist
 
 from engine import dist
 from engine.data.records import REASONS
+from engine.observe.hooks import LoopHook
 
 METRIC_PREFIX = "data/bad_records"
 
 
-class BadRecordTally:
-    def __init__(self, carried: dict[str, int] | None = None):
-        """`carried`: the totals saved in the checkpoint this run resumed from."""
+class BadRecordTally(LoopHook):
+    def __init__(self, rank_counts: Counter, device: torch.device, carried: dict[str, int] | None = None):
+        """`rank_counts`: this rank's loader's counts, which it keeps adding to (engine/data/loader.py's
+        `bad_records`); `carried`: the totals saved in the checkpoint this run resumed from."""
         self.totals: Counter[str] = Counter({reason: int(n) for reason, n in (carried or {}).items() if n})
+        self._rank_counts, self._device = rank_counts, device
         self._counted: Counter[str] = Counter()  # of this process's loader counts, those already in totals
 
-    def update(self, rank_counts: Counter, device: torch.device) -> None:
+    def scalars(self, step: int) -> dict[str, int]:
+        self.update()
+        return self.metrics()
+
+    def rank_state(self) -> dict:
+        self.update()
+        return {"bad_records": dict(self.totals)}
+
+    def update(self) -> None:
         """Add what every rank counted since the last update. A collective: every rank calls it at the same step."""
-        fresh = torch.tensor([rank_counts[reason] - self._counted[reason] for reason in REASONS],
-                             dtype=torch.float64, device=device)  # float64: exact to 2**53, and NCCL sums it
-        self._counted = Counter(rank_counts)
+        fresh = torch.tensor([self._rank_counts[reason] - self._counted[reason] for reason in REASONS],
+                             dtype=torch.float64, device=self._device)  # float64: exact to 2**53, and NCCL sums it
+        self._counted = Counter(self._rank_counts)
         if dist.world_size() > 1:
             torch_dist.all_reduce(fresh)
         self.totals.update({reason: round(n) for reason, n in zip(REASONS, fresh.tolist()) if n})

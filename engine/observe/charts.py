@@ -1,15 +1,13 @@
-"""What a run shows beyond its scalars, through hooks the training loop calls at fixed points:
+"""What a run shows beyond its scalars, as a loop hook (engine/observe/hooks.py):
 
-  watch_first(batches, step)  the first training batch a run takes: a grid of its augmented
-                              views with their captions and text views ("train/views")
-  step_done(losses)           keeps each step's logit scale for the next log
-  rates(samples_per_s)        model TFLOP/s and MFU beside samples/s (engine/observe/flops.py)
-  logged(step)                the logit scale's histogram over the steps since the last log
-  evaluated(step)             on a fixed batch of held-out pairs (the set's first, the same on
-                              every rank though each holds only its block of the set:
-                              engine/eval/shard.first_rows): the image-text cosine similarity
-                              heatmap and the embedding norms' histograms ("heldout/...";
-                              TensorBoard's eval/heldout/..., metrics.tensorboard_tag)
+  batches       the first training batch a run takes: a grid of its augmented views with
+                their captions and text views ("train/views")
+  step_done     keeps each trained step's logit scale for the next log
+  logged        the logit scale's histogram over the steps since the last log
+  evaluated     on a fixed batch of held-out pairs (the set's first, the same on every rank
+                though each holds only its block of the set: engine/eval/shard.first_rows):
+                the image-text cosine similarity heatmap and the embedding norms' histograms
+                ("heldout/..."; TensorBoard's eval/heldout/..., metrics.tensorboard_tag)
 
 Every rank calls every hook: `evaluated` runs forwards, which under ZeRO-3 gather parameters
 and so must run on all ranks; what is drawn and written, only rank 0 (the writer's) does.
@@ -23,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.observe.flops import ModelFlops
+from engine.observe.hooks import LoopHook
 from engine.observe.metrics import MetricsWriter
 from engine.observe.visuals import IMAGE_KEYS, TokenText, batch_views, heatmap
 
@@ -46,41 +44,36 @@ class HeldOutProbe:
         return cls(images[:count], tokenizer(captions), captions)
 
 
-class Charts:
-    def __init__(self, writer: MetricsWriter, *, flops: ModelFlops | None = None,
-                 model: torch.nn.Module | None = None, probe: HeldOutProbe | None = None,
-                 device: torch.device | None = None):
+class Charts(LoopHook):
+    def __init__(self, writer: MetricsWriter, *, model: torch.nn.Module | None = None,
+                 probe: HeldOutProbe | None = None, device: torch.device | None = None):
         """`model`: the TwoTower the probe runs through, on `device` (None: no heatmap)."""
         self.writer = writer
-        self.flops = flops
         self._model, self._probe, self._device = model, probe, device
         self._scales: list[torch.Tensor] = []
 
-    def watch_first(self, batches: Iterator[dict], step: int) -> Iterator[dict]:
-        """`batches`, the first of them drawn at `step` on its way through."""
+    def batches(self, batches: Iterator[dict], first_step: int) -> Iterator[dict]:
+        """`batches`, the first of them drawn at `first_step` on its way through."""
         first = True
         for batch in batches:
             if first and self.writer.enabled:
                 picture, samples, notes = batch_views(batch, TokenText(), VIEW_SAMPLES)
-                self.writer.image(step, "train/views", picture, notes=notes,
+                self.writer.image(first_step, "train/views", picture, notes=notes,
                                   columns=[key for key in IMAGE_KEYS if key in batch], samples=samples)
             first = False
             yield batch
 
-    def step_done(self, losses: dict[str, torch.Tensor]) -> None:
-        if self.writer.enabled and "logit_scale" in losses:
+    def step_done(self, step: int, losses: dict[str, torch.Tensor], skipped: bool) -> None:
+        if self.writer.enabled and not skipped and "logit_scale" in losses:
             self._scales.append(losses["logit_scale"].detach().float().reshape(()))
 
-    def rates(self, samples_per_s: float) -> dict[str, float]:
-        return self.flops.rates(samples_per_s) if self.flops is not None else {}
-
-    def logged(self, step: int) -> None:
+    def logged(self, step: int, values: dict[str, float]) -> None:
         if self._scales:
             self.writer.histogram(step, "logit_scale", torch.stack(self._scales).cpu().numpy())
         self._scales.clear()
 
     @torch.no_grad()
-    def evaluated(self, step: int) -> None:
+    def evaluated(self, step: int, metrics: dict[str, float]) -> None:
         if self._probe is None or self._model is None:
             return
         model, probe = self._model, self._probe

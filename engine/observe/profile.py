@@ -14,14 +14,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from engine.files import write_atomic
+from engine.observe.hooks import LoopHook
 from engine.plan.resolve import PROFILE_SKIPPED_STEPS, PROFILE_WARMUP_STEPS, first_traced_step
 
 TABLE_ROWS = 30
 
 
-class StepProfiler:
-    """Call step() after every optimizer step; close() when the loop ends (a run that stops
-    before the last traced step writes nothing)."""
+class StepProfiler(LoopHook):
+    """A loop hook: told of every optimizer step; a run that stops before the last traced step
+    writes nothing."""
 
     def __init__(self, run_dir: Path, steps: int, start_step: int, rank: int):
         first = first_traced_step(start_step)
@@ -35,10 +36,10 @@ class StepProfiler:
         self._profiler.start()
         self.written: Path | None = None
 
-    def step(self) -> None:
+    def step_done(self, step: int, losses: dict[str, torch.Tensor], skipped: bool) -> None:
         self._profiler.step()
 
-    def close(self) -> None:
+    def closing(self) -> None:
         self._profiler.stop()
 
     def _write(self, profiler) -> None:

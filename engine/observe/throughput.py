@@ -1,9 +1,16 @@
-"""Step timing and memory: wall time per step, and the part of it spent waiting for data."""
+"""Step timing and memory: wall time per step, the part of it spent waiting for data, what the
+model's FLOPs make of it, and the peak memory; `Throughput` puts them in every log line."""
+from __future__ import annotations
+
 import resource
 import time
 from contextlib import contextmanager
+from typing import Iterator
 
 import torch
+
+from engine.observe.flops import ModelFlops
+from engine.observe.hooks import LoopHook
 
 
 class StepTimer:
@@ -43,3 +50,32 @@ def memory_gb() -> dict[str, float]:
         return {"memory/max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30}
     # Linux reports ru_maxrss in KiB: the peak resident memory of this rank's process.
     return {"memory/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+class Throughput(LoopHook):
+    """samples/s, time/step_s and time/data_wait_s over the steps since the last log, model
+    TFLOP/s and MFU at that rate (engine/observe/flops.py), and the peak memory."""
+
+    def __init__(self, samples_per_step: int, flops: ModelFlops | None = None):
+        """`samples_per_step`: the global batch, all ranks."""
+        self.timer = StepTimer()
+        self._samples_per_step, self._flops = samples_per_step, flops
+
+    def batches(self, batches: Iterator[dict], first_step: int) -> Iterator[dict]:
+        while True:
+            with self.timer.waiting_for_data():
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
+
+    def step_done(self, step: int, losses: dict[str, torch.Tensor], skipped: bool) -> None:
+        self.timer.step_done(samples=self._samples_per_step)
+
+    def scalars(self, step: int) -> dict[str, float]:
+        timing = self.timer.read_and_reset()
+        rates = self._flops.rates(timing["samples_per_s"]) if self._flops is not None else {}
+        return {**timing, **rates, **memory_gb()}
+
+    def pause_ended(self) -> None:
+        self.timer.pause_ended()

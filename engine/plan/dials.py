@@ -17,7 +17,7 @@ OPTIMIZERS = ("apex_fused", "deepspeed_fused", "torch_fused", "torch", "deepspee
               "sgd_lookahead")
 DECODE_DEVICES = ("gpu", "cpu")
 # How micro-batches of one step accumulate: "gradcache" keeps the global-batch loss
-# (engine/train/gradcache.py), "plain" contrasts each micro-batch within itself.
+# (engine/train/step.py), "plain" contrasts each micro-batch within itself.
 ACCUMULATIONS = ("gradcache", "plain")
 
 DIALS = "dials"
@@ -60,6 +60,10 @@ class Dials:
     profile: int | None = dial(None, "trace this many training steps with torch.profiler, after two steps of "
                                "warm-up, into RUN/profile/ (Chrome/Perfetto JSON, one file per rank)",
                                kind=int, metavar="STEPS")
+    wandb: str | None = dial(None, "also log the scalars of metrics.jsonl to this Weights & Biases project, with "
+                             "the plan as the run's config; a resumed run continues the same W&B run (needs "
+                             "pip install 'clipzero[wandb]'; WANDB_MODE=offline keeps it on this machine)",
+                             metavar="PROJECT")
     # Overrides of single decisions (None = the planner decides).
     micro_batch: int | None = dial(None, group=OVERRIDES, kind=int)
     accumulation: str | None = dial(None, "gradcache: negatives span the global batch however it is split "

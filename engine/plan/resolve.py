@@ -54,6 +54,7 @@ class RunPlan:
     crop_scale: tuple[float, float]; image_size: int; text_layers: int = must_match()
     workers: int; decode_device: str; decode_threads: int; hw_decoder_load: float | None
     checkpoint_every: int; eval_every: int; evaluations: tuple[str, ...]; log_every: int; profile_steps: int
+    wandb_project: str | None
     collective_timeout_s: int; max_requeues: int; max_skipped_in_a_row: int
     dataset_size: int = must_match(); data_fraction: float = must_match(); n_params: int
     # Where the data lives may change (a local copy of a bucket), not how much of each stream
@@ -196,6 +197,7 @@ def resolve(dials: Dials, hw: Hardware, method: Method, *, n_params: int, datase
     decide("log_every", *_every(dials.log_every, "--log-every", log_every, "every 10 steps"
                                 if log_every == 10 else f"about 10 lines for a {total_steps}-step run"))
     decide("profile_steps", *_profile(dials, total_steps))
+    decide("wandb_project", *_wandb(dials.wandb))
     # The table lists the decisions in RunPlan's field order, whatever order they were made in.
     ordered = tuple(decisions[f.name] for f in dataclasses.fields(RunPlan)
                     if f.name not in ("objective_options", "decisions"))
@@ -351,6 +353,20 @@ def _profile(dials: Dials, total_steps: int):
                         f"use --profile {max(1, total_steps - first + 1)} or fewer, or more --steps")
     return steps, (f"--profile given: steps {first}..{first + steps - 1} of those this process runs, traced "
                    "into RUN/profile/ (Chrome/Perfetto JSON)")
+
+
+WANDB_FORBIDDEN = ("/", "\\", "#", "?", "%", ":")  # W&B refuses them in a project name
+WANDB_RUN_ID_FILE = "wandb_run_id"  # under the run directory (engine/observe/wandb_log.py writes it)
+
+
+def _wandb(project: str | None):
+    if project is None:
+        return None, "off (--wandb PROJECT also logs the scalars to Weights & Biases)"
+    if not project.strip() or any(c in project for c in WANDB_FORBIDDEN):
+        raise UserError(f"--wandb {project!r}: a W&B project name is not empty and has none of "
+                        f"{' '.join(WANDB_FORBIDDEN)}")
+    return project, ("--wandb given: rank 0 logs metrics.jsonl's scalars there, with this plan as the config; "
+                     f"the W&B run id is kept in RUN/{WANDB_RUN_ID_FILE}, so a resumed run continues the same W&B run")
 
 
 def _every(given: int | None, flag: str, default: int, reason: str):

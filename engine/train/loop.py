@@ -1,5 +1,12 @@
-"""The training loop. Knows nothing of which objective runs or how the plan was made."""
+"""The training loop. Knows nothing of which objective runs or how the plan was made.
+
+One optimizer step (engine/train/step.py: plain or GradCache accumulation) per iteration; then
+the log line, the evaluation, the checkpoint and the stop, each at its cadence. Whatever watches
+the run (metrics.jsonl and TensorBoard, the progress bar, charts, throughput, bad records, the
+profiler, Weights & Biases) is a hook told of each event (engine/observe/hooks.py).
+"""
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Callable
 
@@ -8,16 +15,14 @@ import torch.distributed as torch_dist
 
 from engine import dist
 from engine.errors import EvaluationInterrupted
-from engine.observe.bad_records import BadRecordTally
-from engine.observe.charts import Charts
-from engine.observe.metrics import MetricsWriter
-from engine.observe.profile import StepProfiler
-from engine.observe.progress import Progress
-from engine.observe.throughput import StepTimer, memory_gb
-from engine.train import checkpoint, gradcache
+from engine.observe.hooks import LoopHooks
+from engine.train import checkpoint
 from engine.train.drills import Drills
 from engine.train.nonfinite import SkippedSteps
 from engine.train.stop_signals import StopSignals
+from engine.train.step import Step
+
+Evaluate = Callable[[Callable[[], bool] | None], dict[str, float]]
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,6 @@ class Cadence:
     log_every: int
     eval_every: int
     checkpoint_every: int
-    gradcache: bool = False  # accumulate by GradCache (engine/train/gradcache.py)
     max_skipped_in_a_row: int = 5  # non-finite steps in a row that stop the run
     nonfinite_advice: str = ""     # what the stop message suggests
 
@@ -39,106 +43,45 @@ class Cadence:
 class LoopEnd:
     metrics: dict[str, float]  # the last evaluation's
     stopped_at: int | None     # the step a stop signal ended the run at (checkpointed), or None
-    bad_records: BadRecordTally  # over the whole run, restarts included
+    eval_pending: bool = False  # ... with that step's evaluation left for the resumed run
 
 
-def _mean_across_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """One all-reduce for all terms, on the tensors' own device (NCCL takes only GPU tensors),
-    and one host sync for the lot."""
-    stacked = torch.stack([v.float() for v in values.values()])
-    if dist.world_size() > 1:
-        torch_dist.all_reduce(stacked)
-        stacked /= dist.world_size()
-    return dict(zip(values, stacked.tolist()))
-
-
-def _to(device: torch.device, batch: dict) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _accumulate(engine, batches, grad_accum: int, timer: StepTimer,
-                device: torch.device) -> dict[str, torch.Tensor]:
-    """Plain accumulation: each micro-batch's loss on its own; returns their mean."""
-    step_losses: dict[str, torch.Tensor] = {}
-    for _ in range(grad_accum):
-        with timer.waiting_for_data():
-            batch = _to(device, next(batches))
-        losses = engine(batch)
-        engine.backward(losses["loss"])  # DeepSpeed divides by grad_accum itself
-        engine.step()                    # steps the optimizer at the accumulation boundary
-        for name, value in losses.items():
-            share = value.detach() / grad_accum
-            step_losses[name] = step_losses[name] + share if name in step_losses else share
-    return step_losses
-
-
-def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.device,
-          checkpoint_dir: Path, evaluate: Callable[[Callable[[], bool] | None], dict[str, float]],
-          writer: MetricsWriter, progress: Progress, stop: StopSignals | None = None,
-          eval_pending: bool = False, drills: Drills = Drills(),
-          bad_records: BadRecordTally | None = None, charts: Charts | None = None,
-          profiler: StepProfiler | None = None) -> LoopEnd:
+def train(engine, loader, *, cadence: Cadence, train_step: Step, start_step: int, checkpoint_dir: Path,
+          evaluate: Evaluate, hooks: LoopHooks, stop: StopSignals | None = None,
+          eval_pending: bool = False, drills: Drills = Drills()) -> LoopEnd:
     """Run optimizer steps start_step .. cadence.stop_step - 1, or until a stop signal.
 
+    `train_step`: how one optimizer step accumulates its micro-batches (engine/train/step.py).
     `evaluate(interrupted)` asks `interrupted()` between batches (engine/eval/evaluate.py).
+    `hooks`: told of every event, on every rank (engine/observe/hooks.py); the caller closes them.
     `eval_pending`: the checkpoint resumed from was written when a stop cut its evaluation
-    short; that evaluation runs first. `bad_records`: the totals the resumed checkpoint carried.
-    `charts`: what is shown beyond scalars (engine/observe/charts.py; default: the first batch's views).
-    `profiler`: told of every step (--profile, engine/observe/profile.py)."""
-    charts = charts or Charts(writer)
-    batches = charts.watch_first(iter(loader), start_step + 1)
-    bad_records = bad_records or BadRecordTally()
-    timer = StepTimer()
+    short; that evaluation runs first."""
+    batches = hooks.batches((_to(engine.device, batch) for batch in loader), start_step + 1)
     skipped = SkippedSteps(cadence.max_skipped_in_a_row)
     agreed = stop.agreed if stop is not None else None
-    # Loss terms stay on the device between logs: reading a value (.item()) would make the
-    # host wait for the GPU every micro-batch.
-    interval: dict[str, torch.Tensor] = {}
-    interval_steps = 0
+    since_log = _LossesSinceLog()
     metrics: dict[str, float] = {}
     if eval_pending:
         try:
-            metrics = _evaluate(evaluate, agreed, start_step, writer, progress, charts)
+            metrics = _evaluate(evaluate, agreed, start_step, hooks)
         except EvaluationInterrupted:
-            return LoopEnd(metrics, stopped_at=start_step, bad_records=bad_records)  # still pending
+            return LoopEnd(metrics, stopped_at=start_step, eval_pending=True)  # still pending
     for step in range(start_step, cadence.stop_step):
         done = step + 1
         skipped_before = engine.skipped_steps
         engine.module.nonfinite_drill = drills.poison(done)
-        if cadence.gradcache:
-            with timer.waiting_for_data():
-                micro_batches = [_to(device, next(batches)) for _ in range(cadence.grad_accum)]
-            step_losses = gradcache.accumulate_step(engine, micro_batches)
-        else:
-            step_losses = _accumulate(engine, batches, cadence.grad_accum, timer, device)
+        losses = train_step(engine, islice(batches, cadence.grad_accum))
         engine.module.nonfinite_drill = False
         was_skipped = engine.skipped_steps != skipped_before
-        if was_skipped:
-            progress.write(f"step {done}: non-finite loss or gradient, optimizer step skipped "
-                           f"({skipped.in_a_row + 1} in a row)")
-        else:  # a skipped step's losses are not finite: they stay out of the logged means
-            for name, value in step_losses.items():
-                interval[name] = interval[name] + value if name in interval else value
-            interval_steps += 1
-            charts.step_done(step_losses)
+        if not was_skipped:  # a skipped step's losses are not finite: they stay out of the logged means
+            since_log.add(losses)
+        hooks.step_done(done, losses, was_skipped)
         skipped.record(was_skipped, done, cadence.nonfinite_advice)
-        timer.step_done(samples=engine.train_batch_size())  # the global batch
 
         if done % cadence.log_every == 0 or done == cadence.stop_step:
-            # Every rank skips the same steps (DeepSpeed agrees on overflow), so an interval of
-            # skipped steps only is empty on every rank.
-            logged = _mean_across_ranks({k: v / interval_steps for k, v in interval.items()}) if interval else {}
-            bad_records.update(loader.bad_records, device)
-            timing = timer.read_and_reset()
-            logged.update(lr=engine.get_lr()[0], skipped_steps=engine.skipped_steps, **timing,
-                          **charts.rates(timing["samples_per_s"]), **memory_gb(), **bad_records.metrics())
-            writer.write(done, logged)
-            charts.logged(done)
-            if "loss" in logged:
-                progress.show(loss=logged["loss"])
-            interval.clear()
-            interval_steps = 0
-        progress.update()
+            values = {**since_log.mean_across_ranks(), "lr": engine.get_lr()[0],
+                      "skipped_steps": engine.skipped_steps}
+            hooks.logged(done, {**values, **hooks.scalars(done)})
 
         evaluating = done % cadence.eval_every == 0 or done == cadence.total_steps
         # No cadence checkpoint right after a skipped step: if the skips go on until the run
@@ -152,31 +95,55 @@ def train(engine, loader, *, cadence: Cadence, start_step: int, device: torch.de
         if evaluating and not stop_agreed:
             drills.wait_in_eval(done, stop)
             try:
-                metrics = _evaluate(evaluate, agreed, done, writer, progress, charts)
+                metrics = _evaluate(evaluate, agreed, done, hooks)
             except EvaluationInterrupted:
                 eval_cut = True
         stopping = stop_agreed or eval_cut
         if saving or stopping:
-            bad_records.update(loader.bad_records, device)
-            checkpoint.save(engine, checkpoint_dir, done,
-                            {"loader": loader.state_dict(), "task": engine.module.rank_state(),
-                             "bad_records": dict(bad_records.totals)},
-                            eval_pending=eval_cut, before_complete=drills.in_checkpoint(done))
-        if evaluating or saving:
-            timer.pause_ended()
+            state = {"loader": loader.state_dict(), "task": engine.module.rank_state(), **hooks.rank_state()}
+            checkpoint.save(engine, checkpoint_dir, done, state, eval_pending=eval_cut,
+                            before_complete=drills.in_checkpoint(done))
         if stopping:
-            progress.write(f"step {done}: stopped by {' and '.join(sorted(stop.agreed_names))}"
-                           + (", evaluation left for the resumed run" if eval_cut else ""))
-            return LoopEnd(metrics, stopped_at=done, bad_records=bad_records)
-        if profiler is not None:
-            profiler.step()
-    return LoopEnd(metrics, stopped_at=None, bad_records=bad_records)
+            return LoopEnd(metrics, stopped_at=done, eval_pending=eval_cut)
+        if evaluating or saving:
+            hooks.pause_ended()
+    return LoopEnd(metrics, stopped_at=None)
 
 
-def _evaluate(evaluate, interrupted, step: int, writer: MetricsWriter, progress: Progress,
-              charts: Charts) -> dict[str, float]:
+def _evaluate(evaluate: Evaluate, interrupted, step: int, hooks: LoopHooks) -> dict[str, float]:
     metrics = evaluate(interrupted)
-    writer.write(step, metrics)
-    charts.evaluated(step)
-    progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    hooks.evaluated(step, metrics)
     return metrics
+
+
+def _to(device: torch.device, batch: dict) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class _LossesSinceLog:
+    """The trained steps' losses since the last log line. They stay on the device until it:
+    reading a value (.item()) would make the host wait for the GPU every step."""
+
+    def __init__(self):
+        self._sums: dict[str, torch.Tensor] = {}
+        self._steps = 0
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for name, value in losses.items():
+            self._sums[name] = self._sums[name] + value if name in self._sums else value
+        self._steps += 1
+
+    def mean_across_ranks(self) -> dict[str, float]:
+        """The mean per step, averaged over the ranks; empty when every step since the last log
+        was skipped (every rank skips the same steps: DeepSpeed agrees on overflow)."""
+        if not self._sums:
+            return {}
+        means = {name: total / self._steps for name, total in self._sums.items()}
+        self._sums, self._steps = {}, 0
+        # One all-reduce for all terms, on the tensors' own device (NCCL takes only GPU
+        # tensors), and one host sync for the lot.
+        stacked = torch.stack([v.float() for v in means.values()])
+        if dist.world_size() > 1:
+            torch_dist.all_reduce(stacked)
+            stacked /= dist.world_size()
+        return dict(zip(means, stacked.tolist()))

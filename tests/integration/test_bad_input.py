@@ -39,6 +39,16 @@ def test_fails_fast_with_the_fix_and_no_run_dir(args, fix, tmp_path, cache_env, 
     assert not out.exists()
 
 
+def test_wandb_without_its_package_names_the_extra_to_install(tmp_path, cache_env, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)   # `import wandb` raises ImportError
+    out = tmp_path / "run"
+    code, stderr = run_main(["--wandb", "clip-runs", "--out", str(out)], cache_env, monkeypatch, capsys)
+    assert code == 2 and "pip install 'clipzero[wandb]'" in stderr, stderr[-3000:]
+    assert not out.exists()
+
+
 def test_mds_without_caption_column_is_refused(tmp_path, cache_env, monkeypatch, capsys):
     from streaming import MDSWriter
 

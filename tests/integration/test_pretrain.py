@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from launching import check, launch, read_metrics, tensorboard_scalars
+from wandb_offline import offline_runs
 
 SHORT = ["--steps", "6", "--global-batch", "32", "--log-every", "1", "--eval-every", "6"]
 
@@ -52,9 +53,14 @@ def test_resume_continues_the_same_data_and_loss(tmp_path, cache_env):
               "--checkpoint-every", "20", "--eval-every", "40", "--seed", "3"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     check(launch([*common, "--out", str(whole)], cache_env, ranks=2))
-    check(launch([*common, "--out", str(split), "--stop-at-step", "20"], cache_env, ranks=2))
+    # The split run also logs to W&B, offline: both halves into one W&B run. wandb's own logs
+    # and settings stay in tmp_path, out of the home directory.
+    wandb = ["--wandb", "clipzero-tests"]
+    wandb_env = {**cache_env, "WANDB_MODE": "offline", **{f"WANDB_{name}_DIR": str(tmp_path / "wandb-home")
+                                                          for name in ("CACHE", "CONFIG", "DATA")}}
+    check(launch([*common, *wandb, "--out", str(split), "--stop-at-step", "20"], wandb_env, ranks=2))
     assert (split / "checkpoints" / "latest").read_text().strip() == "step00000020"
-    resumed = launch([*common, "--out", str(split)], cache_env, ranks=2)
+    resumed = launch([*common, *wandb, "--out", str(split)], wandb_env, ranks=2)
     check(resumed)
     assert "resuming from step 20" in resumed.stdout
 
@@ -68,6 +74,26 @@ def test_resume_continues_the_same_data_and_loss(tmp_path, cache_env):
             state_a = torch.load(whole / "checkpoints" / tag / f"rank{rank}.pt", weights_only=False)
             state_b = torch.load(split / "checkpoints" / tag / f"rank{rank}.pt", weights_only=False)
             assert state_a["state"]["loader"] == state_b["state"]["loader"]
+    _check_wandb_copy(split, project="clipzero-tests")
+
+
+def _check_wandb_copy(run_dir, project):
+    """W&B holds what metrics.jsonl holds: each step's scalars, under the same names, in one W&B
+    run that the resumed half continued from the step after its checkpoint; the plan as config."""
+    first, resumed = offline_runs(run_dir)
+    assert first.run_id == resumed.run_id == (run_dir / "wandb_run_id").read_text().strip()
+    assert first.project == resumed.project == project
+    assert sorted(first.history) == list(range(1, 21)) and sorted(resumed.history) == list(range(21, 41))
+    scalars = {}
+    for row in read_metrics(run_dir):
+        if "kind" not in row:
+            scalars.setdefault(row.pop("step"), {}).update(row)
+    assert {**first.history, **resumed.history} == scalars
+    plan = json.loads((run_dir / "plan.json").read_text())   # the resumed half's
+    assert resumed.config == plan and plan["wandb_project"] == project
+    launch_specific = ("rendezvous", "decisions")   # each half's port, and the reasons that name it
+    assert {k: v for k, v in first.config.items() if k not in launch_specific} == \
+        {k: v for k, v in plan.items() if k not in launch_specific}
 
 
 def test_accumulated_clip_keeps_the_global_batch_loss(tmp_path, cache_env):

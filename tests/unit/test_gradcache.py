@@ -1,4 +1,4 @@
-"""GradCache accumulation (engine/train/gradcache.py), for every method:
+"""GradCache accumulation (engine/train/step.py), for every method:
 k micro-batches give the gradients of one step on the whole batch where the objective's terms
 allow it (CLIP; DeCLIP's clip and nn; CLIP-Lite's JSD), in one process and over 2 gloo ranks;
 batch terms (SimSiam, MLM, the prior) are the mean over micro-batches; random draws replay."""
@@ -21,7 +21,7 @@ from engine.objectives.clip_lite import ClipLiteObjective
 from engine.objectives.declip import DeclipObjective
 from engine.objectives.siglip import SiglipObjective
 from engine.model_with_loss import ModelWithLoss
-from engine.train.gradcache import accumulate_step
+from engine.train.step import gradcache_step as accumulate_step
 
 SOT, EOT = 49406, 49407
 METHODS = ("clip", "declip", "clip-lite", "siglip")
@@ -259,7 +259,7 @@ def test_fp16_embeddings_get_their_cached_gradients_in_fp32():
     """The cross terms' backward runs outside DeepSpeed's loss scale: fp16 leaves would round the
     cached gradients (to fp16's subnormals, at large batches); the leaves are fp32 instead, so the
     cached gradients are those of the fp32 loss on the same fp16 embeddings, bit for bit."""
-    from engine.train.gradcache import _leaf
+    from engine.train.step import _leaf
 
     torch.manual_seed(0)
     image, text = (F.normalize(torch.randn(1024, 32), dim=-1).half() for _ in range(2))

@@ -113,7 +113,7 @@ def test_the_first_batchs_views_are_drawn_side_by_side_with_their_text_views(tmp
     writer = MetricsWriter(tmp_path, enabled=True)
     charts = Charts(writer)
     second = {**batch, "sample_id": torch.tensor([8, 9, 10])}
-    assert list(charts.watch_first(iter([batch, second]), step=1)) == [batch, second]  # passed on as they were
+    assert list(charts.batches(iter([batch, second]), first_step=1)) == [batch, second]  # passed on as they were
     writer.close()
 
     [image] = _events(tmp_path).Images("train/views")  # the first batch only
@@ -144,7 +144,7 @@ def test_evaluation_draws_the_similarity_heatmap_and_the_norms_of_a_fixed_batch(
     captions = [f"Digit {i}." for i in range(6)]
     probe = HeldOutProbe.first(images, captions, tokenizer, clean_text=str.lower, count=5)
     writer = MetricsWriter(tmp_path, enabled=True)
-    Charts(writer, model=model, probe=probe, device=torch.device("cpu")).evaluated(step=4)
+    Charts(writer, model=model, probe=probe, device=torch.device("cpu")).evaluated(4, {})
     writer.close()
     assert model.training  # as it was before the evaluation
 
@@ -179,15 +179,15 @@ def test_the_heatmap_runs_dark_to_bright_from_the_smallest_to_the_largest_value(
 def test_the_logit_scale_histogram_holds_the_steps_since_the_last_log(tmp_path):
     writer = MetricsWriter(tmp_path, enabled=True)
     charts = Charts(writer)
-    for value in (10.0, 12.0, 11.0):
-        charts.step_done({"loss": torch.tensor(1.0), "logit_scale": torch.tensor(value)})
-    charts.logged(3)
-    charts.step_done({"logit_scale": torch.tensor(13.0)})
-    charts.logged(4)
+    for step, value in enumerate((10.0, 12.0, 11.0), start=1):
+        charts.step_done(step, {"loss": torch.tensor(1.0), "logit_scale": torch.tensor(value)}, skipped=False)
+    charts.logged(3, {})
+    charts.step_done(4, {"logit_scale": torch.tensor(13.0)}, skipped=False)
+    charts.step_done(5, {"logit_scale": torch.tensor(float("nan"))}, skipped=True)  # not trained: left out
+    charts.logged(5, {})
     writer.close()
     assert [(r["step"], r["count"], r["min"], r["max"]) for r in _records(tmp_path, "histogram")] == [
-        (3, 3, 10.0, 12.0), (4, 1, 13.0, 13.0)]
-    assert charts.rates(100.0) == {}  # no FLOPs counted: no TFLOP/s
+        (3, 3, 10.0, 12.0), (5, 1, 13.0, 13.0)]
 
 
 def test_other_ranks_draw_and_write_nothing(tmp_path):
@@ -195,9 +195,9 @@ def test_other_ranks_draw_and_write_nothing(tmp_path):
     charts = Charts(writer)
     tokenizer = ClipTokenizer(16)
     batch, _, _ = _declip_batch(tokenizer)
-    assert list(charts.watch_first(iter([batch]), step=1)) == [batch]
-    charts.step_done({"logit_scale": torch.tensor(1.0)})
-    charts.logged(1)
+    assert list(charts.batches(iter([batch]), first_step=1)) == [batch]
+    charts.step_done(1, {"logit_scale": torch.tensor(1.0)}, skipped=False)
+    charts.logged(1, {})
     writer.histogram(1, "x", [1.0])
     assert not any(tmp_path.iterdir())
 

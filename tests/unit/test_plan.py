@@ -391,3 +391,13 @@ def test_profile_is_off_by_default_and_must_fit_in_the_run():
         plan_for(CPU_ONLY, global_batch=64, steps=10, profile=9)
     with pytest.raises(UserError, match="--profile 0 must be at least 1"):
         plan_for(CPU_ONLY, global_batch=64, steps=10, profile=0)
+
+
+def test_wandb_is_off_by_default_and_takes_a_project_name_wandb_accepts():
+    assert plan_for(CPU_ONLY, global_batch=64, steps=10).wandb_project is None
+    plan = plan_for(CPU_ONLY, global_batch=64, steps=10, wandb="clip-runs")
+    assert plan.wandb_project == "clip-runs" and "RUN/wandb_run_id" in reason(plan, "wandb_project")
+    [row] = [line for line in plan.table().splitlines() if line.startswith("wandb_project ")]
+    assert row.split(" | ")[1].strip() == "clip-runs"
+    with pytest.raises(UserError, match="--wandb 'team/clip': a W&B project name"):
+        plan_for(CPU_ONLY, global_batch=64, steps=10, wandb="team/clip")

@@ -154,13 +154,13 @@ def test_a_stand_in_is_another_sample_of_the_same_shard_fixed_by_its_arguments()
 
 
 def test_tally_carries_totals_and_counts_each_record_once():
-    tally = BadRecordTally({"empty caption": 2})
-    counts = Counter({EMPTY_CAPTION: 1, TRUNCATED: 3})
-    tally.update(counts, device=torch.device("cpu"))
-    tally.update(counts, device=torch.device("cpu"))  # nothing new since the last update
-    assert tally.totals == Counter({EMPTY_CAPTION: 3, TRUNCATED: 3})
-    assert tally.metrics() == {"data/bad_records": 6, "data/bad_records/empty_caption": 3,
-                               "data/bad_records/truncated_or_corrupt_image": 3}
-    assert "replaced by stand-ins: 6 (3 empty caption, 3 truncated or corrupt image)" in tally.summary()
-    assert BadRecordTally().metrics() == {}
+    counts = Counter({EMPTY_CAPTION: 1, TRUNCATED: 3})   # the loader's, which it keeps adding to
+    tally = BadRecordTally(counts, torch.device("cpu"), carried={"empty caption": 2})
+    assert tally.scalars(step=1) == {"data/bad_records": 6, "data/bad_records/empty_caption": 3,
+                                     "data/bad_records/truncated_or_corrupt_image": 3}
+    assert tally.rank_state() == {"bad_records": {EMPTY_CAPTION: 3, TRUNCATED: 3}}  # nothing new since
+    counts.update([TRUNCATED])
+    assert tally.scalars(step=2)["data/bad_records"] == 7
+    assert "replaced by stand-ins: 7 (4 truncated or corrupt image, 3 empty caption)" in tally.summary()
+    assert BadRecordTally(Counter(), torch.device("cpu")).metrics() == {}
     assert metric_name(TOO_SMALL) == f"image_under_{MIN_IMAGE_SIDE}_px"

@@ -14,3 +14,25 @@ def test_time_between_a_pause_and_the_next_step_only_is_step_time(monkeypatch):
     read = timer.read_and_reset()
     assert read["time/step_s"] == 1.0 and read["samples_per_s"] == 8.0
     assert read["time/data_wait_s"] == 0.125
+
+
+def test_the_throughput_hook_times_the_wait_for_each_batch_and_adds_rates_and_memory(monkeypatch):
+    # start; batch 1 asked for at 0.5 s, had at 1.5; step done at 2; batch 2 asked for at 2, had at
+    # 2.5; step done at 4; then the batches run out
+    clock = iter([0.0, 0.5, 1.5, 2.0, 2.0, 2.5, 4.0, 5.0, 5.0]).__next__
+    monkeypatch.setattr(throughput.time, "perf_counter", clock)
+
+    class Flops:
+        def rates(self, samples_per_s):
+            return {"tflops_per_s": samples_per_s / 1000}
+
+    hook = throughput.Throughput(samples_per_step=16, flops=Flops())
+    batches = hook.batches(iter(["first", "second"]), first_step=1)
+    for step in (1, 2):
+        next(batches)
+        hook.step_done(step, {}, skipped=False)
+    values = hook.scalars(step=2)
+    assert values["samples_per_s"] == 8.0 and values["time/step_s"] == 2.0
+    assert values["time/data_wait_s"] == 0.75 and values["tflops_per_s"] == 0.008
+    assert set(throughput.memory_gb()) <= set(values)
+    assert list(batches) == []   # passed on to the end

@@ -1,10 +1,24 @@
-"""One optimizer step of gradient accumulation that keeps the global-batch loss (GradCache,
-Gao et al. 2021).
+"""One optimizer step, in the two ways a step's micro-batches can accumulate, side by side.
 
-Plain accumulation contrasts each micro-batch only against itself (times the ranks), so a
-global batch of B split into k micro-batches trains on a B/k-sized contrastive problem.
-Here, with the objective's loss split as engine/objectives/base.py describes (embeddings and
-batch terms from `embed`, cross terms from `loss_from_embeddings`):
+Both have one signature, `Step`:
+
+    step(engine, micro_batches) -> the step's named losses (detached, on the device)
+
+`micro_batches` yields this rank's k micro-batches of the global batch (k: DeepSpeed's
+gradient_accumulation_steps), on the device, in the order the loader gave them. Each step runs
+every forward and backward of its micro-batches and the optimizer step at the accumulation
+boundary (DeepSpeed's `engine.step()` steps the optimizer on the k-th call). `make_step` picks
+one, once, from the plan's `accumulation` (engine/plan/objective_options.py decides it).
+
+plain_step: each micro-batch's loss on its own, backpropagated in turn, as DeepSpeed's own
+accumulation does. The gradients are those of the mean of k losses, each contrasting B/k
+pairs (times the ranks) only among themselves.
+
+gradcache_step: the same parameter gradients as one step on the whole global batch (GradCache,
+Gao et al. 2021). Plain accumulation contrasts each micro-batch only against itself, so a
+global batch of B split into k micro-batches trains on a B/k-sized contrastive problem. Here,
+with the objective's loss split as engine/objectives/base.py describes (embeddings and batch
+terms from `embed`, cross terms from `loss_from_embeddings`):
 
 1. every micro-batch of the step runs forward without gradients, keeping its embeddings and
    the RNG state it started from (so that step 3 sees the same dropout and prior draws);
@@ -21,13 +35,42 @@ and whose batch terms are the mean over micro-batches (as in plain accumulation)
 memory of one micro-batch plus the step's embeddings, for one extra forward per micro-batch.
 Across ranks, the gather's backward sums the column gradients back to their rank, exactly as
 in the objective's own forward: DeepSpeed's average over ranks is the global batch's gradient.
+With one micro-batch per step both give the same gradients; the planner then chooses plain.
 """
+from typing import Callable, Iterable
+
 import torch
 
+Step = Callable[[object, Iterable[dict]], dict[str, torch.Tensor]]
 
-def accumulate_step(engine, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
-    """Train one optimizer step on `micro_batches` (this rank's share of the global batch, in
-    the order the loader gave it); return the step's named losses."""
+
+def make_step(accumulation: str) -> Step:
+    """The step for the plan's `accumulation` ("plain" or "gradcache", engine/plan/dials.py)."""
+    steps = {"plain": plain_step, "gradcache": gradcache_step}
+    if accumulation not in steps:
+        raise ValueError(f"accumulation {accumulation!r} is not one of {', '.join(steps)}")
+    return steps[accumulation]
+
+
+def plain_step(engine, micro_batches: Iterable[dict]) -> dict[str, torch.Tensor]:
+    """Each micro-batch's loss backpropagated on its own (one micro-batch in memory at a
+    time); returns their mean."""
+    k = engine.gradient_accumulation_steps()
+    step_losses: dict[str, torch.Tensor] = {}
+    for batch in micro_batches:
+        losses = engine(batch)
+        engine.backward(losses["loss"])  # DeepSpeed divides by k itself
+        engine.step()                    # steps the optimizer at the accumulation boundary
+        for name, value in losses.items():
+            share = value.detach() / k
+            step_losses[name] = step_losses[name] + share if name in step_losses else share
+    return step_losses
+
+
+def gradcache_step(engine, micro_batches: Iterable[dict]) -> dict[str, torch.Tensor]:
+    """The cross terms over all of `micro_batches` at once, by GradCache (the module's
+    docstring); returns the step's named losses."""
+    micro_batches = list(micro_batches)  # all k are read twice: once without gradients, once with
     task, device, k = engine.module, engine.device, len(micro_batches)
     # 1. Embeddings without gradients. The whole embed runs (batch terms included) so that
     # ZeRO-3 sees the same modules in the same order in both passes. BatchNorm updates its

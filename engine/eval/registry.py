@@ -8,9 +8,7 @@ An evaluation is one file in engine/eval/tasks/ declaring its options and where 
 """
 from __future__ import annotations
 
-import importlib
-from importlib.metadata import entry_points
-
+from engine import plugins
 from engine.errors import UserError
 from engine.eval.base import Evaluation
 
@@ -25,35 +23,23 @@ HELD_OUT = "heldout"   # the one training adds itself when it has a held-out spl
 ENTRY_POINT_GROUP = "clipzero.evaluations"
 
 
-def _installed() -> dict[str, str]:
-    return {entry.name: entry.value for entry in entry_points(group=ENTRY_POINT_GROUP)}
-
-
 def evaluation_names() -> list[str]:
     """Every evaluation available by name: built in, then installed by other packages."""
-    return [*BUILT_IN, *(name for name in _installed() if name not in BUILT_IN)]
+    return plugins.names(BUILT_IN, ENTRY_POINT_GROUP)
 
 
 def is_registered(name: str) -> bool:
-    return name in BUILT_IN or name in _installed()
+    return name in evaluation_names()
 
 
 def evaluation_class(name: str, flag: str = "--task") -> type[Evaluation]:
     """The evaluation class `name` names (a registered name or `package.module:Class`); `flag`
     names the option in messages."""
-    path = BUILT_IN.get(name) or _installed().get(name) or (name if ":" in name else None)
-    if path is None:
-        raise UserError(f"unknown {flag} {name!r}: use one of {', '.join(evaluation_names())}, or your own "
-                        f"evaluation as package.module:Class")
-    module_name, _, class_name = path.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as error:
-        raise UserError(f"{flag} {name}: cannot import {path} ({error}); is its package on PYTHONPATH?") from error
-    if not (isinstance(cls, type) and issubclass(cls, Evaluation)):
-        raise UserError(f"{flag} {name}: {path} is not a subclass of engine.eval.base.Evaluation")
+    cls = plugins.load_class(name, built_in=BUILT_IN, group=ENTRY_POINT_GROUP, base=Evaluation,
+                             flag=flag, kind="evaluation")
     if not cls.options:
-        raise UserError(f"{flag} {name}: {path} declares no options; its first is the path it evaluates")
+        raise UserError(f"{flag} {name}: {cls.__module__}:{cls.__name__} declares no options; its first is "
+                        f"the path it evaluates")
     return cls
 
 

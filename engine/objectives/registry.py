@@ -11,9 +11,7 @@ class again.
 """
 from __future__ import annotations
 
-import importlib
-from importlib.metadata import entry_points
-
+from engine import plugins
 from engine.errors import UserError
 from engine.objectives.base import Objective
 
@@ -27,29 +25,15 @@ BUILT_IN = {
 ENTRY_POINT_GROUP = "clipzero.objectives"
 
 
-def _installed() -> dict[str, str]:
-    return {entry.name: entry.value for entry in entry_points(group=ENTRY_POINT_GROUP)}
-
-
 def method_names() -> list[str]:
     """Every method available by name: built in, then installed by other packages."""
-    return [*BUILT_IN, *(name for name in _installed() if name not in BUILT_IN)]
+    return plugins.names(BUILT_IN, ENTRY_POINT_GROUP)
 
 
 def objective_class(method: str) -> type:
     """The objective class `method` names (a registered name or `package.module:Class`)."""
-    path = BUILT_IN.get(method) or _installed().get(method) or (method if ":" in method else None)
-    if path is None:
-        raise UserError(f"unknown --method {method!r}: use one of {', '.join(method_names())}, or your own "
-                        f"objective as package.module:Class")
-    module_name, _, class_name = path.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as error:
-        raise UserError(f"--method {method}: cannot import {path} ({error}); is its package on PYTHONPATH?") from error
-    if not (isinstance(cls, type) and issubclass(cls, Objective)):
-        raise UserError(f"--method {method}: {path} is not a subclass of engine.objectives.base.Objective")
-    return cls
+    return plugins.load_class(method, built_in=BUILT_IN, group=ENTRY_POINT_GROUP, base=Objective,
+                              flag="--method", kind="objective")
 
 
 def declared_dials(method: str | None) -> dict:

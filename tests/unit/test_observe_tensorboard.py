@@ -2,6 +2,7 @@
 images and histograms written by MetricsWriter and the charts hooks, read back as TensorBoard
 reads them and from metrics.jsonl, and dropped after the checkpoint step by a resumed run."""
 import json
+from collections import Counter
 from io import BytesIO
 
 import numpy as np
@@ -273,7 +274,7 @@ def _names_the_engine_makes() -> set[str]:
 
     embeddings = torch.eye(12)
     return {*StepTimer().read_and_reset(), *memory_gb(),
-            *BadRecordTally({reason: 1 for reason in REASONS}).metrics(),
+            *BadRecordTally(Counter(), torch.device("cpu"), {reason: 1 for reason in REASONS}).metrics(),
             *retrieval_metrics(embeddings, embeddings), *topk_accuracy(embeddings, embeddings, torch.arange(12))}
 
 

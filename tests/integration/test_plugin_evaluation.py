@@ -1,14 +1,14 @@
 """An evaluation is one file: one written outside engine/ (tests/unit/toy_evaluation.py, on
-PYTHONPATH) shows its options in `launchers/evaluate.py --task package.module:Class --help`, is
-scored at every evaluation of a training run given as `--eval package.module:Class:PATH`, and
-scores the run's checkpoint from launchers/evaluate.py as the run logged it."""
+PYTHONPATH) is scored at every evaluation of a training run given as `--eval
+package.module:Class:PATH`, and scores the run's checkpoint from launchers/evaluate.py as the run
+logged it. Its options in `--help` and the refusals of a bad `--eval` are tested in-process
+(tests/unit/test_eval_plugin.py), as is a bad `--eval` refused before a run writes anything
+(tests/integration/test_periodic_eval.py)."""
 import json
 import os
-import subprocess
-import sys
 
 from launching import ROOT, check, launch, read_metrics
-from test_evaluate import EVALUATE, evaluate
+from test_evaluate import evaluate
 
 PLUGIN = "toy_evaluation:CountFiles"
 
@@ -20,11 +20,6 @@ def _env(cache_env):
 
 def test_an_evaluation_from_outside_runs_in_training_and_standalone(cache_env, tmp_path):
     env = _env(cache_env)
-    shown = subprocess.run([sys.executable, str(EVALUATE), "--task", PLUGIN, "--help"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0
-    assert f"--folder DIR {PLUGIN}: the folder whose files are counted" in " ".join(shown.stdout.split())
-
     folder = tmp_path / "things"
     folder.mkdir()
     for name in ("a", "b", "c", "d"):
@@ -41,6 +36,3 @@ def test_an_evaluation_from_outside_runs_in_training_and_standalone(cache_env, t
     assert written["step"] == 2 and written["metrics"]["toy_files"] == 4.0   # weight's default: 1
     assert abs(written["metrics"]["toy_blank_similarity"] - logged["eval/things/toy_blank_similarity"]) < 1e-6
 
-    bad = launch(["--steps", "2", "--eval", f"{PLUGIN}:{tmp_path / 'nowhere'}", "--out", tmp_path / "bad"], env)
-    assert bad.returncode == 2 and f"error: --eval {PLUGIN}:{tmp_path / 'nowhere'}" in bad.stderr
-    assert not (tmp_path / "bad").exists()

@@ -133,9 +133,11 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
     dist.init_distributed(plan.collective_timeout_s)
     stop = StopSignals(plan.collective_timeout_s)
     try:
-        return _run(prepared, stop, out=out, dry_run=dry_run, stop_at_step=stop_at_step)
+        end = _run(prepared, stop, out=out, dry_run=dry_run, stop_at_step=stop_at_step)
     finally:
         stop.close()
+    dist.close_distributed()
+    return end
 
 
 def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: bool,

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from engine.dist import free_port
+from engine.dist import close_distributed, free_port
 
 
 def _train_step(engine):
@@ -66,6 +66,7 @@ def _worker(_, port, ckpt_dir, out):
         checkpoint.save(engine, ckpt_dir, step, {"position": step})
     out["kept"] = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir())
     out["latest_end"] = checkpoint.latest_tag(ckpt_dir)
+    close_distributed()
 
 
 def test_crash_mid_save_keeps_the_previous_checkpoint_and_old_ones_are_pruned(tmp_path):
@@ -125,6 +126,7 @@ def _damage_worker(_, port, ckpt_dir, out):
         out["none_left"] = None
     except RuntimeError as error:
         out["none_left"] = str(error)
+    close_distributed()
 
 
 def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_it_loaded(tmp_path, capfd):

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from engine.dist import free_port
+from engine.dist import close_distributed, free_port
 from engine.train.lookahead import Lookahead
 from engine.train.schedule import lr_at, warmup_cosine
 
@@ -200,6 +200,7 @@ def _ds_worker(_, port, ckpt_dir, out):
         resumed.load_checkpoint(ckpt_dir, tag=f"stage{stage}")
         _ds_train(resumed, batches[7:])
         out[stage] = (_ds_values(engine), _ds_values(resumed), lrs)
+    close_distributed()
 
 
 def test_deepspeed_zero_stages_match_plain_training_and_resume_mid_cycle(tmp_path):

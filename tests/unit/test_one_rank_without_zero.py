@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from engine.dist import free_port
+from engine.dist import close_distributed, free_port
 
 STEPS, POISONED = 6, {2, 3}
 
@@ -80,6 +80,7 @@ def _worker(_, port, root, out):
     skip_reduction_alone(after)
     restored = checkpoint.load(after, Path(root) / "zero1")
     out["zero1-to-none"] = (restored.step, restored.rank_state, _run(after, steps=range(3, STEPS)), uninterrupted)
+    close_distributed()
 
 
 def _count_calls(engine, method: str) -> list:

@@ -182,6 +182,7 @@ def _worker(rank, world, port, root, role, out):
         del engine
     if role == "resume" and world == 1:
         out["refusals"] = _refusals(Path(root))
+    dist.close_distributed()
 
 
 def _spawn(world: int, root: Path, role: str, out) -> None:

@@ -75,6 +75,8 @@ def _rank(rank, world, port, out):
     if rank == 1:
         os.kill(os.getpid(), signal.SIGUSR1)
     out[rank] = (first, stop.agreed(), sorted(stop.agreed_names))
+    stop.close()
+    dist.close_distributed()
 
 
 def test_ranks_agree_on_a_signal_only_one_of_them_got():

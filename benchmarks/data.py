@@ -106,7 +106,7 @@ def our_batches(data: str, batch: int, workers: int, decode_device: str):
     if whole:  # this process measures only this variant: the loader's pipeline, whole images decoded
         train_graph.train_pipeline = functools.partial(train_graph.train_pipeline, whole_decode=True)
     device, _, share = decode_device.partition("@")
-    loader = TrainLoader(
+    loader = TrainLoader.from_data(
         data, micro_batch=batch, image_size=IMAGE_SIZE, spec=DataSpec(), seed=SEED, workers=workers,
         decode_device=device, tokenizer=ClipTokenizer(), rank=0, world_size=1,
         decode_threads=min(MAX_DECODE_THREADS, len(os.sched_getaffinity(0))),

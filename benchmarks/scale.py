@@ -39,8 +39,8 @@ from engine.data.loader import TrainLoader
 from engine.data.spec import DataSpec
 from engine.data.text import ClipTokenizer
 imported = time.perf_counter()
-loader = TrainLoader(sys.argv[1], micro_batch=128, image_size=32, spec=DataSpec(), seed=0, workers=2,
-                     decode_device="cpu", tokenizer=ClipTokenizer(), rank=0, world_size=1)
+loader = TrainLoader.from_data(sys.argv[1], micro_batch=128, image_size=32, spec=DataSpec(), seed=0, workers=2,
+                               decode_device="cpu", tokenizer=ClipTokenizer(), rank=0, world_size=1)
 opened = time.perf_counter()
 next(iter(loader))
 done = time.perf_counter()

@@ -19,7 +19,7 @@ from engine import dist
 from engine.data.embedded import ensure_digits
 from engine.data.loader import TrainLoader
 from engine.data.mds import cache_root
-from engine.data.streams import data_facts
+from engine.data.streams import DataFacts, data_facts
 from engine.data.subset import ensure_subset
 from engine.data.text import ClipTokenizer, strip_punctuation
 from engine.plan.deepspeed_config import apply_overrides, render
@@ -63,7 +63,7 @@ class Prepared:
     plan: RunPlan
     ds_config: dict
     method: Method              # the one lookup of the method: objective, recipe, towers, data needs
-    data: str
+    data: DataFacts             # --data (or its --data-fraction subset), checked once: the loader reads these
     eval_data: str | None
     launch: Launch | None
     evals: list[PeriodicEval]   # the held-out split, then the --eval sets, checked (engine/eval/periodic.py)
@@ -109,7 +109,7 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
                    image_size=preset.image_size, text_layers=preset.text_layers,
                    wordnet=None if wordnet is None else str(wordnet), launch=launch, data=facts)
     ds_config = apply_overrides(render(plan), dials.ds, world_size=plan.world_size)
-    return Prepared(plan, ds_config, method, data, eval_data, launch, evals, wordnet)
+    return Prepared(plan, ds_config, method, facts, eval_data, launch, evals, wordnet)
 
 
 def default_run_dir(plan: RunPlan, job_id: str | None) -> Path:
@@ -182,12 +182,8 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
     if plan.zero_stage == 3:
         register_zero3_external_parameters(engine.module)
 
-    loader = TrainLoader(prepared.data, micro_batch=plan.micro_batch, image_size=plan.image_size,
-                         spec=method.data, seed=plan.seed, workers=plan.workers,
-                         decode_device=plan.decode_device, decode_threads=plan.decode_threads,
-                         hw_decoder_load=plan.hw_decoder_load, tokenizer=tokenizer,
-                         rank=dist.rank(), world_size=dist.world_size(), grad_accum=plan.grad_accum,
-                         cache_limit=plan.cache_limit, batch_timeout_s=plan.collective_timeout_s,
+    loader = TrainLoader(prepared.data.streams, plan.loader_settings(), spec=method.data, tokenizer=tokenizer,
+                         rank=dist.rank(), world_size=dist.world_size(),
                          wordnet=prepared.wordnet if plan.objective_options.get("eda_synonyms") else None)
     checkpoint_dir = run_dir / "checkpoints"
     start_step, eval_pending = 0, False

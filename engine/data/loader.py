@@ -43,6 +43,7 @@ import logging
 import os
 import weakref
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -57,7 +58,8 @@ from engine.data.records import DECODER_REJECTED, NO_SUBSTITUTE, StreamingDatase
 from engine.data.streaming_dataset import ShardUnavailable
 from engine.data.shared_memory import live_streaming_locals, remove_stale_streaming_memory
 from engine.data.spec import DataSpec
-from engine.data.streams import CANONICAL_NODES, describe_streams, fetches_in_flight, streaming_arguments
+from engine.data.streams import (CANONICAL_NODES, SHUFFLE_ALGO, SHUFFLE_BLOCK, StreamFacts, describe_streams,
+                                 fetches_in_flight, streaming_arguments)
 from engine.data.text import ClipTokenizer
 from engine.data.wordnet import WordNet
 from engine.data.workers import start_workers, stop_workers, worker_dies_with_its_rank
@@ -71,35 +73,60 @@ MAX_BAD_SHARE, MIN_SAMPLES_FOR_VERDICT = 0.5, 256
 WARNED_BATCHES = 10  # batches whose bad records are named in a warning
 
 
+@dataclass(frozen=True)
+class LoaderSettings:
+    """The loader's slice of the run's plan (RunPlan.loader_settings() fills each field from the
+    plan field of the same name): how many samples a micro-batch holds, in which order they come,
+    and how they are decoded and cached. A loader outside a run names them itself."""
+    micro_batch: int
+    image_size: int
+    seed: int                           # crop windows, augmentations, EDA edits, MLM masks
+    workers: int = 0                    # DataLoader workers of this rank
+    decode_device: str = "cpu"
+    grad_accum: int = 1                 # micro-batches per optimizer step: epochs end at steps
+    decode_threads: int = 1             # DALI's threads
+    hw_decoder_load: float | None = None  # the hardware JPEG decoder's share on a GPU (None: DALI's)
+    cache_limit: int | None = None      # disk this node's shard cache may take (None: no limit)
+    # A batch the data workers have not delivered within this long ends the run, rather than a
+    # stalled source hanging it (with peers, their collective timeout would; alone, nothing would).
+    collective_timeout_s: float | None = None
+    shuffle_seed: int | None = None     # the sample order's seed (None: `seed`)
+    shuffle_algo: str = SHUFFLE_ALGO
+    shuffle_block: int = SHUFFLE_BLOCK
+    canonical_nodes: int = CANONICAL_NODES
+
+    def __post_init__(self):
+        if (self.micro_batch < 1 or self.grad_accum < 1 or self.image_size < 1 or self.workers < 0
+                or self.seed < 0):
+            raise UserError(f"micro_batch ({self.micro_batch}), grad_accum ({self.grad_accum}) and image_size "
+                            f"({self.image_size}) must be positive, workers ({self.workers}) and seed ({self.seed}) "
+                            f"not negative.")
+        if self.decode_device not in ("cpu", "gpu"):
+            raise UserError(f"decode device '{self.decode_device}' is not one of 'cpu', 'gpu'.")
+        if self.shuffle_seed is None:
+            object.__setattr__(self, "shuffle_seed", self.seed)  # frozen: set once, here
+
+
 class TrainLoader:
     """Endless, exactly resumable iterator of training micro-batches for one rank."""
 
-    def __init__(self, data: str, *, micro_batch: int, image_size: int, spec: DataSpec, seed: int, workers: int,
-                 decode_device: str, tokenizer: ClipTokenizer, rank: int, world_size: int, grad_accum: int = 1,
-                 wordnet: str | Path | None = None, local_cache: Path | None = None, cache_limit: int | None = None,
-                 decode_threads: int = 1, hw_decoder_load: float | None = None,
-                 batch_timeout_s: float | None = None):
-        """`data` is one dataset or a weighted mixture (engine/data/streams.py); `grad_accum`
-        micro-batches per rank make one optimizer step (epochs end at steps); `spec` says what each
-        batch holds; `wordnet` is a WordNet 3.0 directory for EDA's synonym replacement
-        (engine.data.wordnet.find_wordnet()), or None to edit by swaps and deletions only;
-        `local_cache` holds remote shards (default under $CLIPZERO_CACHE), at most `cache_limit`
-        bytes of them on this node (the plan's cache_limit; None: no limit); `decode_threads` DALI
-        threads and `hw_decoder_load` the hardware JPEG decoder's share on a GPU (the plan's
-        decisions; None: DALI's default); a batch the data workers have not delivered within
-        `batch_timeout_s` (None: no limit) ends the run, rather than a stalled source hanging it
-        (with peers, their collective timeout would; alone, nothing would)."""
-        _check_arguments(micro_batch, grad_accum, image_size, seed, workers, decode_device)
+    def __init__(self, streams: tuple[StreamFacts, ...], settings: LoaderSettings, *, spec: DataSpec,
+                 tokenizer: ClipTokenizer, rank: int, world_size: int, wordnet: str | Path | None = None):
+        """`streams` are the datasets of --data as the run's prepare() checked them (one, or a
+        weighted mixture: engine/data/streams.py); `spec` says what each batch holds; `wordnet`
+        is a WordNet 3.0 directory for EDA's synonym replacement (engine.data.wordnet.find_wordnet()),
+        or None to edit by swaps and deletions only."""
+        if settings.decode_device == "gpu" and not torch.cuda.is_available():
+            raise UserError("decode device 'gpu' needs a CUDA GPU and none is visible; decode on 'cpu'.")
+        micro_batch, grad_accum, seed = settings.micro_batch, settings.grad_accum, settings.seed
         ranks_on_node = _streaming_world(rank, world_size)
-        streams = describe_streams(data, local_cache)  # fails early, with the fix, on any dataset not usable MDS
+        self.settings = settings
         self.micro_batch = micro_batch
         self.grad_accum = grad_accum
         self.global_batch = world_size * grad_accum * micro_batch
-        self.image_size = image_size
         self.spec = spec
         self.seed = seed
-        self.workers = workers
-        self.decode_device, self.decode_threads, self.hw_decoder_load = decode_device, decode_threads, hw_decoder_load
+        self.workers = settings.workers
         self.tokenizer = tokenizer
         self.eda = Eda(WordNet(wordnet) if wordnet else None, seed) if spec.text_aug else None
         self.world_size = world_size
@@ -110,8 +137,7 @@ class TrainLoader:
         self.samples_taken = 0
         self._samples_replaced = 0
         self._batches_warned = 0
-        self._data = data
-        self._batch_timeout_s = batch_timeout_s
+        self._data = ", ".join(stream.location for stream in streams)  # for messages
 
         # A killed run leaves streaming's shared memory behind, and the next run on the same
         # local directory is then refused as "in use". One rank per node removes what no live
@@ -124,29 +150,41 @@ class TrainLoader:
         if dist.local_rank() == 0:
             remove_stale_streaming_memory()
             if caches & live_streaming_locals():
-                raise UserError(_cache_in_use(data, caches))
+                raise UserError(_cache_in_use(self._data, caches))
         _wait_for_every_rank()
-        arguments = streaming_arguments(streams, micro_batch=micro_batch, seed=seed, cache_limit=cache_limit,
-                                        in_flight=fetches_in_flight(ranks_on_node, workers))
+        arguments = streaming_arguments(streams, micro_batch=micro_batch, seed=settings.shuffle_seed,
+                                        cache_limit=settings.cache_limit,
+                                        in_flight=fetches_in_flight(ranks_on_node, settings.workers),
+                                        shuffle_algo=settings.shuffle_algo, shuffle_block=settings.shuffle_block,
+                                        canonical_nodes=settings.canonical_nodes)
         try:
             self._dataset = StreamingDatasetWithIds(**arguments)
         except ValueError as error:
             if "Reused local directory" not in str(error):
                 raise
-            raise UserError(_cache_in_use(data, caches)) from error  # streaming's own check caught it
+            raise UserError(_cache_in_use(self._data, caches)) from error  # streaming's own check caught it
         self.dataset_size = int(self._dataset.epoch_size)
         self.steps_per_epoch = self.dataset_size // self.global_batch
         if self.steps_per_epoch == 0:
             raise UserError(
-                f"dataset {data} has {self.dataset_size} samples, fewer than one global batch of "
+                f"dataset {self._data} has {self.dataset_size} samples, fewer than one global batch of "
                 f"{self.global_batch} ({world_size} ranks x {grad_accum} accumulated x micro-batch "
                 f"{micro_batch}); lower the global batch or use more data.")
         self.batches_per_epoch = self.steps_per_epoch * grad_accum  # micro-batches, on every rank
         self._samples_per_batch = micro_batch * world_size  # all ranks' micro-batch b: F[b*this, (b+1)*this)
         self._epoch = 0
         self._batch_in_epoch = 0
-        self._device = dist.local_device() if decode_device == "gpu" else torch.device("cpu")
+        self._device = dist.local_device() if settings.decode_device == "gpu" else torch.device("cpu")
         self._active: weakref.ref | None = None
+
+    @classmethod
+    def from_data(cls, data: str, *, spec: DataSpec, tokenizer: ClipTokenizer, rank: int, world_size: int,
+                  wordnet: str | Path | None = None, local_cache: Path | None = None, **settings) -> TrainLoader:
+        """A loader outside a training run (tests, benchmarks): `data` as --data takes it, checked
+        here (with the fix, on any dataset that is not usable MDS); remote shards cached under
+        `local_cache` (default under $CLIPZERO_CACHE); LoaderSettings' fields by name."""
+        return cls(describe_streams(data, local_cache), LoaderSettings(**settings), spec=spec, tokenizer=tokenizer,
+                   rank=rank, world_size=world_size, wordnet=wordnet)
 
     # ---- position ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -239,13 +277,13 @@ class TrainLoader:
             self._dataset.next_epoch = epoch
             self._dataset.load_state_dict({
                 "epoch": epoch, "sample_in_epoch": batch * self._samples_per_batch,
-                "shuffle_seed": self.seed, "num_canonical_nodes": CANONICAL_NODES})
+                "shuffle_seed": self.settings.shuffle_seed, "num_canonical_nodes": self.settings.canonical_nodes})
             # Workers restart every epoch (they learn the epoch at start), so fork: it is instant.
             loader = DataLoader(self._dataset, batch_size=self.micro_batch, num_workers=self.workers,
                                 collate_fn=PrepareBatch(self.tokenizer, self.spec, self.seed, epoch, self.eda),
                                 worker_init_fn=functools.partial(worker_dies_with_its_rank, os.getpid()),
                                 multiprocessing_context="fork" if self.workers else None,
-                                timeout=self._batch_timeout_s if self.workers and self._batch_timeout_s else 0)
+                                timeout=(self.settings.collective_timeout_s or 0) if self.workers else 0)
             batches = start_workers(loader)
             try:
                 for index in range(batch, self.batches_per_epoch):
@@ -284,24 +322,25 @@ class TrainLoader:
             if "timed out" not in str(error):
                 raise
             raise RuntimeError(
-                f"no batch came from the data workers within {self._batch_timeout_s:g} s (the plan's "
+                f"no batch came from the data workers within {self.settings.collective_timeout_s:g} s (the plan's "
                 f"collective_timeout_s): reading {self._data} stalled (a remote store that stopped answering, a "
                 f"full or vanished cache directory). The run ends so that it can resume from its last checkpoint; "
                 f"if the source is merely slow, raise --collective-timeout.") from error
 
     def _build_pipeline(self, source):
-        # deferred: the graphs import DALI, about a second; engine.pretrain imports this module,
-        # and a dry run builds no pipeline.
+        # deferred: the graphs import DALI, about a second; engine.training_run imports this
+        # module, and a dry run builds no pipeline.
         from engine.data import cpu_pipeline, train_graph
 
-        if self.decode_device == "cpu":  # DALI's CPU resize is the slow step there: torch resizes
-            return cpu_pipeline.cpu_train_pipeline(source, batch_size=self.micro_batch, image_size=self.image_size,
-                                                   num_threads=self.decode_threads, augment=self.spec.augment,
+        settings = self.settings
+        if settings.decode_device == "cpu":  # DALI's CPU resize is the slow step there: torch resizes
+            return cpu_pipeline.cpu_train_pipeline(source, batch_size=self.micro_batch, image_size=settings.image_size,
+                                                   num_threads=settings.decode_threads, augment=self.spec.augment,
                                                    views=self.spec.image_views)
-        return train_graph.train_pipeline(source, batch_size=self.micro_batch, image_size=self.image_size,
-                                          device=self.decode_device, device_id=self._device.index,
-                                          num_threads=self.decode_threads, augment=self.spec.augment,
-                                          views=self.spec.image_views, hw_decoder_load=self.hw_decoder_load)
+        return train_graph.train_pipeline(source, batch_size=self.micro_batch, image_size=settings.image_size,
+                                          device=settings.decode_device, device_id=self._device.index,
+                                          num_threads=settings.decode_threads, augment=self.spec.augment,
+                                          views=self.spec.image_views, hw_decoder_load=settings.hw_decoder_load)
 
     def _close_active(self) -> None:
         active = self._active() if self._active is not None else None
@@ -324,16 +363,6 @@ def _sample_log(rank: int):
         return None
     Path(folder).mkdir(parents=True, exist_ok=True)
     return open(Path(folder) / f"rank{rank}.jsonl", "a", buffering=1)
-
-
-def _check_arguments(micro_batch, grad_accum, image_size, seed, workers, decode_device) -> None:
-    if micro_batch < 1 or grad_accum < 1 or image_size < 1 or workers < 0 or seed < 0:
-        raise UserError(f"micro_batch ({micro_batch}), grad_accum ({grad_accum}) and image_size ({image_size}) "
-                        f"must be positive, workers ({workers}) and seed ({seed}) not negative.")
-    if decode_device not in ("cpu", "gpu"):
-        raise UserError(f"decode device '{decode_device}' is not one of 'cpu', 'gpu'.")
-    if decode_device == "gpu" and not torch.cuda.is_available():
-        raise UserError("decode device 'gpu' needs a CUDA GPU and none is visible; decode on 'cpu'.")
 
 
 def _wait_for_every_rank() -> None:

@@ -201,9 +201,13 @@ def cache_floor(streams: tuple[StreamFacts, ...], in_flight: int) -> int:
 
 
 def streaming_arguments(streams: tuple[StreamFacts, ...], *, micro_batch: int, seed: int,
-                        cache_limit: int | None, in_flight: int = FETCHES_PER_READER) -> dict:
-    """Keyword arguments of StreamingDataset for these streams, in the order this module sets;
-    `cache_limit` is the disk the node's cache may take (the plan's), with `in_flight` fetches."""
+                        cache_limit: int | None, in_flight: int = FETCHES_PER_READER,
+                        shuffle_algo: str = SHUFFLE_ALGO, shuffle_block: int = SHUFFLE_BLOCK,
+                        canonical_nodes: int = CANONICAL_NODES) -> dict:
+    """Keyword arguments of StreamingDataset for these streams, in the order the plan states
+    (`seed`, `shuffle_algo`, `shuffle_block`, `canonical_nodes`: the plan's, this module's
+    constants by default); `cache_limit` is the disk the node's cache may take (the plan's),
+    with `in_flight` fetches."""
     streaming_limit = None
     # A limit that holds every shard never evicts one: streaming need not keep count.
     if cache_limit is not None and cache_limit < sum(stream.info.full_copy_bytes for stream in streams):
@@ -220,8 +224,8 @@ def streaming_arguments(streams: tuple[StreamFacts, ...], *, micro_batch: int, s
         largest = max(stream.info.largest_shard_bytes for stream in streams)
         streaming_limit = cache_limit - (in_flight - 1) * largest
     return dict(streams=_streams(streams), batch_size=micro_batch, cache_limit=streaming_limit,
-                shuffle=True, shuffle_algo=SHUFFLE_ALGO, shuffle_seed=seed, shuffle_block_size=SHUFFLE_BLOCK,
-                num_canonical_nodes=CANONICAL_NODES, partition_algo=PARTITION_ALGO)
+                shuffle=True, shuffle_algo=shuffle_algo, shuffle_seed=seed, shuffle_block_size=shuffle_block,
+                num_canonical_nodes=canonical_nodes, partition_algo=PARTITION_ALGO)
 
 
 def bytes_under(folder: Path) -> int:

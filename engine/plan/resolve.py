@@ -8,6 +8,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from engine.data.loader import LoaderSettings
 from engine.data.streams import DataFacts
 from engine.errors import UserError
 from engine.plan.deepspeed_config import fp16_scale_search_steps
@@ -79,6 +80,11 @@ class RunPlan:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def loader_settings(self) -> LoaderSettings:
+        """The training loader's slice: each of its fields is the plan field of the same name, so
+        a new data decision reaches the loader without a line here."""
+        return LoaderSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoaderSettings)})
 
 
 # Decisions that only some optimizers (or GPU decoding) have: the table leaves them out when unset.

@@ -60,7 +60,7 @@ def s3_env(s3_server, monkeypatch):  # noqa: F811
 def _loader(data, cache, **options):
     settings = dict(micro_batch=8, image_size=16, spec=DataSpec(crop_scale=(0.5, 1.0)), seed=1, workers=2,
                     decode_device="cpu", tokenizer=ClipTokenizer(), rank=0, world_size=1, local_cache=cache)
-    return TrainLoader(data, **(settings | options))
+    return TrainLoader.from_data(data, **(settings | options))
 
 
 def test_an_epoch_streams_through_a_cache_smaller_than_the_data(remote, s3_env, tmp_path):
@@ -127,9 +127,9 @@ def _streaming_elsewhere(data: str, cache: Path, take_batch: bool) -> subprocess
         from engine.data.loader import TrainLoader
         from engine.data.spec import DataSpec
         from engine.data.text import ClipTokenizer
-        loader = TrainLoader({data!r}, micro_batch=8, image_size=16, spec=DataSpec(), seed=1, workers=0,
-                             decode_device="cpu", tokenizer=ClipTokenizer(), rank=0, world_size=1,
-                             local_cache={str(cache)!r})
+        loader = TrainLoader.from_data({data!r}, micro_batch=8, image_size=16, spec=DataSpec(), seed=1, workers=0,
+                                       decode_device="cpu", tokenizer=ClipTokenizer(), rank=0, world_size=1,
+                                       local_cache={str(cache)!r})
         if {take_batch!r}:
             batches = iter(loader)
             next(batches)

@@ -43,7 +43,7 @@ def _loader(data, tokenizer, workers=2, **overrides):
     options = dict(micro_batch=MICRO_BATCH, image_size=24, spec=DataSpec(crop_scale=(0.4, 1.0)), seed=11,
                    workers=workers, decode_device="cpu", tokenizer=tokenizer, rank=0, world_size=1)
     options.update(overrides)
-    return TrainLoader(str(data), **options)
+    return TrainLoader.from_data(str(data), **options)
 
 
 def _take(loader, count):
@@ -242,8 +242,8 @@ RANK_SCRIPT = textwrap.dedent("""
 
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    loader = TrainLoader(sys.argv[1], micro_batch=64, image_size=16, spec=DataSpec(crop_scale=(0.4, 1.0)), seed=3,
-                         workers=1, decode_device="cpu", tokenizer=ClipTokenizer(), rank=rank, world_size=2)
+    loader = TrainLoader.from_data(sys.argv[1], micro_batch=64, image_size=16, spec=DataSpec(crop_scale=(0.4, 1.0)), seed=3,
+                                   workers=1, decode_device="cpu", tokenizer=ClipTokenizer(), rank=rank, world_size=2)
     ids = [batch["sample_id"].tolist() for _, batch in zip(range(loader.batches_per_epoch + 1), loader)]
     json.dump({"batches_per_epoch": loader.batches_per_epoch, "ids": ids}, open(sys.argv[2], "w"))
     dist.barrier()
@@ -319,7 +319,7 @@ def test_a_stalled_source_ends_the_run_after_the_batch_timeout(digits, tokenizer
     import engine.data.records as records
 
     monkeypatch.setattr(records.StreamingDatasetWithIds, "get_item", lambda self, *args, **kwargs: time.sleep(20))
-    loader = _loader(digits.train, tokenizer, workers=1, batch_timeout_s=2)
+    loader = _loader(digits.train, tokenizer, workers=1, collective_timeout_s=2)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="no batch came from the data workers within 2 s.*collective-timeout"):
         next(iter(loader))

@@ -62,8 +62,8 @@ def tokenizer():
 
 
 def _epoch(data, tokenizer, workers=1, spec=DataSpec()):
-    loader = TrainLoader(str(data), micro_batch=MICRO_BATCH, image_size=16, spec=spec, seed=7, workers=workers,
-                         decode_device="cpu", tokenizer=tokenizer, rank=0, world_size=1)
+    loader = TrainLoader.from_data(str(data), micro_batch=MICRO_BATCH, image_size=16, spec=spec, seed=7, workers=workers,
+                                   decode_device="cpu", tokenizer=tokenizer, rank=0, world_size=1)
     batches = [{k: v.clone() for k, v in batch.items()} for batch in islice(iter(loader), loader.batches_per_epoch)]
     return loader, batches
 
@@ -114,8 +114,8 @@ def test_a_mostly_bad_dataset_stops_early_and_names_the_converter(tmp_path, toke
     with MDSWriter(out=str(out), columns={"jpg": "bytes", "txt": "str"}) as writer:
         for index in range(1_000):
             writer.write({"jpg": good if index % 4 == 0 else good[:200], "txt": f"sample {index}"})
-    loader = TrainLoader(str(out), micro_batch=32, image_size=16, spec=DataSpec(), seed=0, workers=1,
-                         decode_device="cpu", tokenizer=tokenizer, rank=0, world_size=1)
+    loader = TrainLoader.from_data(str(out), micro_batch=32, image_size=16, spec=DataSpec(), seed=0, workers=1,
+                                   decode_device="cpu", tokenizer=tokenizer, rank=0, world_size=1)
     with pytest.raises(UserError, match="launchers/convert.py") as caught:
         for _ in islice(iter(loader), loader.batches_per_epoch):
             pass

@@ -90,8 +90,8 @@ def _run(data, tokenizer, *, nodes: int, micro_batch: int, grad_accum: int, step
     ids, before, after = [], [], []
     for rank in range(nodes):
         with _as_rank(rank, nodes):
-            loader = TrainLoader(str(data), micro_batch=micro_batch, grad_accum=grad_accum, workers=0,
-                                 tokenizer=tokenizer, rank=rank, world_size=nodes, **{**OPTIONS, **options})
+            loader = TrainLoader.from_data(str(data), micro_batch=micro_batch, grad_accum=grad_accum, workers=0,
+                                           tokenizer=tokenizer, rank=rank, world_size=nodes, **{**OPTIONS, **options})
             if resume is not None:
                 loader.load_state_dict(resume)
             rank_ids, rank_before, rank_after = [], [], []
@@ -152,8 +152,8 @@ def test_no_optimizer_step_holds_samples_of_two_epochs(digits, tokenizer, micro_
 
 def test_a_dataset_smaller_than_one_global_batch_is_refused(digits, tokenizer):
     with _as_rank(0, 1), pytest.raises(UserError, match="fewer than one global batch of 1536"):
-        TrainLoader(str(digits.train), micro_batch=512, grad_accum=3, workers=0, tokenizer=tokenizer, rank=0,
-                    world_size=1, **OPTIONS)
+        TrainLoader.from_data(str(digits.train), micro_batch=512, grad_accum=3, workers=0, tokenizer=tokenizer, rank=0,
+                              world_size=1, **OPTIONS)
 
 
 # ---- 2. the samples of a step do not depend on the layout -----------------------------------------------------------
@@ -227,8 +227,8 @@ def test_saved_position_is_world_independent(reference, two_nodes, four_nodes):
 
 def test_resume_refuses_what_cannot_continue(reference, digits, tokenizer):
     with _as_rank(0, 1):
-        loader = TrainLoader(str(digits.train), micro_batch=32, grad_accum=4, workers=0, tokenizer=tokenizer, rank=0,
-                             world_size=1, **OPTIONS)
+        loader = TrainLoader.from_data(str(digits.train), micro_batch=32, grad_accum=4, workers=0, tokenizer=tokenizer, rank=0,
+                                       world_size=1, **OPTIONS)
         state = reference.state_after_step(2)
         loader.load_state_dict(state)  # the same setup loads
         with pytest.raises(UserError, match="inside an optimizer step"):
@@ -261,9 +261,9 @@ SAME_NODE_SCRIPT = textwrap.dedent("""
     tokenizer = ClipTokenizer()
 
     def run(steps, resume=None):
-        loader = TrainLoader(args["data"], micro_batch=32, grad_accum=2, image_size=16, spec=DataSpec(),
-                             seed=args["seed"], workers=1, decode_device="cpu", tokenizer=tokenizer, rank=rank,
-                             world_size=2)
+        loader = TrainLoader.from_data(args["data"], micro_batch=32, grad_accum=2, image_size=16, spec=DataSpec(),
+                                       seed=args["seed"], workers=1, decode_device="cpu", tokenizer=tokenizer, rank=rank,
+                                       world_size=2)
         if resume is not None:
             loader.load_state_dict(resume)
         ids, before, after = [], [], []

@@ -51,9 +51,9 @@ def zstd_digits(digits, tmp_path_factory):
 
 def _loader(data, tokenizer, workers, **overrides):
     options = dict(micro_batch=MICRO_BATCH, image_size=16, spec=DataSpec(), seed=5, workers=workers,
-                   decode_device="cpu", tokenizer=tokenizer, rank=0, world_size=1, batch_timeout_s=60)
+                   decode_device="cpu", tokenizer=tokenizer, rank=0, world_size=1, collective_timeout_s=60)
     options.update(overrides)
-    return TrainLoader(str(data), **options)
+    return TrainLoader.from_data(str(data), **options)
 
 
 def _truncate_a_zstd_shard(data: Path) -> str:
@@ -138,8 +138,8 @@ KILLED_RUN = textwrap.dedent("""
     from engine.data.spec import DataSpec
     from engine.data.text import ClipTokenizer
 
-    loader = TrainLoader(sys.argv[1], micro_batch=32, image_size=16, spec=DataSpec(), seed=0, workers=0,
-                         decode_device="cpu", tokenizer=ClipTokenizer(), rank=0, world_size=1, local_cache=sys.argv[2])
+    loader = TrainLoader.from_data(sys.argv[1], micro_batch=32, image_size=16, spec=DataSpec(), seed=0, workers=0,
+                                   decode_device="cpu", tokenizer=ClipTokenizer(), rank=0, world_size=1, local_cache=sys.argv[2])
     print(f"{loader._dataset._shm_prefix_int:06d}", flush=True)
     # Killed with its whole process tree (SLURM, the OOM killer): the resource tracker that
     # would unlink the segments dies too, and nothing of streaming's cleaning runs.
@@ -157,8 +157,8 @@ RANK = textwrap.dedent("""
     tokenizer = ClipTokenizer()  # before the rendezvous: the ranks then reach the loader together
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    loader = TrainLoader(sys.argv[1], micro_batch=32, image_size=16, spec=DataSpec(), seed=0, workers=0,
-                         decode_device="cpu", tokenizer=tokenizer, rank=rank, world_size=2, local_cache=sys.argv[2])
+    loader = TrainLoader.from_data(sys.argv[1], micro_batch=32, image_size=16, spec=DataSpec(), seed=0, workers=0,
+                                   decode_device="cpu", tokenizer=tokenizer, rank=rank, world_size=2, local_cache=sys.argv[2])
     print("batch of", len(next(iter(loader))["sample_id"]), flush=True)
     dist.barrier()
 """)

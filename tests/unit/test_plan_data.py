@@ -7,7 +7,10 @@ import pytest
 from PIL import Image
 from streaming import MDSWriter
 
+from engine.data.loader import LoaderSettings, TrainLoader
 from engine.data.mds import MdsInfo
+from engine.data.spec import DataSpec
+from engine.data.text import ClipTokenizer
 from engine.data.streams import SHUFFLE_ALGO, SHUFFLE_BLOCK, DataFacts, StreamFacts, data_facts, streaming_arguments
 from engine.errors import UserError
 from engine.plan.dials import Dials
@@ -206,3 +209,34 @@ def test_the_file_system_type_is_that_of_the_deepest_mount_above_the_path(tmp_pa
     assert filesystem_type(Path("/homework/a"), mounts) == "xfs"   # not under /home
     assert filesystem_type(Path("/var"), mounts) == "ext4"
     assert filesystem_type(tmp_path) not in ("", "proc")           # this machine's real /proc/mounts
+
+
+def test_the_loader_reads_its_slice_of_the_plan_and_the_streams_prepare_checked(tmp_path):
+    """The plan's data decisions are what the loader uses: its settings are the plan's fields of
+    the same names, and the StreamingDataset it builds takes the plan's order (seed, algorithm,
+    window, canonical nodes) and cache limit, not constants of its own."""
+    data = _write(tmp_path / "pairs", 64)
+    facts = data_facts(str(data), seed=5)
+    plan = resolve(Dials(data=str(data), global_batch=16, seed=5), CPU_ONLY, lookup("clip", "debug"),
+                   n_params=1000, dataset_size=facts.epoch_size, optimizer_support=NO_FUSED, image_size=32, data=facts)
+    settings = plan.loader_settings()
+    assert {f.name for f in dataclasses.fields(LoaderSettings)} <= {f.name for f in dataclasses.fields(plan)}
+    for field in dataclasses.fields(LoaderSettings):
+        assert getattr(settings, field.name) == getattr(plan, field.name), field.name
+    # Another plan's order reaches streaming as that plan states it.
+    other = dataclasses.replace(plan, shuffle_seed=9, shuffle_block=1 << 12, shuffle_algo="py1s")
+    loader = TrainLoader(facts.streams, other.loader_settings(), spec=DataSpec(), tokenizer=ClipTokenizer(),
+                         rank=0, world_size=1)
+    dataset = loader._dataset
+    assert (dataset.shuffle_seed, dataset.shuffle_block_size, dataset.shuffle_algo) == (9, 1 << 12, "py1s")
+    assert dataset.num_canonical_nodes == plan.canonical_nodes and dataset.cache_limit is None
+    assert loader.seed == 5 and loader.global_batch == plan.global_batch
+    del loader, dataset
+
+
+def test_loader_settings_refuse_what_no_loader_can_use():
+    with pytest.raises(UserError, match=r"micro_batch \(0\).*must be positive"):
+        LoaderSettings(micro_batch=0, image_size=16, seed=0)
+    with pytest.raises(UserError, match="decode device 'tpu' is not one of 'cpu', 'gpu'"):
+        LoaderSettings(micro_batch=8, image_size=16, seed=0, decode_device="tpu")
+    assert LoaderSettings(micro_batch=8, image_size=16, seed=3).shuffle_seed == 3  # the run's seed by default

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
-from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
 from engine.errors import UserError
 from engine.eval.eval_set import DECODE_BATCH, EvalDecoding, load_eval_set
@@ -109,6 +108,11 @@ def classnames_for(spec: str | None, folders: list[str]) -> list[str]:
     if spec is None:
         return list(folders)
     if spec == "imagenet":
+        # deferred: importing open_clip takes seconds, which every `--help` and every run
+        # without ImageNet's names would otherwise pay (the evaluations are imported to build
+        # the flags).
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
         names = list(IMAGENET_CLASSNAMES)
     else:
         names = _listed(spec, "classnames")
@@ -133,6 +137,9 @@ def templates_for(spec: str | None, classnames_spec: str | None) -> list[str]:
         else:
             spec = "openai"
     if spec in ("openai", "simple"):
+        # deferred: see classnames_for
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
         # open_clip ships them as functions of the class name; "{}" gives the format string back.
         return [t("{}") for t in (OPENAI_IMAGENET_TEMPLATES if spec == "openai" else SIMPLE_IMAGENET_TEMPLATES)]
     templates = _listed(spec, "templates")

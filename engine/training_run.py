@@ -47,7 +47,7 @@ from engine.plan.dials import Dials
 from engine.plan.optimizer import probe_optimizer_support
 from engine.plan.precision import towers_autocast
 from engine.plan.resolve import RunPlan, resolve
-from engine.plan.resume import check_resumable, describe_reshape
+from engine.plan.resume import check_resumable, continue_sample_order, describe_reshape
 from engine.model_with_loss import ModelWithLoss, align_buffer_dtypes, register_zero3_external_parameters
 from engine.train import checkpoint
 from engine.train.drills import Drills
@@ -148,6 +148,7 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
     is_main = dist.rank() == 0
     run_dir = Path(out) if out else dist.broadcast_from_rank0(default_run_dir(plan, job_id))
     saved_plan = check_resumable(run_dir, plan, method)
+    plan = continue_sample_order(run_dir, saved_plan, plan)  # a resume keeps the order it began with
     drills = Drills.from_environment()
 
     if is_main:

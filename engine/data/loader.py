@@ -10,14 +10,16 @@
       -> {"image", ["image2"], "text", ["mlm_labels"], ["text_aug"], "sample_id"} (see spec.py)
 
 Determinism. The SET of samples in optimizer step t of an epoch is a function of (data, seed,
-global batch) only, not of the world size, the nodes, the micro-batch/grad-accum split or the
-number of workers; what each rank sees is a function of those plus (micro_batch, world, rank):
-  * streaming orders an epoch as one sequence F (shuffled by seed and epoch over ONE canonical
-    node, whatever the number of physical nodes) and deals it out position by position: with P
-    nodes of R ranks, rank r of node p takes F[p + P*r], F[p + P*r + W], ... (W = P*R ranks;
-    partition 'orig'). A rank's micro-batch b is therefore its share of F[b*B*W, (b+1)*B*W),
-    and optimizer step t (grad_accum micro-batches on every rank) is exactly F[t*G, (t+1)*G)
-    for the global batch G = W * grad_accum * B. Which rank holds which of a step's samples,
+global batch, canonical nodes C) only, not of the world size, the nodes (any count that divides
+C or that C divides; streaming refuses others), the micro-batch/grad-accum split or the number
+of workers; what each rank sees is a function of those plus (micro_batch, world, rank):
+  * streaming orders an epoch as one sequence F (shuffled by seed and epoch over C canonical
+    nodes, whatever the number of physical nodes: engine/data/streams.py; the plan picks C and
+    keeps it on resume) and deals it out position by position: with P nodes of R ranks, rank r
+    of node p takes F[p + P*r], F[p + P*r + W], ... (W = P*R ranks; partition 'orig'). A
+    rank's micro-batch b is therefore its share of F[b*B*W, (b+1)*B*W), and optimizer step t
+    (grad_accum micro-batches on every rank) is exactly F[t*G, (t+1)*G) for the global batch
+    G = W * grad_accum * B. Which rank holds which of a step's samples,
     and in what order, does change with the layout (the loss over the gathered batch does not);
   * streaming's per-worker split hands out whole micro-batches round-robin, which the DataLoader
     reads back round-robin, so the number of workers does not change the order;
@@ -59,7 +61,7 @@ from engine.data.streaming_dataset import ShardUnavailable
 from engine.data.shared_memory import live_streaming_locals, remove_stale_streaming_memory
 from engine.data.spec import DataSpec
 from engine.data.streams import (CANONICAL_NODES, SHUFFLE_ALGO, SHUFFLE_BLOCK, StreamFacts, describe_streams,
-                                 fetches_in_flight, streaming_arguments)
+                                 fetches_in_flight, keeps_sample_order, node_counts_keeping_order, streaming_arguments)
 from engine.data.text import ClipTokenizer
 from engine.data.wordnet import WordNet
 from engine.data.workers import start_workers, stop_workers, worker_dies_with_its_rank
@@ -152,6 +154,10 @@ class TrainLoader:
             if caches & live_streaming_locals():
                 raise UserError(_cache_in_use(self._data, caches))
         _wait_for_every_rank()
+        nodes = world_size // ranks_on_node
+        if not keeps_sample_order(settings.canonical_nodes, nodes):  # streaming would refuse mid-epoch
+            raise UserError(f"{nodes} nodes cannot take the order of {settings.canonical_nodes} canonical nodes: "
+                            f"run on {node_counts_keeping_order(settings.canonical_nodes, nodes)} nodes.")
         arguments = streaming_arguments(streams, micro_batch=micro_batch, seed=settings.shuffle_seed,
                                         cache_limit=settings.cache_limit,
                                         in_flight=fetches_in_flight(ranks_on_node, settings.workers),

@@ -39,14 +39,23 @@ SHUFFLE_ALGO = "py1e"
 # streaming's default window for one canonical node (max(4,000,000 / nodes, 2^18)), named
 # for the same reason. A dataset smaller than one window is shuffled as a whole.
 SHUFFLE_BLOCK = 4_000_000
-# Streaming shuffles each canonical node's share of the data on its own and deals the canonical
-# nodes out to the physical ones, so the global order depends on this count: fixed at one, the
-# order is the same for every number of physical nodes (streaming needs one count to divide the
-# other; 1 divides all). The price: with remote data, every node reads from every shard.
+# Streaming (py1e) deals the shards, in an order the seed fixes for the run, into `canonical nodes`
+# C groups of equal samples (a shard on a boundary is split between two), shuffles each group on
+# its own every epoch and interleaves them into one sequence F, which partition 'orig' deals out
+# to the physical nodes: node p of P takes F[p::P]. F depends on C, not on P, so every P that
+# streaming accepts takes the same F:
+#   * P divides C: node p reads the C/P groups c = p (mod P), 1/P of the data: its share;
+#   * C divides P: node p reads group p mod C, 1/C of the data (P/C nodes read each group);
+#   * any other P: streaming's 'orig' refuses (it cannot stripe groups over such nodes).
+# (With P a multiple of C streaming pads each group to a multiple of P/C, and a group shorter than
+# the others repeats its last sample: both land in the last C positions of F or after, which a
+# loader that ends its epoch at a whole global batch divisible by C never takes.)
+# tests/unit/test_canonical_nodes.py checks all of this against streaming's own functions. The
+# plan picks C (engine/plan/data.py); with one, the order is the same on every node count.
 CANONICAL_NODES = 1
 # 'orig' deals the order out as engine/data/loader.py's docstring says. The default, 'relaxed',
-# runs 'orig' too whenever one node count divides the other (always, with one canonical node);
-# naming it keeps the order from depending on that rule.
+# runs 'orig' too whenever one node count divides the other, and otherwise replays another run's
+# layout with its own worker order; naming 'orig' keeps the order from depending on that rule.
 PARTITION_ALGO = "orig"
 
 MIXTURE_EXAMPLE = "s3://bucket/a:0.7,/data/b:0.3"
@@ -186,6 +195,27 @@ def _per_epoch(streams: tuple[StreamFacts, ...], seed: int) -> tuple[int, ...]:
 def _streams(streams: tuple[StreamFacts, ...]) -> list:
     return [Stream(remote=stream.location if stream.remote else None, local=str(stream.local),
                    proportion=stream.proportion) for stream in streams]
+
+
+def keeps_sample_order(canonical_nodes: int, nodes: int) -> bool:
+    """Whether `nodes` physical nodes take the same sample order as `canonical_nodes` do (one
+    divides the other; streaming refuses any other count)."""
+    return canonical_nodes % nodes == 0 or nodes % canonical_nodes == 0
+
+
+def share_per_node(canonical_nodes: int, nodes: int) -> float:
+    """The part of the data one of `nodes` nodes reads in an epoch (about: a shard on a group
+    boundary is read by both groups' nodes)."""
+    return 1 / min(canonical_nodes, nodes)
+
+
+def node_counts_keeping_order(canonical_nodes: int, up_to: int) -> str:
+    """The node counts of keeps_sample_order, for a message: the divisors, and the multiples up
+    to `up_to` (at least two of them), e.g. "1, 2, 4 or a multiple of 4 (8, 12, ...)"."""
+    divisors = [n for n in range(1, canonical_nodes + 1) if canonical_nodes % n == 0]
+    multiples = list(range(2 * canonical_nodes, max(up_to, 3 * canonical_nodes) + 1, canonical_nodes))
+    return (", ".join(map(str, divisors)) + f" or a multiple of {canonical_nodes} ("
+            + ", ".join(map(str, multiples)) + ", ...)")
 
 
 def fetches_in_flight(local_world_size: int, workers: int) -> int:

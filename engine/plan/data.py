@@ -17,7 +17,8 @@ import math
 from streaming.base.util import bytes_to_int  # the parser of streaming's own cache_limit
 
 from engine.data.streams import (CANONICAL_NODES, FETCHES_PER_READER, PARTITION_ALGO, SHUFFLE_ALGO, SHUFFLE_BLOCK,
-                                 STREAMING_MIN_SHARDS, DataFacts, StreamFacts, cache_floor, fetches_in_flight)
+                                 STREAMING_MIN_SHARDS, DataFacts, StreamFacts, cache_floor, fetches_in_flight,
+                                 node_counts_keeping_order)
 from engine.errors import UserError
 from engine.files import SHARED_FILESYSTEMS
 
@@ -38,8 +39,23 @@ def data_decisions(dials, data: DataFacts | None, *, dataset_size: int, local_wo
              "default: each shard's samples are spread over a window, so a node reads few shards at a time"),
             ("shuffle_seed", seed, "the run's --seed: the same seed gives the same order on every layout"),
             ("shuffle_block", SHUFFLE_BLOCK, _block_reason(data)),
-            ("canonical_nodes", CANONICAL_NODES, f"one canonical node, partition '{PARTITION_ALGO}': the sample "
-             "order is the same on any number of nodes (with remote data, every node reads every shard)")]
+            ("canonical_nodes", *canonical_nodes(data, nodes))]
+
+
+def canonical_nodes(data: DataFacts | None, nodes: int) -> tuple[int, str]:
+    """The canonical node count and why. Remote data: this run's node count, so that each node
+    downloads only its share of the shards; the order then holds on the counts that divide it or
+    that it divides (engine/data/streams.py), and a resume keeps it (engine/plan/resume.py).
+    Local data is read in place, so a split saves nothing: one, whose order holds on any count."""
+    remote = data is not None and any(stream.remote for stream in data.streams)
+    if not remote or nodes == 1:
+        return CANONICAL_NODES, (
+            ("local data, read in place" if not remote else "one node reads all of the remote data") +
+            f": one canonical node (partition '{PARTITION_ALGO}'), the sample order is the same on any number "
+            f"of nodes")
+    return nodes, (f"remote data on {nodes} nodes: each node downloads only its 1/{nodes} of the shards; the "
+                   f"sample order is exact on {node_counts_keeping_order(nodes, 2 * nodes)} nodes, which a "
+                   f"resume may use, and no other count")
 
 
 def dataset_reason(data: DataFacts | None) -> str:

@@ -62,6 +62,8 @@ class RunPlan:
     # an epoch draws: a mixture's weights set the data order as much as the seed does.
     data_streams: tuple[tuple[str, float, int], ...] = must_match(same_stream_shares)
     cache_limit: int | None
+    # A resume keeps the canonical node count it began with, on the node counts that keep its
+    # order, and refuses the others (continue_sample_order in engine/plan/resume.py).
     shuffle_algo: str; shuffle_seed: int; shuffle_block: int; canonical_nodes: int
     # The method's own options, resolved (name -> value); the dialled ones must match.
     objective_options: dict = must_match(same_dialled_options)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from engine.data.streams import CANONICAL_NODES, keeps_sample_order, node_counts_keeping_order, share_per_node
 from engine.errors import UserError
 from engine.objectives.method import Method
 
@@ -72,6 +73,32 @@ def check_resumable(run_dir: Path, plan, method: Method) -> dict | None:
             raise UserError(f"{run_dir} holds a run with {label} {before!r} but this command gives "
                             f"{after!r}: {rule.hint(saved)}, or choose a new --out")
     return saved
+
+
+def continue_sample_order(run_dir: Path, saved: dict | None, plan):
+    """`plan` (a RunPlan), taking the canonical node count of the run it continues (`saved`, its
+    plan.json), which sets the sample order. A node count that keeps that order (one that divides
+    it or that it divides, engine/data/streams.py) resumes exactly; any other is refused, not run
+    with another order: the steps already taken would then not be the first steps of the order
+    the run goes on with, so samples would repeat and others be skipped within the epoch."""
+    if saved is None:
+        return plan
+    kept = saved.get("canonical_nodes", CANONICAL_NODES)  # a plan.json without it was planned with one
+    if kept == plan.canonical_nodes:
+        return plan
+    if not keeps_sample_order(kept, plan.nodes):
+        raise UserError(
+            f"{run_dir} holds a run whose sample order was set for {kept} canonical nodes (it began on {kept} "
+            f"nodes of remote data) and {plan.nodes} nodes cannot take that order: resume on "
+            f"{node_counts_keeping_order(kept, plan.nodes)} nodes, or choose a new --out")
+    share = round(1 / share_per_node(kept, plan.nodes))
+    relation = "a divisor" if kept % plan.nodes == 0 else "a multiple"
+    reason = (f"kept from the run this one resumes, whose sample order it sets: exact on {plan.nodes} node(s), "
+              f"{relation} of {kept}; each node reads " + ("all of the shards" if share == 1 else f"1/{share} of them")
+              + f" (a new --out would plan {plan.canonical_nodes})")
+    decisions = tuple(dataclasses.replace(d, value=kept, reason=reason) if d.name == "canonical_nodes" else d
+                      for d in plan.decisions)
+    return dataclasses.replace(plan, canonical_nodes=kept, decisions=decisions)
 
 
 def describe_reshape(saved: dict | None, plan) -> str | None:

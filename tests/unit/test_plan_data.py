@@ -136,8 +136,27 @@ def test_the_order_rows_name_the_loaders_settings():
     assert rows["shuffle_algo"][0] == SHUFFLE_ALGO == streaming_arguments(
         (_stream("/data/pairs"),), micro_batch=8, seed=7, cache_limit=None)["shuffle_algo"]
     assert rows["shuffle_seed"][0] == 7 and rows["shuffle_block"][0] == SHUFFLE_BLOCK
-    assert rows["canonical_nodes"] == (1, "one canonical node, partition 'orig': the sample order is the same on "
-                                          "any number of nodes (with remote data, every node reads every shard)")
+    assert rows["canonical_nodes"] == (1, "local data, read in place: one canonical node (partition 'orig'), the "
+                                          "sample order is the same on any number of nodes")
+
+
+def _canonical(facts, nodes):
+    rows = data_decisions(Dials(), facts, dataset_size=facts.epoch_size, local_world_size=1, workers=0, seed=7,
+                          nodes=nodes)
+    return next((value, reason) for name, value, reason in rows if name == "canonical_nodes")
+
+
+def test_remote_data_is_split_over_the_nodes_and_local_data_is_not():
+    remote, local = _facts(_stream("s3://bucket/pairs"), free=100 * GB), _facts(_stream("/data/pairs"))
+    assert _canonical(remote, 6) == (6, "remote data on 6 nodes: each node downloads only its 1/6 of the shards; the "
+                                        "sample order is exact on 1, 2, 3, 6 or a multiple of 6 (12, 18, ...) nodes, "
+                                        "which a resume may use, and no other count")
+    assert _canonical(remote, 1)[0] == _canonical(local, 6)[0] == 1
+    assert _canonical(remote, 1)[1].startswith("one node reads all of the remote data: one canonical node")
+    # A mixture with one remote dataset downloads: it is split too.
+    mixture = _facts(_stream("s3://bucket/web", proportion=0.7), _stream("/data/cc3m", proportion=0.3),
+                     free=100 * GB)
+    assert _canonical(mixture, 2)[0] == 2
 
 
 def _write(out: Path, count: int) -> Path:

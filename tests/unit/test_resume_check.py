@@ -6,8 +6,11 @@ import pytest
 
 from engine.errors import UserError
 from engine.objectives.method import lookup
-from engine.plan.resume import check_resumable, describe_reshape
-from tests.unit.test_plan import CPU_ONLY, plan_for
+from engine.plan.dials import Dials
+from engine.plan.resolve import resolve
+from engine.plan.resume import check_resumable, continue_sample_order, describe_reshape
+from tests.unit.test_plan import CPU_ONLY, NO_FUSED, plan_for
+from tests.unit.test_plan_data import GB, _facts, _stream
 
 
 def resumable(run_dir, plan):
@@ -88,3 +91,49 @@ def test_a_saved_plan_differing_in_a_marked_field_is_refused_and_in_another_is_n
                 resumable(run_dir, plan)
         else:
             assert resumable(run_dir, plan)[field.name] == saved[field.name]
+
+
+# ---- the sample order: canonical nodes ------------------------------------------------------------------------------
+
+def _remote_plan(nodes: int):
+    """A plan on `nodes` nodes of one rank each, of remote data (its canonical nodes: `nodes`)."""
+    facts = _facts(_stream("s3://bucket/pairs", shards=2), free=100 * GB)
+    hw = dataclasses.replace(CPU_ONLY, world_size=nodes, nodes=nodes)
+    return resolve(Dials(model="debug", data="s3://bucket/pairs", global_batch=120), hw, lookup("clip", "debug"),
+                   n_params=500_000, dataset_size=facts.epoch_size, optimizer_support=NO_FUSED, image_size=32,
+                   data=facts)
+
+
+def _continued(run_dir, plan):
+    return continue_sample_order(run_dir, resumable(run_dir, plan), plan)
+
+
+def test_a_resume_keeps_the_canonical_nodes_on_the_node_counts_that_keep_its_order(tmp_path):
+    run_dir = _run_dir_with_checkpoint(tmp_path, _remote_plan(4))
+    assert _continued(run_dir, _remote_plan(4)) == _remote_plan(4)
+    for nodes, share in ((2, "1/2 of them"), (1, "all of the shards"), (8, "1/4 of them")):
+        plan = _continued(run_dir, _remote_plan(nodes))
+        assert plan.canonical_nodes == 4 and plan.loader_settings().canonical_nodes == 4
+        row = next(d for d in plan.decisions if d.name == "canonical_nodes")
+        assert row.value == 4 and f"exact on {nodes} node(s)" in row.reason and share in row.reason
+        assert f"(a new --out would plan {nodes})" in row.reason and "| 4 " in plan.table()
+    for nodes in (3, 6):
+        with pytest.raises(UserError, match=rf"set for 4 canonical nodes .* {nodes} nodes cannot take that order: "
+                                            r"resume on 1, 2, 4 or a multiple of 4 \(8, 12, \.\.\.\) nodes, or "
+                                            r"choose a new --out"):
+            _continued(run_dir, _remote_plan(nodes))
+
+
+def test_runs_planned_with_one_canonical_node_resume_on_any_node_count_as_before(tmp_path):
+    saved = _remote_plan(1).to_dict()
+    assert saved["canonical_nodes"] == 1
+    run_dir = _run_dir_with_checkpoint(tmp_path, _remote_plan(1))
+    older = tmp_path / "older"  # a plan.json written before the row existed: one canonical node
+    older.mkdir()
+    _run_dir_with_checkpoint(older, _remote_plan(1))
+    (older / "plan.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "canonical_nodes"}))
+    for directory in (run_dir, older):
+        for nodes in (2, 3, 5):
+            plan = _continued(directory, _remote_plan(nodes))
+            assert plan.canonical_nodes == 1 and "each node reads all of the shards" in plan.table()
+    assert continue_sample_order(run_dir, None, _remote_plan(3)).canonical_nodes == 3  # nothing to resume

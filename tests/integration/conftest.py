@@ -4,7 +4,7 @@ import pytest
 
 # Session fixtures of real infrastructure: a SLURM cluster, two hosts in network namespaces.
 from slurm_cluster import slurm_cluster  # noqa: F401
-from two_hosts import two_hosts  # noqa: F401
+from two_hosts import four_hosts, two_hosts  # noqa: F401
 
 
 @pytest.fixture(scope="session")

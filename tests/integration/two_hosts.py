@@ -1,4 +1,5 @@
-"""Two "hosts" on one machine: two network namespaces joined by a veth pair.
+"""Two "hosts" on one machine: two network namespaces joined by a veth pair (`two_hosts`); or
+four, each joined by a veth pair to a bridge in a fifth, hub namespace (`four_hosts`): a switch.
 
 Import the fixture into a conftest (`from two_hosts import two_hosts`) and request `two_hosts`.
 Each namespace sees only its own end of the pair and its own `lo`, so a process started in one
@@ -6,7 +7,7 @@ reaches the other only across the veth link, by the other's address: what two no
 network see (a rendezvous that would pass over loopback by accident fails here).
 
 Needs root and iproute2 (`ip netns`); skipped without them. The addresses are private
-(10.213.7.0/24) and exist only inside the two namespaces, so nothing on the machine's real
+(10.213.7.0/24) and exist only inside the namespaces, so nothing on the machine's real
 network is touched. Names carry the pid and a random suffix, so a second session (or the
 leftovers of a crashed one) never collides; interface names stay within the kernel's 15 bytes.
 """
@@ -24,10 +25,10 @@ import pytest
 from loud_skip import skip_loudly
 
 SUBNET_PREFIX = 24
-ADDRESSES = ("10.213.7.1", "10.213.7.2")
+ADDRESSES = ("10.213.7.1", "10.213.7.2", "10.213.7.3", "10.213.7.4")
 # Node names each namespace resolves (as SLURM's hostlist "cznode[1-2]" names them): `ip netns
 # exec NS` bind-mounts /etc/netns/NS/hosts over /etc/hosts for what it runs.
-HOSTNAMES = ("cznode1", "cznode2")
+HOSTNAMES = ("cznode1", "cznode2", "cznode3", "cznode4")
 NETNS_ETC = Path("/etc/netns")
 IP = shutil.which("ip") or "/usr/sbin/ip"  # absolute: popen's env may carry a short PATH
 
@@ -41,21 +42,22 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @dataclass
 class TwoHosts:
-    namespaces: tuple[str, str]   # `ip netns` names
-    addresses: tuple[str, str]    # IPv4 address of each namespace's veth end (/24)
-    interfaces: tuple[str, str]   # the veth end inside each namespace (GLOO_SOCKET_IFNAME)
+    namespaces: tuple[str, ...]   # `ip netns` names, one per host
+    addresses: tuple[str, ...]    # IPv4 address of each namespace's veth end (/24)
+    interfaces: tuple[str, ...]   # the veth end inside each namespace (GLOO_SOCKET_IFNAME)
     procs: list = field(default_factory=list)
-    hostnames: tuple[str, str] = HOSTNAMES  # resolve to `addresses` inside both namespaces
+    hostnames: tuple[str, ...] = HOSTNAMES[:2]  # resolve to `addresses` inside every namespace
+    hub: str | None = None        # the namespace of the bridge joining more than two hosts
 
     def env(self, host: int, master_port: int = 29500) -> dict:
-        """torch.distributed's rendezvous variables for a process on `host` (0 or 1), with
+        """torch.distributed's rendezvous variables for a process on `host` (0, 1, ...), with
         host 0 as the master and the collectives pinned to the veth link."""
         return {"MASTER_ADDR": self.addresses[0], "MASTER_PORT": str(master_port),
                 "GLOO_SOCKET_IFNAME": self.interfaces[host],
                 "NCCL_SOCKET_IFNAME": self.interfaces[host]}
 
     def popen(self, host: int, cmd, env: dict | None = None, **kwargs) -> subprocess.Popen:
-        """Start `cmd` (a list) inside namespace `host` (0 or 1): `ip netns exec NS cmd`, with a
+        """Start `cmd` (a list) inside namespace `host` (0, 1, ...): `ip netns exec NS cmd`, with a
         /dev/shm of its own, as a separate machine has (POSIX shared memory would otherwise be
         shared by the two "hosts": streaming keys its state there by node). `env` is the whole
         environment, as for Popen (ip netns exec passes it on unchanged); other keyword
@@ -84,14 +86,15 @@ def _pid_alive(pid: int) -> bool:
 
 def sweep_stale() -> None:
     """Delete the namespaces of earlier sessions that died before their teardown (names
-    `czns<pid><4 hex><a|b>` whose pid is gone); they would not collide, only pile up."""
+    `czns<pid><4 hex><a-d, or h for a hub>` whose pid is gone); they would not collide, only pile up."""
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.strip() else ""
-        if re.fullmatch(r"czns\d+[0-9a-f]{4}[ab]", name) and not _pid_alive(int(name[4:-5])):
-            destroy_two_hosts(TwoHosts((name, name), ADDRESSES, ("", "")))
+        if re.fullmatch(r"czns\d+[0-9a-f]{4}[a-dh]", name) and not _pid_alive(int(name[4:-5])):
+            destroy_two_hosts(TwoHosts((name,), ADDRESSES[:1], ("",)))
 
 
-def create_two_hosts() -> TwoHosts:
+def create_two_hosts(count: int = 2) -> TwoHosts:
+    """`count` hosts: two joined by one veth pair, more by a pair each to a bridge in a hub."""
     if os.geteuid() != 0:
         skip_loudly("no two-host network: `ip netns add` needs root")
     if not os.path.exists(IP):
@@ -99,24 +102,34 @@ def create_two_hosts() -> TwoHosts:
                     "(apt-get install iproute2)")
     sweep_stale()
     tag = f"{os.getpid()}{secrets.token_hex(2)}"       # <= 7 + 4 characters
-    namespaces = (f"czns{tag}a", f"czns{tag}b")
-    interfaces = (f"cz{tag}a", f"cz{tag}b")             # <= 13 characters of the 15 allowed
+    letters = "abcd"[:count]
+    namespaces = tuple(f"czns{tag}{letter}" for letter in letters)
+    interfaces = tuple(f"cz{tag}{letter}" for letter in letters)   # <= 14 characters of the 15 allowed
     first = _ip("netns", "add", namespaces[0], check=False)
     if first.returncode != 0:
         skip_loudly(f"no two-host network: `ip netns add` failed: {first.stderr.strip()}")
-    hosts = TwoHosts(namespaces, ADDRESSES, interfaces)
+    hosts = TwoHosts(namespaces, ADDRESSES[:count], interfaces, hostnames=HOSTNAMES[:count],
+                     hub=f"czns{tag}h" if count > 2 else None)
     try:
-        _ip("netns", "add", namespaces[1])
-        # Create the pair inside the first namespace, then move one end: nothing, not even
-        # for a moment, appears in the machine's own namespace.
-        _ip("-n", namespaces[0], "link", "add", interfaces[0], "type", "veth",
-            "peer", "name", interfaces[1], "netns", namespaces[1])
-        for ns, ifname, addr in zip(namespaces, interfaces, ADDRESSES):
+        for ns in namespaces[1:] + ((hosts.hub,) if hosts.hub else ()):
+            _ip("netns", "add", ns)
+        # Create each pair inside a namespace, then move one end: nothing, not even for a
+        # moment, appears in the machine's own namespace.
+        if hosts.hub is None:
+            _ip("-n", namespaces[0], "link", "add", interfaces[0], "type", "veth",
+                "peer", "name", interfaces[1], "netns", namespaces[1])
+        else:
+            _ip("-n", hosts.hub, "link", "add", "czbridge", "type", "bridge")
+            _ip("-n", hosts.hub, "link", "set", "czbridge", "up")
+            for ns, ifname in zip(namespaces, interfaces):
+                _ip("-n", hosts.hub, "link", "add", ifname + "p", "type", "veth", "peer", "name", ifname, "netns", ns)
+                _ip("-n", hosts.hub, "link", "set", ifname + "p", "master", "czbridge", "up")
+        for ns, ifname, addr in zip(namespaces, interfaces, hosts.addresses):
             _ip("-n", ns, "addr", "add", f"{addr}/{SUBNET_PREFIX}", "dev", ifname)
             _ip("-n", ns, "link", "set", ifname, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
         hosts_file = "127.0.0.1 localhost\n" + "".join(
-            f"{addr} {name}\n" for addr, name in zip(ADDRESSES, HOSTNAMES))
+            f"{addr} {name}\n" for addr, name in zip(hosts.addresses, hosts.hostnames))
         for ns in namespaces:
             (NETNS_ETC / ns).mkdir(parents=True, exist_ok=True)
             (NETNS_ETC / ns / "hosts").write_text(hosts_file)
@@ -128,12 +141,12 @@ def create_two_hosts() -> TwoHosts:
 
 def destroy_two_hosts(hosts: TwoHosts) -> None:
     """Kill what still runs inside (our Popens, then anything `ip netns pids` names), then
-    delete both namespaces, which deletes the veth pair with them."""
+    delete the namespaces, which deletes the veth pairs and the bridge with them."""
     for proc in hosts.procs:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
-    for ns in hosts.namespaces:
+    for ns in hosts.namespaces + ((hosts.hub,) if hosts.hub else ()):
         for pid in _ip("netns", "pids", ns, check=False).stdout.split():
             try:
                 os.kill(int(pid), signal.SIGKILL)
@@ -147,6 +160,16 @@ def destroy_two_hosts(hosts: TwoHosts) -> None:
 def two_hosts():
     """Two network namespaces joined by a veth pair (see the module docstring)."""
     hosts = create_two_hosts()
+    try:
+        yield hosts
+    finally:
+        destroy_two_hosts(hosts)
+
+
+@pytest.fixture(scope="session")
+def four_hosts():
+    """Four network namespaces joined by a bridge (see the module docstring)."""
+    hosts = create_two_hosts(4)
     try:
         yield hosts
     finally:

@@ -122,6 +122,10 @@ class TrainLoader:
             raise UserError("decode device 'gpu' needs a CUDA GPU and none is visible; decode on 'cpu'.")
         micro_batch, grad_accum, seed = settings.micro_batch, settings.grad_accum, settings.seed
         ranks_on_node = _streaming_world(rank, world_size)
+        nodes = world_size // ranks_on_node
+        if not keeps_sample_order(settings.canonical_nodes, nodes):  # streaming would refuse mid-epoch
+            raise UserError(f"{nodes} nodes cannot take the order of {settings.canonical_nodes} canonical nodes: "
+                            f"run on {node_counts_keeping_order(settings.canonical_nodes, nodes)} nodes.")
         self.settings = settings
         self.micro_batch = micro_batch
         self.grad_accum = grad_accum
@@ -154,10 +158,6 @@ class TrainLoader:
             if caches & live_streaming_locals():
                 raise UserError(_cache_in_use(self._data, caches))
         _wait_for_every_rank()
-        nodes = world_size // ranks_on_node
-        if not keeps_sample_order(settings.canonical_nodes, nodes):  # streaming would refuse mid-epoch
-            raise UserError(f"{nodes} nodes cannot take the order of {settings.canonical_nodes} canonical nodes: "
-                            f"run on {node_counts_keeping_order(settings.canonical_nodes, nodes)} nodes.")
         arguments = streaming_arguments(streams, micro_batch=micro_batch, seed=settings.shuffle_seed,
                                         cache_limit=settings.cache_limit,
                                         in_flight=fetches_in_flight(ranks_on_node, settings.workers),

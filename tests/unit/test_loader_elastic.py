@@ -245,6 +245,27 @@ def test_resume_refuses_what_cannot_continue(reference, digits, tokenizer):
         del loader
 
 
+# ---- more than one canonical node (remote data on several nodes) ---------------------------------------------------
+
+def test_with_two_canonical_nodes_the_node_counts_that_keep_the_order_take_the_same_steps(digits, tokenizer):
+    """The plan's rule (engine/data/streams.py) on the real loader: 1, 2 and 4 nodes take the steps of
+    two canonical nodes and resume each other's positions; 3 nodes are refused before any work."""
+    two = dict(canonical_nodes=2, image_size=8)
+    on_two = _run(digits.train, tokenizer, nodes=2, micro_batch=32, grad_accum=2, steps=3, **two)
+    on_four = _run(digits.train, tokenizer, nodes=4, micro_batch=32, grad_accum=1, steps=3, **two)
+    resumed_on_one = _run(digits.train, tokenizer, nodes=1, micro_batch=64, grad_accum=2, steps=2,
+                          resume=on_two.state_after_step(0), **two)
+    assert on_four.steps() == on_two.steps()
+    assert resumed_on_one.steps() == on_two.steps()[1:]
+    one = _run(digits.train, tokenizer, nodes=2, micro_batch=32, grad_accum=2, steps=1, image_size=8)
+    assert one.steps()[0] != on_two.steps()[0]  # two canonical nodes are another order than one
+    assert on_two.state_after_step(2) == on_four.state_after_step(2) == resumed_on_one.state_after_step(1)
+    with _as_rank(0, 3), pytest.raises(UserError, match=r"3 nodes cannot take the order of 2 canonical nodes: run "
+                                                        r"on 1, 2 or a multiple of 2 \(4, 6, \.\.\.\) nodes"):
+        TrainLoader.from_data(str(digits.train), micro_batch=32, grad_accum=1, workers=0, tokenizer=tokenizer, rank=0,
+                              world_size=3, **{**OPTIONS, **two})
+
+
 # ---- two ranks on one node: real rank processes ---------------------------------------------------------------------
 
 SAME_NODE_SCRIPT = textwrap.dedent("""

@@ -137,3 +137,27 @@ def test_runs_planned_with_one_canonical_node_resume_on_any_node_count_as_before
             plan = _continued(directory, _remote_plan(nodes))
             assert plan.canonical_nodes == 1 and "each node reads all of the shards" in plan.table()
     assert continue_sample_order(run_dir, None, _remote_plan(3)).canonical_nodes == 3  # nothing to resume
+
+
+def test_the_run_prints_and_records_the_kept_count_and_refuses_before_any_work(tmp_path, digits, capsys):
+    """What training_run does with the rule: a dry run (no process group, no engine) resuming a run
+    directory whose plan.json holds two canonical nodes."""
+    from engine.launcher_env import Launch
+    from engine.training_run import _run, prepare
+
+    def dry_run(nodes):
+        launch = Launch("srun", rank=0, local_rank=0, world_size=nodes, ranks_per_node=1, nodes=nodes,
+                        master_addr="127.0.0.1", master_port=None)
+        prepared = prepare(Dials(data=str(digits.train), global_batch=48, steps=20), None, launch)
+        _run(prepared, None, out=str(tmp_path), dry_run=True, stop_at_step=None)
+        return json.loads((tmp_path / "plan.json").read_text())
+
+    saved = dry_run(2)
+    (tmp_path / "plan.json").write_text(json.dumps({**saved, "canonical_nodes": 2}))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step00000010")
+    with pytest.raises(UserError, match=r"3 nodes cannot take that order: resume on 1, 2 or a multiple of 2"):
+        dry_run(3)
+    capsys.readouterr()
+    assert dry_run(4)["canonical_nodes"] == 2
+    assert "kept from the run this one resumes, whose sample order it sets: exact on 4 node(s)" in capsys.readouterr().out

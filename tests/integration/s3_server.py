@@ -54,7 +54,7 @@ class S3ServerEnv:
         return f"s3://{BUCKET}/{prefix}"
 
 
-def _moto_server() -> str | None:
+def moto_server_command() -> str | None:
     """The `moto_server` of the interpreter running the tests (a venv need not be activated)."""
     beside = Path(sys.executable).with_name("moto_server")
     return str(beside) if beside.exists() else shutil.which("moto_server")
@@ -75,7 +75,7 @@ def _wait_until_serving(process: subprocess.Popen, endpoint: str, log: Path) -> 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    command = _moto_server()
+    command = moto_server_command()
     if command is None:
         skip_loudly("moto_server not found: install the test extra (pip install -e '.[test]', which has "
                     "moto[server]) to run the remote-data tests against a local S3 endpoint")

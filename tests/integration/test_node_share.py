@@ -6,8 +6,9 @@ temporary directory. The rank takes the canonical node count the plan decides
 server's side, from its request log (client address and object of every GET) and the objects'
 sizes.
 
-The server runs inside the first host's namespace, bound to its veth address, since the
-machine's own 127.0.0.1 is out of the namespaces' reach: the other hosts fetch across the
+The server runs inside the first host's namespace, bound to its veth address (which exists only
+inside the namespaces, as 127.0.0.1 keeps s3_server.py's off the network), since the machine's
+own 127.0.0.1 is out of the namespaces' reach: the other hosts fetch across the
 link, the first from its own address; the log tells them apart by that address.
 """
 import json
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 from streaming import LocalDataset, MDSWriter
 
-from s3_server import BUCKET, CREDENTIALS, _moto_server
+from s3_server import BUCKET, CREDENTIALS, moto_server_command
 from launching import ROOT
 from loud_skip import skip_loudly
 
@@ -95,7 +96,7 @@ def served(request, digits, tmp_path_factory):
     """The S3-API server in host 0's namespace, holding the dataset, for two or four hosts."""
     count, most = request.param
     hosts = request.getfixturevalue("two_hosts" if count == 2 else "four_hosts")
-    command = _moto_server()
+    command = moto_server_command()
     if command is None:
         skip_loudly("moto_server not found: install the test extra (pip install -e '.[test]')")
     tmp = tmp_path_factory.mktemp("node_share")

@@ -226,7 +226,7 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
                       log_every=plan.log_every, eval_every=plan.eval_every,
                       checkpoint_every=plan.checkpoint_every,
                       max_skipped_in_a_row=plan.max_skipped_in_a_row,
-                      nonfinite_advice=nonfinite_advice(plan))
+                      nonfinite_advice=nonfinite_advice(plan), checkpoint_bytes=plan.checkpoint_bytes)
     writer = MetricsWriter(run_dir, enabled=is_main, resume_step=start_step)
     flops = count_model_flops(preset, tokenizer.eot_id, tokenizer.sot_id, views=views_encoded(objective),
                               device_name=plan.device_name, precision=plan.precision, world_size=plan.world_size)

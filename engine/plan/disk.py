@@ -82,9 +82,9 @@ def check_room(run_dir: Path, checkpoint_bytes: int, at_once: int) -> str | None
     fix = "free space there, or give --out on a larger disk"
     if free < checkpoint_bytes:
         raise UserError(f"{where}, less than one checkpoint of this run ({show_bytes(checkpoint_bytes)}, see "
-                        f"checkpoint_bytes in the plan): it could train but keep nothing. {fix}"
-                        + (", then run the same command again: it resumes from its last checkpoint"
-                           if present else ""))
+                        f"checkpoint_bytes in the plan): it could train but keep nothing. {fix.capitalize()}"
+                        + (", then run the same command again: it resumes from its last checkpoint."
+                           if present else "."))
     if free < missing * checkpoint_bytes:
         return (f"warning: {where}; this run needs {show_bytes(missing * checkpoint_bytes)} for {missing} more "
                 f"checkpoint(s) of {show_bytes(checkpoint_bytes)} on disk at once (checkpoints_on_disk in the plan). "

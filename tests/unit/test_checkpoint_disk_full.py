@@ -70,6 +70,54 @@ def test_a_checkpoint_that_does_not_fit_names_the_fix_and_keeps_the_last(tmp_pat
     assert out["latest_with_room"] == "step00000002"
 
 
+def _one_rank_fails_worker(rank, port, ckpt_dir, out):
+    """Two ranks; rank 1 alone cannot write its ZeRO shard of step 2 (a disk of its own filling)."""
+    from datetime import timedelta
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import deepspeed
+
+    from engine.errors import UserError
+    from engine.train import checkpoint
+
+    # A short timeout: ranks that part at the failure fail this test in seconds, not minutes.
+    deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=20))
+    model = torch.nn.Linear(8, 8)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1),
+        config={"train_batch_size": 4, "zero_optimization": {"stage": 1}, "steps_per_print": 10**9})
+    ckpt_dir = Path(ckpt_dir)
+    checkpoint.save(engine, ckpt_dir, 1, {})
+    real_save = torch.save
+
+    def no_room_on_rank1(obj, path, *args, **kwargs):
+        if rank == 1 and "zero_pp_rank_1" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    torch.save = no_room_on_rank1
+    try:
+        checkpoint.save(engine, ckpt_dir, 2, {})
+        out[rank] = "saved"
+    except UserError as error:
+        out[rank] = str(error)
+    finally:
+        torch.save = real_save
+    out[f"latest{rank}"] = checkpoint.latest_tag(ckpt_dir)
+
+
+def test_a_write_failing_on_one_rank_ends_every_rank_together(tmp_path):
+    """DeepSpeed's own barrier after its writes is skipped by the rank whose write raised: the
+    save takes it for that rank, or the ranks would part and wait on each other."""
+    out = mp.Manager().dict()
+    mp.spawn(_one_rank_fails_worker, args=(free_port(), str(tmp_path / "ckpt"), out), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert out[rank].startswith("no space left for the checkpoint of step 2"), out[rank]
+        assert out[f"latest{rank}"] == "step00000001"
+    assert not (tmp_path / "ckpt" / "step00000002").exists()
+
+
 def test_only_a_failed_write_is_taken_for_one():
     from engine.train.checkpoint import _write_failed
 

@@ -89,7 +89,7 @@ def test_room_for_some_warns_with_the_numbers_and_the_fix(disk):
 
 def test_no_room_for_one_is_refused(disk):
     with pytest.raises(UserError, match=rf"the file system of {disk / 'run'} has 8.4 MB free, less than one "
-                                        r"checkpoint of this run \(9.0 MB.*give --out on a larger disk$"):
+                                        r"checkpoint of this run \(9.0 MB.*nothing\. Free space there, or give --out on a larger disk\.$"):
         check_room(disk / "run", 9 * MB, 3)
 
 
@@ -97,5 +97,5 @@ def test_a_resumed_run_counts_the_checkpoints_it_has(disk):
     for tag in ("step00000004", "step00000008"):
         (disk / "run" / "checkpoints" / tag).mkdir(parents=True)
     assert check_room(disk / "run", 3 * MB, 3) is None  # one more at a time: 3 of 8.4 MB
-    with pytest.raises(UserError, match="then run the same command again: it resumes"):
+    with pytest.raises(UserError, match="then run the same command again: it resumes from its last checkpoint.$"):
         check_room(disk / "run", 9 * MB, 3)

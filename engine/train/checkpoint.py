@@ -17,6 +17,10 @@ filesystem that lost a file). Before loading, the ranks check the candidate toge
 its manifest (sizes, and the CRCs of the zip archives torch writes, each file read by one
 rank) and agree on the result; a damaged one is reported, set aside as `<tag>.damaged`, and the
 previous complete checkpoint is loaded instead.
+
+A file that cannot be written (a full disk) ends the save on every rank together: the ranks
+agree on it where they met before, the partial checkpoint is removed so that its space comes
+back, `latest` stays on the last complete one, and a full disk raises UserError with the fix.
 """
 import errno
 import json
@@ -162,7 +166,8 @@ def _disk_full(error: BaseException, folder: Path, expected_bytes: int) -> bool:
     seen (statvfs does not show quotas): that one stays a plain write failure."""
     if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _chain(error)):
         return True
-    return free_bytes(folder) < max(expected_bytes, 1)
+    from_torch = any(p in str(e) for e in _chain(error) for p in _TORCH_WRITE_FAILED)
+    return from_torch and free_bytes(folder) < max(expected_bytes, 1)
 
 
 # Outcomes of a save on one rank, agreed as the maximum over the ranks.
@@ -186,15 +191,16 @@ def _end_together(checkpoint_dir: Path, tag: str, failure: BaseException | None,
     if dist.rank() == 0 and latest_tag(checkpoint_dir) != tag:  # never a complete one
         shutil.rmtree(checkpoint_dir / tag, ignore_errors=True)
     if outcome == _DISK_FULL:
-        kept = (f"the last complete checkpoint, of step {int(latest_tag(checkpoint_dir)[4:])}, is kept "
-                f"in {checkpoint_dir}" if latest_tag(checkpoint_dir) else "no checkpoint of this run is complete yet")
+        latest = latest_tag(checkpoint_dir)
+        kept = (f"Nothing is lost: the last complete checkpoint, of step {int(latest[4:])}, is kept in "
+                f"{checkpoint_dir}" if latest else "This run has no complete checkpoint yet")
         raise UserError(
             f"no space left for the checkpoint of step {int(tag[4:])} (about {show_bytes(size)}) under "
             f"{checkpoint_dir}: its file system has {show_bytes(free_bytes(checkpoint_dir))} free once the "
             f"partial checkpoint is removed, and a run needs room for {KEEP_LAST + 1} checkpoints at once "
-            f"(the last {KEEP_LAST} and the one being written). Nothing is lost: {kept}. Free space "
-            "there, or move the run directory to a larger disk and give that as --out, then run the "
-            "same command again: it resumes from the last complete checkpoint.")
+            f"(the last {KEEP_LAST} and the one being written). {kept}. Free space there, or move the run "
+            "directory to a larger disk and give that as --out, then run the same command again: it "
+            + ("resumes from the last complete checkpoint." if latest else "starts from the first step."))
     if failure is not None:
         raise failure
     raise RuntimeError(f"another rank could not write its part of checkpoint {checkpoint_dir / tag} "

@@ -118,8 +118,8 @@ def test_a_write_failing_on_one_rank_ends_every_rank_together(tmp_path):
     assert not (tmp_path / "ckpt" / "step00000002").exists()
 
 
-def test_only_a_failed_write_is_taken_for_one():
-    from engine.train.checkpoint import _write_failed
+def test_only_a_failed_write_is_taken_for_one(tmp_path):
+    from engine.train.checkpoint import _disk_full, _write_failed
 
     assert _write_failed(OSError(errno.ENOSPC, "No space left on device"))
     assert _write_failed(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"))
@@ -129,3 +129,9 @@ def test_only_a_failed_write_is_taken_for_one():
     # A lost peer or a device error is no write failure: the ranks must not wait on a barrier for it.
     assert not _write_failed(RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer"))
     assert not _write_failed(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    # torch's errno-less error is a full disk only while the disk has less room than the checkpoint.
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    assert _disk_full(torch_error, tmp_path, expected_bytes=10**30)
+    assert not _disk_full(torch_error, tmp_path, expected_bytes=1)
+    assert not _disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path, expected_bytes=10**30)
+    assert _disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path, expected_bytes=1)

@@ -10,12 +10,17 @@ def write_atomic(path: Path, content: str | Callable[[Path], object]) -> None:
     The content goes to a temporary file beside `path` (one file system, so the rename is
     atomic) named with this process's id, so two processes writing the same file at once
     (ranks of one node) never write into the same temporary file; the last rename wins. Not
-    fsync'ed: a killed process loses nothing the kernel already holds."""
+    fsync'ed: a killed process loses nothing the kernel already holds. A write that fails (a
+    full disk) removes its temporary file, giving its space back, and leaves `path` as it was."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    if isinstance(content, str):
-        tmp.write_text(content)
-    else:
-        content(tmp)
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content)
+        else:
+            content(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

@@ -44,6 +44,7 @@ from engine.observe.progress import Progress
 from engine.observe.throughput import Throughput
 from engine.observe.wandb_log import WandbLog, import_wandb
 from engine.plan.dials import Dials
+from engine.plan.disk import check_room
 from engine.plan.optimizer import probe_optimizer_support
 from engine.plan.precision import towers_autocast
 from engine.plan.resolve import RunPlan, resolve
@@ -149,6 +150,10 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
     run_dir = Path(out) if out else dist.broadcast_from_rank0(default_run_dir(plan, job_id))
     saved_plan = check_resumable(run_dir, plan, method)
     plan = continue_sample_order(run_dir, saved_plan, plan)  # a resume keeps the order it began with
+    # Rank 0's disk, decided once: ranks that measured on their own could disagree and part.
+    refusal, room_warning = dist.broadcast_from_rank0(_room(run_dir, plan) if is_main else None)
+    if refusal is not None:
+        raise UserError(refusal)
     drills = Drills.from_environment()
 
     if is_main:
@@ -157,6 +162,8 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
         write_atomic(run_dir / "ds_config.json", json.dumps(prepared.ds_config, indent=2) + "\n")
         print(plan.table(), flush=True)
         print(f"run directory: {run_dir}", flush=True)
+        if room_warning:
+            print(room_warning, flush=True)
         reshape = describe_reshape(saved_plan, plan)
         if reshape:
             print(reshape, flush=True)
@@ -220,7 +227,7 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
                       log_every=plan.log_every, eval_every=plan.eval_every,
                       checkpoint_every=plan.checkpoint_every,
                       max_skipped_in_a_row=plan.max_skipped_in_a_row,
-                      nonfinite_advice=nonfinite_advice(plan))
+                      nonfinite_advice=nonfinite_advice(plan), checkpoint_bytes=plan.checkpoint_bytes)
     writer = MetricsWriter(run_dir, enabled=is_main, resume_step=start_step)
     flops = count_model_flops(preset, tokenizer.eot_id, tokenizer.sot_id, views=views_encoded(objective),
                               device_name=plan.device_name, precision=plan.precision, world_size=plan.world_size)
@@ -263,6 +270,14 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
             print(f"zero-shot top-1 on the held-out split: {end.metrics['zeroshot_top1']:.3f} "
                   f"(chance {chance:.3f}); image->text R@1 {end.metrics['retrieval_i2t_r1']:.3f}")
     return RunEnd(end.metrics, None, False)
+
+
+def _room(run_dir: Path, plan: RunPlan) -> tuple[str | None, str | None]:
+    """(refusal, warning) of the free space under the run directory (engine/plan/disk.py)."""
+    try:
+        return None, check_room(run_dir, plan.checkpoint_bytes, plan.checkpoints_on_disk)
+    except UserError as refusal:
+        return str(refusal), None
 
 
 def _after_stop(end, stop: StopSignals, launch: Launch | None, plan: RunPlan) -> RunEnd:

@@ -17,6 +17,7 @@ from engine.launcher_env import Launch
 from engine.plan.dials import PRECISIONS, Dials
 from engine.plan.data import data_decisions, dataset_reason
 from engine.plan.decode import decode_decisions
+from engine.plan.disk import checkpoint_decisions
 from engine.plan.faults import fault_decisions
 from engine.plan.memory import GB, gb, zero_setting
 from engine.objectives.base import OptionContext
@@ -54,7 +55,11 @@ class RunPlan:
     warmup_steps: int; warmup_start_lr: float; total_steps: int = must_match(); epochs: float
     crop_scale: tuple[float, float]; image_size: int; text_layers: int = must_match()
     workers: int; decode_device: str; decode_threads: int; hw_decoder_load: float | None
-    checkpoint_every: int; eval_every: int; evaluations: tuple[str, ...]; log_every: int; profile_steps: int
+    checkpoint_every: int
+    # The disk the checkpoints need (engine/plan/disk.py): estimates, free to change on resume
+    # (another precision or ZeRO stage), and absent from the plan.json of older runs.
+    checkpoint_bytes: int; checkpoints_on_disk: int
+    eval_every: int; evaluations: tuple[str, ...]; log_every: int; profile_steps: int
     wandb_project: str | None
     collective_timeout_s: int; max_requeues: int; max_skipped_in_a_row: int
     dataset_size: int = must_match(); data_fraction: float = must_match(); n_params: int
@@ -193,6 +198,9 @@ def resolve(dials: Dials, hw: Hardware, method: Method, *, n_params: int, datase
     decide("checkpoint_every", *_every(dials.checkpoint_every, "--checkpoint-every",
                                        min(1000, math.ceil(total_steps / 5)),
                                        "about 5 checkpoints per run, at least every 1,000 steps"))
+    for name, value, reason in checkpoint_decisions(n_params, precision, stage, total_steps,
+                                                    decisions["checkpoint_every"].value):
+        decide(name, value, reason)
     decide("eval_every", *_every(dials.eval_every, "--eval-every", math.ceil(total_steps / 4),
                                  "about 4 evaluations per run"))
     decide("evaluations", dials.evals,

@@ -17,12 +17,18 @@ filesystem that lost a file). Before loading, the ranks check the candidate toge
 its manifest (sizes, and the CRCs of the zip archives torch writes, each file read by one
 rank) and agree on the result; a damaged one is reported, set aside as `<tag>.damaged`, and the
 previous complete checkpoint is loaded instead.
+
+A file that cannot be written (a full disk) ends the save on every rank together: the ranks
+agree on it where they met before, the partial checkpoint is removed so that its space comes
+back, `latest` stays on the last complete one, and a full disk raises UserError with the fix.
 """
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import traceback
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +40,9 @@ import torch.distributed as torch_dist
 from engine import dist
 from engine.errors import UserError
 from engine.files import write_atomic
+from engine.plan.disk import KEEP_LAST, free_bytes, show_bytes
 from engine.train import reshard
 
-KEEP_LAST = 2  # older complete checkpoints are deleted once a newer one is complete
 MANIFEST = "manifest.json"
 _TAG = re.compile(r"step\d{8}")
 
@@ -80,28 +86,133 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, checkpoint_dir: Path, step: int, rank_state: dict, *,
-         eval_pending: bool = False, before_complete=None) -> None:
+         eval_pending: bool = False, before_complete=None, expected_bytes: int = 0) -> None:
     """Every rank calls this (DeepSpeed shards optimizer states across ranks). `rank_state` is
     what this rank alone knows (data position, e.g. a per-rank queue), restored by load().
     `before_complete`, if given, runs on every rank after its files are written and before the
-    checkpoint is declared complete (fault drills kill a rank there)."""
+    checkpoint is declared complete (fault drills kill a rank there). `expected_bytes`: the
+    plan's estimate of the checkpoint, named when a full disk stops the save.
+
+    A file that cannot be written (a full disk) fails the save on every rank together: the
+    partial checkpoint is removed, `latest` keeps naming the last complete one, and a full
+    disk raises UserError with what to change."""
     tag = _tag(step)
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False,
-                           client_state={"step": step, "eval_pending": eval_pending,
-                                         **reshard.optimizer_param_names(engine)})
-    own = {"rng": rng_state(), "state": rank_state}
-    write_atomic(checkpoint_dir / tag / f"rank{dist.rank()}.pt", lambda p: torch.save(own, p))
+    failure = None
+    try:
+        engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False,
+                               client_state={"step": step, "eval_pending": eval_pending,
+                                             **reshard.optimizer_param_names(engine)})
+    except (OSError, RuntimeError) as error:
+        if not _write_failed(error):
+            raise
+        failure = _release(error)
+        # DeepSpeed's save meets the other ranks before its first write and once more after its
+        # last (a barrier), with no collective in between: a rank whose write raised skipped
+        # only that last barrier, and takes it here, so the ranks stay at the same collective.
+        _barrier()
+    if failure is None:
+        own = {"rng": rng_state(), "state": rank_state}
+        try:
+            write_atomic(checkpoint_dir / tag / f"rank{dist.rank()}.pt", lambda p: torch.save(own, p))
+        except (OSError, RuntimeError) as error:
+            if not _write_failed(error):
+                raise
+            failure = _release(error)
     if before_complete is not None:
         before_complete()
-    _barrier()
+    _end_together(checkpoint_dir, tag, failure, expected_bytes)
     if dist.rank() == 0:
         folder = checkpoint_dir / tag
         files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
                  if p.is_file() and p.name != MANIFEST and ".tmp" not in p.name}
-        write_atomic(folder / MANIFEST, json.dumps({"files": files}, indent=1))
-        write_atomic(checkpoint_dir / "latest", tag)
-        _prune(checkpoint_dir, keep=tag)
-    _barrier()
+        try:
+            write_atomic(folder / MANIFEST, json.dumps({"files": files}, indent=1))
+            write_atomic(checkpoint_dir / "latest", tag)
+        except OSError as error:
+            failure = error
+        else:
+            _prune(checkpoint_dir, keep=tag)
+    _end_together(checkpoint_dir, tag, failure, expected_bytes)
+
+
+# What torch's zip writer raises when a write fails: a RuntimeError without the errno.
+_TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWriter", "iostream error")
+
+
+def _chain(error: BaseException):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _release(error: BaseException) -> BaseException:
+    """`error` without the locals of its frames: they hold the failed writer's open file, which
+    keeps the partial file's space taken, even once removed, until the process ends."""
+    for e in _chain(error):
+        traceback.clear_frames(e.__traceback__)
+    return error
+
+
+def _write_failed(error: BaseException) -> bool:
+    """Whether `error` is a file that could not be written, not some other failure (a lost
+    peer's collective, a CUDA error), which must not be taken for one."""
+    return any(isinstance(e, OSError) or any(p in str(e) for p in _TORCH_WRITE_FAILED) for e in _chain(error))
+
+
+def _disk_full(error: BaseException, folder: Path, expected_bytes: int) -> bool:
+    """A write failed for want of space: ENOSPC or EDQUOT in the exception's chain, or torch's
+    errno-less RuntimeError while the file system has less room left than the checkpoint
+    (read before the partial files are removed). A quota hidden behind torch's error is not
+    seen (statvfs does not show quotas): that one stays a plain write failure."""
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _chain(error)):
+        return True
+    from_torch = any(p in str(e) for e in _chain(error) for p in _TORCH_WRITE_FAILED)
+    return from_torch and free_bytes(folder) < max(expected_bytes, 1)
+
+
+# Outcomes of a save on one rank, agreed as the maximum over the ranks.
+_SAVED, _FAILED, _DISK_FULL = 0, 1, 2
+
+
+def _end_together(checkpoint_dir: Path, tag: str, failure: BaseException | None, expected_bytes: int) -> None:
+    """Where the ranks meet after writing: every rank learns whether any rank's write failed and
+    then raises together, rank 0 having removed the partial checkpoint so its space comes back."""
+    outcome = _SAVED if failure is None else (
+        _DISK_FULL if _disk_full(failure, checkpoint_dir, expected_bytes) else _FAILED)
+    if dist.world_size() > 1:
+        # On the rank's device: NCCL, the default group on GPUs, takes no CPU tensor.
+        flag = torch.tensor([outcome], dtype=torch.int32, device=dist.local_device())
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        outcome = int(flag.item())
+    if outcome == _SAVED:
+        return
+    previous = _complete_before(checkpoint_dir, tag)
+    size = _size(checkpoint_dir / previous[-1]) if previous else expected_bytes
+    if dist.rank() == 0 and latest_tag(checkpoint_dir) != tag:  # never a complete one
+        shutil.rmtree(checkpoint_dir / tag, ignore_errors=True)
+    if outcome == _DISK_FULL:
+        latest = latest_tag(checkpoint_dir)
+        kept = (f"Nothing is lost: the last complete checkpoint, of step {int(latest[4:])}, is kept in "
+                f"{checkpoint_dir}" if latest else "This run has no complete checkpoint yet")
+        raise UserError(
+            f"no space left for the checkpoint of step {int(tag[4:])} (about {show_bytes(size)}) under "
+            f"{checkpoint_dir}: its file system has {show_bytes(free_bytes(checkpoint_dir))} free once the "
+            f"partial checkpoint is removed, and a run needs room for {KEEP_LAST + 1} checkpoints at once "
+            f"(the last {KEEP_LAST} and the one being written). {kept}. Free space there, or move the run "
+            "directory to a larger disk and give that as --out, then run the same command again: it "
+            + ("resumes from the last complete checkpoint." if latest else "starts from the first step."))
+    if failure is not None:
+        raise failure
+    raise RuntimeError(f"another rank could not write its part of checkpoint {checkpoint_dir / tag} "
+                       "(its error is above); the last complete checkpoint is kept")
+
+
+def _size(folder: Path) -> int:
+    """A complete checkpoint's bytes, as its manifest lists them."""
+    try:
+        return sum(json.loads((folder / MANIFEST).read_text())["files"].values())
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def _prune(checkpoint_dir: Path, keep: str) -> None:

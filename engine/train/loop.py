@@ -37,6 +37,7 @@ class Cadence:
     checkpoint_every: int
     max_skipped_in_a_row: int = 5  # non-finite steps in a row that stop the run
     nonfinite_advice: str = ""     # what the stop message suggests
+    checkpoint_bytes: int = 0      # the plan's estimate of one, named when a full disk stops a save
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def train(engine, loader, *, cadence: Cadence, train_step: Step, start_step: int
         if saving or stopping:
             state = {"loader": loader.state_dict(), "task": engine.module.rank_state(), **hooks.rank_state()}
             checkpoint.save(engine, checkpoint_dir, done, state, eval_pending=eval_cut,
-                            before_complete=drills.in_checkpoint(done))
+                            before_complete=drills.in_checkpoint(done), expected_bytes=cadence.checkpoint_bytes)
         if stopping:
             return LoopEnd(metrics, stopped_at=done, eval_pending=eval_cut)
         if evaluating or saving:

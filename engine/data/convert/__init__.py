@@ -140,6 +140,9 @@ def merge(out: str | Path, *, overwrite: bool = False) -> Report:
     out = Path(out)
     top = writer.work_dir(out)
     if not top.is_dir():
+        if out.is_dir() and (out / "index.json").is_file():  # a second merge, e.g. a resubmitted one
+            raise UserError(f"nothing to merge into {out}: it holds a published dataset and no parts are left "
+                            f"in {top}; to convert again, run the parts with --overwrite")
         raise UserError(f"nothing to merge into {out}: {top} does not exist; convert the parts first "
                         f"(launchers/convert.py SOURCE {out} --part I/N, or launchers/slurm/convert.sbatch)")
     _check_output(out, None, overwrite)

@@ -56,6 +56,7 @@ def convert(source: str | Path | None, out: str | Path, *, workers: int | None =
     """Convert `source` (or `synthetic` drawn pairs) into an MDS dataset at `out`; see the module docstrings.
 
     With `part` (i, n), convert only part i of n and publish nothing: `merge(out)` does, once all are done."""
+    _refuse_urls(source=source, output=out)
     out = Path(out)
     if not 1 <= shard_size_mb < 4096:  # MDS stores offsets in a shard as uint32
         raise UserError(f"--shard-size {shard_size_mb}: give 1 to 4095 MiB (64 is the usual size)")
@@ -137,6 +138,7 @@ def convert(source: str | Path | None, out: str | Path, *, workers: int | None =
 
 def merge(out: str | Path, *, overwrite: bool = False) -> Report:
     """Publish the parts of a split conversion (`convert(..., part=(i, n))` for every i) as one dataset at `out`."""
+    _refuse_urls(output=out)
     out = Path(out)
     top = writer.work_dir(out)
     if not top.is_dir():
@@ -163,6 +165,16 @@ def merge(out: str | Path, *, overwrite: bool = False) -> Report:
         report.seconds = max(done["seconds"] for done in dones)  # the parts ran side by side, as a rule
         writer.finish(top, out, records, report.blocks, job["classes"], report)
     return report
+
+
+def _refuse_urls(**paths) -> None:
+    """A URL taken as a path would make a local folder named `s3:` (or worse); say what works instead."""
+    for what, path in paths.items():
+        if path is not None and "://" in str(path):
+            raise UserError(f"{what} {path}: the converter reads and writes local or shared-file-system paths, not "
+                            f"URLs yet; copy the source to a disk (or mount the bucket, e.g. with s3fs or "
+                            f"mountpoint-s3), write OUT there, and upload OUT as one folder (pretraining's --data "
+                            f"reads s3:// directly)")
 
 
 def _check_split(top: Path, out: Path, part: tuple[int, int] | None, overwrite: bool) -> None:

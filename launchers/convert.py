@@ -7,6 +7,9 @@
   python launchers/convert.py coco/dataset_coco.json /data/mds/coco-test --split test --image-root coco/
   python launchers/convert.py val.csv /data/mds/val --label-column class     # cls column + classes.json
   python launchers/convert.py --synthetic 20000 /data/mds/shapes --workers 4  # coloured shapes, labelled
+  python launchers/convert.py laion_shards/ /data/mds/laion --part 3/8  # part 3 of 8, on any machine,
+  python launchers/convert.py --merge /data/mds/laion                   # then publish the 8 parts as one
+  sbatch --array 0-7 launchers/slurm/convert.sbatch laion_shards/ /data/mds/laion   # the same on SLURM
 
 Sources: a folder of images with same-stem .txt captions; a .csv, .tsv or .jsonl file of image
 paths (relative to the file's folder or --image-root, or absolute) and captions; img2dataset
@@ -15,6 +18,12 @@ output (webdataset .tar shards, or its parquet with image bytes); parquet files 
 Images are stored as their original bytes after a full decode check (re-encoded only when
 --max-side asks); bad pairs are skipped and counted. An interrupted conversion resumes when the
 same command is run again. The summary is also written to OUT/convert_report.json.
+
+Split over machines: part I of N converts every N-th block of 1,024 listed pairs (those whose
+number mod N is I) into its own folder beside OUT (all parts need the source and OUT's parent
+folder at the same paths, e.g. on a shared file system); a rerun of a part converts only what it
+lacks. --merge checks that all N parts are done with the same options and publishes OUT: the same
+samples, in the same order, in the same shards as one conversion of the whole source.
 """
 import argparse
 import os
@@ -27,7 +36,8 @@ from engine.errors import UserError  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                usage="%(prog)s SOURCE OUT [options]  |  %(prog)s --synthetic N OUT [options]")
+                                usage="%(prog)s SOURCE OUT [options]  |  %(prog)s --synthetic N OUT [options]  |  "
+                                      "%(prog)s --merge OUT")
     p.add_argument("paths", nargs="+", metavar="SOURCE OUT",
                    help="what to convert (folder, .csv/.tsv/.jsonl, .tar or folder of them, .parquet or folder "
                         "of them, Karpathy .json) and the MDS directory to create; only OUT with --synthetic")
@@ -57,10 +67,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "test (default: train,restval, the usual training split)")
     p.add_argument("--synthetic", type=int, metavar="N", help="draw N pairs of coloured shapes with captions "
                    "naming colour, shape and place, instead of reading a source (labelled: classes.json written)")
+    p.add_argument("--part", metavar="I/N", help="convert only part I of N (0 <= I < N) and publish nothing; "
+                   "run every part with the same options, then --merge OUT")
+    p.add_argument("--merge", action="store_true", help="publish the N parts converted with --part I/N as one "
+                   "dataset at OUT (give only OUT); names the parts still missing")
     p.add_argument("--seed", type=int, default=0, help="seed of --synthetic (default: 0)")
     p.add_argument("--synthetic-size", type=int, default=64, metavar="PX", help="side of --synthetic images "
                    "(default: 64)")
     args = p.parse_args(argv)
+    if args.merge:
+        if len(args.paths) != 1 or args.part is not None or args.synthetic is not None:
+            p.error("give only the OUT directory after --merge (the parts' source and options are recorded)")
+        args.source, args.out = None, args.paths[0]
+        return args
     expected = 1 if args.synthetic is not None else 2
     if len(args.paths) != expected:
         p.error("give the output directory only, after --synthetic N" if args.synthetic is not None
@@ -71,15 +90,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from engine.data.convert import convert
+    from engine.data.convert import convert, merge
+    from engine.data.convert.split import parse_part
 
     try:
+        if args.merge:
+            print(merge(args.out, overwrite=args.overwrite).summary())
+            return 0
+        part = parse_part(args.part) if args.part is not None else None
         report = convert(args.source, args.out, workers=args.workers, shard_size_mb=args.shard_size_mb,
                          overwrite=args.overwrite, image_column=args.image_column,
                          caption_column=args.caption_column, label_column=args.label_column,
                          classes=args.classes, split=args.split, image_root=args.image_root,
                          max_side=args.max_side, compression=args.compression, synthetic=args.synthetic,
-                         seed=args.seed, synthetic_size=args.synthetic_size)
+                         seed=args.seed, synthetic_size=args.synthetic_size, part=part)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,13 @@
 """Turn image-caption pairs into the MDS layout pretraining reads: `jpg` (encoded bytes) + `txt`.
 
     convert(source, out, ...)           # see launchers/convert.py for the command line
+    convert(source, out, part=(i, n))   # part i of n only, on any machine; then merge(out) (split.py)
 
 `sources.py` and `parquet.py` list a source's pairs (`pairs.py`) in a fixed order (folders,
 CSV/TSV/JSONL, webdataset tars, parquet, Karpathy JSON); `synthetic.py` draws pairs instead;
 `samples.py` reads and fully decodes each pair (shrinking it with --max-side); `writer.py` writes
-them in blocks, in parallel and resumably, and publishes the dataset atomically; `report.py` counts.
+them in blocks, in parallel and resumably, and publishes the dataset atomically; `split.py` splits
+a conversion over machines and merges the parts; `report.py` counts.
 
 With a label column (or --synthetic), an integer `cls` column holds each sample's class id and
 `classes.json` ({"classnames": [...], "templates": [...]}) names the classes: the layout the
@@ -18,12 +20,14 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 from streaming.base.compression import get_compressions
 
 from engine.data.convert import failures, writer
+from engine.data.convert import split as splits  # `split` is convert()'s Karpathy-split option
 from engine.data.convert.report import Progress, Report
 from engine.data.convert.pairs import Columns
 from engine.data.convert.samples import SampleRules
@@ -31,7 +35,7 @@ from engine.data.convert.sources import SUPPORTED_SOURCES, open_source, sorted_c
 from engine.data.convert.synthetic import synthetic_source
 from engine.errors import UserError
 
-__all__ = ["convert", "Report", "SUPPORTED_SOURCES"]
+__all__ = ["convert", "merge", "Report", "SUPPORTED_SOURCES"]
 
 MDS_COLUMNS = {"jpg": "bytes", "txt": "str"}
 LABEL_COLUMN = {"cls": "int"}  # the name engine/eval/eval_set.py and the built-in held-out set use
@@ -48,8 +52,11 @@ def convert(source: str | Path | None, out: str | Path, *, workers: int | None =
             label_column: str | None = None, classes: str | Path | None = None, split: str | None = None,
             image_root: str | Path | None = None, max_side: int | None = None, compression: str | None = None,
             synthetic: int | None = None, seed: int = 0, synthetic_size: int = 64,
-            log: Callable[[str], None] = _stderr) -> Report:
-    """Convert `source` (or `synthetic` drawn pairs) into an MDS dataset at `out`; see the module docstrings."""
+            part: tuple[int, int] | None = None, log: Callable[[str], None] = _stderr) -> Report:
+    """Convert `source` (or `synthetic` drawn pairs) into an MDS dataset at `out`; see the module docstrings.
+
+    With `part` (i, n), convert only part i of n and publish nothing: `merge(out)` does, once all are done."""
+    _refuse_urls(source=source, output=out)
     out = Path(out)
     if not 1 <= shard_size_mb < 4096:  # MDS stores offsets in a shard as uint32
         raise UserError(f"--shard-size {shard_size_mb}: give 1 to 4095 MiB (64 is the usual size)")
@@ -87,12 +94,14 @@ def convert(source: str | Path | None, out: str | Path, *, workers: int | None =
                     options={key: value for key, value in options.items() if key != "classes"},
                     classes=len(classes_json["classnames"]) if rules.label_ids is not None else None)
 
-    work = writer.work_dir(out)
+    top = writer.work_dir(out)
+    work = splits.folder(top, part) if part is not None else top
     with failures.write_errors(work):  # a full disk, a read-only OUT: a message, the work kept for a rerun
         out.parent.mkdir(parents=True, exist_ok=True)
-        with writer.locked(work):
+        with writer.locked(top, shared=part is not None), writer.locked(work) if part else nullcontext():
+            _check_split(top, out, part, overwrite)
             done = writer.resume_state(work, fingerprint, overwrite)
-            blocks = writer.Blocks(pairs.pairs(), done, writer.ENTRIES_PER_BLOCK)
+            blocks = writer.Blocks(pairs.pairs(), done, writer.ENTRIES_PER_BLOCK, part or (0, 1))
             if done:
                 log(f"resuming the interrupted conversion in {work}: {len(done)} block(s) of "
                     f"{writer.ENTRIES_PER_BLOCK} pairs are done")
@@ -106,6 +115,13 @@ def convert(source: str | Path | None, out: str | Path, *, workers: int | None =
                 for block_id in sorted(records):
                     report.add_block(records[block_id])
                     report.processed += records[block_id]["entries"] if block_id not in done else 0
+                if part is not None:  # a part of only bad pairs is no error: the merge judges the whole
+                    report.seconds, report.out = time.monotonic() - started, work
+                    report.bytes = sum(path.stat().st_size for path in work.rglob("*.mds"))
+                    splits.mark_done(work, blocks.count, report.seconds, report.workers, report.classes)
+                    log(f"part {part[0]} of {part[1]} is done; once all {part[1]} are, publish {out} with "
+                        f"`launchers/convert.py --merge {out}`")
+                    return report
                 if report.written == 0:
                     reasons = ", ".join(f"{n} {reason}" for reason, n in report.skipped.most_common()) or "none listed"
                     raise UserError(f"{source}: no usable image-caption pair ({reasons}); expected {SUPPORTED_SOURCES}")
@@ -118,6 +134,61 @@ def convert(source: str | Path | None, out: str | Path, *, workers: int | None =
                     shutil.rmtree(work, ignore_errors=True)
                 raise
     return report
+
+
+def merge(out: str | Path, *, overwrite: bool = False) -> Report:
+    """Publish the parts of a split conversion (`convert(..., part=(i, n))` for every i) as one dataset at `out`."""
+    _refuse_urls(output=out)
+    out = Path(out)
+    top = writer.work_dir(out)
+    if not top.is_dir():
+        if out.is_dir() and (out / "index.json").is_file():  # a second merge, e.g. a resubmitted one
+            raise UserError(f"nothing to merge into {out}: it holds a published dataset and no parts are left "
+                            f"in {top}; to convert again, run the parts with --overwrite")
+        raise UserError(f"nothing to merge into {out}: {top} does not exist; convert the parts first "
+                        f"(launchers/convert.py SOURCE {out} --part I/N, or launchers/slurm/convert.sbatch)")
+    _check_output(out, None, overwrite)
+    with failures.write_errors(top), writer.locked(top):  # exclusive: no part is running
+        job, records, dones = splits.finished_parts(top, out)
+        options = {key: value for key, value in job.items()
+                   if key not in ("format", "entries_per_block", "source", "source_files", "classes")}
+        report = Report(out=out, workers=sum(done["workers"] for done in dones), source=job["source"],
+                        max_side=job["max_side"], options=options, classes=dones[0]["classes"])
+        report.blocks = dones[0]["blocks"]
+        for block_id in sorted(records):
+            report.add_block(records[block_id])
+            report.processed += records[block_id]["entries"]
+        if report.written == 0:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in report.skipped.most_common()) or "none listed"
+            raise UserError(f"{job['source']}: no usable image-caption pair in any part ({reasons}); "
+                            f"expected {SUPPORTED_SOURCES}")
+        report.seconds = max(done["seconds"] for done in dones)  # the parts ran side by side, as a rule
+        writer.finish(top, out, records, report.blocks, job["classes"], report)
+    return report
+
+
+def _refuse_urls(**paths) -> None:
+    """A URL taken as a path would make a local folder named `s3:` (or worse); say what works instead."""
+    for what, path in paths.items():
+        if path is not None and "://" in str(path):
+            raise UserError(f"{what} {path}: the converter reads and writes local or shared-file-system paths, not "
+                            f"URLs yet; copy the source to a disk (or mount the bucket, e.g. with s3fs or "
+                            f"mountpoint-s3), write OUT there, and upload OUT as one folder (pretraining's --data "
+                            f"reads s3:// directly)")
+
+
+def _check_split(top: Path, out: Path, part: tuple[int, int] | None, overwrite: bool) -> None:
+    """A whole conversion and a split one of the same OUT cannot share the work folder."""
+    if part is None and splits.split_folders(top) and not overwrite:
+        raise UserError(f"{top} holds parts of a split conversion of {out}: convert the missing ones with --part "
+                        f"and publish with `launchers/convert.py --merge {out}`, or pass --overwrite to drop them")
+    if part is not None and (top / writer.JOB).is_file():
+        if not overwrite:
+            raise UserError(f"{top} holds an interrupted conversion of {out} without --part: run it again without "
+                            f"--part to finish it, or pass --overwrite to drop it")
+        for child in top.iterdir():
+            if not splits.FOLDER.fullmatch(child.name):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 def _usable_cpus() -> int:

@@ -26,6 +26,8 @@ class Interrupted(UserError):
 
 def out_of(work: Path) -> Path:
     """The OUT a work folder belongs to: the path the user gave, so messages name it."""
+    while not work.name.endswith(WORK_SUFFIX) and work.parent != work:
+        work = work.parent  # a split part's folder lies inside the work folder
     return work.parent / work.name[1:-len(WORK_SUFFIX)]
 
 

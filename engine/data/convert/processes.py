@@ -1,4 +1,5 @@
-"""The conversion's worker processes (writer.py's "Workers"): block b goes to worker b mod W, each
+"""The conversion's worker processes (writer.py's "Workers"): block b goes to worker b mod W (in a
+split part, see writer.write_blocks), each
 writing into its own part folder; the main process hands out blocks through one small queue per
 worker and takes in their news. A worker that fails or is killed ends the run: the others are
 stopped, and the queues are not waited for at exit (a block queued for a dead worker is never
@@ -21,7 +22,7 @@ from engine.data.convert.report import Progress, Ticker
 WriteBlock = Callable[[int, int, list, Callable[[bool], None]], None]
 
 
-def write_in_workers(todo: Iterable, numbers: list[int], workers: int, write: WriteBlock,
+def write_in_workers(todo: Iterable, numbers: list[int], worker_of: Callable[[int], int], write: WriteBlock,
                      progress: Callable[[], Progress], work: Path) -> int:
     """Write the blocks of `todo` in one process per worker number; returns how many ran."""
     # fork: the workers inherit the source's code as loaded (and a test's patches); they start
@@ -38,7 +39,7 @@ def write_in_workers(todo: Iterable, numbers: list[int], workers: int, write: Wr
     pump = _Pump(processes, results, bar, work)
     try:
         for block_id, pairs in todo:
-            pump.send(tasks[block_id % workers], (block_id, pairs))
+            pump.send(tasks[worker_of(block_id)], (block_id, pairs))
         for task_queue in tasks.values():
             pump.send(task_queue, None)
         while pump.finished < len(processes):

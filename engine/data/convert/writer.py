@@ -56,6 +56,7 @@ from engine.files import write_atomic
 
 ENTRIES_PER_BLOCK = 1024  # the most pairs a kill loses per worker, and the most samples in one shard
 RECORD, JOB, STAGING = "record.json", "job.json", ".staging-"
+DONE = "done.json"  # a split part's work folder: the part is finished (split.py)
 LOCK_WAIT_S = 10.0  # a killed run's workers may take a moment to notice and exit
 
 
@@ -83,14 +84,18 @@ def names_digest(pairs: list[Pair]) -> str:
 
 
 @contextmanager
-def locked(work: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the work folder (created if missing) for the whole conversion."""
+def locked(work: Path, shared: bool = False) -> Iterator[None]:
+    """Hold a lock on the work folder (created if missing) for the whole conversion.
+
+    The parts of a split conversion hold the top work folder's lock shared (they run side by
+    side, each holding its own folder's exclusively); a whole conversion and the merge hold it
+    exclusively."""
     deadline = time.monotonic() + LOCK_WAIT_S
     while True:
         work.mkdir(parents=True, exist_ok=True)
         fd = os.open(work, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             if time.monotonic() > deadline:
@@ -149,15 +154,21 @@ def collect_records(work: Path) -> dict[int, dict]:
 
 
 class Blocks:
-    """The listing cut into numbered blocks; those an earlier run finished are checked, not handed out."""
+    """The listing cut into numbered blocks; those an earlier run finished are checked, not handed out.
 
-    def __init__(self, pairs: Iterator[Pair], done: dict[int, dict], size: int):
+    Part i of n (split.py) hands out only the blocks b with b mod n == i, but counts them all."""
+
+    def __init__(self, pairs: Iterator[Pair], done: dict[int, dict], size: int, part: tuple[int, int] = (0, 1)):
         self.pairs, self.done, self.size = pairs, done, size
+        self.part = part
         self.count = 0
 
     def __iter__(self) -> Iterator[tuple[int, list[Pair]]]:
+        index, parts = self.part
         for block_id, chunk in enumerate(iter(lambda: list(islice(self.pairs, self.size)), [])):
             self.count = block_id + 1
+            if block_id % parts != index:
+                continue
             record = self.done.get(block_id)
             if record is None:
                 yield block_id, chunk
@@ -220,10 +231,14 @@ def write_blocks(work: Path, blocks: Blocks, job: Job, workers: int, progress: C
     """Write every block `blocks` hands out, in this process or in worker processes; returns how many ran.
 
     At most `workers` processes, and none without a block: when fewer blocks than that are left
-    to do, only the workers they go to (block b to worker b mod `workers`) are started."""
+    to do, only the workers they go to (block b to worker b mod `workers`; in part i of n, the
+    part's k-th block, b // n, to worker k mod `workers`, so every worker gets blocks) are started."""
+    parts = blocks.part[1]
+    worker_of = lambda block_id: block_id // parts % workers  # noqa: E731
     todo = iter(blocks)
     first = list(islice(todo, workers))  # fewer than `workers`: these are all the blocks to do
-    numbers = sorted({block_id % workers for block_id, _ in first}) if len(first) < workers else list(range(workers))
+    numbers = (sorted({worker_of(block_id) for block_id, _ in first}) if len(first) < workers
+               else list(range(workers)))
     todo = chain(first, todo)
     if len(numbers) <= 1:  # one worker's blocks (or none): no process to start
         part = work / part_name(numbers[0] if numbers else 0)
@@ -237,7 +252,7 @@ def write_blocks(work: Path, blocks: Blocks, job: Job, workers: int, progress: C
             bar.close()
         return len(numbers)
     write = lambda n, block_id, pairs, tick: write_block(work / part_name(n), block_id, pairs, job, tick)
-    return processes.write_in_workers(todo, numbers, workers, write, progress, work)
+    return processes.write_in_workers(todo, numbers, worker_of, write, progress, work)
 
 
 def merged_index(work: Path, records: dict[int, dict], count: int) -> dict:
@@ -279,11 +294,13 @@ def finish(work: Path, out: Path, records: dict[int, dict], count: int, classes:
     # Every write comes before the bookkeeping goes: a full disk up to here leaves a work folder
     # that a rerun finishes, not one it cannot recognise and empties.
     report.bytes = sum(path.stat().st_size for path in work.rglob("*")
-                       if path.is_file() and path.name not in (RECORD, JOB, REPORT_NAME))
+                       if path.is_file() and path.name not in (RECORD, JOB, DONE, REPORT_NAME))
     report.write(work)
     for record in records.values():
         (work / record["dir"] / RECORD).unlink()
-    (work / JOB).unlink()
+    # a whole conversion's job.json, or a split one's: each part's job.json and done.json
+    for path in [*work.glob(JOB), *work.glob(f"split-*/{JOB}"), *work.glob(f"split-*/{DONE}")]:
+        path.unlink()
     _publish(work, out)
 
 

@@ -9,15 +9,7 @@ import pytest
 
 from engine.dist import free_port
 from launching import REFERENCE_DIALS, check, launch, losses
-
-
-def mount_tmpfs(folder, options: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"a real small filesystem is needed and mounting a tmpfs is not permitted here: "
-                    f"{done.stderr.strip()}")
+from tests.small_disk import mount_tmpfs
 
 
 def test_full_disk_stops_with_the_fix_and_the_same_command_resumes(tmp_path, cache_env, two_rank_reference):

@@ -6,11 +6,11 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 
 from engine.dist import close_distributed, free_port
+from tests.small_disk import mount_tmpfs
 
 SIDE = 500  # a Linear of 250,500 parameters: 4 MB checkpoints at ZeRO-1 in fp32 (16 bytes each)
 
@@ -50,11 +50,7 @@ def _worker(_, port, ckpt_dir, disk, out):
 
 def test_a_checkpoint_that_does_not_fit_names_the_fix_and_keeps_the_last(tmp_path):
     disk = tmp_path / "disk"
-    disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6M", "tmpfs", str(disk)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"a real small filesystem is needed and mounting a tmpfs is not permitted here: "
-                    f"{done.stderr.strip()}")
+    mount_tmpfs(disk, "size=6M")
     try:
         out = mp.Manager().dict()
         mp.spawn(_worker, args=(free_port(), str(disk / "ckpt"), str(disk), out), nprocs=1)

@@ -15,6 +15,7 @@ from engine.data.convert import convert, writer
 from engine.errors import UserError
 from launchers.convert import main as convert_main
 from tests.unit.test_convert_parallel import _samples, _write_folder
+from tests.small_disk import mount_tmpfs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -100,20 +101,11 @@ def test_killed_worker_ends_the_run_with_a_message_and_a_rerun_resumes(tmp_path)
     assert _samples(tmp_path / "out") == _samples(tmp_path / "reference") == pairs
 
 
-def _mount_tmpfs(folder: Path, options: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"a real small filesystem is needed and mounting a tmpfs is not permitted here: "
-                    f"{done.stderr.strip()}")
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 3 MiB filesystem, unmounted at the end whatever happens."""
     disk = tmp_path / "disk"
-    _mount_tmpfs(disk, "size=3M")
+    mount_tmpfs(disk, "size=3M")
     try:
         yield disk
     finally:
@@ -146,7 +138,7 @@ def test_full_disk_says_what_to_do_and_the_rerun_resumes(tmp_path, small_disk, m
 def test_read_only_output_says_what_to_do(tmp_path):
     _write_folder(tmp_path / "src", 3, side=16)
     disk = tmp_path / "readonly"
-    _mount_tmpfs(disk, "size=1M,ro")
+    mount_tmpfs(disk, "size=1M,ro")
     try:
         with pytest.raises(UserError, match=rf"cannot write under {disk / 'out'} \(.*Read-only file system\): "
                                             rf"make {disk} writable"):

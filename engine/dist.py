@@ -129,15 +129,17 @@ def init_distributed(timeout_s: float) -> None:
     cpu_allreduce_workspace(os.environ["MASTER_PORT"], rank()).unlink(missing_ok=True)
 
 
-def close_distributed() -> None:
-    """Once every rank is done with its collectives: meet, then destroy the process group while
-    the interpreter is still whole. Left to the exit, gloo's worker threads can still hold the
-    last collectives' tensors and free them during interpreter finalization, which aborts the
-    process (SIGABRT) after a run that succeeded (seen as an occasional failed rank in the tests;
-    see pytorch/pytorch PR 179291). Not on an error path: a peer may never come to the barrier."""
+def close_distributed(wait_for_peers: bool = True) -> None:
+    """Destroy the process group while the interpreter is still whole, after meeting the other
+    ranks (`wait_for_peers`: once every rank is done with its collectives). Left to the exit,
+    gloo's worker threads can still hold the last collectives' tensors and free them during
+    interpreter finalization, which aborts the process (SIGABRT) after a run that succeeded, or
+    turns a clean error exit into a crash (seen as an occasional failed rank in the tests; see
+    pytorch/pytorch PR 179291). On an error path, leave without waiting: a peer may never come,
+    and a peer still waiting in a collective then fails at once instead of at its timeout."""
     if not dist.is_initialized():
         return
-    if world_size() > 1:
+    if wait_for_peers and world_size() > 1:
         dist.barrier()
     dist.destroy_process_group()
 

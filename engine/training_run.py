@@ -52,6 +52,7 @@ from engine.plan.resume import check_resumable, continue_sample_order, describe_
 from engine.model_with_loss import ModelWithLoss, align_buffer_dtypes, register_zero3_external_parameters
 from engine.train import checkpoint
 from engine.train.drills import Drills
+from engine.train.nonfinite import NonFiniteSteps
 from engine.train.stop_signals import StopSignals, requeue
 from engine.train.loop import Cadence, train
 from engine.train.step import make_step
@@ -135,6 +136,12 @@ def run(prepared: Prepared, *, out: str | None, dry_run: bool, stop_at_step: int
     stop = StopSignals(plan.collective_timeout_s)
     try:
         end = _run(prepared, stop, out=out, dry_run=dry_run, stop_at_step=stop_at_step)
+    except (UserError, NonFiniteSteps):
+        # Raised outside any collective (most on every rank together: a full disk, too many
+        # non-finite steps, a refused resume): the launcher's exit status 2 or 4 must not become
+        # gloo's abort at the exit.
+        dist.close_distributed(wait_for_peers=False)
+        raise
     finally:
         stop.close()
     dist.close_distributed()

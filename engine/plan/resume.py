@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from engine.data.streams import CANONICAL_NODES, keeps_sample_order, node_counts_keeping_order, share_per_node
+from engine.data.streams import CANONICAL_NODES, keeps_sample_order, node_counts_keeping_order
 from engine.errors import UserError
 from engine.objectives.method import Method
 
@@ -91,7 +91,7 @@ def continue_sample_order(run_dir: Path, saved: dict | None, plan):
             f"{run_dir} holds a run whose sample order was set for {kept} canonical nodes (it began on {kept} "
             f"nodes of remote data) and {plan.nodes} nodes cannot take that order: resume on "
             f"{node_counts_keeping_order(kept, plan.nodes)} nodes, or choose a new --out")
-    share = round(1 / share_per_node(kept, plan.nodes))
+    share = min(kept, plan.nodes)  # each node reads one group of the smaller count (streams.py)
     relation = "a divisor" if kept % plan.nodes == 0 else "a multiple"
     reason = (f"kept from the run this one resumes, whose sample order it sets: exact on {plan.nodes} node(s), "
               f"{relation} of {kept}; each node reads " + ("all of the shards" if share == 1 else f"1/{share} of them")

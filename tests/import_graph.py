@@ -34,7 +34,7 @@ FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
 # engine's units, lowest first. Units of one layer do not import each other.
 LAYERS = (
     ("errors", "files", "host_memory"),   # no engine imports
-    ("dist", "plugins"),                  # processes and collectives; classes named by flags
+    ("dist", "plugins", "store"),         # processes and collectives; classes named by flags; object stores
     ("launcher_env", "models", "data"),   # where the ranks come from; towers; samples
     ("objectives", "model_with_loss"),    # methods (objective, recipe, data needs); what DeepSpeed wraps
     ("plan",),                            # every decision, with its reason

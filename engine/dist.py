@@ -186,6 +186,20 @@ def broadcast_from_rank0(value):
     return box[0]
 
 
+def barrier() -> None:
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def gather_to_all(value) -> list:
+    """Every rank's value, in rank order, on every rank (small picklable values)."""
+    if world_size() == 1:
+        return [value]
+    values = [None] * world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
 def average_buffers(module: torch.nn.Module) -> None:
     """Average floating-point buffers (BatchNorm running statistics) over ranks.
 

@@ -50,7 +50,9 @@ from engine.plan.precision import towers_autocast
 from engine.plan.resolve import RunPlan, resolve
 from engine.plan.resume import check_resumable, continue_sample_order, describe_reshape
 from engine.model_with_loss import ModelWithLoss, align_buffer_dtypes, register_zero3_external_parameters
+from engine.store import ObjectStore, is_url
 from engine.train import checkpoint
+from engine.train.run_store import StoreUpload, agree_on_checkpoint, pull_checkpoint, pull_run_files
 from engine.train.drills import Drills
 from engine.train.nonfinite import NonFiniteSteps
 from engine.train.stop_signals import StopSignals, requeue
@@ -111,6 +113,8 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
                    image_size=preset.image_size, text_layers=preset.text_layers,
                    wordnet=None if wordnet is None else str(wordnet), launch=launch, data=facts)
     ds_config = apply_overrides(render(plan), dials.ds, world_size=plan.world_size)
+    if plan.staging_dir is not None:  # --out is a store folder: reachable, and ours to write
+        ObjectStore(dials.out, Path(plan.staging_dir)).check_writable()
     return Prepared(plan, ds_config, method, facts, eval_data, launch, evals, wordnet)
 
 
@@ -154,7 +158,15 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
     preset = method.preset
     job_id = prepared.launch.job_id if prepared.launch is not None else None
     is_main = dist.rank() == 0
-    run_dir = Path(out) if out else dist.broadcast_from_rank0(default_run_dir(plan, job_id))
+    store = None
+    if out is not None and is_url(out):  # each node stages the run on its own disk
+        run_dir = Path(plan.staging_dir)
+        store = ObjectStore(out, run_dir)
+        if dist.local_rank() == 0:
+            pull_run_files(store)
+        dist.barrier()
+    else:
+        run_dir = Path(out) if out else dist.broadcast_from_rank0(default_run_dir(plan, job_id))
     saved_plan = check_resumable(run_dir, plan, method)
     plan = continue_sample_order(run_dir, saved_plan, plan)  # a resume keeps the order it began with
     # Rank 0's disk, decided once: ranks that measured on their own could disagree and part.
@@ -167,8 +179,11 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
         write_atomic(run_dir / "ds_config.json", json.dumps(prepared.ds_config, indent=2) + "\n")
+        if store is not None:
+            store.put("plan.json")
+            store.put("ds_config.json")
         print(plan.table(), flush=True)
-        print(f"run directory: {run_dir}", flush=True)
+        print(f"run directory: {run_dir}" if store is None else f"run: {store.url}, staged in {run_dir}", flush=True)
         if room_warning:
             print(room_warning, flush=True)
         reshape = describe_reshape(saved_plan, plan)
@@ -201,6 +216,8 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
                          rank=dist.rank(), world_size=dist.world_size(),
                          wordnet=prepared.wordnet if plan.objective_options.get("eda_synonyms") else None)
     checkpoint_dir = run_dir / "checkpoints"
+    if store is not None:  # the store's newest complete checkpoint, on every node's disk
+        agree_on_checkpoint(pull_checkpoint(store) if dist.local_rank() == 0 else None)
     start_step, eval_pending = 0, False
     restored = checkpoint.load(engine, checkpoint_dir)
     if restored is not None:
@@ -208,7 +225,8 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
         loader.load_state_dict(restored.rank_state["loader"])
         task.load_rank_state(restored.rank_state["task"])
         if is_main:
-            print(f"resuming from step {start_step} ({checkpoint_dir / restored.tag})"
+            print(f"resuming from step {start_step} ({checkpoint_dir / restored.tag}"
+                  + (f", from {store.url}" if store is not None else "") + ")"
                   + (", its evaluation first" if eval_pending else ""), flush=True)
 
     stop_step = min(stop_at_step or plan.total_steps, plan.total_steps)
@@ -248,6 +266,7 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
     bad_records = BadRecordTally(loader.bad_records, engine.device,
                                  carried=restored.rank_state.get("bad_records") if restored else None)
     profiler = StepProfiler(run_dir, plan.profile_steps, start_step, dist.rank()) if plan.profile_steps else None
+    uploads = StoreUpload(store, writer if is_main else None) if store is not None else None
     # In this order: the log line's and evaluation's scalars written before the charts drawn
     # for them; throughput's timer wraps the charts' first-batch views (waiting for data).
     hooks = LoopHooks([MetricsLog(writer),
@@ -256,7 +275,9 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
                        Progress(plan.total_steps, start_step, enabled=is_main),
                        *([profiler] if profiler is not None else []),
                        *([WandbLog(run_dir, plan.wandb_project, plan.to_dict())]
-                         if plan.wandb_project is not None and is_main else [])])
+                         if plan.wandb_project is not None and is_main else []),
+                       # Last: its copy of the run's files follows everything the others write.
+                       *([uploads] if uploads is not None else [])])
     started = time.perf_counter()
     try:
         end = train(engine, loader, cadence=cadence, train_step=make_step(plan.accumulation),
@@ -267,6 +288,8 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
     if profiler is not None and profiler.written is not None and is_main:
         print(f"profile of {plan.profile_steps} step(s): {profiler.written} (open in https://ui.perfetto.dev), "
               f"top operators in {profiler.written.with_suffix('.txt')}", flush=True)
+    if uploads is not None:
+        uploads.finish()  # before an exit or a requeue: the last checkpoint is in the store
     if end.stopped_at is not None:
         return _after_stop(end, stop, prepared.launch, plan)
     if is_main:

@@ -14,6 +14,9 @@ hook in order. In the order of a run:
   evaluated(step, metrics)          after each evaluation
   rank_state() -> state             before a checkpoint: what the hook carries in each rank's
                                     checkpoint (whoever builds the hook restores it)
+  checkpointed(step, files)         after a checkpoint is complete on disk: `files`, the paths
+                                    under the checkpoints folder this rank copies to the store
+                                    of a run at a URL (engine/train/run_store.py)
   pause_ended()                     after an evaluation or a checkpoint, before the next step
   closing()                         the loop has ended, however it ended
 
@@ -50,6 +53,9 @@ class LoopHook:
 
     def rank_state(self) -> dict:
         return {}
+
+    def checkpointed(self, step: int, files: list[str]) -> None:
+        pass
 
     def pause_ended(self) -> None:
         pass
@@ -93,6 +99,10 @@ class LoopHooks(LoopHook):
         for hook in self.hooks:
             state.update(hook.rank_state())
         return state
+
+    def checkpointed(self, step: int, files: list[str]) -> None:
+        for hook in self.hooks:
+            hook.checkpointed(step, files)
 
     def pause_ended(self) -> None:
         for hook in self.hooks:

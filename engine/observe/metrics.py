@@ -139,6 +139,12 @@ class MetricsWriter:
         self._tensorboard.add_histogram(tensorboard_tag(tag), values, step)
         self._record({"step": step, "kind": "histogram", "tag": tag, **summarise(values)})
 
+    def flush(self) -> None:
+        """Everything written so far on disk (TensorBoard buffers its events for up to two minutes)."""
+        if self.enabled:
+            self._tensorboard.flush()
+            self._jsonl.flush()
+
     def close(self) -> None:
         if self.enabled:
             self._tensorboard.close()

@@ -47,8 +47,9 @@ class Dials:
         ".json or MDS directory; options split=, image_root=), heldout:MDS (scored as the held-out split) or your own "
         "evaluation as package.module:Class:PATH (engine/eval/base.py)",
         metavar="TASK:PATH[,OPTION=VALUE]", repeatable=True, flag="--eval")
-    out: str | None = dial(None, "run directory (default runs/<method>-<model>-<time>); an existing one "
-                           "is resumed from its latest checkpoint")
+    out: str | None = dial(None, "run directory (default runs/<method>-<model>-<time>), or an object store "
+                           "folder (s3://bucket/prefix) that every node stages locally and copies to; an "
+                           "existing one is resumed from its latest checkpoint")
     steps: int | None = dial(None, "optimizer steps (default: from epochs)", kind=int)
     epochs: float | None = dial(None, "passes over the data (default: recipe)", kind=float)
     global_batch: int | None = dial(None, "pairs per optimizer step, all ranks", kind=int)
@@ -84,6 +85,9 @@ class Dials:
     hw_decoder_load: float | None = dial(None, "GPU decode: the share of JPEGs for the GPU's hardware JPEG "
                                          "decoder, 0 to 1", group=OVERRIDES, kind=float, metavar="SHARE")
     checkpoint_every: int | None = dial(None, group=OVERRIDES, kind=int)
+    staging: str | None = dial(None, "with --out URL: the local folder each node writes the run in before "
+                               "copying it to the store (default: TMPDIR/clipzero-staging/...)",
+                               group=OVERRIDES, metavar="DIR")
     eval_every: int | None = dial(None, group=OVERRIDES, kind=int)
     log_every: int | None = dial(None, group=OVERRIDES, kind=int)
     text_layers: int | None = dial(None, "text tower depth (CLIP-Lite: 2/4/6/12)", group=OVERRIDES, kind=int)

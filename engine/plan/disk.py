@@ -5,6 +5,8 @@ A new checkpoint is written whole before the oldest is pruned (engine/train/chec
 run holds its KEEP_LAST complete checkpoints and, while it writes the next, one more.
 """
 import os
+import re
+import tempfile
 from pathlib import Path
 
 from engine.errors import UserError
@@ -90,3 +92,20 @@ def check_room(run_dir: Path, checkpoint_bytes: int, at_once: int) -> str | None
                 f"checkpoint(s) of {show_bytes(checkpoint_bytes)} on disk at once (checkpoints_on_disk in the plan). "
                 f"It will stop with a message at the first checkpoint that does not fit: {fix}")
     return None
+
+
+def staging_decision(out: str | None, dialled: str | None) -> tuple[str | None, str]:
+    """(staging_dir, reason): where a run whose --out is an object store folder is written on
+    each node before it is copied there (engine/train/run_store.py). Each rank decides it on
+    its own node: TMPDIR may differ between nodes (a job's own temporary folder)."""
+    if out is None or "://" not in out:
+        if dialled is not None:
+            raise UserError(f"--staging {dialled} is for a run whose --out is an object store URL "
+                            f"(s3://bucket/prefix); --out {out or '(default)'} is a local folder, written directly")
+        return None, "--out is a local folder: the run is written there directly"
+    if dialled is not None:
+        return str(Path(dialled).absolute()), "--staging: each node writes the run here, then copies it to --out"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", out.split("://", 1)[1]).strip("-")
+    folder = Path(tempfile.gettempdir()) / "clipzero-staging" / slug
+    return (str(folder), "each node's temporary folder (TMPDIR; --staging to choose): the run is written here, "
+            f"then copied to {out} in the background; a resume on a fresh disk fetches its checkpoint from there")

@@ -17,7 +17,7 @@ from engine.launcher_env import Launch
 from engine.plan.dials import PRECISIONS, Dials
 from engine.plan.data import data_decisions, dataset_reason
 from engine.plan.decode import decode_decisions
-from engine.plan.disk import checkpoint_decisions
+from engine.plan.disk import checkpoint_decisions, staging_decision
 from engine.plan.faults import fault_decisions
 from engine.plan.memory import GB, gb, zero_setting
 from engine.objectives.base import OptionContext
@@ -59,6 +59,8 @@ class RunPlan:
     # The disk the checkpoints need (engine/plan/disk.py): estimates, free to change on resume
     # (another precision or ZeRO stage), and absent from the plan.json of older runs.
     checkpoint_bytes: int; checkpoints_on_disk: int
+    # With --out an object store URL: where each node writes the run first (None: --out is local).
+    staging_dir: str | None
     eval_every: int; evaluations: tuple[str, ...]; log_every: int; profile_steps: int
     wandb_project: str | None
     collective_timeout_s: int; max_requeues: int; max_skipped_in_a_row: int
@@ -94,8 +96,9 @@ class RunPlan:
         return LoaderSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoaderSettings)})
 
 
-# Decisions that only some optimizers (or GPU decoding) have: the table leaves them out when unset.
-_SHOWN_ONLY_WHEN_SET = frozenset(("betas", "eps", "momentum", "hw_decoder_load"))
+# Decisions that only some optimizers, GPU decoding or a run in an object store have: the table
+# leaves them out when unset.
+_SHOWN_ONLY_WHEN_SET = frozenset(("betas", "eps", "momentum", "hw_decoder_load", "staging_dir"))
 
 
 def _show(value: object) -> str:
@@ -201,6 +204,7 @@ def resolve(dials: Dials, hw: Hardware, method: Method, *, n_params: int, datase
     for name, value, reason in checkpoint_decisions(n_params, precision, stage, total_steps,
                                                     decisions["checkpoint_every"].value):
         decide(name, value, reason)
+    decide("staging_dir", *staging_decision(dials.out, dials.staging))
     decide("eval_every", *_every(dials.eval_every, "--eval-every", math.ceil(total_steps / 4),
                                  "about 4 evaluations per run"))
     decide("evaluations", dials.evals,

@@ -44,7 +44,13 @@ from engine.plan.disk import KEEP_LAST, free_bytes, show_bytes
 from engine.train import reshard
 
 MANIFEST = "manifest.json"
-_TAG = re.compile(r"step\d{8}")
+TAG = re.compile(r"step\d{8}")
+
+
+@dataclass(frozen=True)
+class Saved:
+    tag: str
+    uploads: list[str]  # paths under the checkpoint folder this rank copies to a run's store
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, checkpoint_dir: Path, step: int, rank_state: dict, *,
-         eval_pending: bool = False, before_complete=None, expected_bytes: int = 0) -> None:
+         eval_pending: bool = False, before_complete=None, expected_bytes: int = 0) -> Saved:
     """Every rank calls this (DeepSpeed shards optimizer states across ranks). `rank_state` is
     what this rank alone knows (data position, e.g. a per-rank queue), restored by load().
     `before_complete`, if given, runs on every rank after its files are written and before the
@@ -95,10 +101,14 @@ def save(engine, checkpoint_dir: Path, step: int, rank_state: dict, *,
 
     A file that cannot be written (a full disk) fails the save on every rank together: the
     partial checkpoint is removed, `latest` keeps naming the last complete one, and a full
-    disk raises UserError with what to change."""
+    disk raises UserError with what to change.
+
+    Returns the checkpoint's tag and the files this rank copies when the run lives in an object
+    store (each file by one rank)."""
     tag = _tag(step)
     failure = None
     try:
+        (checkpoint_dir / tag).mkdir(parents=True, exist_ok=True)  # on every node's own disk too
         engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False,
                                client_state={"step": step, "eval_pending": eval_pending,
                                              **reshard.optimizer_param_names(engine)})
@@ -121,18 +131,38 @@ def save(engine, checkpoint_dir: Path, step: int, rank_state: dict, *,
     if before_complete is not None:
         before_complete()
     _end_together(checkpoint_dir, tag, failure, expected_bytes)
+    folder = checkpoint_dir / tag
+    # The files each rank sees: on nodes without a shared disk each node holds its own ranks'
+    # files only, and the manifest is their union.
+    seen = dist.gather_to_all(_files(folder))
+    files = {name: size for own in seen for name, size in own.items()}
     if dist.rank() == 0:
-        folder = checkpoint_dir / tag
-        files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-                 if p.is_file() and p.name != MANIFEST and ".tmp" not in p.name}
         try:
-            write_atomic(folder / MANIFEST, json.dumps({"files": files}, indent=1))
+            write_atomic(folder / MANIFEST, json.dumps({"files": dict(sorted(files.items()))}, indent=1))
             write_atomic(checkpoint_dir / "latest", tag)
         except OSError as error:
             failure = error
-        else:
-            _prune(checkpoint_dir, keep=tag)
     _end_together(checkpoint_dir, tag, failure, expected_bytes)
+    if dist.local_rank() == 0:  # each node's own disk (one node's is everyone's when shared)
+        _prune(checkpoint_dir, keep=tag)
+    return Saved(tag, _uploads(sorted(files), seen, tag))
+
+
+def _files(folder: Path) -> dict[str, int]:
+    """The checkpoint's files in `folder` on this rank's disk, with their sizes."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST and ".tmp" not in p.name}
+
+
+def _uploads(names: list[str], seen: list[dict[str, int]], tag: str) -> list[str]:
+    """The files this rank copies to the store (engine/train/run_store.py): each file once, by
+    one of the ranks that see it, spread over them; the manifest last, by rank 0."""
+    mine = []
+    for i, name in enumerate(names):
+        seers = [r for r, own in enumerate(seen) if name in own]
+        if seers[i % len(seers)] == dist.rank():
+            mine.append(f"{tag}/{name}")
+    return mine + ([f"{tag}/{MANIFEST}"] if dist.rank() == 0 else [])
 
 
 # What torch's zip writer raises when a write fails: a RuntimeError without the errno.
@@ -222,7 +252,7 @@ def _prune(checkpoint_dir: Path, keep: str) -> None:
 
 
 def _tags(checkpoint_dir: Path) -> list[str]:
-    return sorted(p.name for p in checkpoint_dir.glob("step*") if p.is_dir() and _TAG.fullmatch(p.name))
+    return sorted(p.name for p in checkpoint_dir.glob("step*") if p.is_dir() and TAG.fullmatch(p.name))
 
 
 def latest_tag(checkpoint_dir: Path) -> str | None:

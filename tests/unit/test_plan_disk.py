@@ -4,13 +4,15 @@ refusal, when the file system under the run directory (a real small tmpfs here) 
 import dataclasses
 import json
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from engine.errors import UserError
 from engine.objectives.method import lookup
 from engine.plan.disk import (MB, KEEP_LAST, check_room, checkpoint_bytes_per_param, checkpoints_at_once,
-                              free_bytes)
+                              free_bytes, staging_decision)
 from engine.plan.resolve import RunPlan
 from engine.plan.resume import check_resumable
 from tests.unit.test_plan import CPU_ONLY, H100_X8, plan_for, reason
@@ -99,3 +101,18 @@ def test_a_resumed_run_counts_the_checkpoints_it_has(disk):
     assert check_room(disk / "run", 3 * MB, 3) is None  # one more at a time: 3 of 8.4 MB
     with pytest.raises(UserError, match="then run the same command again: it resumes from its last checkpoint.$"):
         check_room(disk / "run", 9 * MB, 3)
+
+
+def test_a_run_in_an_object_store_is_staged_in_the_nodes_temporary_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    tempfile.tempdir = None  # read TMPDIR again
+    try:
+        folder, reason = staging_decision("s3://bucket/team/run 1", None)
+    finally:
+        tempfile.tempdir = None
+    assert folder == str(tmp_path / "clipzero-staging" / "bucket-team-run-1")
+    assert "TMPDIR" in reason and "--staging" in reason and "s3://bucket/team/run 1" in reason
+    assert staging_decision("s3://bucket/run", "scratch")[0] == str(Path("scratch").absolute())
+    assert staging_decision("runs/local", None)[0] is None and staging_decision(None, None)[0] is None
+    with pytest.raises(UserError, match="--staging /scratch is for a run whose --out is an object store URL"):
+        staging_decision("runs/local", "/scratch")

@@ -1,0 +1,114 @@
+"""`--out s3://...` end to end, as a user runs it against a real S3-API server (moto's): the
+run stops, resumes from the URL on fresh staging folders (the same and another number of ranks)
+with the losses of the uninterrupted run, passes over a checkpoint damaged in the store, and
+TensorBoard reads its events from the URL."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from launching import REFERENCE_DIALS, check, launch, losses
+from s3_server import BUCKET, s3_server  # noqa: F401  (the session fixture)
+
+STOP = 8
+
+
+def _store_run(s3_server, prefix: str, destination):  # noqa: F811
+    """The run's metrics.jsonl as the store holds it, downloaded into `destination`."""
+    destination.mkdir(parents=True, exist_ok=True)
+    s3_server.client().download_file(BUCKET, f"{prefix}/metrics.jsonl", str(destination / "metrics.jsonl"))
+    return destination
+
+
+def _keys(s3_server, prefix: str) -> list[str]:  # noqa: F811
+    listed = s3_server.client().list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/")
+    return sorted(o["Key"][len(prefix) + 1:] for o in listed.get("Contents", []))
+
+
+def _copy_prefix(s3_server, source: str, target: str) -> None:  # noqa: F811
+    client = s3_server.client()
+    for key in _keys(s3_server, source):
+        client.copy_object(Bucket=BUCKET, Key=f"{target}/{key}", CopySource={"Bucket": BUCKET, "Key": f"{source}/{key}"})
+
+
+def _assert_losses(run, reference, exact_until: int) -> None:
+    got, want = losses(run), losses(reference)
+    assert sorted(got) == sorted(want) == list(range(1, 17))
+    for step, loss in want.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5 if step <= exact_until else 0.03), f"step {step}"
+
+
+@pytest.fixture(scope="module")
+def stopped_run(s3_server, cache_env, tmp_path_factory):  # noqa: F811
+    """REFERENCE_DIALS on 2 ranks with --out s3://..., stopped at step 8; its env and prefix."""
+    env = {**cache_env, **s3_server.env}
+    prefix = "runs/stopped"
+    staging = tmp_path_factory.mktemp("staging-first")
+    result = launch([*REFERENCE_DIALS, "--out", f"s3://{BUCKET}/{prefix}", "--staging", str(staging),
+                     "--stop-at-step", str(STOP)], env, ranks=2)
+    check(result)
+    assert f"run: s3://{BUCKET}/{prefix}, staged in {staging}" in result.stdout
+    assert f"checkpoint of step {STOP} reached s3://{BUCKET}/{prefix}" in result.stdout
+    keys = _keys(s3_server, prefix)
+    assert {"plan.json", "ds_config.json", "metrics.jsonl", f"checkpoints/step{STOP:08d}/manifest.json"} <= set(keys)
+    assert any(k.startswith("tensorboard/events.out.tfevents") for k in keys)
+    return env, prefix
+
+
+def test_a_run_resumes_from_the_url_on_fresh_disks_with_the_losses_of_an_uninterrupted_run(
+        stopped_run, s3_server, tmp_path, two_rank_reference):  # noqa: F811
+    env, stopped = stopped_run
+    prefix = "runs/same-ranks"
+    _copy_prefix(s3_server, stopped, prefix)
+    url = f"s3://{BUCKET}/{prefix}"
+    result = launch([*REFERENCE_DIALS, "--out", url, "--staging", str(tmp_path / "fresh")], env, ranks=2)
+    check(result)
+    assert f"resuming from step {STOP} ({tmp_path / 'fresh'}/checkpoints/step{STOP:08d}, from {url})" in result.stdout
+    _assert_losses(_store_run(s3_server, prefix, tmp_path / "store"), two_rank_reference, exact_until=16)
+    # The store keeps the last two complete checkpoints, as a local run directory does.
+    assert sorted({k.split("/")[1] for k in _keys(s3_server, prefix) if k.startswith("checkpoints/")}) == \
+        ["step00000012", "step00000016"]
+
+    # A checkpoint damaged in the store (bytes changed, size kept) is passed over: the run
+    # goes back to the one before it and trains the last steps again to the same losses.
+    key = f"{prefix}/checkpoints/step00000016/mp_rank_00_model_states.pt"
+    damaged = tmp_path / "damaged.pt"
+    s3_server.client().download_file(BUCKET, key, str(damaged))
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    s3_server.client().upload_file(str(damaged), BUCKET, key)
+    result = launch([*REFERENCE_DIALS, "--out", url, "--staging", str(tmp_path / "fresh-again")], env, ranks=2)
+    check(result)
+    assert "checkpoints/step00000016 is damaged in the store" in result.stdout
+    assert "resuming from step 12" in result.stdout
+    _assert_losses(_store_run(s3_server, prefix, tmp_path / "store-again"), two_rank_reference, exact_until=16)
+
+
+def test_a_run_at_a_url_resumes_on_another_number_of_ranks(stopped_run, s3_server, tmp_path,
+                                                          two_rank_reference):  # noqa: F811
+    env, stopped = stopped_run
+    prefix = "runs/one-rank"
+    _copy_prefix(s3_server, stopped, prefix)
+    result = launch([*REFERENCE_DIALS, "--out", f"s3://{BUCKET}/{prefix}", "--staging", str(tmp_path / "fresh")], env)
+    check(result)
+    assert "resharding" in result.stdout and f"resuming from step {STOP}" in result.stdout
+    _assert_losses(_store_run(s3_server, prefix, tmp_path / "store"), two_rank_reference, exact_until=STOP)
+
+
+def test_tensorboard_reads_the_events_from_the_url(stopped_run, s3_server):  # noqa: F811
+    """What the README tells a user: S3_ENDPOINT (TensorBoard's own name for the endpoint)."""
+    _, prefix = stopped_run
+    read = textwrap.dedent(f"""
+        import json
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = EventAccumulator("s3://{BUCKET}/{prefix}/tensorboard")
+        events.Reload()
+        print(json.dumps([e.step for e in events.Scalars("train/loss")]))
+    """)
+    env = {**s3_server.env, "S3_ENDPOINT": s3_server.endpoint, "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == list(range(1, STOP + 1))

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import random
+import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +116,8 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
                    wordnet=None if wordnet is None else str(wordnet), launch=launch, data=facts)
     ds_config = apply_overrides(render(plan), dials.ds, world_size=plan.world_size)
     if plan.staging_dir is not None:  # --out is a store folder: reachable, and ours to write
-        ObjectStore(dials.out, Path(plan.staging_dir)).check_writable()
+        with tempfile.TemporaryDirectory() as scratch:  # nothing staged yet
+            ObjectStore(dials.out, Path(scratch)).check_writable()
     return Prepared(plan, ds_config, method, facts, eval_data, launch, evals, wordnet)
 
 
@@ -169,8 +172,11 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
         run_dir = Path(out) if out else dist.broadcast_from_rank0(default_run_dir(plan, job_id))
     saved_plan = check_resumable(run_dir, plan, method)
     plan = continue_sample_order(run_dir, saved_plan, plan)  # a resume keeps the order it began with
-    # Rank 0's disk, decided once: ranks that measured on their own could disagree and part.
-    refusal, room_warning = dist.broadcast_from_rank0(_room(run_dir, plan) if is_main else None)
+    # Each node's disk, measured by its first rank and seen by all: ranks that decided on their
+    # own could part. (With a shared run directory every node measures the same one.)
+    rooms = dist.gather_to_all(_room(run_dir, plan) if dist.local_rank() == 0 else (None, None))
+    refusal = next((r for r, _ in rooms if r is not None), None)
+    room_warning = next((w for _, w in rooms if w is not None), None)
     if refusal is not None:
         raise UserError(refusal)
     drills = Drills.from_environment()
@@ -303,11 +309,14 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
 
 
 def _room(run_dir: Path, plan: RunPlan) -> tuple[str | None, str | None]:
-    """(refusal, warning) of the free space under the run directory (engine/plan/disk.py)."""
+    """(refusal, warning) of the free space under the run directory (engine/plan/disk.py), the
+    node named when there are several."""
+    where = f"on {socket.gethostname()}: " if plan.nodes > 1 else ""
     try:
-        return None, check_room(run_dir, plan.checkpoint_bytes, plan.checkpoints_on_disk)
+        warning = check_room(run_dir, plan.checkpoint_bytes, plan.checkpoints_on_disk)
+        return None, None if warning is None else where + warning
     except UserError as refusal:
-        return str(refusal), None
+        return where + str(refusal), None
 
 
 def _after_stop(end, stop: StopSignals, launch: Launch | None, plan: RunPlan) -> RunEnd:

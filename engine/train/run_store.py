@@ -140,6 +140,7 @@ class StoreUpload(LoopHook):
         self._bytes = 0
         self._synced: dict[str, tuple[int, int]] = {}
         self._finished = False
+        self._reported = False
         self._told_no_delete = False
 
     def checkpointed(self, step: int, files: list[str]) -> None:
@@ -155,9 +156,19 @@ class StoreUpload(LoopHook):
             raise UserError(f"the checkpoint of step {self._step} did not reach {self.store.url}: {self._error}")
         if self.writer is not None:
             self.writer.flush()
-        self._step, self._started, self._error = step, time.perf_counter(), None
+        self._step, self._started, self._error, self._reported = step, time.perf_counter(), None, False
         self._thread = threading.Thread(target=self._upload, args=(files,), name="checkpoint-upload", daemon=True)
         self._thread.start()
+
+    def scalars(self, step: int) -> dict[str, float]:
+        """On the log line: whether this rank's copy of a checkpoint was still going on at this
+        step (the steps it overlaps), and how long the last finished one took."""
+        uploading = self._thread is not None and self._thread.is_alive()
+        values = {"perf/upload_in_flight": float(uploading)}
+        if not uploading and self._thread is not None and self._error is None and not self._reported:
+            values["time/upload_s"] = self._seconds  # once per checkpoint
+            self._reported = True
+        return values
 
     def _upload(self, files: list[str]) -> None:
         try:

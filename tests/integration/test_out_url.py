@@ -112,3 +112,13 @@ def test_tensorboard_reads_the_events_from_the_url(stopped_run, s3_server):  # n
     result = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == list(range(1, STOP + 1))
+
+
+def test_a_bucket_that_does_not_exist_is_refused_before_any_work(s3_server, cache_env, tmp_path):  # noqa: F811
+    staging = tmp_path / "staging"
+    result = launch(["--steps", "4", "--out", "s3://no-such-bucket/run", "--staging", str(staging)],
+                    {**cache_env, **s3_server.env})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: s3://no-such-bucket/run: could not open the store" in result.stderr
+    assert "the bucket 'no-such-bucket' does not exist: create it or fix the URL" in result.stderr
+    assert not staging.exists()  # nothing written

@@ -89,14 +89,26 @@ class ObjectStore:
                                                exist_ok=True, retry=3)
         except Exception as error:  # each client raises its own types
             raise StoreError(explain(error, self.url, "open the store")) from error
-        # streaming logs a warning whenever the local folder is not empty: ours never is.
         self._uploader.progress_bar = False
+        self._scratch: ObjectStore | None = None
 
     def put(self, relative: str) -> None:
         try:
             self._uploader.upload_file(relative)
         except Exception as error:
             raise StoreError(explain(error, join(self.url, relative), "upload")) from error
+
+    def put_text(self, relative: str, text: str) -> None:
+        """An object holding `text` at url/relative, whatever the local folder holds there."""
+        if self._scratch is None:  # streaming's uploader sends files of its own local folder only
+            self._scratch = ObjectStore(self.url, self.local_root / ".put-text")
+        path = self._scratch.local_root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        try:
+            self._scratch.put(relative)
+        finally:
+            path.unlink(missing_ok=True)
 
     def get(self, relative: str, destination: Path | None = None) -> Path:
         """Download url/relative to `destination` (default local_root/relative). A missing object

@@ -54,7 +54,8 @@ from engine.plan.resume import check_resumable, continue_sample_order, describe_
 from engine.model_with_loss import ModelWithLoss, align_buffer_dtypes, register_zero3_external_parameters
 from engine.store import ObjectStore, is_url
 from engine.train import checkpoint
-from engine.train.run_store import StoreUpload, agree_on_checkpoint, pull_checkpoint, pull_run_files
+from engine.train.run_store import (StoreUpload, agree_on_checkpoint, pull_checkpoint, pull_run_files,
+                                    push_unfinished_checkpoint)
 from engine.train.drills import Drills
 from engine.train.nonfinite import NonFiniteSteps
 from engine.train.stop_signals import StopSignals, requeue
@@ -166,6 +167,7 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
         run_dir = Path(plan.staging_dir)
         store = ObjectStore(out, run_dir)
         if dist.local_rank() == 0:
+            push_unfinished_checkpoint(store)  # one that a cut-short copy left only on this disk
             pull_run_files(store)
         dist.barrier()
     else:

@@ -69,11 +69,50 @@ def _manifest(store: ObjectStore, tag: str) -> dict[str, int] | None:
     target = store.local_root / ".manifests" / f"{tag}.json"
     try:
         store.get(f"{CHECKPOINTS}/{tag}/{MANIFEST}", target)
-        return json.loads(target.read_text())["files"]
+        files = json.loads(target.read_text())["files"]
+        return files if isinstance(files, dict) else None  # None: being replaced (StoreUpload)
     except (FileNotFoundError, ValueError, KeyError):
         return None
     finally:
         target.unlink(missing_ok=True)
+
+
+def push_unfinished_checkpoint(store: ObjectStore) -> None:
+    """On each node's first rank, before a resume chooses: a checkpoint complete on this disk
+    but not in the store (its copy was cut short: the store failed, the job was killed while
+    copying) is copied now, so that it is not lost. Only where this node holds all its files
+    (one node, or a shared staging disk)."""
+    if not _same_run(store):
+        return
+    local = store.local_root / CHECKPOINTS
+    tags = sorted((p.name for p in local.glob("step*") if p.is_dir() and TAG.fullmatch(p.name)), reverse=True)
+    newest = next((t for t in tags if (local / t / MANIFEST).exists() and damage(local / t, 0, 1) is None), None)
+    in_store = [tag for tag, _ in complete_checkpoints(store)]
+    if newest is None or (in_store and in_store[0] >= newest):
+        return
+    print(f"checkpoint {newest} is complete in {local} but not in {store.url}: copying it there first", flush=True)
+    files = json.loads((local / newest / MANIFEST).read_text())["files"]
+    for name in files:
+        store.put(f"{CHECKPOINTS}/{newest}/{name}")
+    store.put(f"{CHECKPOINTS}/{newest}/{MANIFEST}")
+    for name in RESUMED_FILES:  # this disk's log reaches that checkpoint; the store's may not
+        if (store.local_root / name).is_file():
+            store.put(name)
+
+
+def _same_run(store: ObjectStore) -> bool:
+    """Whether the staging folder holds the store's run (its plan.json is the store's), not an
+    older run of the same URL whose store folder was emptied."""
+    local = store.local_root / "plan.json"
+    if not local.is_file():
+        return False
+    try:
+        stored = store.get("plan.json", store.local_root / ".manifests" / "plan.json")
+    except FileNotFoundError:
+        return False
+    same = stored.read_bytes() == local.read_bytes()
+    stored.unlink()
+    return same
 
 
 def pull_checkpoint(store: ObjectStore) -> str | None:
@@ -145,6 +184,8 @@ class StoreUpload(LoopHook):
 
     def checkpointed(self, step: int, files: list[str]) -> None:
         failed = self._wait()
+        if self.is_main and not failed and not self._invalidate(files[-1]):
+            failed, self._step = True, step
         # Every rank is here together: they agree whether any upload failed and stop together.
         if dist.world_size() > 1:
             flag = torch.tensor([1 if failed else 0], dtype=torch.int32, device=dist.local_device())
@@ -159,6 +200,19 @@ class StoreUpload(LoopHook):
         self._step, self._started, self._error, self._reported = step, time.perf_counter(), None, False
         self._thread = threading.Thread(target=self._upload, args=(files,), name="checkpoint-upload", daemon=True)
         self._thread.start()
+
+    def _invalidate(self, manifest: str) -> bool:
+        """Rank 0, before any rank copies: a checkpoint of this step already in the store (a
+        resume that went back past a damaged one, and trains that step again) loses its
+        manifest's list first, so that a copy cut short never mixes its files with the old ones.
+        Overwritten rather than deleted: every store's client can write."""
+        try:
+            if f"{CHECKPOINTS}/{manifest}" in self.store.keys(f"{CHECKPOINTS}/{manifest.split('/')[0]}/"):
+                self.store.put_text(f"{CHECKPOINTS}/{manifest}", json.dumps({"files": None}))
+        except Exception as error:  # reported as a failed upload: the ranks stop together
+            self._error = error
+            return False
+        return True
 
     def scalars(self, step: int) -> dict[str, float]:
         """On the log line: whether this rank's copy of a checkpoint was still going on at this

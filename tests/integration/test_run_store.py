@@ -10,7 +10,8 @@ import torch
 
 from engine.store import ObjectStore, StoreError
 from engine.train.checkpoint import MANIFEST, damage
-from engine.train.run_store import StoreUpload, complete_checkpoints, pull_checkpoint, pull_run_files
+from engine.train.run_store import (StoreUpload, complete_checkpoints, pull_checkpoint, pull_run_files,
+                                    push_unfinished_checkpoint)
 from s3_server import BUCKET, s3_server  # noqa: F401  (the session fixture)
 
 
@@ -130,3 +131,41 @@ def test_store_failures_name_what_to_change(s3_env, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(StoreError, match="no credentials were found: set AWS_ACCESS_KEY_ID"):
         ObjectStore(f"s3://{BUCKET}/run", tmp_path)
+
+
+def test_a_checkpoint_complete_only_on_this_disk_is_copied_before_the_resume_chooses(s3_env, tmp_path):
+    """A copy cut short (the store failed, the job was killed while copying) loses nothing: the
+    next start on this machine copies the checkpoint and the log that reaches it first."""
+    url = f"s3://{BUCKET}/runs/unfinished"
+    staging = tmp_path / "a"
+    staging.mkdir()
+    (staging / "plan.json").write_text('{"method": "clip"}')
+    store = ObjectStore(url, staging)
+    store.put("plan.json")
+    _uploaded_run(staging, url, [4, 8])
+    _write_checkpoint(staging, 12)  # complete here, never copied
+    (staging / "metrics.jsonl").write_text('{"step": 12, "loss": 1.0}\n')
+    push_unfinished_checkpoint(store)
+    assert [tag for tag, _ in complete_checkpoints(store)][0] == "step00000012"
+    fresh = ObjectStore(url, tmp_path / "b")
+    pull_run_files(fresh)
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() == '{"step": 12, "loss": 1.0}\n'
+    assert pull_checkpoint(fresh) == "step00000012"
+
+    # Another run's staging folder (its plan is not the store's) is never copied up.
+    other = tmp_path / "c"
+    other.mkdir()
+    (other / "plan.json").write_text('{"method": "declip"}')
+    _write_checkpoint(other, 16)
+    push_unfinished_checkpoint(ObjectStore(url, other))
+    assert [tag for tag, _ in complete_checkpoints(store)][0] == "step00000012"
+
+
+def test_a_step_saved_again_first_takes_the_old_checkpoint_of_that_step_out_of_the_choice(s3_env, tmp_path):
+    """A resume that went back past a damaged checkpoint trains its step again: before any rank
+    copies, the old manifest is replaced, so a copy cut short never mixes old and new files."""
+    url = f"s3://{BUCKET}/runs/again"
+    _uploaded_run(tmp_path / "a", url, [4, 8])
+    uploads = StoreUpload(ObjectStore(url, tmp_path / "a"), writer=None)
+    assert uploads._invalidate(f"step00000008/{MANIFEST}")
+    assert [tag for tag, _ in complete_checkpoints(ObjectStore(url, tmp_path / "b"))] == ["step00000004"]

@@ -3,13 +3,17 @@ run stops, resumes from the URL on fresh staging folders (the same and another n
 with the losses of the uninterrupted run, passes over a checkpoint damaged in the store, and
 TensorBoard reads its events from the URL."""
 import json
+import re
+import signal
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from launching import REFERENCE_DIALS, check, launch, losses
+from engine.store import ObjectStore
+from engine.train.run_store import complete_checkpoints
+from launching import REFERENCE_DIALS, ROOT, check, command, launch, losses, wait_for
 from s3_server import BUCKET, s3_server  # noqa: F401  (the session fixture)
 
 STOP = 8
@@ -122,3 +126,30 @@ def test_a_bucket_that_does_not_exist_is_refused_before_any_work(s3_server, cach
     assert "error: s3://no-such-bucket/run: could not open the store" in result.stderr
     assert "the bucket 'no-such-bucket' does not exist: create it or fix the URL" in result.stderr
     assert not staging.exists()  # nothing written
+
+
+def test_a_signalled_run_copies_its_stop_checkpoint_before_it_exits(s3_server, cache_env, tmp_path,  # noqa: F811
+                                                                    monkeypatch):
+    prefix = "runs/signalled"
+    staging = tmp_path / "staging"
+    log = tmp_path / "run.log"
+    args = ["--global-batch", "32", "--steps", "200", "--checkpoint-every", "200", "--log-every", "1",
+            "--out", f"s3://{BUCKET}/{prefix}", "--staging", str(staging)]
+    with open(log, "w") as output:
+        job = subprocess.Popen(command(args), cwd=ROOT, env={**cache_env, **s3_server.env}, stdout=output,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: job.poll() is not None or (
+            (staging / "metrics.jsonl").exists() and len(losses(staging)) >= 3), 240, "three steps", log)
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=240) == 3, log.read_text()[-3000:]  # stopped with a checkpoint
+    finally:
+        job.kill()
+    text = log.read_text()
+    stopped = int(re.search(r"stopped at step (\d+) of 200 with a checkpoint", text).group(1))
+    assert f"checkpoint of step {stopped} reached s3://{BUCKET}/{prefix}" in text
+    assert text.index(f"checkpoint of step {stopped} reached") < text.index(f"stopped at step {stopped}")
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    store = ObjectStore(f"s3://{BUCKET}/{prefix}", tmp_path / "check")
+    assert [tag for tag, _ in complete_checkpoints(store)] == [f"step{stopped:08d}"]

@@ -183,7 +183,13 @@ class StoreUpload(LoopHook):
         self._told_no_delete = False
 
     def checkpointed(self, step: int, files: list[str]) -> None:
+        waited = time.perf_counter()
         failed = self._wait()
+        waited = time.perf_counter() - waited
+        if waited > 1 and self.is_main:
+            print(f"step {step}: waited {waited:.1f} s for the copy of the checkpoint of step {self._step} to "
+                  f"{self.store.url} (it took {self._seconds:.1f} s): checkpoints come faster than the store takes "
+                  "them; a larger --checkpoint-every keeps training from waiting", flush=True)
         if self.is_main and not failed and not self._invalidate(files[-1]):
             failed, self._step = True, step
         # Every rank is here together: they agree whether any upload failed and stop together.

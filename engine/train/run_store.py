@@ -18,6 +18,7 @@ Only one upload runs at a time: a checkpoint waits for the previous one's upload
 that ends, stops or is requeued waits for its last upload and says how long it took.
 """
 import json
+import os
 import shutil
 import threading
 import time
@@ -162,6 +163,16 @@ def agree_on_checkpoint(tag: str | None) -> None:
                            "a download was damaged on some node; run the same command again")
 
 
+def _lower_priority() -> None:
+    """The copying thread (and the client's transfer threads it starts, which inherit it) yields
+    the CPU to training: on a machine whose cores the step keeps busy, the copy takes longer
+    rather than the steps. Linux sets a niceness per thread; elsewhere nothing changes."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
 class StoreUpload(LoopHook):
     """Each checkpoint's files copied to the store in a background thread, each by one rank; on
     rank 0 also the run's other files (metrics, events, pictures), then old checkpoints removed
@@ -231,6 +242,7 @@ class StoreUpload(LoopHook):
         return values
 
     def _upload(self, files: list[str]) -> None:
+        _lower_priority()
         try:
             self._bytes = 0
             for name in files:  # the manifest last (rank 0)

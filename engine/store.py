@@ -11,6 +11,7 @@ Every client failure reaches the caller as `StoreError`, a UserError whose messa
 store, the operation and what to change (endpoint, credentials, bucket, permission).
 """
 import os
+import re
 import shutil
 import urllib.parse
 from pathlib import Path
@@ -30,6 +31,11 @@ class StoreError(UserError):
 def is_url(location: str | os.PathLike) -> bool:
     """A store folder rather than a local path: it has a scheme (s3://, gs://, ...)."""
     return "://" in str(location)
+
+
+def local_name(url: str) -> str:
+    """A folder name for a store folder: s3://bucket/team/run 1 -> bucket-team-run-1."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", url.split("://", 1)[-1]).strip("-")
 
 
 def join(url: str, *parts: str) -> str:

@@ -129,6 +129,12 @@ def main(argv=None) -> int:
         run = load_run(args.run, device)
         result = evaluation_class(args.task).open(given).score(run, device)
         path = benchmark.write_result(run, result, args.out)
+        if run.url is not None and args.out is None:  # beside the run, in the store
+            from engine.store import ObjectStore, join
+
+            relative = path.relative_to(run.run_dir).as_posix()
+            ObjectStore(run.url, run.run_dir).put(relative)
+            path = join(run.url, relative)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -275,7 +275,7 @@ def write_result(run: LoadedRun, result: Result, out: str | Path | None) -> Path
     path = Path(out) if out else default_out(run, result)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"task": result.task, "data": result.data, "metrics": result.metrics, "counts": result.counts,
-              "run": str(run.run_dir), "checkpoint": str(run.checkpoint), "step": run.step,
+              "run": run.url or str(run.run_dir), "checkpoint": str(run.checkpoint), "step": run.step,
               "method": run.plan["method"], "model": run.plan["model"], **({"settings": result.settings}
                                                                           if result.settings else {})}
     tmp = path.with_name(path.name + ".tmp")

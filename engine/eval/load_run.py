@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,7 +28,9 @@ from engine.errors import UserError
 from engine.models.presets import ModelPreset
 from engine.models.two_tower import TwoTower
 from engine.objectives.method import Method, lookup
+from engine.store import ObjectStore, is_url, local_name
 from engine.train import checkpoint, reshard
+from engine.train.run_store import pull_checkpoint, pull_run_files
 
 _MODULE_FILE = "mp_rank_00_model_states.pt"   # DeepSpeed's whole-module file (no ZeRO-3)
 _MODEL_PREFIX = "model."                      # the TwoTower inside model_with_loss.ModelWithLoss
@@ -45,11 +48,15 @@ class LoadedRun:
     step: int
     image_size: int
     preset: ModelPreset | None = None  # the architecture the model was built from (export)
+    url: str | None = None             # a run in an object store: run_dir is its local copy
 
 
 def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """(run directory, checkpoint folder) for a run directory (its newest intact checkpoint),
-    its checkpoints/ folder, or one checkpoint folder (stepNNNNNNNN)."""
+    its checkpoints/ folder, or one checkpoint folder (stepNNNNNNNN); or a run at a URL (--out
+    s3://...), copied first."""
+    if is_url(path):
+        return _copy_from_store(str(path))
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist: give a run directory (runs/<run>) or one of its "
@@ -66,6 +73,20 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
         return path.parent.parent, path
     raise UserError(f"{path} is neither a run directory (no plan.json) nor a checkpoint folder inside one "
                     f"(<run>/checkpoints/stepNNNNNNNN)")
+
+
+def _copy_from_store(url: str) -> tuple[Path, Path]:
+    """A run in an object store: its plan and newest intact checkpoint copied to a local folder
+    of their own (not a training's staging folder, which a run on this machine may be using)."""
+    folder = Path(tempfile.gettempdir()) / "clipzero-read" / local_name(url)
+    store = ObjectStore(url, folder)
+    pull_run_files(store)
+    if not (folder / "plan.json").exists():
+        raise UserError(f"{url} holds no run (no plan.json): give the --out URL of a training run")
+    tag = pull_checkpoint(store)
+    if tag is None:
+        raise UserError(f"{url} has no complete checkpoint yet: evaluate it after its first checkpoint reached the store")
+    return folder, folder / "checkpoints" / tag
 
 
 def _newest_intact(checkpoint_dir: Path) -> Path:
@@ -133,4 +154,5 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
     clean = strip_punctuation if method.data.strip_punctuation else None
     match = _STEP.fullmatch(folder.name)
     return LoadedRun(model, tokenizer, clean, plan, run_dir, folder,
-                     int(match.group(1)) if match else -1, int(plan["image_size"]), method.preset)
+                     int(match.group(1)) if match else -1, int(plan["image_size"]), method.preset,
+                     str(path) if is_url(path) else None)

@@ -5,11 +5,11 @@ A new checkpoint is written whole before the oldest is pruned (engine/train/chec
 run holds its KEEP_LAST complete checkpoints and, while it writes the next, one more.
 """
 import os
-import re
 import tempfile
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.store import local_name
 from engine.plan.memory import ADAM_STATE_BYTES_PER_PARAM, FP32_MASTER_BYTES_PER_PARAM, GB
 
 KEEP_LAST = 2  # complete checkpoints kept; older ones are deleted once a newer one is complete
@@ -105,7 +105,6 @@ def staging_decision(out: str | None, dialled: str | None) -> tuple[str | None, 
         return None, "--out is a local folder: the run is written there directly"
     if dialled is not None:
         return str(Path(dialled).absolute()), "--staging: each node writes the run here, then copies it to --out"
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", out.split("://", 1)[1]).strip("-")
-    folder = Path(tempfile.gettempdir()) / "clipzero-staging" / slug
+    folder = Path(tempfile.gettempdir()) / "clipzero-staging" / local_name(out)
     return (str(folder), "each node's temporary folder (TMPDIR; --staging to choose): the run is written here, "
             f"then copied to {out} in the background; a resume on a fresh disk fetches its checkpoint from there")

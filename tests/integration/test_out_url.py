@@ -153,3 +153,25 @@ def test_a_signalled_run_copies_its_stop_checkpoint_before_it_exits(s3_server, c
         monkeypatch.setenv(key, value)
     store = ObjectStore(f"s3://{BUCKET}/{prefix}", tmp_path / "check")
     assert [tag for tag, _ in complete_checkpoints(store)] == [f"step{stopped:08d}"]
+
+
+def test_evaluate_reads_a_run_from_its_url_and_scores_what_it_logged(stopped_run, s3_server, tmp_path):  # noqa: F811
+    """launchers/evaluate.py URL: the run's newest checkpoint (step 8, where it also evaluated)
+    copied down, scored on the held-out split as the run scored it, the result put beside it."""
+    from test_evaluate import RETRIEVAL, evaluate, heldout
+
+    env, prefix = stopped_run
+    url = f"s3://{BUCKET}/{prefix}"
+    result = evaluate([url, "--task", "retrieval", "--pairs", heldout(env)], {**env, "TMPDIR": str(tmp_path)})
+    check(result)
+    written = re.search(r"written to (s3://\S+)", result.stdout).group(1)
+    assert written.startswith(f"{url}/eval/retrieval-")
+    local = tmp_path / "record.json"
+    s3_server.client().download_file(BUCKET, written[len(f"s3://{BUCKET}/"):], str(local))
+    record = json.loads(local.read_text())
+    assert record["run"] == url and record["step"] == STOP
+    logged = [row for row in map(json.loads, (_store_run(s3_server, prefix, tmp_path / "store") / "metrics.jsonl")
+                                 .read_text().splitlines()) if "retrieval_i2t_r1" in row][-1]
+    assert logged["step"] == STOP
+    for name in RETRIEVAL:
+        assert record["metrics"][name] == pytest.approx(logged[name], abs=1e-9), name

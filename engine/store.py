@@ -58,6 +58,9 @@ def explain(error: BaseException, url: str, doing: str) -> str:
         fix = "the store refused the credentials: check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_PROFILE"
     elif "NoSuchBucket" in codes or "NoSuchBucket" in text or ("404" in codes and doing == "open the store"):
         fix = f"the bucket '{urllib.parse.urlparse(url).netloc}' does not exist: create it or fix the URL"
+    elif "403" in codes and doing == "open the store":  # a HEAD request: no error code comes back
+        fix = ("the store refused these credentials (403 on the bucket): check AWS_ACCESS_KEY_ID and "
+               "AWS_SECRET_ACCESS_KEY, and that they may list the bucket")
     elif {"AccessDenied", "Forbidden", "403"} & codes:
         fix = "permission denied: give these credentials read and write access to the prefix, or choose another URL"
     else:

@@ -3,6 +3,7 @@ by pull_checkpoint on a staging folder that never saw them, a half-uploaded or d
 passed over for the one before it; and the store's failures, each one line with its fix."""
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,57 @@ def test_a_step_saved_again_first_takes_the_old_checkpoint_of_that_step_out_of_t
     uploads = StoreUpload(ObjectStore(url, tmp_path / "a"), writer=None)
     assert uploads._invalidate(f"step00000008/{MANIFEST}")
     assert [tag for tag, _ in complete_checkpoints(ObjectStore(url, tmp_path / "b"))] == ["step00000004"]
+
+
+@pytest.fixture(scope="module")
+def store_with_users(tmp_path_factory):
+    """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT: the first
+    requests set it up unchecked): a bucket and a user who may only read it."""
+    import boto3
+
+    from engine.dist import free_port
+    from s3_server import _wait_until_serving, moto_server_command
+
+    command = moto_server_command()
+    if command is None:
+        pytest.skip("moto_server not found (the test extra)")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto-auth") / "moto_server.log"
+    setup_requests = 6  # the start check's GET, then the five requests below
+    with open(log, "w") as output:
+        process = subprocess.Popen([command, "-H", "127.0.0.1", "-p", str(port)], stdout=output, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(setup_requests)})
+    try:
+        _wait_until_serving(process, endpoint, log)
+        anyone = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
+                      aws_secret_access_key="setup")
+        boto3.client("s3", **anyone).create_bucket(Bucket="guarded")
+        iam = boto3.client("iam", **anyone)
+        iam.create_user(UserName="reader")
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        policy = iam.create_policy(PolicyName="no-writes", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+                          {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "*"}]}))
+        iam.attach_user_policy(UserName="reader", PolicyArn=policy["Policy"]["Arn"])
+        yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_wrong_credentials_and_no_write_permission_are_named(store_with_users, tmp_path, monkeypatch):
+    endpoint, reader_key, reader_secret = store_with_users
+    monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(StoreError, match="the store refused these credentials .403 on the bucket.: check AWS_ACCESS_KEY_ID"):
+        ObjectStore("s3://guarded/run", tmp_path)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", reader_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", reader_secret)
+    store = ObjectStore("s3://guarded/run", tmp_path)  # may read
+    assert store.keys() == []
+    with pytest.raises(StoreError, match="permission denied: give these credentials read and write access to the prefix"):
+        store.check_writable()

@@ -175,15 +175,16 @@ def test_a_step_saved_again_first_takes_the_old_checkpoint_of_that_step_out_of_t
 @pytest.fixture(scope="module")
 def store_with_users(tmp_path_factory):
     """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT: the first
-    requests set it up unchecked): a bucket and a user who may only read it."""
+    requests set it up unchecked): a bucket and a user who may do anything there but write."""
     import boto3
 
     from engine.dist import free_port
+    from loud_skip import skip_loudly
     from s3_server import _wait_until_serving, moto_server_command
 
     command = moto_server_command()
     if command is None:
-        pytest.skip("moto_server not found (the test extra)")
+        skip_loudly("moto_server not found: install the test extra (pip install -e '.[test]')")
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("moto-auth") / "moto_server.log"

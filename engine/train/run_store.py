@@ -42,8 +42,9 @@ RESUMED_FILES = ("plan.json", "ds_config.json", "metrics.jsonl", "wandb_run_id")
 
 
 def pull_run_files(store: ObjectStore) -> None:
-    """Rank 0, before the resume check: the store's copies of the run's files replace the
-    staging folder's (the store is the run; a staging folder may be left from an older one)."""
+    """Each node's first rank, before the resume check: the store's copies of the run's files
+    replace the staging folder's (the store is the run; a staging folder may be left from an
+    older one)."""
     for name in RESUMED_FILES:
         try:
             store.get(name)
@@ -123,10 +124,10 @@ def pull_checkpoint(store: ObjectStore) -> str | None:
     local = store.local_root / CHECKPOINTS
     chosen = None
     for tag, files in complete_checkpoints(store):
-        problem = _fetch(store, tag, files)
-        if problem is not None and any((local / tag / n).exists() for n in files):
-            shutil.rmtree(local / tag)  # a stale staged file, perhaps: once more, all from the store
-            problem = _fetch(store, tag, files)
+        problem, reused = _fetch(store, tag, files)
+        if problem is not None and reused:  # a stale staged file, perhaps: once more, all from the store
+            shutil.rmtree(local / tag)
+            problem, _ = _fetch(store, tag, files)
         if problem is None:
             chosen = tag
             break
@@ -141,18 +142,22 @@ def pull_checkpoint(store: ObjectStore) -> str | None:
     return chosen
 
 
-def _fetch(store: ObjectStore, tag: str, files: dict[str, int]) -> str | None:
-    """Download checkpoint `tag` into the staging folder; what is wrong with it, or None."""
+def _fetch(store: ObjectStore, tag: str, files: dict[str, int]) -> tuple[str | None, bool]:
+    """Download checkpoint `tag` into the staging folder: what is wrong with it (or None), and
+    whether a file already staged with its listed size was kept rather than downloaded."""
     folder = store.local_root / CHECKPOINTS / tag
+    reused = False
     try:
         for name, size in files.items():
             path = folder / name
-            if not (path.is_file() and path.stat().st_size == size):
+            if path.is_file() and path.stat().st_size == size:
+                reused = True
+            else:
                 store.get(f"{CHECKPOINTS}/{tag}/{name}", path)
         store.get(f"{CHECKPOINTS}/{tag}/{MANIFEST}", folder / MANIFEST)
     except FileNotFoundError as missing:  # removed between the listing and now
-        return str(missing)
-    return damage(folder, 0, 1)
+        return str(missing), reused
+    return damage(folder, 0, 1), reused
 
 
 def agree_on_checkpoint(tag: str | None) -> None:

@@ -145,7 +145,7 @@ def save(engine, checkpoint_dir: Path, step: int, rank_state: dict, *,
     _end_together(checkpoint_dir, tag, failure, expected_bytes)
     if dist.local_rank() == 0:  # each node's own disk (one node's is everyone's when shared)
         _prune(checkpoint_dir, keep=tag)
-    return Saved(tag, _uploads(sorted(files), seen, tag))
+    return Saved(tag, uploads(sorted(files), seen, tag, dist.rank()))
 
 
 def _files(folder: Path) -> dict[str, int]:
@@ -154,15 +154,16 @@ def _files(folder: Path) -> dict[str, int]:
             if p.is_file() and p.name != MANIFEST and ".tmp" not in p.name}
 
 
-def _uploads(names: list[str], seen: list[dict[str, int]], tag: str) -> list[str]:
-    """The files this rank copies to the store (engine/train/run_store.py): each file once, by
-    one of the ranks that see it, spread over them; the manifest last, by rank 0."""
+def uploads(names: list[str], seen: list[dict[str, int]], tag: str, rank: int) -> list[str]:
+    """The files `rank` copies to the store (engine/train/run_store.py), `seen` being the files
+    each rank sees: each file once, by one of the ranks that see it, spread over them; the
+    manifest last, by rank 0."""
     mine = []
     for i, name in enumerate(names):
         seers = [r for r, own in enumerate(seen) if name in own]
-        if seers[i % len(seers)] == dist.rank():
+        if seers[i % len(seers)] == rank:
             mine.append(f"{tag}/{name}")
-    return mine + ([f"{tag}/{MANIFEST}"] if dist.rank() == 0 else [])
+    return mine + ([f"{tag}/{MANIFEST}"] if rank == 0 else [])
 
 
 # What torch's zip writer raises when a write fails: a RuntimeError without the errno.

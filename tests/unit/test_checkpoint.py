@@ -140,3 +140,23 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_it_loaded(tmp_path
     assert "fails its CRC" in out["flipped"] or "unreadable" in out["flipped"]
     assert "no intact checkpoint" in out["none_left"] and "step00000001" in out["none_left"]
     assert "checkpoint" in capfd.readouterr().out  # the warning names what was set aside
+
+
+def test_each_file_of_a_checkpoint_is_copied_to_the_store_once_by_a_rank_that_sees_it():
+    from engine.train.checkpoint import MANIFEST, uploads
+
+    # Two nodes without a shared disk, two ranks each: a node's ranks see that node's files.
+    node0 = {"mp_rank_00_model_states.pt": 9, "zero_pp_rank_0.pt": 5, "zero_pp_rank_1.pt": 5,
+             "rank0.pt": 1, "rank1.pt": 1}
+    node1 = {"zero_pp_rank_2.pt": 5, "zero_pp_rank_3.pt": 5, "rank2.pt": 1, "rank3.pt": 1}
+    seen = [node0, node0, node1, node1]
+    names = sorted({**node0, **node1})
+    copied = [uploads(names, seen, "step00000004", rank) for rank in range(4)]
+    flat = [f for files in copied for f in files if not f.endswith(MANIFEST)]
+    assert sorted(flat) == [f"step00000004/{n}" for n in names]  # each file once
+    for rank, files in enumerate(copied):
+        assert all(f.split("/")[1] in seen[rank] for f in files if not f.endswith(MANIFEST))
+        assert files and (files[-1] == f"step00000004/{MANIFEST}") == (rank == 0)  # the manifest last, by rank 0
+    # A shared disk: every rank sees every file, and the copies are spread over all of them.
+    shared = [uploads(names, [{**node0, **node1}] * 4, "t", rank) for rank in range(4)]
+    assert [len(files) for files in shared] == [4, 2, 2, 2]  # 9 files, and rank 0's manifest

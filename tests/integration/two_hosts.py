@@ -14,6 +14,7 @@ leftovers of a crashed one) never collides; interface names stay within the kern
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -56,15 +57,22 @@ class TwoHosts:
                 "GLOO_SOCKET_IFNAME": self.interfaces[host],
                 "NCCL_SOCKET_IFNAME": self.interfaces[host]}
 
-    def popen(self, host: int, cmd, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    def popen(self, host: int, cmd, env: dict | None = None, disks: dict | None = None,
+              **kwargs) -> subprocess.Popen:
         """Start `cmd` (a list) inside namespace `host` (0, 1, ...): `ip netns exec NS cmd`, with a
         /dev/shm of its own, as a separate machine has (POSIX shared memory would otherwise be
         shared by the two "hosts": streaming keys its state there by node). `env` is the whole
-        environment, as for Popen (ip netns exec passes it on unchanged); other keyword
-        arguments go to Popen. Teardown kills it if it is still running."""
+        environment, as for Popen (ip netns exec passes it on unchanged); `disks` maps a
+        directory to the folder bind-mounted over it for this command alone (a local disk of the
+        host's own: the same path holds another folder on each host, and the machine's own
+        directory stays as it was); other keyword arguments go to Popen. Teardown kills it if
+        it is still running."""
         # `ip netns exec` runs in a mount namespace of its own (slave to the machine's), so the
-        # tmpfs mounted here is seen by this command alone.
-        own_shm = ["sh", "-c", 'mount -t tmpfs -o size=4g tmpfs /dev/shm && exec "$@"', "sh"]
+        # tmpfs and bind mounts made here are seen by this command alone.
+        script = "mount -t tmpfs -o size=4g tmpfs /dev/shm"
+        for target, source in (disks or {}).items():
+            script += f" && mount --bind {shlex.quote(str(source))} {shlex.quote(str(target))}"
+        own_shm = ["sh", "-c", script + ' && exec "$@"', "sh"]
         proc = subprocess.Popen([IP, "netns", "exec", self.namespaces[host], *own_shm, *map(str, cmd)],
                                 env=env, **kwargs)
         self.procs.append(proc)

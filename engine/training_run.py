@@ -34,6 +34,7 @@ from engine.eval.shard import Ranks, first_rows
 from engine.plan.hardware import probe
 from engine.launcher_env import Launch
 from engine.data.wordnet import find_wordnet
+from engine.data.workers import temp_dir_problem
 from engine.models.two_tower import TwoTower, count_parameters
 from engine.objectives.method import Method, lookup
 from engine.observe.bad_records import BadRecordTally
@@ -116,6 +117,8 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
                    image_size=preset.image_size, text_layers=preset.text_layers,
                    wordnet=None if wordnet is None else str(wordnet), launch=launch, data=facts)
     ds_config = apply_overrides(render(plan), dials.ds, world_size=plan.world_size)
+    if (problem := temp_dir_problem(plan.workers)) is not None:
+        raise UserError(problem)
     if plan.staging_dir is not None:  # --out is a store folder: reachable, and ours to write
         with tempfile.TemporaryDirectory() as scratch:  # nothing staged yet
             ObjectStore(dials.out, Path(scratch)).check_writable()

@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import tempfile
 
 from torch.utils.data import DataLoader
 from torch.utils.data._utils import signal_handling
@@ -21,6 +22,24 @@ from torch.utils.data._utils import signal_handling
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # prctl option: a signal the kernel sends this process when its parent dies
+
+
+# multiprocessing's Unix socket for passing a worker's batch to its rank is
+# TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX: 32 characters beyond TMPDIR, and a socket path holds
+# at most 107 bytes (sun_path, with its terminating NUL).
+SOCKET_PATH_MAX, SOCKET_NAME_BEYOND_TMPDIR = 107, 32
+
+
+def temp_dir_problem(workers: int) -> str | None:
+    """Why DataLoader workers could not hand their batches to the rank from this TMPDIR (a path
+    too long for a Unix socket: the workers would fail and the run stall), or None."""
+    temp = tempfile.gettempdir()
+    if workers == 0 or len(temp.encode()) + SOCKET_NAME_BEYOND_TMPDIR <= SOCKET_PATH_MAX:
+        return None
+    return (f"TMPDIR {temp} is {len(temp.encode())} characters long: the data workers pass their batches "
+            f"through Unix sockets made under it, whose paths may hold {SOCKET_PATH_MAX} bytes, so TMPDIR may "
+            f"have at most {SOCKET_PATH_MAX - SOCKET_NAME_BEYOND_TMPDIR}. Set TMPDIR to a shorter folder "
+            "(e.g. export TMPDIR=/tmp).")
 
 
 def worker_dies_with_its_rank(rank_pid: int, _worker_id: int = 0) -> None:

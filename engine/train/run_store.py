@@ -20,6 +20,7 @@ that ends, stops or is requeued waits for its last upload and says how long it t
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 
@@ -161,11 +162,13 @@ def _fetch(store: ObjectStore, tag: str, files: dict[str, int]) -> tuple[str | N
 
 
 def agree_on_checkpoint(tag: str | None) -> None:
-    """Every node must resume from the same checkpoint; the node leaders' choices, compared."""
-    leaders = {t for t, leader in dist.gather_to_all((tag, dist.local_rank() == 0)) if leader}
-    if len(leaders) > 1:
-        raise RuntimeError(f"the nodes found different newest checkpoints in the store ({sorted(map(str, leaders))}): "
-                           "a download was damaged on some node; run the same command again")
+    """Every node must resume from the same checkpoint: the node leaders' choices, compared."""
+    leaders = [(rank, host, t) for rank, (t, leader, host) in
+               enumerate(dist.gather_to_all((tag, dist.local_rank() == 0, socket.gethostname()))) if leader]
+    if len({t for _, _, t in leaders}) > 1:
+        found = ", ".join(f"rank {rank} on {host}: {t or 'none'}" for rank, host, t in leaders)
+        raise RuntimeError(f"the nodes found different newest intact checkpoints in the store ({found}): a "
+                           "download failed or was damaged on some node; run the same command again")
 
 
 def _lower_priority() -> None:

@@ -202,3 +202,27 @@ def test_ranks_of_a_node_start_together_after_a_killed_run(digits, tmp_path):
     for process, output in zip(ranks, outputs):
         assert process.returncode == 0 and "batch of 32" in output, output[-3000:]
     assert not Path(f"/dev/shm/{prefix}_locals").exists()  # removed, not kept as a live run's
+
+
+def test_a_tmpdir_too_long_for_the_workers_sockets_is_refused_with_the_fix(tmp_path, monkeypatch):
+    """Found on a two-host test: with a long TMPDIR the workers' batches could not reach the rank
+    (AF_UNIX path too long) and the run stalled until the collective timeout, blaming the data."""
+    import tempfile
+
+    from engine.data.workers import SOCKET_NAME_BEYOND_TMPDIR, SOCKET_PATH_MAX, temp_dir_problem
+
+    # What the limit stands for, in a process of its own: the socket multiprocessing makes there.
+    listen = ("import multiprocessing.connection as c\n"
+              "c.Listener(c.arbitrary_address('AF_UNIX')).close()")
+    longest = tmp_path / ("d" * (SOCKET_PATH_MAX - SOCKET_NAME_BEYOND_TMPDIR - len(str(tmp_path)) - 1))
+    too_long = Path(str(longest) + "x")
+    for folder, fits in ((longest, True), (too_long, False)):
+        folder.mkdir()
+        opened = subprocess.run([sys.executable, "-c", listen], env={**os.environ, "TMPDIR": str(folder)},
+                                capture_output=True, text=True, timeout=60)
+        assert (opened.returncode == 0) == fits, opened.stderr[-2000:]
+        monkeypatch.setattr(tempfile, "tempdir", str(folder))
+        problem = temp_dir_problem(workers=2)
+        assert (problem is None) == fits
+        assert temp_dir_problem(workers=0) is None
+    assert f"TMPDIR {too_long} is {len(str(too_long))} characters long" in problem and "export TMPDIR=/tmp" in problem

@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "run every part with the same options, then --merge OUT")
     p.add_argument("--merge", action="store_true", help="publish the N parts converted with --part I/N as one "
                    "dataset at OUT (give only OUT); names the parts still missing")
+    p.add_argument("--staging", metavar="DIR", help="local folder where a conversion from or to the object store "
+                   "stages source files and shards, a few per worker at a time (default: the system's temporary "
+                   "folder)")
     p.add_argument("--seed", type=int, default=0, help="seed of --synthetic (default: 0)")
     p.add_argument("--synthetic-size", type=int, default=64, metavar="PX", help="side of --synthetic images "
                    "(default: 64)")
@@ -103,7 +106,8 @@ def main(argv=None) -> int:
                          caption_column=args.caption_column, label_column=args.label_column,
                          classes=args.classes, split=args.split, image_root=args.image_root,
                          max_side=args.max_side, compression=args.compression, synthetic=args.synthetic,
-                         seed=args.seed, synthetic_size=args.synthetic_size, part=part)
+                         seed=args.seed, synthetic_size=args.synthetic_size, part=part,
+                         staging=args.staging)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 from engine.data.convert import parquet, writer
 from engine.data.convert.pairs import Columns, resolve_column
 from engine.data.convert.report import REPORT_NAME, Report
-from engine.data.convert.staged import DONE_PREFIX, Plan, convert_files, staging_folder
+from engine.data.convert.staged import DONE_PREFIX, Plan, convert_files, download, staging_folder
 from engine.data.convert.sources import open_source
 from engine.errors import UserError
 from engine.store import ObjectStore, StoreError, explain, is_url, join
@@ -91,7 +91,7 @@ def object_sizes(store: ObjectStore) -> dict[str, int]:
 
 def _check_parquet(store: ObjectStore, name: str, columns: Columns, staging: Path) -> None:
     """The first parquet file's columns, as a local conversion checks them, before any work."""
-    path = store.get(name, staging / "check" / PurePosixPath(name).name)
+    path = download(store, name, staging / "check" / PurePosixPath(name).name)
     try:
         if not parquet.has_image_column(path, columns.image):
             raise UserError(f"{join(store.url, name)} has no column of image bytes (img2dataset's metadata parquet "
@@ -158,8 +158,10 @@ def check_space(staging: Path, sizes: list[int], workers: int) -> None:
                         f"each): give --staging DIR on a disk with more room, or fewer --workers")
 
 
-def merge_store(out: str, staging: Path) -> Report:
-    """Publish the converted files at `out` as one dataset: index.json, written last."""
+def merge_store(out: str, staging: Path, known: dict[int, dict] | None = None) -> Report:
+    """Publish the converted files at `out` as one dataset: index.json, written last. `known`: the
+    markers this process wrote (the others are read from the store)."""
+    known = known or {}
     store = ObjectStore(out, staging / "merge")
     keys = store.keys()
     markers = {}
@@ -178,7 +180,7 @@ def merge_store(out: str, staging: Path) -> Report:
         raise UserError(f"cannot merge {out}: its files were converted by {len(markers)} different jobs (other "
                         f"source listings or options); rerun every part with the same options and --overwrite")
     (job, done), = markers.items()
-    first = json.loads(store.get(done[min(done)]).read_text())
+    first = known.get(min(done)) or _read_json(store, done[min(done)], staging)
     total, parts = first["files"], first["parts"]
     missing = [i for i in range(total) if i not in done]
     if missing:
@@ -191,7 +193,7 @@ def merge_store(out: str, staging: Path) -> Report:
     report = Report(out=out, workers=1)
     report.blocks, shards = 0, []
     with ThreadPoolExecutor(MARKER_READERS) as readers:  # many small objects: a request each
-        markers = readers.map(lambda index: json.loads(store.get(done[index]).read_text()), range(total))
+        markers = readers.map(lambda i: known.get(i) or _read_json(store, done[i], staging), range(total))
     for marker in markers:
         report.add_block(marker)
         report.processed += marker["entries"]
@@ -215,6 +217,13 @@ def merge_store(out: str, staging: Path) -> Report:
         store.put(name)
     store.delete(sorted(done.values()))
     return report
+
+
+def _read_json(store: ObjectStore, name: str, staging: Path) -> dict:
+    path = download(store, name, staging / "markers" / PurePosixPath(name).name)
+    content = json.loads(path.read_text())
+    path.unlink()
+    return content
 
 
 def convert_to_store(source: str, out: str, *, workers: int, overwrite: bool, columns: Columns, image_root,
@@ -244,19 +253,19 @@ def convert_to_store(source: str, out: str, *, workers: int, overwrite: bool, co
                                                               "classes": options.get("classes")})
         log(f"converting {len(todo)} of {len(names)} source file(s) from {source} into {out} "
             f"({'part %d of %d, ' % part if part else ''}staging in {folder})")
-        ran, counts = convert_files(plan, todo, workers, log)
+        ran, markers = convert_files(plan, todo, workers, log)
         if part is not None:
             report = Report(out=out, workers=ran, source=identity, max_side=options.get("max_side"),
                             options={key: value for key, value in options.items() if key != "classes"})
-            for count in counts:
-                report.add_block({**count, "shards": [None] * count["shard_count"]})
-                report.processed += count["entries"]
-                report.blocks += count["blocks"]
+            for marker in markers:
+                report.add_block(marker)
+                report.processed += marker["entries"]
+                report.blocks += marker["blocks"]
             report.seconds = time.monotonic() - started
             log(f"part {index} of {parts} is done; once all {parts} are, publish {out} with "
                 f"`launchers/convert.py --merge {out}`")
             return report
-        report = merge_store(out, folder)
+        report = merge_store(out, folder, {marker["file"]: marker for marker in markers})
         report.workers, report.seconds = ran, time.monotonic() - started
         return report
     finally:

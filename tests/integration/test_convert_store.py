@@ -5,6 +5,7 @@ samples of a local conversion, in order; reruns convert only the missing files; 
 before any work with a message naming what to change."""
 import json
 import re
+import subprocess
 
 import pyarrow as pa
 import pytest
@@ -13,6 +14,7 @@ from streaming import StreamingDataset
 from engine.data.convert import convert, merge, remote, staged, writer
 from engine.errors import UserError
 from launchers.convert import main as convert_main
+from tests.small_disk import mount_tmpfs
 from s3_server import BUCKET, s3_server  # noqa: F401  (the session fixture)
 from tests.unit.test_convert_sources import (_img2dataset_columns, _image, _samples, _write_parquet,
                                              _write_tar)
@@ -20,14 +22,14 @@ from tests.unit.test_convert_sources import (_img2dataset_columns, _image, _samp
 BLOCK = 16  # pairs per block: several blocks and shards per file, in a small source
 
 
-def _tars(folder, sizes):
+def _tars(folder, sizes, side: int = 8):
     """img2dataset-like tars of `sizes` samples (every 7th without its caption): the good pairs in order."""
     folder.mkdir(parents=True)
     pairs, n = [], 0
     for t, size in enumerate(sizes):
         members = []
         for _ in range(size):
-            encoded, caption = _image(n, size=(8, 8)), f"sample {n}"
+            encoded, caption = _image(n, size=(side, side)), f"sample {n}"
             members.append((f"{n:09d}.jpg", encoded))
             if n % 7:
                 members.append((f"{n:09d}.txt", caption.encode()))
@@ -151,11 +153,6 @@ def test_bad_input_stops_before_any_work_naming_what_to_change(s3_env, tmp_path,
     refused([source, str(tmp_path / "local-out")], r"writes to the object store: give OUT as s3://")
     refused([source, out, "--label-column", "cls"], r"needs --classes")
     refused([source, out, "--split", "test"], r"drop --split")
-    monkeypatch.setattr(remote, "SPACE_MARGIN", 2**60)
-    refused([source, out], r"the staging folder .* MiB free.*give --staging DIR on a disk with more room")
-    monkeypatch.undo()
-    monkeypatch.setattr(writer, "ENTRIES_PER_BLOCK", BLOCK)
-
     monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
     for key in s3_env.env:
         if key != "S3_ENDPOINT_URL":
@@ -170,3 +167,32 @@ def test_bad_input_stops_before_any_work_naming_what_to_change(s3_env, tmp_path,
     monkeypatch.setenv("HOME", str(tmp_path / "empty-home"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     refused([source, out], r"no credentials were found: set AWS_ACCESS_KEY_ID")
+
+
+def test_a_small_staging_disk_is_refused_before_work_and_a_full_one_resumes(s3_env, tmp_path, monkeypatch):
+    """A real 1 MiB file system as --staging: refused up front (the source files' sizes are listed);
+    with the check turned off, it fills up mid-run (the third tar alone is larger than the disk):
+    one line naming --staging, and the rerun on a larger disk converts only the file not done."""
+    pairs = _tars(tmp_path / "src", [30, 30, 200], side=64)
+    assert (tmp_path / "src" / "00002.tar").stat().st_size > 2**20
+    source, out = s3_env.upload(tmp_path / "src", "big-src"), f"s3://{BUCKET}/mds/full"
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "size=1M")
+    try:
+        with pytest.raises(UserError, match=rf"the staging folder {disk} has 1 MiB free; 1 worker\(s\) need about "
+                                            r"\d+ MiB there .*give --staging DIR on a disk with more room"):
+            convert(source, out, workers=1, staging=disk, log=lambda line: None)
+        monkeypatch.setattr(remote, "SPACE_PER_WORKER", 0)
+        monkeypatch.setattr(remote, "SPACE_MARGIN", 0)
+        with pytest.raises(UserError, match=rf"no space left in the staging folder {disk}/clipzero-convert-.*give "
+                                            r"--staging DIR on a disk with more room.*converts only the files not done"):
+            convert(source, out, workers=1, staging=disk, log=lambda line: None)
+        assert not list(disk.iterdir())  # the run's staging folder went with it
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+    done = [k for k in _keys(s3_env, "mds/full") if k.startswith(".converting/done/")]
+    assert [k[:22] for k in done] == [".converting/done/00000", ".converting/done/00001"]
+    lines = []
+    convert(source, out, workers=1, staging=tmp_path / "roomy", log=lines.append)
+    assert [line.split(":")[0].strip() for line in lines if "pairs written" in line] == ["00002.tar"]
+    assert _streamed(out, tmp_path / "cache") == pairs

@@ -153,8 +153,8 @@ def check_space(staging: Path, sizes: list[int], workers: int) -> None:
     need = workers * SPACE_PER_WORKER * max(sizes, default=0) + SPACE_MARGIN
     free = shutil.disk_usage(staging).free
     if max(sizes, default=0) and free < need:
-        raise UserError(f"the staging folder {staging.parent} has {free / 2**20:,.0f} MiB free; {workers} worker(s) need "
-                        f"about {need / 2**20:,.0f} MiB there ({SPACE_PER_WORKER} x the largest source file "
+        raise UserError(f"the staging folder {staging.parent} has {free / 2**20:,.0f} MiB free; {workers} worker(s) "
+                        f"need about {need / 2**20:,.0f} MiB there ({SPACE_PER_WORKER} x the largest source file "
                         f"each): give --staging DIR on a disk with more room, or fewer --workers")
 
 

@@ -94,7 +94,8 @@ def run_files(plan: Plan, worker: int, todo: list[int], log: Callable[[str], Non
         if source is None:
             base = Path(plan.source)
             return base if base.is_file() else base / plan.names[index]
-        return download(source, plan.names[index], root / "in" / f"{index:05d}" / PurePosixPath(plan.names[index]).name)
+        name = plan.names[index]
+        return download(source, name, root / "in" / f"{index:05d}" / PurePosixPath(name).name)
 
     try:
         with ThreadPoolExecutor(1) as fetcher, ThreadPoolExecutor(1) as uploader:
@@ -114,7 +115,7 @@ def run_files(plan: Plan, worker: int, todo: list[int], log: Callable[[str], Non
             if uploading is not None:
                 uploading.result()
         return counts
-    except (OSError, StoreError) as error:
+    except (OSError, UserError) as error:  # writer.write_block's own Interrupted names no --staging
         if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _chain(error)):
             raise Interrupted(f"no space left in the staging folder {plan.staging} ({error}); give --staging DIR on "
                               f"a disk with more room, or fewer --workers, then run the same command again: it "

@@ -121,6 +121,8 @@ def run(source: str, out: str, workers: int, env: dict, pairs: int, moto) -> dic
     if done.returncode != 0:
         raise RuntimeError(f"convert.py {source} {out} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["code"] != 0:
+        raise RuntimeError(f"convert.py {source} {out} exited {result['code']}:\n{done.stderr[-3000:]}")
     seconds, cpu = result["seconds"], result["cpu_seconds"]
     return {"source": source, "out": out, "workers": workers, "seconds": seconds, "cpu_seconds": cpu,
             "store_server_cpu_seconds": sum(server.cpu_times()[:2]) - server_before,

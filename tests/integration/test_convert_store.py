@@ -4,7 +4,9 @@ merge publishes (index.json last), read back by streaming's StreamingDataset wit
 samples of a local conversion, in order; reruns convert only the missing files; bad input stops
 before any work with a message naming what to change."""
 import json
+import os
 import re
+import signal
 import subprocess
 
 import pyarrow as pa
@@ -195,4 +197,28 @@ def test_a_small_staging_disk_is_refused_before_work_and_a_full_one_resumes(s3_e
     lines = []
     convert(source, out, workers=1, staging=tmp_path / "roomy", log=lines.append)
     assert [line.split(":")[0].strip() for line in lines if "pairs written" in line] == ["00002.tar"]
+    assert _streamed(out, tmp_path / "cache") == pairs
+
+
+def test_a_killed_worker_ends_the_run_with_a_message_and_the_rerun_finishes(s3_env, tmp_path, monkeypatch, capfd):
+    pairs = _tars(tmp_path / "src", [20, 20, 20, 20])
+    source, out = s3_env.upload(tmp_path / "src", "kill-src"), f"s3://{BUCKET}/mds/killed"
+    convert_file = staged.convert_file
+
+    def killed_on_file_1(plan, index, local, root):
+        if index == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+        return convert_file(plan, index, local, root)
+    monkeypatch.setattr(staged, "convert_file", killed_on_file_1)  # the forked workers inherit it
+    with pytest.raises(UserError, match=r"a convert worker died .*run the same command again, it converts only"):
+        convert(source, out, workers=2, log=lambda line: None)
+    keys = _keys(s3_env, "mds/killed")
+    done = {f"{k[17:22]}.tar" for k in keys if k.startswith(".converting/done/")}
+    assert "index.json" not in keys and "00001.tar" not in done
+    monkeypatch.setattr(staged, "convert_file", convert_file)
+    capfd.readouterr()
+    convert(source, out, workers=2, log=lambda line: None)
+    rerun = capfd.readouterr().err  # the workers' lines, one per converted file
+    converted = {line.split(":")[0].strip() for line in rerun.splitlines() if "pairs written" in line}
+    assert converted == {"00000.tar", "00001.tar", "00002.tar", "00003.tar"} - done
     assert _streamed(out, tmp_path / "cache") == pairs

@@ -174,7 +174,7 @@ def test_bad_input_stops_before_any_work_naming_what_to_change(s3_env, tmp_path,
 def test_a_small_staging_disk_is_refused_before_work_and_a_full_one_resumes(s3_env, tmp_path, monkeypatch):
     """A real 1 MiB file system as --staging: refused up front (the source files' sizes are listed);
     with the check turned off, it fills up mid-run (the third tar alone is larger than the disk):
-    one line naming --staging, and the rerun on a larger disk converts only the file not done."""
+    one line naming --staging, and the rerun on a larger disk converts only the files not done."""
     pairs = _tars(tmp_path / "src", [30, 30, 200], side=64)
     assert (tmp_path / "src" / "00002.tar").stat().st_size > 2**20
     source, out = s3_env.upload(tmp_path / "src", "big-src"), f"s3://{BUCKET}/mds/full"
@@ -192,11 +192,13 @@ def test_a_small_staging_disk_is_refused_before_work_and_a_full_one_resumes(s3_e
         assert not list(disk.iterdir())  # the run's staging folder went with it
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
-    done = [k for k in _keys(s3_env, "mds/full") if k.startswith(".converting/done/")]
-    assert [k[:22] for k in done] == [".converting/done/00000", ".converting/done/00001"]
+    # File 0 is done; file 1 too unless file 2's download filled the disk while its shards were written.
+    done = [f"{k[17:22]}.tar" for k in _keys(s3_env, "mds/full") if k.startswith(".converting/done/")]
+    assert done in (["00000.tar"], ["00000.tar", "00001.tar"])
     lines = []
     convert(source, out, workers=1, staging=tmp_path / "roomy", log=lines.append)
-    assert [line.split(":")[0].strip() for line in lines if "pairs written" in line] == ["00002.tar"]
+    assert [line.split(":")[0].strip() for line in lines if "pairs written" in line] == \
+        [name for name in ("00000.tar", "00001.tar", "00002.tar") if name not in done]
     assert _streamed(out, tmp_path / "cache") == pairs
 
 
@@ -220,5 +222,6 @@ def test_a_killed_worker_ends_the_run_with_a_message_and_the_rerun_finishes(s3_e
     convert(source, out, workers=2, log=lambda line: None)
     rerun = capfd.readouterr().err  # the workers' lines, one per converted file
     converted = {line.split(":")[0].strip() for line in rerun.splitlines() if "pairs written" in line}
-    assert converted == {"00000.tar", "00001.tar", "00002.tar", "00003.tar"} - done
+    # A marker whose PUT was in flight when the worker died may land after the listing above: whole anyway.
+    assert "00001.tar" in converted and not converted & done
     assert _streamed(out, tmp_path / "cache") == pairs

@@ -153,6 +153,8 @@ def test_bad_input_stops_before_any_work_naming_what_to_change(s3_env, tmp_path,
                                                   r"exist.*give the prefix")
     refused([source, f"s3://no-such-out-{BUCKET}/mds"], r"bucket 'no-such-out-clipzero-test' does not exist")
     refused([source, str(tmp_path / "local-out")], r"writes to the object store: give OUT as s3://")
+    refused([source, f"s3://{BUCKET}/bad-src", "--overwrite"], r"output s3://clipzero-test/bad-src holds the source")
+    assert _keys(s3_env, "bad-src") == ["00000.parquet", "00000.tar"]
     refused([source, out, "--label-column", "cls"], r"needs --classes")
     refused([source, out, "--split", "test"], r"drop --split")
     monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port

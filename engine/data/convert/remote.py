@@ -233,6 +233,8 @@ def convert_to_store(source: str, out: str, *, workers: int, overwrite: bool, co
         raise UserError(f"source {source}: a conversion from the object store writes to the object store: give "
                         f"OUT as s3://bucket/prefix (pretraining's --data reads it there), or download the "
                         f"source and convert it to a local OUT")
+    if is_url(source) and (source.rstrip("/") + "/").startswith(out.rstrip("/") + "/"):
+        raise UserError(f"output {out} holds the source {source}: choose an OUT outside the source prefix")
     started = time.monotonic()
     folder = staging_folder(staging)
     try:

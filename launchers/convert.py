@@ -10,6 +10,8 @@
   python launchers/convert.py laion_shards/ /data/mds/laion --part 3/8  # part 3 of 8, on any machine,
   python launchers/convert.py --merge /data/mds/laion                   # then publish the 8 parts as one
   sbatch --array 0-7 launchers/slurm/convert.sbatch laion_shards/ /data/mds/laion   # the same on SLURM
+  python launchers/convert.py s3://bucket/laion s3://bucket/mds/laion --workers 16   # object store
+  sbatch --array 0-31 launchers/slurm/convert.sbatch s3://bucket/laion s3://bucket/mds/laion
 
 Sources: a folder of images with same-stem .txt captions; a .csv, .tsv or .jsonl file of image
 paths (relative to the file's folder or --image-root, or absolute) and captions; img2dataset
@@ -24,6 +26,15 @@ number mod N is I) into its own folder beside OUT (all parts need the source and
 folder at the same paths, e.g. on a shared file system); a rerun of a part converts only what it
 lacks. --merge checks that all N parts are done with the same options and publishes OUT: the same
 samples, in the same order, in the same shards as one conversion of the whole source.
+
+Object store (engine/data/convert/remote.py): SOURCE s3://bucket/prefix of webdataset .tar files
+(directly under it) or parquet files with image bytes (below it), or a local folder of them, to
+OUT s3://bucket/prefix (S3_ENDPOINT_URL and AWS_* credentials as for streaming). Each source file
+is converted alone (downloaded into --staging when its worker reaches it, deleted after), its
+shards uploaded to OUT/file-FFFFF/ and a done marker written last; --part I/N takes every N-th
+file; reruns convert only files without a marker; the merge writes OUT/index.json last. The
+endpoint, credentials, bucket, source prefix, OUT's write permission and the staging disk are
+checked before any work.
 """
 import argparse
 import os
@@ -40,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                       "%(prog)s --merge OUT")
     p.add_argument("paths", nargs="+", metavar="SOURCE OUT",
                    help="what to convert (folder, .csv/.tsv/.jsonl, .tar or folder of them, .parquet or folder "
-                        "of them, Karpathy .json) and the MDS directory to create; only OUT with --synthetic")
+                        "of them, Karpathy .json, or s3://bucket/prefix of .tar/.parquet) and the MDS directory (or s3:// "
+                        "prefix) to create; only OUT with --synthetic")
     p.add_argument("--workers", type=int, help="processes reading, checking and writing (default: min(8, CPUs)); "
                    "the dataset is the same for any number")
     p.add_argument("--shard-size", "--shard-size-mb", dest="shard_size_mb", type=int, default=64, metavar="MIB",
@@ -71,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "run every part with the same options, then --merge OUT")
     p.add_argument("--merge", action="store_true", help="publish the N parts converted with --part I/N as one "
                    "dataset at OUT (give only OUT); names the parts still missing")
+    p.add_argument("--staging", metavar="DIR", help="local folder where a conversion from or to the object store "
+                   "stages source files and shards, a few per worker at a time (default: the system's temporary "
+                   "folder)")
     p.add_argument("--seed", type=int, default=0, help="seed of --synthetic (default: 0)")
     p.add_argument("--synthetic-size", type=int, default=64, metavar="PX", help="side of --synthetic images "
                    "(default: 64)")
@@ -103,7 +118,8 @@ def main(argv=None) -> int:
                          caption_column=args.caption_column, label_column=args.label_column,
                          classes=args.classes, split=args.split, image_root=args.image_root,
                          max_side=args.max_side, compression=args.compression, synthetic=args.synthetic,
-                         seed=args.seed, synthetic_size=args.synthetic_size, part=part)
+                         seed=args.seed, synthetic_size=args.synthetic_size, part=part,
+                         staging=args.staging)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """`sbatch --array 0-1 launchers/slurm/convert.sbatch SRC DST` on the real SLURM of the test suite
 (tests/integration/slurm_cluster.py): two tasks convert a part each, a dependent job merges;
 when a part fails the merge names it, and resubmitting that part alone publishes the dataset,
-the same as a conversion in one process."""
+the same as a conversion in one process; and the same from an s3:// source to an s3:// DST."""
 import json
 import re
 import sys
@@ -14,6 +14,8 @@ from launching import ROOT
 from engine.data.convert import convert, writer
 from tests.unit.test_convert_parallel import _samples, _write_folder
 from tests.unit.test_convert_split import _shards
+from s3_server import BUCKET, s3_server  # noqa: F401  (the session fixture)
+from test_convert_store import _streamed, _tars
 
 SBATCH = ROOT / "launchers" / "slurm" / "convert.sbatch"
 
@@ -60,3 +62,22 @@ def test_array_job_converts_parts_and_a_dependent_job_merges_them(slurm_cluster,
     assert "wrote 1,100 samples" in (tmp_path / f"convert-{again}_merge.out").read_text()
     assert _samples(dst) == _samples(tmp_path / "whole") == pairs
     assert _shards(dst) == _shards(tmp_path / "whole")
+
+
+def test_array_job_from_and_to_the_object_store(slurm_cluster, s3_server, tmp_path, monkeypatch):  # noqa: F811
+    """The same array job with s3:// SOURCE and DST (moto's server, s3_server.py): no shared disk
+    is used; the merge job publishes a dataset that streams back as a local conversion's samples."""
+    pairs = _tars(tmp_path / "src", [12, 9, 5])
+    convert(tmp_path / "src", tmp_path / "whole", workers=1, log=lambda line: None)
+    source, dst = s3_server.upload(tmp_path / "src", "slurm-src"), f"s3://{BUCKET}/slurm-dst"
+    env = {"CLIPZERO_ROOT": str(ROOT), "CLIPZERO_PYTHON": sys.executable, **s3_server.env}
+    options = [f"--chdir={tmp_path}", f"--output={tmp_path}/convert-%A_%a.out"]
+    array = slurm_cluster.submit(SBATCH, [source, dst, "--workers", "1", "--staging", tmp_path / "staging"],
+                                 ["--array=0-1", *options], env=env)
+    merge = _merge_job(tmp_path / f"convert-{array}_0.out")
+    slurm_cluster.wait_until(merge, "COMPLETED", timeout=120)
+    assert "wrote 22 samples to s3://" in (tmp_path / f"convert-{array}_merge.out").read_text()
+    assert "converting 2 of 3 source file(s)" in (tmp_path / f"convert-{array}_0.out").read_text()
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    assert _streamed(dst, tmp_path / "cache") == _samples(tmp_path / "whole") == pairs

@@ -26,7 +26,7 @@ from typing import Callable
 
 from streaming.base.compression import get_compressions
 
-from engine.data.convert import failures, writer
+from engine.data.convert import failures, remote, writer
 from engine.data.convert import split as splits  # `split` is convert()'s Karpathy-split option
 from engine.data.convert.report import Progress, Report
 from engine.data.convert.pairs import Columns
@@ -34,6 +34,7 @@ from engine.data.convert.samples import SampleRules
 from engine.data.convert.sources import SUPPORTED_SOURCES, open_source, sorted_classnames
 from engine.data.convert.synthetic import synthetic_source
 from engine.errors import UserError
+from engine.store import is_url
 
 __all__ = ["convert", "merge", "Report", "SUPPORTED_SOURCES"]
 
@@ -52,12 +53,16 @@ def convert(source: str | Path | None, out: str | Path, *, workers: int | None =
             label_column: str | None = None, classes: str | Path | None = None, split: str | None = None,
             image_root: str | Path | None = None, max_side: int | None = None, compression: str | None = None,
             synthetic: int | None = None, seed: int = 0, synthetic_size: int = 64,
-            part: tuple[int, int] | None = None, log: Callable[[str], None] = _stderr) -> Report:
+            part: tuple[int, int] | None = None, staging: str | Path | None = None,
+            log: Callable[[str], None] = _stderr) -> Report:
     """Convert `source` (or `synthetic` drawn pairs) into an MDS dataset at `out`; see the module docstrings.
 
-    With `part` (i, n), convert only part i of n and publish nothing: `merge(out)` does, once all are done."""
-    _refuse_urls(source=source, output=out)
-    out = Path(out)
+    With `part` (i, n), convert only part i of n and publish nothing: `merge(out)` does, once all are done.
+    A URL source or OUT (s3://...) goes through remote.py, which stages files in `staging`."""
+    if is_url(out) and synthetic is not None:
+        raise UserError(f"output {out}: --synthetic writes a local OUT; convert there and upload the folder")
+    if not (is_url(out) or is_url(source or "")):
+        out = Path(out)
     if not 1 <= shard_size_mb < 4096:  # MDS stores offsets in a shard as uint32
         raise UserError(f"--shard-size {shard_size_mb}: give 1 to 4095 MiB (64 is the usual size)")
     cpus = _usable_cpus()
@@ -71,6 +76,10 @@ def convert(source: str | Path | None, out: str | Path, *, workers: int | None =
         raise UserError(f"--max-side {max_side}: give the longest side in pixels an image may keep, e.g. 512")
     compression = _checked_compression(compression)
     class_file = _read_classes(Path(classes)) if classes is not None else None
+    if is_url(out) or is_url(source or ""):
+        return _convert_store(source, str(out), workers, overwrite, Columns(image_column, caption_column,
+                              label_column), class_file, split, image_root, max_side, compression,
+                              shard_size_mb, part, staging, log)
 
     pairs = _source(source, Columns(image_column, caption_column, label_column), split, image_root,
                     synthetic, seed, synthetic_size)
@@ -138,7 +147,12 @@ def convert(source: str | Path | None, out: str | Path, *, workers: int | None =
 
 def merge(out: str | Path, *, overwrite: bool = False) -> Report:
     """Publish the parts of a split conversion (`convert(..., part=(i, n))` for every i) as one dataset at `out`."""
-    _refuse_urls(output=out)
+    if is_url(out):
+        folder = remote.staging_folder(None)
+        try:
+            return remote.merge_store(str(out), folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
     out = Path(out)
     top = writer.work_dir(out)
     if not top.is_dir():
@@ -167,14 +181,30 @@ def merge(out: str | Path, *, overwrite: bool = False) -> Report:
     return report
 
 
-def _refuse_urls(**paths) -> None:
-    """A URL taken as a path would make a local folder named `s3:` (or worse); say what works instead."""
-    for what, path in paths.items():
-        if path is not None and "://" in str(path):
-            raise UserError(f"{what} {path}: the converter reads and writes local or shared-file-system paths, not "
-                            f"URLs yet; copy the source to a disk (or mount the bucket, e.g. with s3fs or "
-                            f"mountpoint-s3), write OUT there, and upload OUT as one folder (pretraining's --data "
-                            f"reads s3:// directly)")
+def _convert_store(source, out: str, workers: int, overwrite: bool, columns: Columns, class_file,
+                   split, image_root, max_side, compression, shard_size_mb: int, part, staging, log) -> Report:
+    """A conversion from or to the object store (remote.py), its options checked as a local one's."""
+    if source is None:
+        raise UserError(f"give a source to convert ({SUPPORTED_SOURCES})")
+    source = str(source)
+    if split is not None:
+        raise UserError("--split selects images of a Karpathy-split JSON file; a conversion from or to the "
+                        "object store reads .tar or .parquet files: drop --split")
+    if image_root is not None and is_url(source):
+        raise UserError(f"--image-root: source {source} is in the object store, whose parquet files must hold the "
+                        f"image bytes: drop --image-root")
+    if columns.label is not None and class_file is None:
+        raise UserError("--label-column to the object store needs --classes FILE: the class ids must be known "
+                        "before the files are converted one by one (a local conversion reads every label first)")
+    rules, classes_json = _labels((lambda: []) if columns.label is not None else None, class_file, max_side)
+    options = {"image_column": columns.image, "caption_column": columns.caption, "label_column": columns.label,
+               "max_side": max_side, "shard_size_mb": shard_size_mb, "compression": compression,
+               "classes": classes_json}
+    job = writer.Job(columns={**MDS_COLUMNS, **(LABEL_COLUMN if rules.label_ids is not None else {})},
+                     size_limit=shard_size_mb * 2**20, compression=compression, rules=rules)
+    return remote.convert_to_store(source, out, workers=workers, overwrite=overwrite, columns=columns,
+                                   image_root=image_root, job=job, options=options, part=part, staging=staging,
+                                   log=log)
 
 
 def _check_split(top: Path, out: Path, part: tuple[int, int] | None, overwrite: bool) -> None:

@@ -15,7 +15,7 @@ when the step ended. Those steps are compared with the store run's other steps (
 and with the same steps of the local run (the same steps, no copy). A checkpoint's own writing
 is not step time in either run (the throughput hook restarts its clock after it).
 
-    python benchmarks/checkpoint_upload.py      # ViT-B/32, 1.8 GB checkpoints, ~12 min on 2 cores
+    python benchmarks/checkpoint_upload.py      # ViT-B/32, 1.8 GB checkpoints, ~6 min on 2 cores
 """
 import argparse
 import json
@@ -87,8 +87,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit-b-32")
     parser.add_argument("--global-batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=14)
-    parser.add_argument("--checkpoint-every", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--checkpoint-every", type=int, default=10)
     parser.add_argument("--store-nice", type=int, default=19, help="niceness of the S3 server (0: as the run)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "checkpoint_upload_cpu.json"))
     args = parser.parse_args()
@@ -100,7 +100,8 @@ def main() -> None:
         store_s = train(args, f"s3://{BUCKET}/run", {**env, "TMPDIR": str(work)}, work / "store.log")
         local = step_lines(work / "local" / "metrics.jsonl")
         store = step_lines(next(work.glob("clipzero-staging/*")) / "metrics.jsonl")
-        reached = [line for line in (work / "store.log").read_text().splitlines() if "reached s3://" in line]
+        said = [line.strip() for line in (work / "store.log").read_text().splitlines()
+                if "reached s3://" in line or "waited" in line]
     finally:
         server.terminate()
         server.wait()
@@ -123,17 +124,19 @@ def main() -> None:
         "ratio_during_vs_other_steps": median(store, during) / median(store, normal),
         "ratio_during_vs_local_run": median(store, during) / median(local, during),
         "run_s": {"local": local_s, "store": store_s},
-        "last_checkpoint": reached[-1] if reached else None,
+        "store_run_said": said,
     }
     record = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
               "args": vars(args), "figures": figures}
     Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"{len(during)} steps overlapped an upload (each upload {', '.join(f'{u:.1f}' for u in figures['upload_s'])} s)")
+    print(f"{len(during)} steps overlapped an upload" + (f" (copies of {', '.join(f'{u:.1f}' for u in figures['upload_s'])} s)"
+                                                          if figures["upload_s"] else ""))
     print(f"median step: {figures['step_s_during_upload']:.3f} s during an upload, "
           f"{figures['step_s_other_steps_same_run']:.3f} s on the run's other steps, "
           f"{figures['step_s_same_steps_local_run']:.3f} s on the same steps of the local run")
     print(f"ratio during / other steps: {figures['ratio_during_vs_other_steps']:.2f}; "
           f"during / local run: {figures['ratio_during_vs_local_run']:.2f} (target <= 1.2)")
+    print("\n".join(said))
     print(f"written to {args.json}")
     shutil.rmtree(work, ignore_errors=True)
 

@@ -147,9 +147,15 @@ class ObjectStore:
         return sorted(key[cut:] if key.startswith(base) else key for key in listed)
 
     @property
+    def s3_client(self):
+        """The boto3 client streaming's S3 uploader made for this store (None on other schemes): for
+        what streaming's classes do not offer (delete, sizes, a download in one request)."""
+        return getattr(self._uploader, "s3", None)
+
+    @property
     def can_delete(self) -> bool:
         """Whether old objects can be removed (S3's client: yes; streaming has no delete)."""
-        return hasattr(self._uploader, "s3")
+        return self.s3_client is not None
 
     def delete(self, relatives: list[str]) -> None:
         """Remove objects (S3 only: see can_delete). Missing ones are no error."""
@@ -160,7 +166,7 @@ class ObjectStore:
         try:
             for start in range(0, len(relatives), 1000):  # the API's limit per request
                 chunk = relatives[start:start + 1000]
-                self._uploader.s3.delete_objects(Bucket=parsed.netloc, Delete={
+                self.s3_client.delete_objects(Bucket=parsed.netloc, Delete={
                     "Objects": [{"Key": f"{base}/{r}" if base else r} for r in chunk], "Quiet": True})
         except Exception as error:
             raise StoreError(explain(error, self.url, "delete old objects")) from error

@@ -198,7 +198,7 @@ class StoreUpload(LoopHook):
         self._bytes = 0
         self._synced: dict[str, tuple[int, int]] = {}
         self._finished = False
-        self._reported = False
+        self._finished_copies: list[float] = []  # seconds, since the last log line
         self._told_no_delete = False
 
     def checkpointed(self, step: int, files: list[str]) -> None:
@@ -222,7 +222,7 @@ class StoreUpload(LoopHook):
             raise UserError(f"the checkpoint of step {self._step} did not reach {self.store.url}: {self._error}")
         if self.writer is not None:
             self.writer.flush()
-        self._step, self._started, self._error, self._reported = step, time.perf_counter(), None, False
+        self._step, self._started, self._error = step, time.perf_counter(), None
         self._thread = threading.Thread(target=self._upload, args=(files,), name="checkpoint-upload", daemon=True)
         self._thread.start()
 
@@ -241,12 +241,11 @@ class StoreUpload(LoopHook):
 
     def scalars(self, step: int) -> dict[str, float]:
         """On the log line: whether this rank's copy of a checkpoint was still going on at this
-        step (the steps it overlaps), and how long the last finished one took."""
-        uploading = self._thread is not None and self._thread.is_alive()
-        values = {"perf/upload_in_flight": float(uploading)}
-        if not uploading and self._thread is not None and self._error is None and not self._reported:
-            values["time/upload_s"] = self._seconds  # once per checkpoint
-            self._reported = True
+        step (the steps it overlaps), and how long a copy that finished since the last line took."""
+        values = {"perf/upload_in_flight": float(self._thread is not None and self._thread.is_alive())}
+        if self._finished_copies:
+            values["time/upload_s"] = self._finished_copies[-1]
+            self._finished_copies.clear()
         return values
 
     def _upload(self, files: list[str]) -> None:
@@ -257,6 +256,7 @@ class StoreUpload(LoopHook):
                 self._bytes += (self.store.local_root / CHECKPOINTS / name).stat().st_size
                 self.store.put(f"{CHECKPOINTS}/{name}")
             self._seconds = time.perf_counter() - self._started
+            self._finished_copies.append(self._seconds)
             if self.is_main:
                 self.sync_run_files()
                 self._prune()

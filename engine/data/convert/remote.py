@@ -74,9 +74,9 @@ def list_source(source: str, columns: Columns, image_root, staging: Path) -> tup
 
 
 def object_sizes(store: ObjectStore) -> dict[str, int]:
-    """Object sizes under the store folder, for the staging space check. engine/store.py lists names
-    only; this asks the same S3 client streaming made for it (other schemes: no sizes, no check)."""
-    client = getattr(store._uploader, "s3", None)
+    """Object sizes under the store folder, for the staging space check. ObjectStore lists names
+    only; this asks its S3 client (other schemes: no sizes, no check)."""
+    client = store.s3_client
     if client is None:
         return {}
     bucket, _, base = store.url.split("://", 1)[1].partition("/")

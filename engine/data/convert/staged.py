@@ -179,11 +179,11 @@ def upload_file(out: ObjectStore, plan: Plan, index: int, marker: dict) -> None:
 def download(store: ObjectStore, name: str, destination: Path) -> Path:
     """store.get(name, destination), through the S3 client the store already holds where it has one:
     store.get makes a client per call (streaming's CloudDownloader.direct_download), which costs
-    about 0.2 CPU-s each, a file's worth of pairs at a time (engine/store.py is not ours to change);
+    about 0.2 CPU-s each, a file's worth of pairs at a time;
     and in one GET up to SINGLE_STREAM's threshold, not in 8 MiB ranges from 10 threads (boto's
     default): a quarter of the CPU time, and the worker needs the file only by the time it is done
     converting the one before."""
-    client = getattr(store._uploader, "s3", None)
+    client = store.s3_client
     if client is None:
         return store.get(name, destination)
     # boto3 only where the store is S3 (its client exists, so boto3 is installed)

@@ -12,7 +12,6 @@ store, the operation and what to change (endpoint, credentials, bucket, permissi
 """
 import os
 import re
-import shutil
 import urllib.parse
 from pathlib import Path
 
@@ -181,13 +180,3 @@ class ObjectStore:
             self.delete([probe])
         finally:
             path.unlink(missing_ok=True)
-
-
-def copy_tree(store: ObjectStore, prefix: str, destination: Path) -> list[str]:
-    """Download every object under url/prefix into `destination` (same relative names)."""
-    names = [k for k in store.keys(prefix) if k == prefix or k.startswith(prefix.rstrip("/") + "/")]
-    if destination.exists():
-        shutil.rmtree(destination)
-    for name in names:
-        store.get(name, destination / name[len(prefix):].lstrip("/"))
-    return names

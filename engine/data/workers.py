@@ -25,8 +25,8 @@ PR_SET_PDEATHSIG = 1  # prctl option: a signal the kernel sends this process whe
 
 
 # multiprocessing's Unix socket for passing a worker's batch to its rank is
-# TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX: 32 characters beyond TMPDIR, and a socket path holds
-# at most 107 bytes (sun_path, with its terminating NUL).
+# TMPDIR/pymp-<8 random characters>/listener-<8 random characters>: 32 characters beyond
+# TMPDIR, and a socket path holds at most 107 bytes (sun_path, with its terminating NUL).
 SOCKET_PATH_MAX, SOCKET_NAME_BEYOND_TMPDIR = 107, 32
 
 

@@ -48,12 +48,6 @@ TAG = re.compile(r"step\d{8}")
 
 
 @dataclass(frozen=True)
-class Saved:
-    tag: str
-    uploads: list[str]  # paths under the checkpoint folder this rank copies to a run's store
-
-
-@dataclass(frozen=True)
 class Restored:
     step: int
     rank_state: dict
@@ -92,7 +86,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, checkpoint_dir: Path, step: int, rank_state: dict, *,
-         eval_pending: bool = False, before_complete=None, expected_bytes: int = 0) -> Saved:
+         eval_pending: bool = False, before_complete=None, expected_bytes: int = 0) -> list[str]:
     """Every rank calls this (DeepSpeed shards optimizer states across ranks). `rank_state` is
     what this rank alone knows (data position, e.g. a per-rank queue), restored by load().
     `before_complete`, if given, runs on every rank after its files are written and before the
@@ -103,8 +97,8 @@ def save(engine, checkpoint_dir: Path, step: int, rank_state: dict, *,
     partial checkpoint is removed, `latest` keeps naming the last complete one, and a full
     disk raises UserError with what to change.
 
-    Returns the checkpoint's tag and the files this rank copies when the run lives in an object
-    store (each file by one rank)."""
+    Returns the files (paths under `checkpoint_dir`) this rank copies when the run lives in an
+    object store (each file by one rank)."""
     tag = _tag(step)
     failure = None
     try:
@@ -145,7 +139,7 @@ def save(engine, checkpoint_dir: Path, step: int, rank_state: dict, *,
     _end_together(checkpoint_dir, tag, failure, expected_bytes)
     if dist.local_rank() == 0:  # each node's own disk (one node's is everyone's when shared)
         _prune(checkpoint_dir, keep=tag)
-    return Saved(tag, uploads(sorted(files), seen, tag, dist.rank()))
+    return uploads(sorted(files), seen, tag, dist.rank())
 
 
 def _files(folder: Path) -> dict[str, int]:

@@ -102,10 +102,10 @@ def train(engine, loader, *, cadence: Cadence, train_step: Step, start_step: int
         stopping = stop_agreed or eval_cut
         if saving or stopping:
             state = {"loader": loader.state_dict(), "task": engine.module.rank_state(), **hooks.rank_state()}
-            saved = checkpoint.save(engine, checkpoint_dir, done, state, eval_pending=eval_cut,
+            uploads = checkpoint.save(engine, checkpoint_dir, done, state, eval_pending=eval_cut,
                                     before_complete=drills.in_checkpoint(done),
                                     expected_bytes=cadence.checkpoint_bytes)
-            hooks.checkpointed(done, saved.uploads)
+            hooks.checkpointed(done, uploads)
         if stopping:
             return LoopEnd(metrics, stopped_at=done, eval_pending=eval_cut)
         if evaluating or saving:

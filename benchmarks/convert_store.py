@@ -1,4 +1,5 @@
-"""Conversion throughput per core: local -> local against s3:// -> s3://, side by side.
+"""Conversion throughput per core: s3:// -> s3:// against local -> local, today's and the one before
+the object store came (issue 30 asks the store's to be at least that), side by side.
 
   python benchmarks/convert_store.py            # ~2 minutes; writes results/convert_store_cpu.json
 
@@ -9,12 +10,16 @@ from after the imports, which take ~6 s and are the same for both):
   local  SRC a local folder of the tars, OUT a local folder;
   s3     SRC s3://bench/src (the same tars, uploaded), OUT s3://bench/out-K, on moto's S3 server
          (`moto_server`, started here on 127.0.0.1, as in the tests), through the same client
-         environment a user sets (S3_ENDPOINT_URL, AWS_*).
-Runs alternate local and s3, for each W. Figures per run: pairs per wall-clock second, that divided
+         environment a user sets (S3_ENDPOINT_URL, AWS_*);
+  before local -> local by the converter of commit --before (default 14b6020, the last one before
+         the object store work began), checked out here in a temporary git worktree and run the same
+         way from there.
+Runs alternate local, s3 and before, for each W. Figures per run: pairs per wall-clock second, that divided
 by W ("per core": one worker is one process on one core), and pairs per CPU-second of the converter
 (its process, threads and workers; moto's own CPU time is recorded apart, as on a real deployment the
-store runs elsewhere). Reported: the median of the repeats and the ratio s3 / local (>= 1: the
-store costs nothing per core). The first s3 dataset is read back with StreamingDataset(remote=...)
+store runs elsewhere). Reported: the median of the repeats and the ratios s3 / local (>= 1: the
+store costs nothing per core) and s3 / before (>= 1: the store's conversion keeps the throughput
+per core that conversion had before it). The first s3 dataset is read back with StreamingDataset(remote=...)
 and must hold the local dataset's samples in the same order, or the benchmark fails.
 """
 import argparse
@@ -100,23 +105,27 @@ def cpu_seconds() -> float:
     return total
 
 
-def timed_conversion(source: str, out: str, workers: int) -> None:
-    """In a fresh process (--run): the launcher's main(), timed after the imports (~6 s of them)."""
+def timed_conversion(source: str, out: str, workers: int, root: str) -> None:
+    """In a fresh process (--run): the launcher's main() of the checkout at `root`, timed after the
+    imports (~6 s of them)."""
+    sys.path.insert(0, root)
     from engine.data.convert import convert  # main() imports it: the import is not the conversion
-    assert convert
     from launchers.convert import main as convert_main
+    for module in (convert, convert_main):
+        if not Path(sys.modules[module.__module__].__file__).resolve().is_relative_to(Path(root).resolve()):
+            raise SystemExit(f"{module.__module__} was imported from outside {root}")
 
     cpu, started = cpu_seconds(), time.perf_counter()
     code = convert_main([source, out, "--workers", str(workers)])
     print(json.dumps({"code": code, "seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds() - cpu}))
 
 
-def run(source: str, out: str, workers: int, env: dict, pairs: int, moto) -> dict:
+def run(source: str, out: str, workers: int, env: dict, pairs: int, moto, root: Path = ROOT) -> dict:
     import psutil
 
     server = psutil.Process(moto.pid)
     server_before = sum(server.cpu_times()[:2])
-    done = subprocess.run([sys.executable, __file__, "--run", source, out, str(workers)], env=env,
+    done = subprocess.run([sys.executable, __file__, "--run", source, out, str(workers), str(root)], env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"convert.py {source} {out} failed:\n{done.stderr[-3000:]}")
@@ -124,7 +133,8 @@ def run(source: str, out: str, workers: int, env: dict, pairs: int, moto) -> dic
     if result["code"] != 0:
         raise RuntimeError(f"convert.py {source} {out} exited {result['code']}:\n{done.stderr[-3000:]}")
     seconds, cpu = result["seconds"], result["cpu_seconds"]
-    return {"source": source, "out": out, "workers": workers, "seconds": seconds, "cpu_seconds": cpu,
+    return {"source": source, "out": out, "workers": workers, "code": str(root), "seconds": seconds,
+            "cpu_seconds": cpu,
             "store_server_cpu_seconds": sum(server.cpu_times()[:2]) - server_before,
             "pairs_per_s": pairs / seconds, "pairs_per_s_per_core": pairs / seconds / workers,
             "pairs_per_cpu_s": pairs / cpu}
@@ -145,13 +155,14 @@ def same_samples(local: Path, url: str, cache: Path, env: dict) -> int:
 
 def main():
     if sys.argv[1:2] == ["--run"]:
-        return timed_conversion(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return timed_conversion(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tars", type=int, default=8)
     parser.add_argument("--per-tar", type=int, default=500)
     parser.add_argument("--size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--before", default="14b6020", help="the commit whose local conversion is the bar")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "convert_store_cpu.json"))
     args = parser.parse_args()
 
@@ -161,6 +172,9 @@ def main():
         tmp = Path(tmp)
         source = write_tars(tmp / "src", args.tars, args.per_tar, *args.size)
         moto, endpoint = start_moto(tmp / "moto.log")
+        before = tmp / "before"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--quiet", "--detach", str(before), args.before],
+                       check=True)
         try:
             env = {**os.environ, "S3_ENDPOINT_URL": endpoint, **CREDENTIALS}
             client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
@@ -172,16 +186,20 @@ def main():
             report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                   "usable_cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
                                   "load_average_before": os.getloadavg()},
+                      "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                                               text=True).stdout.strip(),
                       "arguments": vars(args), "source": source, "cases": {}}
             k = 0
             for workers in args.workers:
-                runs = {"local": [], "s3": []}
+                runs = {"local": [], "s3": [], "before": []}
                 for repeat in range(args.repeats):
                     k += 1
                     runs["local"].append(run(str(tmp / "src"), str(tmp / f"local-{k}"), workers, env,
                                              source["pairs"], moto))
                     runs["s3"].append(run(f"s3://{BUCKET}/src", f"s3://{BUCKET}/out-{k}", workers, env,
                                           source["pairs"], moto))
+                    runs["before"].append(run(str(tmp / "src"), str(tmp / f"before-{k}"), workers, env,
+                                              source["pairs"], moto, root=before))
                     if k == 1:
                         report["checked_samples"] = same_samples(tmp / "local-1", f"s3://{BUCKET}/out-1",
                                                                  tmp / "cache", env)
@@ -190,24 +208,28 @@ def main():
                     medians = {mode: statistics.median(r[measure] for r in runs[mode]) for mode in runs}
                     case[f"median_{measure}"] = medians
                     case[f"ratio_{measure}"] = medians["s3"] / medians["local"]
+                    case[f"ratio_to_before_{measure}"] = medians["s3"] / medians["before"]
                 report["cases"][f"workers_{workers}"] = case
             report["machine"]["load_average_after"] = os.getloadavg()
         finally:
             moto.terminate()
             moto.wait(timeout=10)
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"source: {source['pairs']:,} pairs in {source['tars']} tars, {source['mean_kib']:.1f} KiB per JPEG "
           f"({source['width']}x{source['height']}); {report['machine']['usable_cores']} usable core(s); "
           f"samples read back from s3 equal the local conversion's: {report['checked_samples']:,}")
-    print(f"{'workers':>7} {'mode':>5} {'pairs/s':>9} {'per core':>9} {'per CPU-s':>10} {'moto CPU-s':>10}")
+    print(f"{'workers':>7} {'mode':>6} {'pairs/s':>9} {'per core':>9} {'per CPU-s':>10} {'moto CPU-s':>10}")
     for name, case in report["cases"].items():
-        for mode in ("local", "s3"):
+        for mode in ("local", "s3", "before"):
             server = statistics.median(r["store_server_cpu_seconds"] for r in case["runs"][mode])
-            print(f"{name.split('_')[1]:>7} {mode:>5} {case['median_pairs_per_s'][mode]:>9,.0f} "
+            print(f"{name.split('_')[1]:>7} {mode:>6} {case['median_pairs_per_s'][mode]:>9,.0f} "
                   f"{case['median_pairs_per_s_per_core'][mode]:>9,.0f} {case['median_pairs_per_cpu_s'][mode]:>10,.0f} "
                   f"{server:>10.1f}")
         print(f"{'':>7} {'s3/local':>8}: per core x{case['ratio_pairs_per_s_per_core']:.2f}, "
               f"per CPU-s x{case['ratio_pairs_per_cpu_s']:.2f}")
+        print(f"{'':>7} {'s3/before':>8}: per core x{case['ratio_to_before_pairs_per_s_per_core']:.2f}, "
+              f"per CPU-s x{case['ratio_to_before_pairs_per_cpu_s']:.2f}  (before = {args.before})")
     print(f"wrote {args.out}")
 
 

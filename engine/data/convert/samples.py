@@ -1,7 +1,8 @@
 """One listed pair -> the sample the dataset stores, or the reason it is skipped.
 
-Every image is decoded fully once here and passes the training loader's record check, so the
-loader never meets a record it would have to replace.
+Every image is decoded once here (a JPEG kept as it is at an eighth of its size: see
+_checked_image) and passes the training loader's record check, so the loader never meets a record
+it would have to replace.
 The original bytes are stored, not a re-encoding, unless `--max-side` asks to shrink an image
 whose longer side is larger: that one is resized (aspect kept), turned into RGB (transparent
 pixels onto white) and stored as a JPEG of quality 95.
@@ -89,14 +90,23 @@ def _image_bytes(image: Blob | bytes) -> tuple[bytes, Problem | None]:
         return b"", ("unreadable image file", str(error))
 
 
-def _checked_image(encoded: bytes, max_side: int | None) -> tuple[bytes, Problem | None]:
-    """The bytes to store (`encoded` itself unless shrunk), after a full decode."""
+def _checked_image(encoded: bytes, max_side: int | None, full_decode: bool = False) -> tuple[bytes, Problem | None]:
+    """The bytes to store (`encoded` itself unless shrunk), after decoding every pixel's data.
+
+    A JPEG that is stored as it is gets decoded at an eighth of its size (libjpeg's DCT scaling):
+    all of its compressed data is still read and entropy-decoded, which is where a truncated or
+    corrupt file fails, while the inverse transforms and the colour conversion, the rest of a full
+    decode's work, run on a 64th of the pixels. `full_decode=True` is the plain reference the tests hold it
+    to; an image to shrink is always decoded fully, as its pixels are needed."""
     try:
         with Image.open(io.BytesIO(encoded)) as image:
             if image.format not in DALI_FORMATS:
                 return b"", ("unsupported image format", str(image.format))
+            kept = max_side is None or max(image.size) <= max_side
+            if kept and not full_decode and image.format == "JPEG":
+                image.draft(None, (1, 1))
             image.load()  # the header alone passes truncated files; only decoding the pixels catches them
-            if max_side is None or max(image.size) <= max_side:
+            if kept:
                 return encoded, None
             return _shrunk(image, max_side), None
     except Exception as error:  # PIL raises many types for corrupt data; all mean "cannot decode"

@@ -17,7 +17,8 @@ from after the imports, which take ~6 s and are the same for both):
 Runs alternate local, s3 and before, for each W. Figures per run: pairs per wall-clock second, that divided
 by W ("per core": one worker is one process on one core), and pairs per CPU-second of the converter
 (its process, threads and workers; moto's own CPU time is recorded apart, as on a real deployment the
-store runs elsewhere). Reported: the median of the repeats and the ratios s3 / local (>= 1: the
+store runs elsewhere, and moto runs at the lowest priority for the same reason: `--store-nice 0` to
+run it as the converter). Reported: the median of the repeats and the ratios s3 / local (>= 1: the
 store costs nothing per core) and s3 / before (>= 1: the store's conversion keeps the throughput
 per core that conversion had before it). The first s3 dataset is read back with StreamingDataset(remote=...)
 and must hold the local dataset's samples in the same order, or the benchmark fails.
@@ -76,13 +77,14 @@ def write_tars(folder: Path, tars: int, per_tar: int, width: int, height: int) -
             "bytes": sum(p.stat().st_size for p in folder.iterdir())}
 
 
-def start_moto(log: Path):
+def start_moto(log: Path, nice: int):
     from engine.dist import free_port
 
     command = Path(sys.executable).with_name("moto_server")
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([str(command), "-H", "127.0.0.1", "-p", str(port)], stdout=open(log, "w"),
+    process = subprocess.Popen(["nice", "-n", str(nice), str(command), "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=open(log, "w"),
                                stderr=subprocess.STDOUT)
     for _ in range(600):
         try:
@@ -162,6 +164,8 @@ def main():
     parser.add_argument("--size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--store-nice", type=int, default=19,
+                        help="niceness of the S3 server, which stands for a store on other machines (0: as the converter)")
     parser.add_argument("--before", default="14b6020", help="the commit whose local conversion is the bar")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "convert_store_cpu.json"))
     args = parser.parse_args()
@@ -171,7 +175,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="convert-store-bench-") as tmp:
         tmp = Path(tmp)
         source = write_tars(tmp / "src", args.tars, args.per_tar, *args.size)
-        moto, endpoint = start_moto(tmp / "moto.log")
+        moto, endpoint = start_moto(tmp / "moto.log", args.store_nice)
         before = tmp / "before"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--quiet", "--detach", str(before), args.before],
                        check=True)

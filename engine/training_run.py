@@ -28,6 +28,7 @@ from engine.plan.deepspeed_config import apply_overrides, render
 from engine.errors import UserError
 from engine.files import write_atomic
 from engine.host_memory import keep_freed_memory
+from engine.init_weights import InitSource, check_source, find_source, load_source
 from engine.eval.periodic import (PeriodicEval, TrainedModel, held_out_set, open_periodic_evals,
                                   run_periodic_evals)
 from engine.eval.shard import Ranks, first_rows
@@ -76,6 +77,7 @@ class Prepared:
     launch: Launch | None
     evals: list[PeriodicEval]   # the held-out split, then the --eval sets, checked (engine/eval/periodic.py)
     wordnet: Path | None        # the WordNet planned with, for EDA's synonyms (None: none found or no EDA)
+    init: InitSource | None     # --init, checked against the model's tensors
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,12 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
         facts = data_facts(data, dials.seed)
     dataset_size = facts.epoch_size
     tokenizer = ClipTokenizer(preset.context_length)
+    init = None
+    if dials.init is not None:  # every tensor's name and shape against the model, built on no memory
+        init = find_source(dials.init)
+        with torch.device("meta"):
+            shapes = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
+        check_source(init, shapes, dials.model)
     hardware = probe(launch, try_gpu_decode=dials.decode_device != "cpu")
     wordnet = find_wordnet() if method.data.text_aug else None
     plan = resolve(dials, hardware, method,
@@ -115,14 +123,15 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
                    dataset_size=dataset_size, full_dataset_size=full_size,
                    optimizer_support=probe_optimizer_support(hardware),
                    image_size=preset.image_size, text_layers=preset.text_layers,
-                   wordnet=None if wordnet is None else str(wordnet), launch=launch, data=facts)
+                   wordnet=None if wordnet is None else str(wordnet), launch=launch, data=facts,
+                   init=None if init is None else init.describe())
     ds_config = apply_overrides(render(plan), dials.ds, world_size=plan.world_size)
     if (problem := temp_dir_problem(plan.workers)) is not None:
         raise UserError(problem)
     if plan.staging_dir is not None:  # --out is a store folder: reachable, and ours to write
         with tempfile.TemporaryDirectory() as scratch:  # nothing staged yet
             ObjectStore(dials.out, Path(scratch)).check_writable()
-    return Prepared(plan, ds_config, method, facts, eval_data, launch, evals, wordnet)
+    return Prepared(plan, ds_config, method, facts, eval_data, launch, evals, wordnet, init)
 
 
 def default_run_dir(plan: RunPlan, job_id: str | None) -> Path:
@@ -209,6 +218,8 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
     seed_everything(plan.seed)
     tokenizer = ClipTokenizer(preset.context_length)
     model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
+    if prepared.init is not None:  # a checkpoint, when the run resumes, replaces these below
+        load_source(prepared.init, model)
     model.autocast_dtype = torch.bfloat16 if towers_autocast(plan.precision, plan.zero_stage) else None
     objective = method.build_objective(model, dict(plan.objective_options), plan.seed)
     task = ModelWithLoss(model, objective)

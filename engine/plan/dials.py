@@ -54,6 +54,9 @@ class Dials:
     epochs: float | None = dial(None, "passes over the data (default: recipe)", kind=float)
     global_batch: int | None = dial(None, "pairs per optimizer step, all ranks", kind=int)
     seed: int = dial(0, "everything random derives from it (default: 0)", kind=int)
+    init: str | None = dial(None, "start from these weights: an open_clip checkpoint or local-dir: folder, a Hugging "
+                                  "Face CLIPModel folder, a timm image model's weights (image tower), or a clipzero "
+                                  "run directory; files only, never a download", metavar="SOURCE")
     data_fraction: float = dial(1.0, "train on a fixed subset of this fraction of the data (e.g. 0.1)",
                                 kind=float)
     ds: tuple[str, ...] = dial((), "raw DeepSpeed config override (repeatable)", metavar="KEY.PATH=VALUE",

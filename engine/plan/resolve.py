@@ -44,6 +44,7 @@ class RunPlan:
     change: the states are resharded (engine/train/reshard.py) and the data order continues
     (engine/data/loader.py), as long as each step's loss spans the same samples."""
     method: str = must_match(); model: str = must_match(); seed: int = must_match()
+    init: str | None = must_match()   # --init: the weights the run starts from (None: random)
     world_size: int; nodes: int; rendezvous: str; accelerator: str; device_name: str
     global_batch: int = must_match(); micro_batch: int; grad_accum: int
     accumulation: str = must_match(same_batch_semantics)
@@ -96,9 +97,9 @@ class RunPlan:
         return LoaderSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoaderSettings)})
 
 
-# Decisions that only some optimizers, GPU decoding or a run in an object store have: the table
-# leaves them out when unset.
-_SHOWN_ONLY_WHEN_SET = frozenset(("betas", "eps", "momentum", "hw_decoder_load", "staging_dir"))
+# Decisions that only a run from weights, some optimizers, GPU decoding or a run in an object
+# store have: the table leaves them out when unset.
+_SHOWN_ONLY_WHEN_SET = frozenset(("init", "betas", "eps", "momentum", "hw_decoder_load", "staging_dir"))
 
 
 def _show(value: object) -> str:
@@ -112,11 +113,12 @@ def _show(value: object) -> str:
 def resolve(dials: Dials, hw: Hardware, method: Method, *, n_params: int, dataset_size: int,
             optimizer_support: OptimizerSupport, image_size: int, text_layers: int = 0,
             full_dataset_size: int | None = None, wordnet: str | None = None,
-            launch: Launch | None = None, data: DataFacts | None = None) -> RunPlan:
+            launch: Launch | None = None, data: DataFacts | None = None, init: str | None = None) -> RunPlan:
     """`dataset_size` counts the pairs trained on (after --data-fraction: an epoch's samples),
     `full_dataset_size` the whole data set; `wordnet` is the WordNet directory found (DeCLIP's
     EDA), if any; `launch` how the ranks were started (None: planned for `hw` alone, as in a dry
-    run); `data` the training data's streams and cache disk (None: one local dataset)."""
+    run); `data` the training data's streams and cache disk (None: one local dataset); `init` what
+    --init's source is (engine/init_weights.py), checked by the caller."""
     recipe = method.recipe
     if data is not None and data.epoch_size != dataset_size:
         raise ValueError(f"dataset_size {dataset_size} is not the data's epoch of {data.epoch_size}")
@@ -131,6 +133,7 @@ def resolve(dials: Dials, hw: Hardware, method: Method, *, n_params: int, datase
 
     for name, value in (("method", recipe.method), ("model", recipe.model), ("seed", dials.seed)):
         decide(name, value, "dial")
+    decide("init", dials.init, init or "--init given")
     decide("world_size", hw.world_size,
            f"{hw.nodes} node(s) x {hw.local_world_size} rank(s) per node, {hw.ranks_from}")
     decide("nodes", hw.nodes, hw.ranks_from)

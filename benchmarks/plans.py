@@ -10,6 +10,9 @@ micro-batch (`activation_bytes_per_sample`), scaled from the ViT-B/32 step measu
 
     python benchmarks/plans.py    # prints the table, writes benchmarks/results/plans_large_presets.json
 
+It also prints the two presets' parameters and forward FLOPs beside open_clip's models of the
+same names (both built on the meta device): equal, as tests/unit/test_flops.py checks.
+
 Activation checkpointing is not a decision of the plan yet: every row trains without it.
 """
 import argparse
@@ -119,10 +122,27 @@ def plan_row(method_name: str, model: str, hardware: str, global_batch: int | No
                         if d.name in ("precision", "zero_stage", "offload_optimizer", "micro_batch", "grad_accum")}}
 
 
+def open_clip_counts(model: str) -> dict:
+    """Parameters and forward FLOPs per sample of our towers and of open_clip's model of the same
+    name, both built on the meta device and counted the same way (benchmarks/vs_openclip.py)."""
+    from benchmarks.vs_openclip import build_open_clip, forward_flops
+
+    tokenizer = ClipTokenizer()
+    flops = forward_flops(model)
+    return {"n_params": {"ours": count_parameters(lookup("clip", model).preset, tokenizer.eot_id, tokenizer.sot_id),
+                         "open_clip": sum(p.numel() for p in build_open_clip(model, device="meta").parameters())},
+            "forward_flops_per_sample": flops}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/plans_large_presets.json")
     args = parser.parse_args()
+    counts = {model: open_clip_counts(model) for model in MODELS}
+    for model, count in counts.items():
+        print(f"{model}: parameters ours {count['n_params']['ours']:,} open_clip {count['n_params']['open_clip']:,}; "
+              + "; ".join(f"{side} GFLOPs image {f['image'] / 1e9:.2f} text {f['text'] / 1e9:.2f}"
+                          for side, f in count["forward_flops_per_sample"].items()))
     scale = calibration()
     rows = [plan_row(method, model, hardware, batch, scale)
             for model in MODELS for hardware in HARDWARE for batch in GLOBAL_BATCHES for method in METHODS]
@@ -136,7 +156,7 @@ def main() -> int:
         "note": "plans resolved by engine/plan/resolve.py for described hardware, not measured; activations "
                 "estimated (benchmarks/plans.py), no activation checkpointing",
         "activation_calibration": round(scale, 3), "dataset_size": DATASET_SIZE,
-        "optimizer_support": "torch fused AdamW only", "rows": rows}, indent=1) + "\n")
+        "optimizer_support": "torch fused AdamW only", "open_clip_counts": counts, "rows": rows}, indent=1) + "\n")
     return 0
 
 

@@ -22,7 +22,7 @@ from engine.errors import UserError
 from engine.models.two_tower import TwoTower
 
 # The presets whose towers have the layout, named in the refusal.
-MAPPED_PRESETS = ("vit-debug", "vit-b-32", "vit-b-16")
+MAPPED_PRESETS = ("vit-debug", "vit-b-32", "vit-b-16", "vit-l-14", "vit-h-14")
 
 
 class NotClipLayout(UserError):

@@ -38,7 +38,8 @@ def dial(default=None, help: str = "", *, group: str = DIALS, kind: type = str, 
 class Dials:
     method: str = dial(DEFAULT_METHOD, "{methods}, or your own objective as package.module:Class "
                        "(default: {default})")
-    model: str = dial("debug", "debug | vit-debug | rn50 | vit-b-32 | vit-b-16 | any timm image model name")
+    model: str = dial("debug", "debug | vit-debug | rn50 | vit-b-32 | vit-b-16 | vit-l-14 | vit-h-14 | "
+                      "any timm image model name")
     data: str | None = dial(None, "MDS directory or remote URL (s3://, gs://, ...), or a weighted mixture "
                             "of them, e.g. s3://bucket/a:0.7,/data/b:0.3 (default: built-in digits)")
     evals: tuple[str, ...] = dial(

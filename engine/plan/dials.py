@@ -58,6 +58,9 @@ class Dials:
     init: str | None = dial(None, "start from these weights: an open_clip checkpoint or local-dir: folder, a Hugging "
                                   "Face CLIPModel folder, a timm image model's weights (image tower), or a clipzero "
                                   "run directory; files only, never a download", metavar="SOURCE")
+    lock: str | None = dial(None, "keep this tower as --init gave it: image (LiT) or text", choices=("image", "text"))
+    unlock_last: int = dial(0, "with --lock: still train the locked tower's last N blocks and what follows "
+                               "them (final norm, projection)", kind=int, metavar="N")
     data_fraction: float = dial(1.0, "train on a fixed subset of this fraction of the data (e.g. 0.1)",
                                 kind=float)
     ds: tuple[str, ...] = dial((), "raw DeepSpeed config override (repeatable)", metavar="KEY.PATH=VALUE",

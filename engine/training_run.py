@@ -208,7 +208,8 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
     keep_freed_memory()  # before the first step's allocations: they return every step
     seed_everything(plan.seed)
     tokenizer = ClipTokenizer(preset.context_length)
-    model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
+    model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id,
+                     activation_checkpointing=plan.activation_checkpointing)
     model.autocast_dtype = torch.bfloat16 if towers_autocast(plan.precision, plan.zero_stage) else None
     objective = method.build_objective(model, dict(plan.objective_options), plan.seed)
     task = ModelWithLoss(model, objective)

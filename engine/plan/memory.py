@@ -128,8 +128,6 @@ def zero_setting(dials, hw, precision: str, n_params: int):
     return stage, stage_reason, offload, offload_reason
 
 
-
-
 def micro_batch_setting(dials, hw, recipe: Recipe, precision: str, per_rank: int, least: int):
     """((micro_batch, reason), (activation_checkpointing, reason)) for `per_rank` samples per rank
     and an objective that trains on no fewer than `least` per micro-batch.
@@ -168,8 +166,8 @@ def micro_batch_setting(dials, hw, recipe: Recipe, precision: str, per_rank: int
     elif dials.micro_batch is not None:
         # The micro-batch is fixed: the only way to fit it is to keep fewer activations.
         on = need > cap_off
-        reason = (f"on: --micro-batch {need} is over the {cap_off} that fit without it "
-                  + ("" if need <= cap_on else "(over even with it) ") + f"({fits})" if on
+        over_both = "" if need <= cap_on else "(over even with it) "
+        reason = (f"on: --micro-batch {need} is over the {cap_off} that fit without it {over_both}({fits})" if on
                   else f"off: --micro-batch {need} fits without it (up to {cap_off})")
     elif need <= cap_off and largest_off >= least:
         on, reason = False, f"off: the whole per-rank batch of {need}, one micro-batch per step, fits without it (up to {cap_off})"

@@ -109,8 +109,7 @@ def test_optimizer_falls_back_in_order(support, expected):
 @pytest.mark.parametrize("hw", [H100_X8, A100_40GB_X4, V100_X1], ids=lambda hw: hw.device_name)
 @pytest.mark.parametrize("precision", [None, "fp32"])
 def test_micro_batch_is_the_largest_divisor_within_the_memory_scaled_cap(hw, precision):
-    # Without activation checkpointing (its cap: tests/unit/test_plan_checkpointing.py).
-    plan = plan_for(hw, precision=precision, activation_checkpointing="off")
+    plan = plan_for(hw, precision=precision, activation_checkpointing="off")  # with it: test_plan_checkpointing.py
     recipe = lookup("clip", "vit-b-32").recipe
     cap = recipe.micro_batch_80gb * hw.device_memory_bytes / REFERENCE_DEVICE_BYTES
     cap = max(1, int(cap / 2 if plan.precision == "fp32" else cap))

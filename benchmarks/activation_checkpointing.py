@@ -7,20 +7,21 @@ Each side of each model runs in a fresh subprocess, and the sides alternate (off
 off for the next round or the next model), so that a load that changes on this shared machine falls on both. A
 step is the training loop's plain step (engine/train/step.py) on one micro-batch through the
 `Engine` adapter of benchmarks/accumulation.py: forward, backward, and an optimizer step that is
-a no-op. The optimizer's states and the weights are the same on both sides, so what differs, and
-is measured, is what the step allocates: the activations kept for the backward, and the
-parameter gradients (the same on both sides, so the ratio is an upper bound on the activations'
-own ratio). The step's time leaves out the optimizer's update, also the same on both sides, so
-the time ratio is an upper bound too.
+a no-op. The weights, the parameter gradients (zeroed between steps, not freed) and the
+optimizer's states are the same on both sides, so what differs, and is measured, is what the
+step allocates on top of them: the activations kept for the backward and the backward's
+temporaries. The step's time leaves out the optimizer's update, also the same on both sides, so
+the time ratio is an upper bound.
 
 Memory is the process's resident size as Linux counts it (VmHWM, its peak, in /proc/self/status),
 not torch's allocator (the CPU allocator keeps no statistics). After a warm-up step on 2 samples,
 which brings in what the libraries set up once, the peak is reset to the resident size
-(/proc/self/clear_refs) and "step MiB" is its growth over that baseline during a warm-up step
+(/proc/self/clear_refs) and "step MiB" is its growth over that baseline (gradients included in
+the baseline) during a warm-up step
 and --repeats timed ones. glibc's mmap threshold is fixed at 128 KiB in the subprocess
 (MALLOC_MMAP_THRESHOLD_), so every tensor over that size is its own mapping, returned to the
 system when freed: the resident size then follows the live tensors, and a step's peak is its
-largest set of live activations and gradients. "peak MiB" is the whole process's peak (weights
+largest set of live activations. "peak MiB" is the whole process's peak (weights
 and libraries included) for reference. Seconds is the median of the timed steps, in wall time
 and in the process's CPU time: on a machine others load, a process waits for a core at times
 that its CPU time does not count, so the CPU-time ratio is the steadier one there (with both
@@ -30,7 +31,7 @@ The plan's memory model takes its factor from the step-memory ratio measured her
 (engine/plan/memory.py, CHECKPOINTED_ACTIVATION_FRACTION).
 
     python benchmarks/activation_checkpointing.py [--cases vit-b-16:16 vit_large_patch14_clip_224:8
-        --precision bf16 --repeats 1 --rounds 1]
+        --precision bf16 --repeats 1 --rounds 2]   # the committed figures; --rounds 1 by default
 """
 import argparse
 import json
@@ -65,13 +66,14 @@ def run_side(model_name: str, micro: int, side: str, precision: str, repeats: in
     # The plan's bf16 on one CPU rank: fp32 weights, the towers under bf16 autocast.
     task.model.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
     train_step("full", task, {name: x[:2] for name, x in batch.items()}, 1)
-    task.zero_grad(set_to_none=True)
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     base_kib = _status_kib("VmRSS")
     times, cpu_times, losses = [], [], []
     for _ in range(1 + repeats):
-        task.zero_grad(set_to_none=True)  # as the optimizer leaves them: the step allocates its gradients
+        # Zeroed, not freed: the gradients, the same on both sides, stay in the baseline, so that
+        # the step's growth is the activations alone, what checkpointing acts on.
+        task.zero_grad(set_to_none=False)
         start, cpu_start = time.perf_counter(), time.process_time()
         losses.append(float(train_step("full", task, batch, 1)["loss"]))
         times.append(time.perf_counter() - start)

@@ -35,7 +35,7 @@ def test_on_with_its_reason_when_only_checkpointing_fits_the_per_rank_batch():
     assert (plan.micro_batch, plan.grad_accum, plan.accumulation) == (512, 1, "plain")
     why = reason(plan, "activation_checkpointing")
     assert why.startswith("on: the whole per-rank batch of 512") and "fits only with it" in why
-    assert f"x{CHECKPOINTED_ACTIVATION_FRACTION:g}, measured" in why
+    assert f"with its activations at x{CHECKPOINTED_ACTIVATION_FRACTION:g}, as measured" in why
     assert "with activation checkpointing" in reason(plan, "micro_batch")
     # Without it the same device splits the step into micro-batches (GradCache).
     off = plan_for(SQUEEZED, activation_checkpointing="off")

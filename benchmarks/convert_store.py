@@ -1,7 +1,7 @@
 """Conversion throughput per core: s3:// -> s3:// against local -> local, today's and the one before
 the object store came (issue 30 asks the store's to be at least that), side by side.
 
-  python benchmarks/convert_store.py            # ~2 minutes; writes results/convert_store_cpu.json
+  python benchmarks/convert_store.py            # ~3 minutes; writes results/convert_store_cpu.json
 
 The same source, img2dataset-like webdataset tars of synthetic photos (smooth colour fields plus
 noise, JPEG quality 90, one in four portrait, a caption and a .json per sample), is converted by

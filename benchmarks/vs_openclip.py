@@ -41,6 +41,8 @@ import torch  # noqa: E402
 OPEN_CLIP_MODEL = {
     "vit-b-32": "ViT-B-32",
     "vit-b-16": "ViT-B-16",
+    "vit-l-14": "ViT-L-14",
+    "vit-h-14": "ViT-H-14",
     "rn50": "RN50",
     "vit-debug": {"embed_dim": 64,
                   "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
@@ -49,10 +51,15 @@ OPEN_CLIP_MODEL = {
 DEFAULT_CASES = ("vit-debug:64", "vit-b-32:16")
 
 
-def build_open_clip(preset: str):
+def build_open_clip(preset: str, device: str | None = None):
+    """open_clip's model for `preset`; on the meta device (`device="meta"`: no memory, for counting)
+    built straight from its config, as open_clip.create_model builds these towers."""
     import open_clip
 
     spec = OPEN_CLIP_MODEL[preset]
+    if device == "meta":
+        with torch.device("meta"):
+            return open_clip.CLIP(**(open_clip.get_model_config(spec) if isinstance(spec, str) else spec))
     if isinstance(spec, str):
         return open_clip.create_model(spec)
     return open_clip.CLIP(**spec)
@@ -252,21 +259,30 @@ def counted_flops(module: torch.nn.Module, *inputs) -> int:
 
 
 def forward_flops(preset_name: str) -> dict:
-    """Forward FLOPs of one sample through each side's towers, counted the same way."""
+    """Forward FLOPs of one sample through each side's towers, counted the same way, both built
+    on the meta device (ViT-H/14's billion parameters need no memory to be counted)."""
+    from engine.data.text import ClipTokenizer
     from engine.models.two_tower import TwoTower
+    from engine.objectives.method import lookup
 
-    _, preset, tokenizer = plan_for(preset_name, 1, 1, None)
-    ours = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
-    theirs = build_open_clip(preset_name)
-    images = torch.zeros(2, 3, preset.image_size, preset.image_size)
+    # The towers alone, no plan: this machine need not be able to train them to count them.
+    preset = lookup("clip", preset_name).preset
+    tokenizer = ClipTokenizer(preset.context_length)
+    with torch.device("meta"):
+        ours = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
+    theirs = build_open_clip(preset_name, device="meta")
+    images = torch.zeros(2, 3, preset.image_size, preset.image_size, device="meta")
     tokens = torch.zeros(2, preset.context_length, dtype=torch.long)
     tokens[:, 0], tokens[:, -1] = tokenizer.sot_id, tokenizer.eot_id
+    tokens = tokens.to("meta")
     return {"ours": {"image": counted_flops(ours.image, images), "text": counted_flops(ours.text, tokens)},
             "open_clip": {"image": counted_flops(theirs.visual, images),
-                          "text": counted_flops(_TextOnly(theirs), tokens)}}
+                          "text": counted_flops(TextOnly(theirs), tokens)}}
 
 
-class _TextOnly(torch.nn.Module):
+class TextOnly(torch.nn.Module):
+    """open_clip's text tower as a module of its own: encode_text."""
+
     def __init__(self, model):
         super().__init__()
         self.model = model

@@ -28,6 +28,7 @@ from engine.plan.deepspeed_config import apply_overrides, render
 from engine.errors import UserError
 from engine.files import write_atomic
 from engine.host_memory import keep_freed_memory
+from engine.init_weights import InitSource, check_source, find_source, load_source
 from engine.eval.periodic import (PeriodicEval, TrainedModel, held_out_set, open_periodic_evals,
                                   run_periodic_evals)
 from engine.eval.shard import Ranks, first_rows
@@ -35,6 +36,7 @@ from engine.plan.hardware import probe
 from engine.launcher_env import Launch
 from engine.data.wordnet import find_wordnet
 from engine.data.workers import temp_dir_problem
+from engine.models.locking import count_trainable, lock, unlock_problem
 from engine.models.two_tower import TwoTower, count_parameters
 from engine.objectives.method import Method, lookup
 from engine.observe.bad_records import BadRecordTally
@@ -51,6 +53,7 @@ from engine.plan.disk import check_room
 from engine.plan.optimizer import probe_optimizer_support
 from engine.plan.precision import towers_autocast
 from engine.plan.resolve import RunPlan, resolve
+from engine.plan.start import StartFacts
 from engine.plan.resume import check_resumable, continue_sample_order, describe_reshape
 from engine.model_with_loss import ModelWithLoss, align_buffer_dtypes, register_zero3_external_parameters
 from engine.store import ObjectStore, is_url
@@ -76,6 +79,7 @@ class Prepared:
     launch: Launch | None
     evals: list[PeriodicEval]   # the held-out split, then the --eval sets, checked (engine/eval/periodic.py)
     wordnet: Path | None        # the WordNet planned with, for EDA's synonyms (None: none found or no EDA)
+    init: InitSource | None     # --init, checked against the model's tensors
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
         facts = data_facts(data, dials.seed)
     dataset_size = facts.epoch_size
     tokenizer = ClipTokenizer(preset.context_length)
+    init, start = _start_weights(dials, preset, tokenizer)
     hardware = probe(launch, try_gpu_decode=dials.decode_device != "cpu")
     wordnet = find_wordnet() if method.data.text_aug else None
     plan = resolve(dials, hardware, method,
@@ -115,14 +120,31 @@ def prepare(dials: Dials, eval_data: str | None, launch: Launch | None = None) -
                    dataset_size=dataset_size, full_dataset_size=full_size,
                    optimizer_support=probe_optimizer_support(hardware),
                    image_size=preset.image_size, text_layers=preset.text_layers,
-                   wordnet=None if wordnet is None else str(wordnet), launch=launch, data=facts)
+                   wordnet=None if wordnet is None else str(wordnet), launch=launch, data=facts, start=start)
     ds_config = apply_overrides(render(plan), dials.ds, world_size=plan.world_size)
     if (problem := temp_dir_problem(plan.workers)) is not None:
         raise UserError(problem)
     if plan.staging_dir is not None:  # --out is a store folder: reachable, and ours to write
         with tempfile.TemporaryDirectory() as scratch:  # nothing staged yet
             ObjectStore(dials.out, Path(scratch)).check_writable()
-    return Prepared(plan, ds_config, method, facts, eval_data, launch, evals, wordnet)
+    return Prepared(plan, ds_config, method, facts, eval_data, launch, evals, wordnet, init)
+
+
+def _start_weights(dials: Dials, preset, tokenizer: ClipTokenizer) -> tuple[InitSource | None, StartFacts]:
+    """--init's source, its every tensor checked against the model, and what --lock leaves to
+    train: counted on the model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
+    init = None
+    if dials.init is not None:
+        init = find_source(dials.init)
+        check_source(init, model, dials.model)
+    if dials.lock is None or init is None or dials.lock not in init.towers:  # the plan refuses these
+        return init, StartFacts(init and init.describe(), init.towers if init else ())
+    if (problem := unlock_problem(model, dials.lock, dials.unlock_last)) is not None:
+        raise UserError(problem)
+    lock(model, dials.lock, dials.unlock_last)
+    return init, StartFacts(init.describe(), init.towers, count_trainable(model))
 
 
 def default_run_dir(plan: RunPlan, job_id: str | None) -> Path:
@@ -210,6 +232,10 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
     tokenizer = ClipTokenizer(preset.context_length)
     model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id,
                      activation_checkpointing=plan.activation_checkpointing)
+    if prepared.init is not None:  # a checkpoint, when the run resumes, replaces these below
+        load_source(prepared.init, model)
+    if plan.lock is not None:  # before the optimizer's parameter groups, which skip locked weights
+        lock(model, plan.lock, plan.unlock_last)
     model.autocast_dtype = torch.bfloat16 if towers_autocast(plan.precision, plan.zero_stage) else None
     objective = method.build_objective(model, dict(plan.objective_options), plan.seed)
     task = ModelWithLoss(model, objective)

@@ -9,8 +9,8 @@ hf:          transformers.CLIPModel.from_pretrained(OUT) and CLIPProcessor.from_
              (config.json, model.safetensors, tokenizer and image-processor files)
 open_clip:   open_clip.create_model_and_transforms("local-dir:OUT"), open_clip.get_tokenizer("local-dir:OUT")
 safetensors: any model, in clipzero's names: engine.export.plain.load_exported(OUT)
-hf and open_clip hold CLIP's native towers: presets vit-debug, vit-b-32 and vit-b-16 trained
-with --method clip or declip. Every export carries model_card.json (architecture, method,
+hf and open_clip hold CLIP's native towers: presets vit-debug, vit-b-32, vit-b-16, vit-l-14 and
+vit-h-14 trained with --method clip or declip. Every export carries model_card.json (architecture, method,
 recipe numbers, data, steps, the run's evaluation results).
 
 Before OUT appears, the export is loaded through its own library and must embed a fixed batch

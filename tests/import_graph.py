@@ -42,6 +42,7 @@ LAYERS = (
     ("train",),                           # step, loop, checkpoints, faults
     ("eval",),                            # evaluations, a run loaded back
     ("export",),                          # a trained model in other libraries' layouts
+    ("init_weights",),                    # --init: weights from those layouts (export's mapping backwards)
     ("training_run",),                    # prepare() and run(): everything, in order
 )
 # Imports that may stay inside functions in engine/, each saying why (a heavy library deferred).

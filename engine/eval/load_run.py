@@ -112,7 +112,8 @@ def module_state(folder: Path) -> dict[str, torch.Tensor]:
     fp32 masters where ZeRO kept them."""
     if reshard.has_zero_shards(folder):
         full = reshard.read_full_state(folder)
-        return {**{name: entry["fp32"] for name, entry in full["params"].items()}, **full["buffers"]}
+        return {**{name: entry["fp32"] for name, entry in full["params"].items()}, **full["frozen"],
+                **full["buffers"]}
     path = folder / _MODULE_FILE
     if not path.exists():
         raise UserError(f"{folder} holds neither ZeRO shards nor {_MODULE_FILE}: not a clipzero checkpoint")

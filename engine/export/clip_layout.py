@@ -22,7 +22,7 @@ from engine.errors import UserError
 from engine.models.two_tower import TwoTower
 
 # The presets whose towers have the layout, named in the refusal.
-MAPPED_PRESETS = ("vit-debug", "vit-b-32", "vit-b-16")
+MAPPED_PRESETS = ("vit-debug", "vit-b-32", "vit-b-16", "vit-l-14", "vit-h-14")
 
 
 class NotClipLayout(UserError):
@@ -195,9 +195,47 @@ def clip_towers(model: TwoTower, fmt: str) -> ClipTowers:
     problem = layout_problem(model)
     if problem:
         raise NotClipLayout(fmt, problem)
-    log_scale = float(model.logit_scale.log_scale.detach())
+    log_scale = model.logit_scale.log_scale.detach()
+    log_scale = 0.0 if log_scale.is_meta else float(log_scale)  # meta: the names and shapes are wanted
     if model.logit_scale.max_scale is not None:
         log_scale = min(log_scale, math.log(model.logit_scale.max_scale))
     sot_id = model.text.transformer.config.bos_token_id
     return ClipTowers(embed_dim=model.embed_dim, vision=_vision(model.image.trunk, model.image.proj),
                       text=_text(model.text, sot_id), logit_scale=log_scale)
+
+
+def _set_pair(module: nn.Module, pair: tuple[torch.Tensor, torch.Tensor]) -> None:
+    module.weight.copy_(pair[0])
+    module.bias.copy_(pair[1])
+
+
+@torch.no_grad()
+def load_towers(model: TwoTower, towers: ClipTowers) -> None:
+    """Copy `towers` into `model`, the inverse of clip_towers: `clip_towers(model)` then gives
+    back the same tensors. The model has CLIP's layout and the towers' shapes (the caller checks)."""
+    trunk, vision = model.image.trunk, towers.vision
+    trunk.patch_embed.proj.weight.copy_(vision.patch_conv)
+    trunk.cls_token.copy_(vision.class_embedding.reshape(trunk.cls_token.shape))
+    trunk.pos_embed.copy_(vision.positions.reshape(trunk.pos_embed.shape))
+    _set_pair(trunk.norm_pre, vision.ln_pre)
+    _set_pair(trunk.norm, vision.ln_post)
+    model.image.proj.weight.copy_(vision.projection)
+    for block, source in zip(trunk.blocks, vision.blocks, strict=True):
+        block.attn.qkv.weight.copy_(torch.cat([source.q[0], source.k[0], source.v[0]]))
+        block.attn.qkv.bias.copy_(torch.cat([source.q[1], source.k[1], source.v[1]]))
+        for module, pair in ((block.norm1, source.ln_1), (block.attn.proj, source.out), (block.norm2, source.ln_2),
+                             (block.mlp.fc1, source.fc_1), (block.mlp.fc2, source.fc_2)):
+            _set_pair(module, pair)
+    clip_text, text = model.text.transformer, towers.text
+    embeddings = clip_text.text_model.embeddings
+    embeddings.token_embedding.weight.copy_(text.token_embedding)
+    embeddings.position_embedding.weight.copy_(text.positions)
+    _set_pair(clip_text.text_model.final_layer_norm, text.ln_final)
+    clip_text.text_projection.weight.copy_(text.projection)
+    for layer, source in zip(clip_text.text_model.encoder.layers, text.blocks, strict=True):
+        attn = layer.self_attn
+        for module, pair in ((layer.layer_norm1, source.ln_1), (attn.q_proj, source.q), (attn.k_proj, source.k),
+                             (attn.v_proj, source.v), (attn.out_proj, source.out), (layer.layer_norm2, source.ln_2),
+                             (layer.mlp.fc1, source.fc_1), (layer.mlp.fc2, source.fc_2)):
+            _set_pair(module, pair)
+    model.logit_scale.log_scale.fill_(towers.logit_scale)

@@ -12,6 +12,7 @@ names; the image tower is timm's CLIP ViT, whose fused qkv is split into q/k/v h
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -71,6 +72,34 @@ def state_dict(towers: ClipTowers) -> dict[str, torch.Tensor]:
     for i, block in enumerate(text.blocks):
         state.update(_block(f"text_model.encoder.layers.{i}", block))
     return {name: tensor.float().contiguous() for name, tensor in state.items()}
+
+
+def towers_from_state(state: dict[str, torch.Tensor], like: ClipTowers) -> ClipTowers:
+    """The inverse of state_dict: CLIPModel's tensors in CLIP's layout. Sizes that are no tensor's
+    come from `like`, the towers of the model to start; the caller has checked that the names and
+    shapes are those state_dict(like) has."""
+    def pair(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return state[f"{name}.weight"], state[f"{name}.bias"]
+
+    def block(prefix: str) -> Block:
+        return Block(ln_1=pair(f"{prefix}.layer_norm1"), q=pair(f"{prefix}.self_attn.q_proj"),
+                     k=pair(f"{prefix}.self_attn.k_proj"), v=pair(f"{prefix}.self_attn.v_proj"),
+                     out=pair(f"{prefix}.self_attn.out_proj"), ln_2=pair(f"{prefix}.layer_norm2"),
+                     fc_1=pair(f"{prefix}.mlp.fc1"), fc_2=pair(f"{prefix}.mlp.fc2"))
+
+    vision = replace(
+        like.vision, class_embedding=state["vision_model.embeddings.class_embedding"],
+        patch_conv=state["vision_model.embeddings.patch_embedding.weight"],
+        positions=state["vision_model.embeddings.position_embedding.weight"],
+        ln_pre=pair("vision_model.pre_layrnorm"), ln_post=pair("vision_model.post_layernorm"),
+        projection=state["visual_projection.weight"],
+        blocks=[block(f"vision_model.encoder.layers.{i}") for i in range(len(like.vision.blocks))])
+    text = replace(
+        like.text, token_embedding=state["text_model.embeddings.token_embedding.weight"],
+        positions=state["text_model.embeddings.position_embedding.weight"],
+        ln_final=pair("text_model.final_layer_norm"), projection=state["text_projection.weight"],
+        blocks=[block(f"text_model.encoder.layers.{i}") for i in range(len(like.text.blocks))])
+    return replace(like, vision=vision, text=text, logit_scale=float(state["logit_scale"]))
 
 
 def config(towers: ClipTowers):

@@ -19,6 +19,7 @@ text_projection) under a causal mask, with nn.GELU as both our towers use.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import open_clip
@@ -68,6 +69,31 @@ def state_dict(towers: ClipTowers) -> dict[str, torch.Tensor]:
     for i, block in enumerate(text.blocks):
         state.update(_block(f"transformer.resblocks.{i}", block))
     return {name: tensor.float().contiguous() for name, tensor in state.items()}
+
+
+def towers_from_state(state: dict[str, torch.Tensor], like: ClipTowers) -> ClipTowers:
+    """The inverse of state_dict: open_clip's tensors in CLIP's layout. Sizes that are no tensor's
+    (heads, image size, norm eps, token ids) come from `like`, the towers of the model to start;
+    the caller has checked that the names and shapes are those state_dict(like) has."""
+    def block(prefix: str) -> Block:
+        def pair(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            return state[f"{prefix}.{name}.weight"], state[f"{prefix}.{name}.bias"]
+        q, k, v = state[f"{prefix}.attn.in_proj_weight"].chunk(3)
+        q_bias, k_bias, v_bias = state[f"{prefix}.attn.in_proj_bias"].chunk(3)
+        return Block(ln_1=pair("ln_1"), q=(q, q_bias), k=(k, k_bias), v=(v, v_bias), out=pair("attn.out_proj"),
+                     ln_2=pair("ln_2"), fc_1=pair("mlp.c_fc"), fc_2=pair("mlp.c_proj"))
+
+    vision = replace(
+        like.vision, patch_conv=state["visual.conv1.weight"], class_embedding=state["visual.class_embedding"],
+        positions=state["visual.positional_embedding"],
+        ln_pre=(state["visual.ln_pre.weight"], state["visual.ln_pre.bias"]),
+        ln_post=(state["visual.ln_post.weight"], state["visual.ln_post.bias"]), projection=state["visual.proj"].T,
+        blocks=[block(f"visual.transformer.resblocks.{i}") for i in range(len(like.vision.blocks))])
+    text = replace(
+        like.text, token_embedding=state["token_embedding.weight"], positions=state["positional_embedding"],
+        ln_final=(state["ln_final.weight"], state["ln_final.bias"]), projection=state["text_projection"].T,
+        blocks=[block(f"transformer.resblocks.{i}") for i in range(len(like.text.blocks))])
+    return replace(like, vision=vision, text=text, logit_scale=float(state["logit_scale"]))
 
 
 def model_config(towers: ClipTowers) -> dict:

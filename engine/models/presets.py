@@ -71,6 +71,18 @@ PRESETS = {
         name="vit-b-16", image_tower="vit_base_patch16_clip_224", image_size=224, embed_dim=512,
         **_CLIP_TEXT_BASE,
     ),
+    # open_clip's ViT-L-14 and ViT-H-14 model configs (open_clip/model_configs/): wider text
+    # towers than the base one, with 64-wide heads (768 / 12, 1024 / 16), and H's text tower 24
+    # layers deep. timm's CLIP ViT-L/14 and ViT-H/14 hold the same image towers: 1024 wide, 24
+    # layers, 16 heads (L); 1280 wide, 32 layers, 16 heads of 80 (H); 4x MLPs, 14 px patches.
+    "vit-l-14": ModelPreset(
+        name="vit-l-14", image_tower="vit_large_patch14_clip_224", image_size=224, embed_dim=768,
+        text_width=768, text_layers=12, text_heads=12,
+    ),
+    "vit-h-14": ModelPreset(
+        name="vit-h-14", image_tower="vit_huge_patch14_clip_224", image_size=224, embed_dim=1024,
+        text_width=1024, text_layers=24, text_heads=16,
+    ),
 }
 
 

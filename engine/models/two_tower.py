@@ -43,6 +43,14 @@ class TwoTower(nn.Module):
         # Set to torch.bfloat16 to run the towers under autocast over fp32 weights (the plan's
         # bf16 without ZeRO, engine/plan/precision.py); their outputs come back in fp32.
         self.autocast_dtype: torch.dtype | None = None
+        # Towers locked whole (--lock, engine/models/locking.py): they stay in eval mode.
+        self.locked_towers: tuple[str, ...] = ()
+
+    def train(self, mode: bool = True) -> "TwoTower":
+        super().train(mode)
+        for which in self.locked_towers:
+            getattr(self, which).eval()
+        return self
 
     def checkpoint_activations(self, enabled: bool) -> None:
         """Both towers recompute their blocks in the backward (the plan's activation_checkpointing,

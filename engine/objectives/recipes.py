@@ -54,8 +54,15 @@ _CLIP_SOURCE = ("open_clip defaults for {family} towers; global batch from DeCLI
 
 # Per-device micro-batch that fits an 80 GB GPU in bf16 without activation checkpointing,
 # from the towers' activation sizes at 224 px (ViT-B/16 has 4x the tokens of ViT-B/32).
+# rn50 and vit-b-32 were measured on an H100 (benchmarks/results/step_gpu_*.json: 21 and 19.5 GB
+# for CLIP, 37 and 39 GB for DeCLIP's two views). vit-l-14 and vit-h-14 are estimates, not yet
+# measured: their towers keep 7.5x and 13x ViT-B/32's activations per sample (32 bytes per token
+# and unit of width per layer, Korthikanti et al. 2022, scaled by the measured ViT-B/32 steps), so
+# DeCLIP's two views of 128 (L) and 64 (H) samples take about 68 and 60 GB beside the model states
+# (benchmarks/plans.py prints the estimate for each plan).
 # A timm tower we have no measurement for gets a conservative value.
-_MICRO_BATCH_80GB = {"debug": 1024, "vit-debug": 1024, "rn50": 256, "vit-b-32": 512, "vit-b-16": 256}
+_MICRO_BATCH_80GB = {"debug": 1024, "vit-debug": 1024, "rn50": 256, "vit-b-32": 512, "vit-b-16": 256,
+                     "vit-l-14": 128, "vit-h-14": 64}
 _MICRO_BATCH_80GB_UNMEASURED = 128
 
 # The CPU smoke run: the built-in digits dataset (~1,500 pairs of 32x32 images) and the

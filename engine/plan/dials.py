@@ -38,7 +38,8 @@ def dial(default=None, help: str = "", *, group: str = DIALS, kind: type = str, 
 class Dials:
     method: str = dial(DEFAULT_METHOD, "{methods}, or your own objective as package.module:Class "
                        "(default: {default})")
-    model: str = dial("debug", "debug | vit-debug | rn50 | vit-b-32 | vit-b-16 | any timm image model name")
+    model: str = dial("debug", "debug | vit-debug | rn50 | vit-b-32 | vit-b-16 | vit-l-14 | vit-h-14 | "
+                      "any timm image model name")
     data: str | None = dial(None, "MDS directory or remote URL (s3://, gs://, ...), or a weighted mixture "
                             "of them, e.g. s3://bucket/a:0.7,/data/b:0.3 (default: built-in digits)")
     evals: tuple[str, ...] = dial(
@@ -54,6 +55,12 @@ class Dials:
     epochs: float | None = dial(None, "passes over the data (default: recipe)", kind=float)
     global_batch: int | None = dial(None, "pairs per optimizer step, all ranks", kind=int)
     seed: int = dial(0, "everything random derives from it (default: 0)", kind=int)
+    init: str | None = dial(None, "start from these weights: an open_clip checkpoint or local-dir: folder, a Hugging "
+                                  "Face CLIPModel folder, a timm image model's weights (image tower), or a clipzero "
+                                  "run directory; files only, never a download", metavar="SOURCE")
+    lock: str | None = dial(None, "keep this tower as --init gave it: image (LiT) or text", choices=("image", "text"))
+    unlock_last: int = dial(0, "with --lock: still train the locked tower's last N blocks and what follows "
+                               "them (final norm, projection)", kind=int, metavar="N")
     data_fraction: float = dial(1.0, "train on a fixed subset of this fraction of the data (e.g. 0.1)",
                                 kind=float)
     ds: tuple[str, ...] = dial((), "raw DeepSpeed config override (repeatable)", metavar="KEY.PATH=VALUE",

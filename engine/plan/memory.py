@@ -39,20 +39,21 @@ def gb(n_bytes: float) -> str:
 
 
 def _model_state_bytes(n_params: int, precision: str, stage: int, offload: bool,
-                       world_size: int) -> float:
+                       world_size: int, trainable: int | None = None) -> float:
     # ZeRO-1 partitions the Adam states across ranks, 2 also gradients, 3 also weights;
-    # offload moves the Adam states to CPU memory.
+    # offload moves the Adam states to CPU memory. Locked parameters (--lock) have weights only.
+    trainable = n_params if trainable is None else trainable
     if precision == "bf16" and stage == 0:
         # fp32 weights under autocast (engine/plan/precision.py), plus autocast's bf16 copies of
         # them, kept through the forward for the backward.
-        return _model_state_bytes(n_params, "fp32", 0, offload, world_size) + n_params * 2
+        return _model_state_bytes(n_params, "fp32", 0, offload, world_size, trainable) + n_params * 2
     weight_bytes = 4 if precision == "fp32" else 2
     weights = n_params * weight_bytes / (world_size if stage >= 3 else 1)
     # bf16 under ZeRO accumulates its gradients in fp32 (engine/plan/precision.py).
     grad_bytes = 4 if precision == "bf16" and stage >= 1 else weight_bytes
-    grads = n_params * grad_bytes / (world_size if stage >= 2 else 1)
+    grads = trainable * grad_bytes / (world_size if stage >= 2 else 1)
     adam_bytes = ADAM_STATE_BYTES_PER_PARAM - (FP32_MASTER_BYTES_PER_PARAM if stage == 0 and precision == "fp32" else 0)
-    adam = 0 if offload else n_params * adam_bytes / (world_size if stage >= 1 else 1)
+    adam = 0 if offload else trainable * adam_bytes / (world_size if stage >= 1 else 1)
     return weights + grads + adam
 
 
@@ -66,7 +67,7 @@ _ZERO_LADDER = ((1, False), (2, False), (3, False), (3, True))
 _ONE_RANK_LADDER = ((0, False), *_ZERO_LADDER)
 
 
-def zero_setting(dials, hw, precision: str, n_params: int):
+def zero_setting(dials, hw, precision: str, n_params: int, trainable: int | None = None):
     """(stage, reason, offload, reason): the first ZeRO setting whose model states fit the
     budget; ZeRO-1 is the floor because its partitioned Adam states cost no extra traffic,
     except for one rank in fp32 or bf16, where there is nothing to partition."""
@@ -87,7 +88,7 @@ def zero_setting(dials, hw, precision: str, n_params: int):
     budget = hw.device_memory_bytes * MODEL_STATE_BUDGET_FRACTION
 
     def need(stage: int, offload: bool) -> float:
-        return _model_state_bytes(n_params, precision, stage, offload, hw.world_size)
+        return _model_state_bytes(n_params, precision, stage, offload, hw.world_size, trainable)
 
     fitting = [(stage, offload) for stage, offload in ladder if need(stage, offload) <= budget]
     if not fitting and dials.zero_stage is None and dials.offload is None:

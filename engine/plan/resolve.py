@@ -20,6 +20,7 @@ from engine.plan.decode import decode_decisions
 from engine.plan.disk import checkpoint_decisions, staging_decision
 from engine.plan.faults import fault_decisions
 from engine.plan.memory import gb, micro_batch_setting, zero_setting
+from engine.plan.start import StartFacts, start_decisions
 from engine.objectives.base import OptionContext
 from engine.objectives.method import Method
 from engine.objectives.recipes import Recipe
@@ -40,6 +41,8 @@ class RunPlan:
     change: the states are resharded (engine/train/reshard.py) and the data order continues
     (engine/data/loader.py), as long as each step's loss spans the same samples."""
     method: str = must_match(); model: str = must_match(); seed: int = must_match()
+    # --init: the weights the run starts from; --lock: a tower kept as they are (engine/plan/start.py)
+    init: str | None = must_match(); lock: str | None = must_match(); unlock_last: int = must_match()
     world_size: int; nodes: int; rendezvous: str; accelerator: str; device_name: str
     global_batch: int = must_match(); micro_batch: int; grad_accum: int
     accumulation: str = must_match(same_batch_semantics)
@@ -61,7 +64,7 @@ class RunPlan:
     eval_every: int; evaluations: tuple[str, ...]; log_every: int; profile_steps: int
     wandb_project: str | None
     collective_timeout_s: int; max_requeues: int; max_skipped_in_a_row: int
-    dataset_size: int = must_match(); data_fraction: float = must_match(); n_params: int
+    dataset_size: int = must_match(); data_fraction: float = must_match(); n_params: int; trainable_params: int
     # Where the data lives may change (a local copy of a bucket), not how much of each stream
     # an epoch draws: a mixture's weights set the data order as much as the seed does.
     data_streams: tuple[tuple[str, float, int], ...] = must_match(same_stream_shares)
@@ -93,9 +96,9 @@ class RunPlan:
         return LoaderSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoaderSettings)})
 
 
-# Decisions that only some optimizers, GPU decoding or a run in an object store have: the table
-# leaves them out when unset.
-_SHOWN_ONLY_WHEN_SET = frozenset(("betas", "eps", "momentum", "hw_decoder_load", "staging_dir"))
+# Decisions that only a run from weights, some optimizers, GPU decoding or a run in an object
+# store have: the table leaves them out when unset.
+_SHOWN_ONLY_WHEN_SET = frozenset(("init", "lock", "betas", "eps", "momentum", "hw_decoder_load", "staging_dir"))
 
 
 def _show(value: object) -> str:
@@ -109,11 +112,12 @@ def _show(value: object) -> str:
 def resolve(dials: Dials, hw: Hardware, method: Method, *, n_params: int, dataset_size: int,
             optimizer_support: OptimizerSupport, image_size: int, text_layers: int = 0,
             full_dataset_size: int | None = None, wordnet: str | None = None,
-            launch: Launch | None = None, data: DataFacts | None = None) -> RunPlan:
+            launch: Launch | None = None, data: DataFacts | None = None, start: StartFacts = StartFacts()) -> RunPlan:
     """`dataset_size` counts the pairs trained on (after --data-fraction: an epoch's samples),
     `full_dataset_size` the whole data set; `wordnet` is the WordNet directory found (DeCLIP's
     EDA), if any; `launch` how the ranks were started (None: planned for `hw` alone, as in a dry
-    run); `data` the training data's streams and cache disk (None: one local dataset)."""
+    run); `data` the training data's streams and cache disk (None: one local dataset); `start`
+    what --init's source is and what --lock leaves to train, found by the caller."""
     recipe = method.recipe
     if data is not None and data.epoch_size != dataset_size:
         raise ValueError(f"dataset_size {dataset_size} is not the data's epoch of {data.epoch_size}")
@@ -128,6 +132,8 @@ def resolve(dials: Dials, hw: Hardware, method: Method, *, n_params: int, datase
 
     for name, value in (("method", recipe.method), ("model", recipe.model), ("seed", dials.seed)):
         decide(name, value, "dial")
+    for name, value, reason in start_decisions(dials, start, n_params):
+        decide(name, value, reason)
     decide("world_size", hw.world_size,
            f"{hw.nodes} node(s) x {hw.local_world_size} rank(s) per node, {hw.ranks_from}")
     decide("nodes", hw.nodes, hw.ranks_from)
@@ -155,7 +161,8 @@ def resolve(dials: Dials, hw: Hardware, method: Method, *, n_params: int, datase
            f"{global_batch:,} = {micro} micro x {per_rank // micro} accum x {hw.world_size} ranks")
     decide("accumulation", *accumulation(dials.accumulation, per_rank // micro))
 
-    stage, stage_reason, offload, offload_reason = zero_setting(dials, hw, precision, n_params)
+    stage, stage_reason, offload, offload_reason = zero_setting(dials, hw, precision, n_params,
+                                                                   decisions["trainable_params"].value)
     decide("zero_stage", stage, stage_reason)
     decide("offload_optimizer", offload, offload_reason)
     for name, value, reason in precision_details(precision, stage, hw.world_size, per_rank // micro):

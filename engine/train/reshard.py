@@ -151,8 +151,23 @@ def read_full_state(folder: Path) -> dict:
             "global_samples": model_states.get("global_samples"),
             "skipped_steps": model_states["skipped_steps"],
             "buffers": {n: model_states["module"][n] for n in model_states.get("buffer_names", [])},
+            "frozen": _frozen_params(folder, model_states, ranks, stage3),
             "client_state": {k: model_states[k] for k in ("step", "eval_pending") if k in model_states},
             "zero_global": zero_global, "saved_ranks": ranks, "weight_dtype": _weight_dtype(model_states)}
+
+
+def _frozen_params(folder: Path, model_states: dict, ranks: int, stage3: bool) -> dict[str, torch.Tensor]:
+    """The parameters no optimizer owns (--lock's), whole, in the weights' dtype. ZeRO-1/2 keep
+    them in the module file; ZeRO-3 gives each rank's partition in its own model file."""
+    shapes = model_states.get("frozen_param_shapes") or {}
+    if not stage3:
+        owned = {name for group in model_states["param_shapes"] for name in group}
+        buffers = set(model_states.get("buffer_names", []))
+        return {n: t for n, t in model_states["module"].items() if n not in owned and n not in buffers}
+    parts = [_load(folder / _STAGE3_MODEL.replace("rank_0_", f"rank_{rank}_"))["frozen_param_fragments"] or {}
+             for rank in range(ranks)] if shapes else []
+    return {name: torch.cat([p[name].reshape(-1) for p in parts])[:math.prod(shape)].view(tuple(shape)).clone()
+            for name, shape in shapes.items()}
 
 
 def _read_unpartitioned(folder: Path) -> dict:
@@ -191,6 +206,8 @@ def _read_unpartitioned(folder: Path) -> dict:
             "lr_scheduler": model_states["lr_scheduler"], "global_steps": model_states["global_steps"],
             "global_samples": model_states.get("global_samples"), "skipped_steps": model_states["skipped_steps"],
             "buffers": {n: model_states["module"][n] for n in model_states.get("buffer_names", [])},
+            "frozen": {n: t for n, t in module.items() if n not in params
+                       and n not in model_states.get("buffer_names", [])},
             "client_state": {k: model_states[k] for k in ("step", "eval_pending") if k in model_states},
             "zero_global": None, "saved_ranks": model_states["dp_world_size"],
             "weight_dtype": _weight_dtype(model_states)}

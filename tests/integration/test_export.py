@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launching import ROOT, check, launch
+from launching import ROOT, check, launch, losses
 from test_evaluate import evaluate, heldout, write_image_folder
 
 EXPORT = ROOT / "launchers" / "export.py"
@@ -84,3 +84,26 @@ def test_exports_load_in_both_libraries_and_open_clip_scores_what_evaluate_score
     assert top1 == evaluated["zeroshot_top1"]
     assert len(set(predicted.tolist())) >= 3   # a model that tells digits apart, not one answer for all
 
+
+
+def test_a_run_starts_from_the_run_and_from_its_open_clip_export_alike(trained, cache_env, tmp_path):
+    """--init of the run directory and of its open_clip export give the same weights, so the same
+    losses step for step, below a run from scratch; the plan records --init and a resume keeps it."""
+    check(export([trained, "--format", "open_clip", tmp_path / "open_clip"], cache_env))
+    short = ["--model", "vit-debug", "--steps", "2", "--log-every", "1", "--eval-every", "2", "--checkpoint-every", "2"]
+    runs = {}
+    for name, init in (("scratch", []), ("run", ["--init", trained]),
+                       ("open_clip", ["--init", f"local-dir:{tmp_path / 'open_clip'}"])):
+        result = launch([*short, *init, "--out", tmp_path / name], cache_env, ranks=1)
+        check(result)
+        runs[name] = losses(tmp_path / name)
+        if init:
+            assert "\ninit " in result.stdout and "weights for the image and text tower(s)" in result.stdout
+    assert runs["run"] == pytest.approx(runs["open_clip"], abs=1e-6)
+    assert runs["run"][1] < runs["scratch"][1] - 0.2, runs   # 20 trained steps: about 0.35 lower
+    plan = json.loads((tmp_path / "open_clip" / "plan.json").read_text())
+    assert plan["init"] == f"local-dir:{tmp_path / 'open_clip'}"
+    resumed = launch([*short, "--init", trained, "--out", tmp_path / "open_clip"], cache_env, ranks=1,
+                     launcher="deepspeed")
+    said = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 2 and "holds a run with init" in said and "Traceback" not in said, said[-3000:]

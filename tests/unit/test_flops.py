@@ -4,9 +4,11 @@ import random
 import time
 
 import pytest
+import torch
 
 from engine.data.text import ClipTokenizer
 from engine.models.presets import ModelPreset, get_preset
+from engine.models.two_tower import TwoTower, count_parameters
 from engine.observe.flops import (TRAINING_PER_FORWARD, ModelFlops, count_model_flops, peak_tflops,
                                   views_encoded)
 from engine.objectives.registry import objective_class
@@ -63,7 +65,8 @@ def test_the_counter_equals_the_analytic_count_on_fresh_random_shapes(text_tower
 
 # open_clip's docs/model_profile.csv (github.com/mlfoundations/open_clip): GFLOPs of one image and
 # one 77-token caption, counted by fvcore with one multiply-add as 2 FLOPs.
-OPEN_CLIP_PROFILE = {"vit-b-16": (35.13, 5.96), "vit-b-32": (8.82, 5.96), "rn50": (12.22, 5.96)}
+OPEN_CLIP_PROFILE = {"vit-b-16": (35.13, 5.96), "vit-b-32": (8.82, 5.96), "rn50": (12.22, 5.96),
+                     "vit-l-14": (162.03, 13.3), "vit-h-14": (334.59, 47.09)}
 
 
 @pytest.mark.parametrize("model", sorted(OPEN_CLIP_PROFILE))
@@ -75,6 +78,29 @@ def test_the_real_presets_match_open_clips_published_profile_and_count_quickly(m
     assert flops.image_forward / 1e9 == pytest.approx(image, abs=0.006)
     assert flops.text_forward / 1e9 == pytest.approx(text, abs=0.006)
     assert elapsed < 15, f"counting {model} took {elapsed:.1f} s: it runs at every start, on every rank"
+
+
+@pytest.mark.parametrize("model, open_clip_name", [("vit-l-14", "ViT-L-14"), ("vit-h-14", "ViT-H-14")])
+def test_the_large_presets_have_open_clips_parameters_and_flops_exactly(model, open_clip_name):
+    """open_clip's own model, built from its config on the meta device (no weights allocated),
+    counted the same way as ours: every parameter and every FLOP of each tower equal, and the
+    attention heads (which change neither count) the same in both towers."""
+    open_clip = pytest.importorskip("open_clip")
+    from benchmarks.vs_openclip import TextOnly, counted_flops
+
+    preset = get_preset(model)
+    tokenizer = ClipTokenizer(preset.context_length)
+    with torch.device("meta"):
+        theirs = open_clip.CLIP(**open_clip.get_model_config(open_clip_name))
+        ours_model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
+    assert ours_model.image.trunk.blocks[0].attn.num_heads == theirs.visual.transformer.resblocks[0].attn.num_heads
+    assert ours_model.text.transformer.config.num_attention_heads == theirs.transformer.resblocks[0].attn.num_heads
+    assert count_parameters(preset, tokenizer.eot_id, tokenizer.sot_id) == sum(p.numel() for p in theirs.parameters())
+    ours = _count(preset)
+    image = torch.zeros(1, 3, preset.image_size, preset.image_size, device="meta")
+    tokens = torch.full((1, preset.context_length), tokenizer.eot_id, device="meta")
+    assert ours.image_forward == counted_flops(theirs.visual, image)
+    assert ours.text_forward == counted_flops(TextOnly(theirs), tokens)
 
 
 @pytest.mark.parametrize("method, views", [("clip", (1, 1)), ("declip", (2, 2)), ("clip-lite", (1, 1))])

@@ -281,7 +281,7 @@ def test_table_and_dict_show_every_decision():
     plan = plan_for(H100_X8)
     table = plan.table()
     for decision in plan.decisions:
-        if decision.value is None and decision.name in ("momentum", "staging_dir"):
+        if decision.value is None and decision.name in ("momentum", "staging_dir", "init", "lock"):
             assert f"\n{decision.name} " not in table  # options this run does not have
         else:
             assert decision.name in table and decision.reason in table

@@ -31,3 +31,21 @@ def test_the_overrides_reach_the_plan():
 def test_the_one_rank_all_reduce_switch_is_the_benchmarks_own():
     assert bench.parse_variant("reduce:keep_one_rank_allreduce=true,zero_stage=0")[1] == {
         bench.ONE_RANK_ALLREDUCE: True, "zero_stage": 0}
+
+
+def test_flops_counted_on_the_meta_device_are_those_the_committed_run_counted_on_real_weights():
+    """forward_flops builds both sides on the meta device (ViT-H/14 is never allocated to be
+    counted); the committed CPU run counted the same towers with real weights on the CPU."""
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("open_clip")
+    rows = json.loads((Path(bench.ROOT) / "benchmarks/results/vs_openclip_cpu.json").read_text())["rows"]
+    for row in rows:
+        assert bench.forward_flops(row["case"].split(":")[0]) == row["forward_flops_per_sample"], row["case"]
+
+
+def test_every_preset_of_the_map_builds_on_the_meta_device():
+    for preset in bench.OPEN_CLIP_MODEL:
+        model = bench.build_open_clip(preset, device="meta")
+        assert all(p.is_meta for p in model.parameters()), preset

@@ -230,7 +230,8 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
     keep_freed_memory()  # before the first step's allocations: they return every step
     seed_everything(plan.seed)
     tokenizer = ClipTokenizer(preset.context_length)
-    model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id)
+    model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id,
+                     activation_checkpointing=plan.activation_checkpointing)
     if prepared.init is not None:  # a checkpoint, when the run resumes, replaces these below
         load_source(prepared.init, model)
     if plan.lock is not None:  # before the optimizer's parameter groups, which skip locked weights

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection
 
+from engine.models.activation_checkpointing import checkpoint_image_trunk, checkpoint_text_transformer
 from engine.models.heads import CriticProjection
 from engine.models.presets import ModelPreset
 
@@ -40,6 +41,10 @@ class ImageTower(nn.Module):
                 # Bias-free, as CLIP's ViT `proj`.
                 self.proj = nn.Linear(self.trunk.num_features, preset.embed_dim, bias=False)
         self.feature_dim = self.trunk.num_features
+
+    def checkpoint_activations(self, enabled: bool) -> None:
+        """Recompute the trunk's blocks in the backward instead of keeping their activations."""
+        checkpoint_image_trunk(self.trunk, enabled)
 
     def forward(self, images: torch.Tensor) -> TowerOutput:
         features = self.trunk(images)
@@ -82,6 +87,10 @@ class TextTower(nn.Module):
             self.proj = CriticProjection(preset.text_width, preset.embed_dim)
         else:
             raise ValueError(f"unknown text tower {self.kind!r}")
+
+    def checkpoint_activations(self, enabled: bool) -> None:
+        """Recompute the transformer's layers in the backward instead of keeping their activations."""
+        checkpoint_text_transformer(self.transformer, enabled)
 
     def forward(self, tokens: torch.Tensor) -> TowerOutput:
         if self.kind == "clip":

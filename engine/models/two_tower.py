@@ -32,10 +32,11 @@ class LogitScale(nn.Module):
 
 
 class TwoTower(nn.Module):
-    def __init__(self, preset: ModelPreset, eot_id: int, sot_id: int):
+    def __init__(self, preset: ModelPreset, eot_id: int, sot_id: int, activation_checkpointing: bool = False):
         super().__init__()
         self.image = ImageTower(preset)
         self.text = TextTower(preset, eot_id, sot_id)
+        self.checkpoint_activations(activation_checkpointing)
         self.logit_scale = LogitScale(preset.logit_scale_max)
         self.text_width = preset.text_width
         self.embed_dim = preset.embed_dim
@@ -50,6 +51,12 @@ class TwoTower(nn.Module):
         for which in self.locked_towers:
             getattr(self, which).eval()
         return self
+
+    def checkpoint_activations(self, enabled: bool) -> None:
+        """Both towers recompute their blocks in the backward (the plan's activation_checkpointing,
+        engine/models/activation_checkpointing.py): the same losses and gradients, less memory."""
+        self.image.checkpoint_activations(enabled)
+        self.text.checkpoint_activations(enabled)
 
     def image_outputs(self, images: torch.Tensor) -> TowerOutput:
         """Unnormalised embedding and pre-projection features, for objectives that need both."""

@@ -74,6 +74,9 @@ class Dials:
                              metavar="PROJECT")
     # Overrides of single decisions (None = the planner decides).
     micro_batch: int | None = dial(None, group=OVERRIDES, kind=int)
+    activation_checkpointing: str | None = dial(None, "on: the towers keep only each block's input and "
+                                                "recompute the block in the backward (less memory, one more "
+                                                "forward)", group=OVERRIDES, choices=("on", "off"))
     accumulation: str | None = dial(None, "gradcache: negatives span the global batch however it is split "
                                     "into micro-batches (GradCache); plain: each micro-batch contrasts "
                                     "within itself", group=OVERRIDES, choices=ACCUMULATIONS)

@@ -1,12 +1,28 @@
-"""Part of the planner: which ZeRO stage and offload the model states need on this hardware.
+"""Part of the planner: what fits in device memory. The micro-batch and whether the towers
+checkpoint their activations (the activations), and which ZeRO stage and offload (the model
+states).
+
+Activations grow linearly with the micro-batch: the recipe's micro-batch for 80 GB, scaled to
+this device, bounds it; activation checkpointing divides the activations of a micro-batch by a
+measured factor, for one more forward of the towers.
 
 Model states are the weights, gradients and optimizer states; their size per device follows
 from the parameter count, the precision and how much ZeRO partitions. The planner takes the
 cheapest setting that fits a fixed share of device memory.
 """
+import math
+
 from engine.errors import UserError
+from engine.objectives.recipes import Recipe
 
 GB = 10**9
+# The device size that Recipe.micro_batch_80gb was sized for.
+REFERENCE_DEVICE_BYTES = 80 * GB
+# The activations of a micro-batch with the towers checkpointed, as a fraction of those without:
+# what one training step allocates over the weights, gradients and optimizer states, measured by
+# benchmarks/activation_checkpointing.py on a CPU in bf16, the larger of ViT-B/16 at 16 per
+# micro-batch (0.22) and ViT-L/14 at 8 (0.32), rounded up (benchmarks/results/activation_checkpointing_cpu.json).
+CHECKPOINTED_ACTIVATION_FRACTION = 0.33
 # Share of device memory that model states (weights, gradients, Adam states) may take; the
 # rest is for activations, communication buckets and the allocator's slack.
 MODEL_STATE_BUDGET_FRACTION = 0.5
@@ -112,3 +128,70 @@ def zero_setting(dials, hw, precision: str, n_params: int, trainable: int | None
     return stage, stage_reason, offload, offload_reason
 
 
+def micro_batch_setting(dials, hw, recipe: Recipe, precision: str, per_rank: int, least: int):
+    """((micro_batch, reason), (activation_checkpointing, reason)) for `per_rank` samples per rank
+    and an objective that trains on no fewer than `least` per micro-batch.
+
+    The micro-batch a step needs is --micro-batch when given, else the whole per-rank batch: one
+    micro-batch per optimizer step. A smaller one makes the step accumulate, and each way costs
+    at least what checkpointing does: GradCache runs every micro-batch's forward twice (the same
+    extra forward as checkpointing's recompute) and plain accumulation changes the loss (each
+    micro-batch contrasted within itself). So checkpointing is on when the needed micro-batch (or
+    the objective's least) does not fit without it and does with it; off when it fits without,
+    and off when it fits neither way (the step accumulates anyway, and a recompute on top of
+    GradCache's second forward would cost a third)."""
+    if dials.micro_batch is not None and (dials.micro_batch < 1 or per_rank % dials.micro_batch):
+        raise UserError(f"--micro-batch {dials.micro_batch} does not divide the {per_rank} samples per "
+                        f"rank: use one of {', '.join(map(str, divisors(per_rank)))}")
+    given = {None: None, "on": True, "off": False}[dials.activation_checkpointing]
+    if hw.accelerator == "cpu":
+        on = bool(given)
+        checkpointing = (on, "--activation-checkpointing given" if given is not None else
+                         "off: a CPU run takes the whole per-rank batch (no device-memory limit), nothing to save")
+        if dials.micro_batch is not None:
+            return (dials.micro_batch, "--micro-batch given"), checkpointing
+        return (per_rank, "the whole per-rank batch: no device memory limit on CPU"), checkpointing
+    # Activation memory grows linearly with the micro-batch: scale the 80 GB anchor by this
+    # device's memory, and halve it in fp32, whose activations take twice the bytes.
+    scaled = recipe.micro_batch_80gb * hw.device_memory_bytes / REFERENCE_DEVICE_BYTES
+    scaled = scaled / 2 if precision == "fp32" else scaled
+    cap_off = max(1, int(scaled))
+    cap_on = max(1, int(scaled / CHECKPOINTED_ACTIVATION_FRACTION))
+    need = dials.micro_batch or per_rank
+    largest_off = max(d for d in divisors(per_rank) if d <= cap_off)
+    largest_on = max(d for d in divisors(per_rank) if d <= cap_on)
+    fits = f"{cap_off} fit without it, {cap_on} with its activations at x{CHECKPOINTED_ACTIVATION_FRACTION:g}, as measured"
+    if given is not None:
+        on, reason = given, f"--activation-checkpointing given ({fits})"
+    elif dials.micro_batch is not None:
+        # The micro-batch is fixed: the only way to fit it is to keep fewer activations.
+        on = need > cap_off
+        over_both = "" if need <= cap_on else "(over even with it) "
+        reason = (f"on: --micro-batch {need} is over the {cap_off} that fit without it {over_both}({fits})" if on
+                  else f"off: --micro-batch {need} fits without it (up to {cap_off})")
+    elif need <= cap_off and largest_off >= least:
+        on, reason = False, f"off: the whole per-rank batch of {need}, one micro-batch per step, fits without it (up to {cap_off})"
+    elif need <= cap_on:
+        on, reason = True, (f"on: the whole per-rank batch of {need}, one micro-batch per step, fits only with it "
+                            f"({fits}); its recompute costs what GradCache's second forward of {need // largest_off} "
+                            "smaller micro-batches would")
+    elif largest_off < least <= largest_on:
+        on, reason = True, (f"on: without it a micro-batch holds {largest_off}, under the {least} the objective "
+                            f"needs ({fits})")
+    else:
+        on, reason = False, (f"off: the whole per-rank batch of {need} does not fit even with it ({fits}): the step "
+                             "accumulates micro-batches anyway, and a recompute would add a third forward to "
+                             "GradCache's two")
+    cap = cap_on if on else cap_off
+    if dials.micro_batch is not None:
+        return (dials.micro_batch, "--micro-batch given"), (on, reason)
+    micro = max(d for d in divisors(per_rank) if d <= cap)
+    return (micro, (f"largest divisor of {per_rank} per rank within {cap}: {recipe.micro_batch_80gb} "
+                    f"fit 80 GB in bf16, scaled to {gb(hw.device_memory_bytes)} GB"
+                    + (" and halved for fp32" if precision == "fp32" else "")
+                    + (f", / {CHECKPOINTED_ACTIVATION_FRACTION:g} with activation checkpointing" if on else ""))), (on, reason)
+
+
+def divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))

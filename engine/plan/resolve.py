@@ -19,7 +19,7 @@ from engine.plan.data import data_decisions, dataset_reason
 from engine.plan.decode import decode_decisions
 from engine.plan.disk import checkpoint_decisions, staging_decision
 from engine.plan.faults import fault_decisions
-from engine.plan.memory import GB, gb, zero_setting
+from engine.plan.memory import gb, micro_batch_setting, zero_setting
 from engine.plan.start import StartFacts, start_decisions
 from engine.objectives.base import OptionContext
 from engine.objectives.method import Method
@@ -28,10 +28,6 @@ from engine.plan.objective_options import accumulation, check_micro_batch, objec
 from engine.plan.optimizer import OptimizerSupport, optimizer_decision
 from engine.plan.precision import cpu_precision, precision_details
 from engine.plan.resume import must_match, same_batch_semantics, same_dialled_options, same_stream_shares
-
-# The device size that Recipe.micro_batch_80gb was sized for.
-REFERENCE_DEVICE_BYTES = 80 * GB
-
 
 @dataclass(frozen=True)
 class Decision:
@@ -50,6 +46,7 @@ class RunPlan:
     world_size: int; nodes: int; rendezvous: str; accelerator: str; device_name: str
     global_batch: int = must_match(); micro_batch: int; grad_accum: int
     accumulation: str = must_match(same_batch_semantics)
+    activation_checkpointing: bool  # the towers recompute their blocks in the backward (plan/memory.py)
     precision: str; zero_stage: int; offload_optimizer: bool; grad_dtype: str; fp32_parts: str
     loss_input_dtype: str; optimizer: str
     lr: float; group_lrs: tuple[tuple[str, float], ...]; min_lr: float
@@ -155,7 +152,10 @@ def resolve(dials: Dials, hw: Hardware, method: Method, *, n_params: int, datase
     decide("data_fraction", *_data_fraction(dials, dataset_size, full_dataset_size))
     precision = decide("precision", *_precision(dials, hw, n_params))
     per_rank = global_batch // hw.world_size
-    micro = decide("micro_batch", *_micro_batch(dials, hw, recipe, precision, per_rank))
+    micro_batch, checkpointing = micro_batch_setting(dials, hw, recipe, precision, per_rank,
+                                                     method.objective.min_micro_batch)
+    micro = decide("micro_batch", *micro_batch)
+    decide("activation_checkpointing", *checkpointing)
     check_micro_batch(method, micro, per_rank)
     decide("grad_accum", per_rank // micro,
            f"{global_batch:,} = {micro} micro x {per_rank // micro} accum x {hw.world_size} ranks")
@@ -237,11 +237,6 @@ def _sm(hw: Hardware) -> str:
     return f"sm_{major}{minor}"
 
 
-def _divisors(n: int) -> list[int]:
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    return sorted(set(small + [n // d for d in small]))
-
-
 def _global_batch(dials: Dials, recipe: Recipe, world_size: int, dataset_size: int):
     if dials.global_batch is not None:
         (batch, reason), flag = _given(dials.global_batch, "--global-batch"), "--global-batch"
@@ -279,25 +274,6 @@ def _precision(dials: Dials, hw: Hardware, n_params: int):
     if hw.bf16:
         return "bf16", f"bf16: {_sm(hw)} supports it"
     return "fp16", f"fp16 with dynamic loss scaling: {_sm(hw)} has no bf16"
-
-
-def _micro_batch(dials: Dials, hw: Hardware, recipe: Recipe, precision: str, per_rank: int):
-    if dials.micro_batch is not None:
-        if dials.micro_batch < 1 or per_rank % dials.micro_batch:
-            raise UserError(
-                f"--micro-batch {dials.micro_batch} does not divide the {per_rank} samples per "
-                f"rank: use one of {', '.join(map(str, _divisors(per_rank)))}")
-        return dials.micro_batch, "--micro-batch given"
-    if hw.accelerator == "cpu":
-        return per_rank, "the whole per-rank batch: no device memory limit on CPU"
-    # Activation memory grows linearly with the micro-batch: scale the 80 GB anchor by this
-    # device's memory, and halve it in fp32, whose activations take twice the bytes.
-    cap = recipe.micro_batch_80gb * hw.device_memory_bytes / REFERENCE_DEVICE_BYTES
-    cap = max(1, int(cap / 2 if precision == "fp32" else cap))
-    micro = max(d for d in _divisors(per_rank) if d <= cap)
-    return micro, (f"largest divisor of {per_rank} per rank within {cap}: {recipe.micro_batch_80gb} "
-                   f"fit 80 GB in bf16, scaled to {gb(hw.device_memory_bytes)} GB"
-                   + (" and halved for fp32" if precision == "fp32" else ""))
 
 
 def _lr(dials: Dials, recipe: Recipe, global_batch: int):

@@ -4,7 +4,6 @@ micro-batch per step, and with GradCache's accumulation (2 micro-batches per ste
 the recompute in the backward must gather the partitioned weights again and GradCache's first pass
 runs without gradients. Both sides are built as the training run builds them (engine/training_run.py),
 from the plan's decisions and its DeepSpeed config, with the same seed and batches."""
-import dataclasses
 import os
 
 import pytest

@@ -31,7 +31,7 @@ from engine.models.towers import drops_patches
 from engine.plan.dials import Dials
 
 FLIP_UNMASKED_EPOCHS = 0.32        # section 4.1, table 1e
-FLIP_UNMASKED_SHARE = 0.32 / 6.4   # ... of its 6.4-epoch ablation schedule: 5%
+MAX_UNMASKED_PERCENT = 5           # 0.32 of the 6.4 epochs of its ablations
 
 
 def patch_dropout_decisions(dials: Dials, preset: ModelPreset, total_steps: int,
@@ -44,8 +44,9 @@ def patch_dropout_decisions(dials: Dials, preset: ModelPreset, total_steps: int,
             raise UserError(f"--patch-dropout {rate:g} must lie in [0, 1): the share of patch tokens dropped "
                             "in training, e.g. 0.5 (FLIP's default)")
         if not drops_patches(preset):
-            raise UserError(f"--patch-dropout needs a ViT image tower, and --model {preset.name} ({preset.image_tower}) "
-                            "has no patch tokens: use --model vit-b-16, vit-b-32 or vit-debug, or drop --patch-dropout")
+            raise UserError(f"--patch-dropout needs a ViT image tower, and --model {preset.name} "
+                            f"({preset.image_tower}) has no patch tokens: use --model vit-b-16, vit-b-32 or "
+                            "vit-debug, or drop --patch-dropout")
     if not rate:
         if dials.unmasked_steps is not None:
             raise UserError(f"--unmasked-steps {dials.unmasked_steps} ends patch dropout, which this run does not "
@@ -65,10 +66,10 @@ def _unmasked_steps(dials: Dials, total_steps: int, steps_per_epoch: int) -> tup
                             f"steps of the run (exclusive): use --unmasked-steps {max(0, total_steps // 20)} "
                             "or fewer")
         return dials.unmasked_steps, "--unmasked-steps given" + _from(dials.unmasked_steps, total_steps)
-    tuning = min(math.ceil(FLIP_UNMASKED_EPOCHS * steps_per_epoch), int(FLIP_UNMASKED_SHARE * total_steps))
-    return tuning, (f"FLIP's unmasked tuning (Li et al. 2023, table 1e): {FLIP_UNMASKED_EPOCHS} epoch "
-                    f"({math.ceil(FLIP_UNMASKED_EPOCHS * steps_per_epoch):,} steps), at most 5% of the run"
-                    + _from(tuning, total_steps))
+    flip = math.ceil(FLIP_UNMASKED_EPOCHS * steps_per_epoch)
+    tuning = min(flip, total_steps * MAX_UNMASKED_PERCENT // 100)
+    return tuning, (f"FLIP's unmasked tuning (Li et al. 2023, table 1e): {FLIP_UNMASKED_EPOCHS} epoch ({flip:,} "
+                    f"steps), at most {MAX_UNMASKED_PERCENT}% of the run" + _from(tuning, total_steps))
 
 
 def _from(tuning: int, total_steps: int) -> str:

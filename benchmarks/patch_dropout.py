@@ -6,11 +6,11 @@ to the model's 224 px), one process, the sides alternating in the same sitting. 
 and the median after the warm-up steps is its step time. The ratio is R's samples/s over R = 0's.
 
 Accuracy: the default vit-debug smoke run (110 steps) at R = 0, at R with FLIP's unmasked tuning
-(the plan's default: the last 4 steps), and at R without it (--unmasked-steps 0), per seed: the
-held-out zero-shot top-1 of the last evaluation.
+(the plan's default: the last 4 steps), at R without it (--unmasked-steps 0) and at R with a
+longer one (--long-tuning), per seed: the held-out zero-shot top-1 of the last evaluation.
 
     python benchmarks/patch_dropout.py                          # both parts, ViT-B/16 at batch 16
-    python benchmarks/patch_dropout.py --skip-accuracy --pairs 3
+    python benchmarks/patch_dropout.py --skip-accuracy --pairs 3   # a part skipped keeps its figures in --out
 """
 import argparse
 import json
@@ -80,8 +80,9 @@ def speed(args, scratch: Path) -> dict:
 def accuracy(args, scratch: Path) -> list[dict]:
     results = []
     for seed in args.seeds:
-        for rate, tuning in ((0.0, []), (args.rate, []), (args.rate, ["--unmasked-steps", "0"])):
-            out = scratch / f"digits-{rate:g}-{len(tuning)}-{seed}"
+        for rate, tuning in ((0.0, []), (args.rate, []), (args.rate, ["--unmasked-steps", "0"]),
+                             (args.rate, ["--unmasked-steps", str(args.long_tuning)])):
+            out = scratch / f"digits-{rate:g}-{'-'.join(tuning[1:]) or 'default'}-{seed}"
             wall = run(command("vit-debug", rate, out, ["--seed", str(seed), *tuning]))
             plan = json.loads((out / "plan.json").read_text())
             last = [r for r in rows(out) if "zeroshot_top1" in r][-1]
@@ -102,24 +103,28 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5, help="steps per speed run (default: 5)")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the median (default: 2)")
     parser.add_argument("--pairs", type=int, default=2, help="R = 0 / R runs, alternating (default: 2)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--long-tuning", type=int, default=22,
+                        help="the fourth digits run's --unmasked-steps (default: 22, a fifth of the run)")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--scratch", default="runs/bench-patch-dropout", help="run directories (removed after)")
     parser.add_argument("--out", default="benchmarks/results/patch_dropout_cpu.json")
     args = parser.parse_args()
 
-    scratch = Path(args.scratch)
-    result = {"device": "cpu", "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "note": "a shared machine: other jobs ran beside these runs; loadavg is recorded before and "
-                      "after each run, and the sides alternate so that both meet the same load",
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    scratch, out = Path(args.scratch), Path(args.out)
+    # A part skipped keeps the figures --out already holds (the parts may run at different times).
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result |= {"device": "cpu", "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+               "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "note": "a shared machine: other jobs ran beside these runs; loadavg is recorded before and "
+                       "after each run, and the sides alternate so that both meet the same load"}
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     if not args.skip_speed:
-        result["speed"] = speed(args, scratch)
+        result["speed"] = {"date": date, **speed(args, scratch)}
     if not args.skip_accuracy:
-        result["digits_zeroshot"] = accuracy(args, scratch)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        result["digits_zeroshot"] = {"date": date, "runs": accuracy(args, scratch)}
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {args.out}")
     return 0
 

@@ -15,9 +15,9 @@ from it:
   and the loop knows each step, so a resume on either side of the boundary is exact. Default:
   0.32 epoch of this run's data, at most 5% of the run (0.32 of the 6.4 epochs the paper's
   ablations trained).
-open_clip's `--force-patch-dropout` (its README: FLIP, "fine-tuning with no dropout near the
-end") does the tuning as a second run instead; resuming this run with `--patch-dropout 0` does
-the same here.
+open_clip does the tuning as a second run instead (its flag's help: `--force-patch-dropout`
+"for fine tuning with no dropout near the end as in the paper"); resuming this run with
+`--patch-dropout 0` does the same here.
 
 Neither row must match on resume: the layer holds no parameters (the checkpoint fits any R),
 the data order does not depend on it, and the masks are drawn from torch's RNG, which the

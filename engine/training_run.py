@@ -37,6 +37,7 @@ from engine.launcher_env import Launch
 from engine.data.wordnet import find_wordnet
 from engine.data.workers import temp_dir_problem
 from engine.models.locking import count_trainable, lock, unlock_problem
+from engine.models.towers import with_patch_dropout
 from engine.models.two_tower import TwoTower, count_parameters
 from engine.objectives.method import Method, lookup
 from engine.observe.bad_records import BadRecordTally
@@ -64,6 +65,7 @@ from engine.train.drills import Drills
 from engine.train.nonfinite import NonFiniteSteps
 from engine.train.stop_signals import StopSignals, requeue
 from engine.train.loop import Cadence, train
+from engine.train.unmasked_tuning import UnmaskedTuning
 from engine.train.step import make_step
 from engine.train.optim import optimizer_for_plan
 from engine.train.schedule import warmup_cosine
@@ -230,7 +232,8 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
     keep_freed_memory()  # before the first step's allocations: they return every step
     seed_everything(plan.seed)
     tokenizer = ClipTokenizer(preset.context_length)
-    model = TwoTower(preset, tokenizer.eot_id, tokenizer.sot_id,
+    # Patch dropout only in the model trained: evaluation and export build the tower without it.
+    model = TwoTower(with_patch_dropout(preset, plan.patch_dropout), tokenizer.eot_id, tokenizer.sot_id,
                      activation_checkpointing=plan.activation_checkpointing)
     if prepared.init is not None:  # a checkpoint, when the run resumes, replaces these below
         load_source(prepared.init, model)
@@ -305,9 +308,12 @@ def _run(prepared: Prepared, stop: StopSignals, *, out: str | None, dry_run: boo
                                  carried=restored.rank_state.get("bad_records") if restored else None)
     profiler = StepProfiler(run_dir, plan.profile_steps, start_step, dist.rank()) if plan.profile_steps else None
     uploads = StoreUpload(store, writer if is_main else None) if store is not None else None
+    # First: it sets the patch dropout of each step before the step runs.
+    tuning = ([UnmaskedTuning(engine.module.model, plan.patch_dropout, plan.total_steps, plan.unmasked_steps,
+                              announce=is_main)] if plan.patch_dropout else [])
     # In this order: the log line's and evaluation's scalars written before the charts drawn
     # for them; throughput's timer wraps the charts' first-batch views (waiting for data).
-    hooks = LoopHooks([MetricsLog(writer),
+    hooks = LoopHooks([*tuning, MetricsLog(writer),
                        Charts(writer, model=engine.module.model, probe=probe, device=engine.device),
                        Throughput(engine.train_batch_size(), flops), bad_records,
                        Progress(plan.total_steps, start_step, enabled=is_main),

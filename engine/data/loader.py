@@ -285,8 +285,13 @@ class TrainLoader:
                 "epoch": epoch, "sample_in_epoch": batch * self._samples_per_batch,
                 "shuffle_seed": self.settings.shuffle_seed, "num_canonical_nodes": self.settings.canonical_nodes})
             # Workers restart every epoch (they learn the epoch at start), so fork: it is instant.
+            # Its own generator: a DataLoader draws its workers' base seed from torch's global RNG
+            # otherwise, at each epoch's start and at a resume's first batch, which moved the draws of
+            # the model's random layers (patch dropout) after a resume off those of an unbroken run.
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             loader = DataLoader(self._dataset, batch_size=self.micro_batch, num_workers=self.workers,
                                 collate_fn=PrepareBatch(self.tokenizer, self.spec, self.seed, epoch, self.eda),
+                                generator=generator,
                                 worker_init_fn=functools.partial(worker_dies_with_its_rank, os.getpid()),
                                 multiprocessing_context="fork" if self.workers else None,
                                 timeout=(self.settings.collective_timeout_s or 0) if self.workers else 0)

@@ -4,10 +4,12 @@ Each tower returns a `TowerOutput`: the embedding (not yet normalised), the towe
 pooled features before the projection (CLIP-Lite's prior discriminators read them), and for
 text the per-token states (DeCLIP's MLM head reads them).
 """
+from dataclasses import replace
 from typing import NamedTuple
 
 import timm
 import torch
+from timm.layers import PatchDropout, PatchDropoutWithIndices
 from torch import nn
 from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -49,6 +51,41 @@ class ImageTower(nn.Module):
     def forward(self, images: torch.Tensor) -> TowerOutput:
         features = self.trunk(images)
         return TowerOutput(self.proj(features), features)
+
+
+# timm's ViT-family towers drop patch tokens (FLIP's masking) when built with `patch_drop_rate`:
+# the layer sits after the position embedding, keeps the class (and register) tokens, draws
+# from torch's global RNG and passes everything through in eval mode. It holds no parameters,
+# so a tower built with it loads and exports the same weights as one built without.
+PATCH_DROPOUT_LAYERS = (PatchDropout, PatchDropoutWithIndices)
+
+
+def with_patch_dropout(preset: ModelPreset, rate: float) -> ModelPreset:
+    """The preset whose image tower drops `rate` of its patch tokens in training (0: unchanged)."""
+    if not rate:
+        return preset
+    return replace(preset, image_kwargs={**preset.image_kwargs, "patch_drop_rate": rate})
+
+
+def drops_patches(preset: ModelPreset) -> bool:
+    """Whether the preset's image tower can drop patch tokens: a timm model that takes
+    `patch_drop_rate` and builds a patch dropout layer from it (built on the meta device)."""
+    try:
+        with torch.device("meta"):
+            trunk = timm.create_model(preset.image_tower, pretrained=False, num_classes=0,
+                                      **with_patch_dropout(preset, 0.5).image_kwargs)
+    except TypeError:  # the constructor has no patch_drop_rate (ResNets, ConvNeXt, Swin, ...)
+        return False
+    return any(isinstance(m, PATCH_DROPOUT_LAYERS) for m in trunk.modules())
+
+
+def set_patch_dropout(model: nn.Module, rate: float) -> int:
+    """Sets the share of patch tokens every patch dropout layer in `model` drops in training
+    (0: none, as FLIP's unmasked tuning); returns the number of layers set."""
+    layers = [m for m in model.modules() if isinstance(m, PATCH_DROPOUT_LAYERS)]
+    for layer in layers:
+        layer.prob = rate
+    return len(layers)
 
 
 def clip_text_config(preset: ModelPreset, eot_id: int, sot_id: int) -> CLIPTextConfig:

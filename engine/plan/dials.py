@@ -101,6 +101,12 @@ class Dials:
     eval_every: int | None = dial(None, group=OVERRIDES, kind=int)
     log_every: int | None = dial(None, group=OVERRIDES, kind=int)
     text_layers: int | None = dial(None, "text tower depth (CLIP-Lite: 2/4/6/12)", group=OVERRIDES, kind=int)
+    patch_dropout: float | None = dial(None, "drop this share of a ViT image tower's patch tokens in training, "
+                                       "0 <= R < 1 (FLIP, Li et al. 2023: 0.5); whole images at evaluation and "
+                                       "export", kind=float, metavar="R")
+    unmasked_steps: int | None = dial(None, "with --patch-dropout: the run's last N steps encode every patch "
+                                      "token (FLIP's unmasked tuning; default 0.32 epoch, at most 5%% of the run)",
+                                      group=OVERRIDES, kind=int, metavar="N")
     collective_timeout: int | None = dial(None, "a rank silent this long (dead, hung) ends the job",
                                           group=OVERRIDES, kind=int, metavar="SECONDS")
     max_requeues: int | None = dial(None, "SLURM: times a signalled job requeues itself before it stops "

@@ -26,6 +26,7 @@ from engine.objectives.method import Method
 from engine.objectives.recipes import Recipe
 from engine.plan.objective_options import accumulation, check_micro_batch, objective_options
 from engine.plan.optimizer import OptimizerSupport, optimizer_decision
+from engine.plan.patch_dropout import patch_dropout_decisions
 from engine.plan.precision import cpu_precision, precision_details
 from engine.plan.resume import must_match, same_batch_semantics, same_dialled_options, same_stream_shares
 
@@ -54,6 +55,7 @@ class RunPlan:
     momentum: float | None; grad_clip: float | None
     warmup_steps: int; warmup_start_lr: float; total_steps: int = must_match(); epochs: float
     crop_scale: tuple[float, float]; image_size: int; text_layers: int = must_match()
+    patch_dropout: float; unmasked_steps: int  # FLIP's masking (plan/patch_dropout.py): may change on resume
     workers: int; decode_device: str; decode_threads: int; hw_decoder_load: float | None
     checkpoint_every: int
     # The disk the checkpoints need (engine/plan/disk.py): estimates, free to change on resume
@@ -198,6 +200,8 @@ def resolve(dials: Dials, hw: Hardware, method: Method, *, n_params: int, datase
            f"of {dataset_size:,} pairs (each epoch leaves out the last "
            f"{dataset_size - steps_per_epoch * global_batch:,} of its shuffled order)")
     decide("warmup_steps", *_warmup(dials, recipe, total_steps))
+    for name, value, reason in patch_dropout_decisions(dials, method.preset, total_steps, steps_per_epoch):
+        decide(name, value, reason)
     workers = decide("workers", *_workers(dials, hw))
     for name, value, reason in data_decisions(dials, data, dataset_size=dataset_size, workers=workers,
                                               local_world_size=hw.local_world_size, seed=dials.seed,

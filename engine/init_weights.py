@@ -6,7 +6,7 @@ SOURCE is one of
   hf          a transformers CLIPModel folder (config.json + model.safetensors or pytorch_model.bin)
   timm        a timm image model's weights (a state dict file): the image tower only
   clipzero    another clipzero run directory (its newest intact checkpoint), or a
-              `launchers/export.py --format safetensors` folder
+              `launchers/export.py --format safetensors` folder, or its model.safetensors
 
 open_clip and hf weights are read through the exporters' own mapping run backwards
 (engine/export/openclip.py, hf.py: towers_from_state; clip_layout.load_towers), so that init then
@@ -66,6 +66,8 @@ def find_source(given: str) -> InitSource:
                           "open_clip's configs without -quickgelu)")
     if any(n.startswith(("vision_model.", "text_model.")) for n in names):
         return InitSource(str(path), "hf", ("image", "text"), "a CLIPModel state dict file")
+    if any(n.startswith("image.trunk.") for n in names):
+        return InitSource(str(path), "clipzero", ("image", "text"), "a clipzero model's state dict file")
     return InitSource(str(path), "timm", ("image",), "a timm image model's state dict file")
 
 
@@ -140,9 +142,9 @@ def _names(path: Path) -> list[str]:
 
 def _source_state(source: InitSource) -> dict[str, torch.Tensor]:
     """The source's tensors in its own library's names (ours for clipzero)."""
-    if source.kind != "clipzero":
-        return _read(Path(source.path))
     path = Path(source.path)
+    if source.kind != "clipzero" or path.is_file():
+        return _read(path)
     if (path / CARD_FILE).exists():
         return load_file(str(path / WEIGHTS_FILE))
     return load_run(path).model.state_dict()

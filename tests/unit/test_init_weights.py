@@ -144,3 +144,12 @@ def test_bad_sources_are_refused_with_the_fix(tmp_path):
                                                    "vision_config": {"hidden_act": "quick_gelu"}}))
     with pytest.raises(UserError, match="quick_gelu.*use GELU"):
         find_source(str(quick))
+
+
+def test_a_clipzero_weights_file_starts_every_tower(tmp_path):
+    source = ours(seed=5)
+    save_file({n: t.contiguous() for n, t in source.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    assert find_source(str(tmp_path / "model.safetensors")).kind == "clipzero"
+    model = started_from(str(tmp_path / "model.safetensors"))
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name

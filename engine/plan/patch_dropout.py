@@ -45,8 +45,8 @@ def patch_dropout_decisions(dials: Dials, preset: ModelPreset, total_steps: int,
                             "in training, e.g. 0.5 (FLIP's default)")
         if not drops_patches(preset):
             raise UserError(f"--patch-dropout needs a ViT image tower, and --model {preset.name} "
-                            f"({preset.image_tower}) has no patch tokens: use --model vit-b-16, vit-b-32 or "
-                            "vit-debug, or drop --patch-dropout")
+                            f"({preset.image_tower}) has no patch tokens: use a ViT preset (vit-debug, vit-b-32, "
+                            "vit-b-16, vit-l-14, vit-h-14), or drop --patch-dropout")
     if not rate:
         if dials.unmasked_steps is not None:
             raise UserError(f"--unmasked-steps {dials.unmasked_steps} ends patch dropout, which this run does not "

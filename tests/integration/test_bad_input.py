@@ -30,7 +30,7 @@ def run_main(args, cache_env, monkeypatch, capsys):
     (["--ds", "optimizer.params.lr=0.1"], "--lr"),
     (["--steps", "10", "--epochs", "2"], "--steps"),
     (["--zero-stage", "0", "--offload"], "--offload"),
-    (["--patch-dropout", "0.5"], "has no patch tokens: use --model vit-b-16"),   # the debug ResNet
+    (["--patch-dropout", "0.5"], "has no patch tokens: use a ViT preset"),   # the debug ResNet
     (["--model", "vit-debug", "--patch-dropout", "1"], "must lie in [0, 1)"),
 ])
 def test_fails_fast_with_the_fix_and_no_run_dir(args, fix, tmp_path, cache_env, monkeypatch, capsys):

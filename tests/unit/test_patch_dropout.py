@@ -39,7 +39,7 @@ def plan_for(model="vit-debug", **dials):
 @pytest.mark.parametrize("model, dials, fix", [
     ("vit-debug", dict(patch_dropout=1.0), "must lie in [0, 1)"),
     ("vit-debug", dict(patch_dropout=-0.1), "must lie in [0, 1)"),
-    ("debug", dict(patch_dropout=0.5), "use --model vit-b-16, vit-b-32 or vit-debug, or drop --patch-dropout"),
+    ("debug", dict(patch_dropout=0.5), "vit-l-14, vit-h-14), or drop --patch-dropout"),
     ("rn50", dict(patch_dropout=0.5), "(resnet50_clip) has no patch tokens"),
     ("convnext_tiny", dict(patch_dropout=0.5), "has no patch tokens"),
     ("vit-debug", dict(unmasked_steps=5), "add --patch-dropout R (e.g. 0.5) or drop --unmasked-steps"),

@@ -1,6 +1,7 @@
 """--lock image on 2 ranks at ZeRO 0-3 (real DeepSpeed, gloo): after training, the locked tower's
 weights equal --init's exactly, the text tower moved, no optimizer state exists for a locked
-weight, and the plan counts only the trained parameters; bad combinations are refused first."""
+weight, and the plan counts only the trained parameters; bad combinations are refused by
+prepare(), before any work (the launcher's exit 2 for a UserError is tested in test_bad_input)."""
 import json
 
 import pytest
@@ -56,17 +57,23 @@ def test_the_locked_tower_ends_as_it_began_and_has_no_optimizer_state(stage, sou
         assert any(n.startswith("model.text.") for n in owned)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--lock", "image"], "--lock image keeps the image tower as --init gives it, and no --init"),
-    (["--unlock-last", "1"], "--unlock-last 1 needs --lock image|text"),
-    (["--init", "{timm}", "--lock", "text"], "--init provides only the image tower"),
-    (["--init", "{clipzero}", "--lock", "image", "--unlock-last", "3"], "--unlock-last 3: the image tower has 2 blocks"),
+@pytest.mark.parametrize("dials, message", [
+    (dict(lock="image"), "--lock image keeps the image tower as --init gives it, and no --init"),
+    (dict(unlock_last=1), "--unlock-last 1 needs --lock image|text"),
+    (dict(init="{timm}", lock="text"), "--init provides only the image tower"),
+    (dict(init="{clipzero}", lock="image", unlock_last=3), "--unlock-last 3: the image tower has 2 blocks"),
 ])
-def test_bad_combinations_are_refused_before_any_work(args, message, source, cache_env, tmp_path):
+def test_bad_combinations_are_refused_before_any_work(dials, message, source, cache_env, tmp_path, monkeypatch):
+    """prepare() is where every refusal happens, before a run directory or a process group exists."""
+    from engine.errors import UserError
+    from engine.plan.dials import Dials
+    from engine.training_run import prepare
+
+    monkeypatch.setenv("CLIPZERO_CACHE", cache_env["CLIPZERO_CACHE"])
     timm_file = tmp_path / "timm.pt"
     torch.save({n[len("image.trunk."):]: t for n, t in source[1].items() if n.startswith("image.trunk.")}, timm_file)
-    args = [a.format(timm=timm_file, clipzero=source[0]) for a in args]
-    result = launch([*SHORT, *args, "--out", tmp_path / "run"], cache_env, ranks=1, launcher="deepspeed")
-    said = result.stdout + result.stderr
-    assert result.returncode == 2 and message in said and "Traceback" not in said, said[-3000:]
-    assert not (tmp_path / "run").exists()
+    if "init" in dials:
+        dials["init"] = dials["init"].format(timm=timm_file, clipzero=source[0])
+    with pytest.raises(UserError) as refused:
+        prepare(Dials(model="vit-debug", precision="fp32", global_batch=32, steps=2, **dials), None)
+    assert message in str(refused.value)
